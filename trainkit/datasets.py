@@ -1,0 +1,299 @@
+"""Image datasets read once into uint8 tensors: MNIST, Fashion-MNIST and image folders.
+
+Nothing is ever written into a data folder that already holds the files, so a read-only
+folder works. Every file is checked before it is used; a bad one is a TrainkitError that
+names the file and says how to fix it.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TrainkitError
+
+
+@dataclass
+class ImageData:
+    """A dataset held in memory: images are (N, C, H, W) uint8, labels (N,) int64."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    def limit(self, train: int | None = None, test: int | None = None) -> "ImageData":
+        """The first `train` training and `test` test images (for quick runs)."""
+        return ImageData(self.name, self.train_images[:train], self.train_labels[:train],
+                         self.test_images[:test], self.test_labels[:test],
+                         self.classes, self.mean, self.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files (the format of MNIST and Fashion-MNIST)
+
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
+    """Decode an IDX byte string; a wrong header or size raises TrainkitError."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or not 1 <= raw[3] <= 4:
+        raise TrainkitError(f"{name} is not an IDX file (bad header)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise TrainkitError(f"{name} is truncated (header cut short)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "too long"
+        raise TrainkitError(f"{name} is {what}: {len(raw)} bytes, its header says {expected}")
+    return np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=header).reshape(dims)
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    stem: str            # e.g. "train-images-idx3-ubyte"
+    gz_md5: str          # md5 of the published .gz
+    raw_md5: str         # md5 of the decompressed bytes
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    name: str
+    folder: str                       # torchvision's folder name: <data_dir>/<folder>/raw/
+    mirrors: tuple[str, ...]
+    files: dict[str, IdxFile]         # keys: train_images, train_labels, test_images, test_labels
+    classes: tuple[str, ...]
+    mean: float
+    std: float
+    system_dirs: tuple[str, ...] = ()  # where a system package puts the files
+
+
+MNIST = IdxDataset(
+    name="mnist",
+    folder="MNIST",
+    mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+    files={
+        "train_images": IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                                "6bbc9ace898e44ae57da46a324031adb", (60000, 28, 28)),
+        "train_labels": IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432",
+                                "a25bea736e30d166cdddb491f175f624", (60000,)),
+        "test_images": IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3",
+                               "2646ac647ad5339dbf082846283269ea", (10000, 28, 28)),
+        "test_labels": IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c",
+                               "27ae3e4e09519cfbb04c329615203637", (10000,)),
+    },
+    classes=tuple(str(i) for i in range(10)),
+    mean=0.1307,
+    std=0.3081,
+)
+
+FASHION_MNIST = IdxDataset(
+    name="fashion-mnist",
+    folder="FashionMNIST",
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    files={
+        "train_images": IdxFile("train-images-idx3-ubyte", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                                "f4a8712d7a061bf5bd6d2ca38dc4d50a", (60000, 28, 28)),
+        "train_labels": IdxFile("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe",
+                                "9018921c3c673c538a1fc5bad174d6f9", (60000,)),
+        "test_images": IdxFile("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79",
+                               "8181f5470baa50b63fa0f6fddb340f0a", (10000, 28, 28)),
+        "test_labels": IdxFile("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310",
+                               "15d484375f8d13e6eb1aabb0c3f46965", (10000,)),
+    },
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+             "Bag", "Ankle boot"),
+    # Computed over the 60,000 training images.
+    mean=0.2860,
+    std=0.3530,
+    system_dirs=("/usr/share/datasets/fashion-mnist",),
+)
+
+IDX_DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST)}
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _fix_hint(spec: IdxDataset, path: Path) -> str:
+    return (f"delete it and run again to download a fresh copy, or put a good copy of the "
+            f"{spec.name} files in {path.parent}")
+
+
+def read_idx_file(path: Path, spec: IdxDataset, item: IdxFile) -> np.ndarray:
+    """Read one .gz or extracted IDX file and check it: md5, header, size and shape."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TrainkitError(f"cannot read {path}: {exc.strerror}") from None
+    if path.suffix == ".gz":
+        # The published .gz, or a repacked one (Debian's) whose content is the original.
+        gz_ok = _md5(data) == item.gz_md5
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, gzip.BadGzipFile):
+            raise TrainkitError(f"{path} is truncated or corrupt (not a valid gzip file); "
+                                + _fix_hint(spec, path)) from None
+        if not gz_ok and _md5(data) != item.raw_md5:
+            raise TrainkitError(f"{path} has the wrong MD5 ({_md5(data)} after decompression; the "
+                                f"published file's is {item.gz_md5}); " + _fix_hint(spec, path))
+    array = parse_idx(data, str(path))
+    if array.shape != item.shape:
+        raise TrainkitError(f"{path} holds an array of shape {array.shape}, expected {item.shape}; "
+                            + _fix_hint(spec, path))
+    if path.suffix != ".gz" and _md5(data) != item.raw_md5:
+        raise TrainkitError(f"{path} is corrupt (MD5 {_md5(data)}, expected {item.raw_md5}); "
+                            + _fix_hint(spec, path))
+    return array
+
+
+def _find(spec: IdxDataset, root: Path, item: IdxFile) -> Path | None:
+    for folder in (root / spec.folder / "raw", *map(Path, spec.system_dirs)):
+        for name in (item.stem, item.stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _mirrors(spec: IdxDataset) -> tuple[str, ...]:
+    override = os.environ.get("TRAINKIT_MIRROR")  # a local mirror, for offline sites and tests
+    return (override.rstrip("/") + "/",) if override else spec.mirrors
+
+
+def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: bool = True) -> Path:
+    """Download one .gz from the dataset's mirrors, check its MD5, then move it into place."""
+    from tqdm.auto import tqdm
+
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainkitError(f"cannot create {dest_dir} to download {spec.name} into: {exc.strerror}") from None
+    dest = dest_dir / (item.stem + ".gz")
+    errors = []
+    for mirror in _mirrors(spec):
+        url = mirror + item.stem + ".gz"
+        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=20) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                    while chunk := response.read(1 << 16):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            if _md5(Path(tmp).read_bytes()) != item.gz_md5:
+                errors.append(f"{url}: wrong MD5")
+                continue
+            os.replace(tmp, dest)  # only a checked file ever gets the final name
+            return dest
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise TrainkitError(f"{spec.name} file {item.stem}.gz is missing from {dest_dir} and could not be "
+                        f"downloaded ({'; '.join(errors)}); copy the files there, or point --data-dir "
+                        f"(or TRAINKIT_DATA_DIR) at a folder holding {spec.folder}/raw/")
+
+
+def load_idx_dataset(spec: IdxDataset, root: Path, download: bool = True, progress: bool = True) -> ImageData:
+    arrays = {}
+    for key, item in spec.files.items():
+        path = _find(spec, root, item)
+        if path is None:
+            if not download:
+                raise TrainkitError(f"{spec.name} file {item.stem} not found in {root / spec.folder / 'raw'}")
+            path = download_file(spec, item, root / spec.folder / "raw", progress)
+        arrays[key] = read_idx_file(path, spec, item)
+    to_images = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
+    to_labels = lambda a: torch.from_numpy(a.astype(np.int64))
+    return ImageData(spec.name, to_images(arrays["train_images"]), to_labels(arrays["train_labels"]),
+                     to_images(arrays["test_images"]), to_labels(arrays["test_labels"]),
+                     list(spec.classes), (spec.mean,), (spec.std,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: one subfolder per class, PNG or JPEG files of any size
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """One image file as a (C, H, W) uint8 tensor, converted and resized like training data."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize(size[::-1], Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError):
+        raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
+    return torch.from_numpy(array.copy()).reshape(size[0], size[1], channels).permute(2, 0, 1).contiguous()
+
+
+def _scan(folder: Path) -> list[tuple[Path, str]]:
+    return sorted((p, p.parent.name) for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_image_folder(root: Path, channels: int = 1, size: tuple[int, int] = (28, 28),
+                      test_fraction: float = 0.2, seed: int = 0) -> ImageData:
+    """Read `root/<class>/*.png`; `root/train` and `root/test` (if present) are used as the split."""
+    if not root.is_dir():
+        raise TrainkitError(f"image folder {root} does not exist")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test = _scan(root / "train"), _scan(root / "test")
+    else:
+        items = _scan(root)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, int(round(len(items) * test_fraction))) if len(items) > 1 else 0
+        test = [items[i] for i in order[:n_test]]
+        train = [items[i] for i in order[n_test:]]
+    classes = sorted({label for _, label in train + test})
+    if len(classes) < 2 or not train or not test:
+        raise TrainkitError(f"image folder {root} needs at least two class subfolders of PNG/JPEG "
+                            f"images (found {len(classes)} classes, {len(train) + len(test)} images)")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def stack(items):
+        images = torch.stack([load_image(p, channels, size) for p, _ in items])
+        return images, torch.tensor([index[c] for _, c in items], dtype=torch.int64)
+
+    train_x, train_y = stack(train)
+    test_x, test_y = stack(test)
+    pixels = train_x.float().div(255).transpose(0, 1).reshape(channels, -1)
+    mean = tuple(pixels.mean(1).tolist())
+    std = tuple(pixels.std(1).clamp_min(1e-3).tolist())
+    return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, classes, mean, std)
+
+
+def load_dataset(name: str, data_dir: Path, channels: int = 1, size: tuple[int, int] = (28, 28),
+                 progress: bool = True) -> ImageData:
+    """Build a dataset by name: mnist, fashion-mnist or imagefolder:PATH."""
+    if name.startswith("imagefolder:"):
+        return load_image_folder(Path(name.split(":", 1)[1]), channels, size)
+    if name not in IDX_DATASETS:
+        raise TrainkitError(f"unknown dataset {name!r}; choose mnist, fashion-mnist or imagefolder:PATH")
+    return load_idx_dataset(IDX_DATASETS[name], Path(data_dir), progress=progress)

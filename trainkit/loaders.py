@@ -1,0 +1,184 @@
+"""Batches for training and evaluation.
+
+Two paths produce the same kind of batches (normalized float images, int64 labels):
+- `TensorLoader`: trainkit's fast path. The whole dataset is one uint8 tensor on the training
+  device; each batch is gathered, augmented and normalized with batched tensor ops.
+- `torchvision_loader`: the seed's path. PIL transforms per image in DataLoader workers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# The seed's augmentation: with p=0.1 center-crop 22 then resize to 28, then rotate in +-15 deg.
+SEED_ZOOM_P = 0.1
+SEED_CROP = 22
+SEED_DEGREES = 15.0
+
+
+def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rotate each image counter-clockwise by its angle and magnify it by its scale about the centre.
+
+    images: (B, C, H, W) float; degrees, scales: (B,). Pixels from outside the image are 0.
+    One sampling grid per image, so a zoom and a rotation cost a single bilinear resampling.
+    """
+    rad = degrees.to(images.device, torch.float32) * (math.pi / 180)
+    inv = 1.0 / scales.to(images.device, torch.float32)
+    cos, sin = torch.cos(rad) * inv, torch.sin(rad) * inv
+    zero = torch.zeros_like(cos)
+    # theta maps output coordinates to input coordinates (normalized, y pointing down).
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@dataclass(frozen=True)
+class SeedAugment:
+    """The seed's augmentation for a whole batch, each image with its own random draw."""
+
+    zoom_p: float = SEED_ZOOM_P
+    zoom: float = 28 / SEED_CROP
+    degrees: float = SEED_DEGREES
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random angles (degrees) and scales for n images, drawn on the CPU generator."""
+        u = torch.rand(n, 2, generator=generator)
+        degrees = (u[:, 0] * 2 - 1) * self.degrees
+        scales = torch.where(u[:, 1] < self.zoom_p, self.zoom, 1.0)
+        return degrees, scales
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        degrees, scales = self.draw(images.shape[0], generator)
+        return affine_batch(images, degrees, scales)
+
+
+class TensorLoader:
+    """Iterate over (images, labels) batches of a uint8 dataset kept on `device`.
+
+    The order and the augmentation come from one CPU generator, so a run is the same on every
+    device and its state can be saved and restored (see state_dict). With `world` > 1 each
+    rank takes its own slice of every epoch's permutation.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 mean, std, device: torch.device | str = "cpu", shuffle: bool = False,
+                 augment: SeedAugment | None = None, seed: int = 0, channels_last: bool = False,
+                 rank: int = 0, world: int = 1):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)   # (N, C, H, W) uint8
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.channels_last = channels_last
+        self.rank, self.world = rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
+
+    @property
+    def num_samples(self) -> int:
+        """How many images this rank sees in one epoch."""
+        n = len(self.labels)
+        return n // self.world + (1 if self.rank < n % self.world else 0)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def epoch_indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        order = self.epoch_indices().to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            x = self.images[idx].float().div_(255)
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's pipeline: torchvision PIL transforms, one image at a time, in DataLoader workers.
+
+def seed_transforms(mean, std, train: bool):
+    from torchvision import transforms as T
+
+    steps = [T.RandomApply([T.CenterCrop(SEED_CROP)], p=SEED_ZOOM_P), T.Resize((28, 28)),
+             T.RandomRotation((-SEED_DEGREES, SEED_DEGREES), fill=0)] if train else []
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class PILImageDataset(torch.utils.data.Dataset):
+    """uint8 (N, C, H, W) tensors served as PIL images through a transform, as torchvision does."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images.numpy(), labels.numpy(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        image = self.images[i]
+        pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+        return self.transform(pil), int(self.labels[i])
+
+
+class _EpochSeededLoader:
+    """A DataLoader whose shuffle and worker seeds come from (seed, epoch), so runs can resume."""
+
+    def __init__(self, make, seed: int):
+        self.make, self.seed, self.epoch = make, seed, 0
+
+    def __len__(self):
+        return len(self.make(torch.Generator()))
+
+    def __iter__(self):
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(self.make(generator))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+
+
+def torchvision_loader(images, labels, batch_size: int, *, mean, std, train: bool, seed: int = 0,
+                       workers: int = 2, pin_memory: bool = False, rank: int = 0, world: int = 1):
+    """The seed's DataLoader over PIL transforms (fp32, one image at a time)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = PILImageDataset(images, labels, seed_transforms(mean, std, train))
+    holder = {}
+
+    def make(generator):
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(dataset, world, rank, shuffle=train,
+                                         seed=int(torch.randint(2**31, (1,), generator=generator)))
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                          sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                          generator=generator, persistent_workers=False)
+
+    loader = _EpochSeededLoader(make, seed)
+    loader.num_samples = len(make(torch.Generator()).sampler) if world > 1 else len(dataset)
+    return loader
