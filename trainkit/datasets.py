@@ -219,7 +219,8 @@ def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: boo
                         f"(or TRAINKIT_DATA_DIR) at a folder holding {spec.folder}/raw/")
 
 
-def load_idx_dataset(spec: IdxDataset, root: Path, download: bool = True, progress: bool = True) -> ImageData:
+def load_idx_dataset(spec: IdxDataset, root: str | Path, download: bool = True, progress: bool = True) -> ImageData:
+    root = Path(root)
     arrays = {}
     for key, item in spec.files.items():
         path = _find(spec, root, item)

@@ -19,11 +19,12 @@ SEED_CROP = 22
 SEED_DEGREES = 15.0
 
 
-def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor,
+                 mode: str = "bilinear") -> torch.Tensor:
     """Rotate each image counter-clockwise by its angle and magnify it by its scale about the centre.
 
     images: (B, C, H, W) float; degrees, scales: (B,). Pixels from outside the image are 0.
-    One sampling grid per image, so a zoom and a rotation cost a single bilinear resampling.
+    One sampling grid per image, so a zoom and a rotation together cost one resampling.
     """
     rad = degrees.to(images.device, torch.float32) * (math.pi / 180)
     inv = 1.0 / scales.to(images.device, torch.float32)
@@ -32,7 +33,7 @@ def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tens
     # theta maps output coordinates to input coordinates (normalized, y pointing down).
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,13 @@ class SeedAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         degrees, scales = self.draw(images.shape[0], generator)
-        return affine_batch(images, degrees, scales)
+        # As the seed does: the zoom resamples bilinearly, the rotation takes the nearest pixel
+        # (torchvision's RandomRotation default), which keeps the pixel values' spread.
+        zoomed = (scales != 1).nonzero().squeeze(1).to(images.device)
+        if len(zoomed):
+            images = images.index_copy(0, zoomed, affine_batch(images[zoomed], degrees[:0].new_zeros(len(zoomed)),
+                                                               scales[scales != 1]))
+        return affine_batch(images, degrees, torch.ones_like(scales), mode="nearest")
 
 
 class TensorLoader:

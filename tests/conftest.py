@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("TRAINKIT_DATA_DIR", ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    path = data_dir()
+    if not (path / "MNIST" / "raw").is_dir():
+        pytest.fail(f"MNIST not found under {path}; set TRAINKIT_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    from trainkit.datasets import MNIST, load_idx_dataset
+    return load_idx_dataset(MNIST, mnist_dir, download=False)
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600):
+    """Run `python -m trainkit ARGS` in a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainkit", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments, code=2):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("trainkit: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
