@@ -78,40 +78,45 @@ class _StopFlag:
 def cmd_train(args) -> int:
     from .engine import NonFiniteLoss, StopRequested
     from .reports import ConsoleLogger
-    from .run import load_resume_config, train
+    from .distributed import restarted_by_torchrun, teardown
+    from .run import default_run_dir, load_resume_config, train
 
     cfg, flags = config_from_args(args)
+    if restarted_by_torchrun() and args.out and (Path(args.out) / "last.pt").exists():
+        args.resume = args.out   # torchrun --max-restarts started us again: continue the run
     if args.resume:
         cfg = load_resume_config(Path(args.resume), flags)
+    run_dir = Path(args.resume or args.out or default_run_dir())
     stop = _StopFlag()
     stop.install()
-    out = Path(args.resume) if args.resume else (Path(args.out) if args.out else None)
     try:
-        result = train(cfg, out=out, resume=args.resume, logger=ConsoleLogger(cfg.progress),
+        result = train(cfg, out=run_dir, resume=args.resume, logger=ConsoleLogger(cfg.progress),
                        should_stop=stop)
     except StopRequested:
-        print(f"\nStopped by {signal.Signals(stop.signum).name}.", file=sys.stderr)
-        print(_resume_hint(out), file=sys.stderr)
+        name = signal.Signals(stop.signum).name
+        print(f"\nStopped by {name}; a checkpoint of the unfinished epoch was written. {_resume_hint(run_dir)}",
+              file=sys.stderr)
         return 128 + stop.signum
     except NonFiniteLoss as exc:
-        raise TrainkitError(f"{exc}; stopped. {_resume_hint(out)}", exit_code=3) from None
+        raise TrainkitError(f"{exc}; stopped. {_resume_hint(run_dir)}", exit_code=3) from None
+    finally:
+        teardown()
+    if not result.experiment.rank.is_main:
+        return 0
     print(f"Run saved in {result.run_dir}/: config.json metrics.csv plot.png samples.png confusion.png "
           f"mistakes.png model.pt summary.txt last.pt best.pt")
     return 0
 
 
-def _resume_hint(run_dir: Path | None) -> str:
+def _resume_hint(run_dir: Path) -> str:
     from .checkpoint import load_checkpoint
 
-    if run_dir is None:
-        import glob
-        candidates = sorted(glob.glob("runs/*/last.pt"))
-        run_dir = Path(candidates[-1]).parent if candidates else None
-    if run_dir is None or not (run_dir / "last.pt").exists():
-        return "No epoch had finished, so there is no checkpoint to resume from."
-    epoch = load_checkpoint(run_dir / "last.pt")["epoch"]
-    return (f"The last good checkpoint is {run_dir / 'last.pt'} (epoch {epoch}); "
-            f"continue with: trainkit train --resume {run_dir}")
+    if not (run_dir / "last.pt").exists():
+        return "No checkpoint had been written yet."
+    state = load_checkpoint(run_dir / "last.pt")
+    where = (f"epoch {state['partial']['epoch']}, batch {state['partial']['batches']}" if state.get("partial")
+             else f"end of epoch {state['epoch']}")
+    return f"The last good checkpoint is {run_dir / 'last.pt'} ({where}); continue with: trainkit train --resume {run_dir}"
 
 
 def cmd_summary(args) -> int:
@@ -120,7 +125,9 @@ def cmd_summary(args) -> int:
 
     shape = (args.channels, args.size, args.size)
     model = build_model(args.model, in_channels=args.channels, num_classes=args.classes)
-    print(model_summary(model, shape))
+    table = str(model_summary(model, shape)).splitlines()
+    end = next(i for i, line in enumerate(table) if line.startswith("Total params"))
+    print("\n".join(table[:end + 1]))  # the per-layer table, ending with the total
     if args.png:
         plot_architecture(model, shape, Path(args.png))
         print(f"Architecture picture saved to {args.png}")
@@ -147,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--png", help="also save a picture of the network to this file")
     summary.set_defaults(func=cmd_summary)
 
-    from . import inference
+    from . import bench, inference, lr_find
+    bench.add_command(sub)
+    lr_find.add_command(sub)
     inference.add_commands(sub)
     return parser
 

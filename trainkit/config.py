@@ -67,8 +67,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The course assignment's recipe, exactly.
     "seed": {},
     # The same network trained to a higher accuracy in a few epochs (see docs/results.md).
-    "fast": dict(epochs=6, batch_size=256, lr=0.05, scheduler="onecycle", pct_start=0.25,
+    "fast": dict(epochs=2, batch_size=128, lr=0.1, scheduler="onecycle", pct_start=0.25,
                  label_smoothing=0.1, nesterov=True, weight_decay=5e-4),
+    # A small network trained to 99.0% as quickly as possible (docs/results.md).
+    "speedrun": dict(model="speednet", epochs=2, batch_size=128, lr=0.2, scheduler="onecycle",
+                     pct_start=0.25, label_smoothing=0.1, nesterov=True, weight_decay=5e-4,
+                     augment="none", target_acc=99.0),
 }
 
 

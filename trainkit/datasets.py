@@ -42,6 +42,28 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
+    @classmethod
+    def from_datasets(cls, train, test, classes: list[str], mean=None, std=None, name: str = "custom") -> "ImageData":
+        """Any two torch Datasets of (image, label) pairs, images as PIL images or (C, H, W)
+        tensors (uint8, or float in [0, 1]). Mean and std are computed when not given."""
+        def stack(dataset):
+            images, labels = [], []
+            for image, label in dataset:
+                if not isinstance(image, torch.Tensor):
+                    image = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+                    image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
+                if image.is_floating_point():
+                    image = (image * 255).round().clamp(0, 255)
+                images.append(image.to(torch.uint8))
+                labels.append(int(label))
+            return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+        train_x, train_y = stack(train)
+        test_x, test_y = stack(test)
+        if mean is None or std is None:
+            mean, std = channel_stats(train_x)
+        return cls(name, train_x, train_y, test_x, test_y, list(classes), tuple(mean), tuple(std))
+
     def limit(self, train: int | None = None, test: int | None = None) -> "ImageData":
         """The first `train` training and `test` test images (for quick runs)."""
         return ImageData(self.name, self.train_images[:train], self.train_labels[:train],
@@ -259,6 +281,12 @@ def _scan(folder: Path) -> list[tuple[Path, str]]:
     return sorted((p, p.parent.name) for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images, in [0, 1] units."""
+    pixels = images.float().div(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist())
+
+
 def load_image_folder(root: Path, channels: int = 1, size: tuple[int, int] = (28, 28),
                       test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     """Read `root/<class>/*.png`; `root/train` and `root/test` (if present) are used as the split."""
@@ -284,9 +312,7 @@ def load_image_folder(root: Path, channels: int = 1, size: tuple[int, int] = (28
 
     train_x, train_y = stack(train)
     test_x, test_y = stack(test)
-    pixels = train_x.float().div(255).transpose(0, 1).reshape(channels, -1)
-    mean = tuple(pixels.mean(1).tolist())
-    std = tuple(pixels.std(1).clamp_min(1e-3).tolist())
+    mean, std = channel_stats(train_x)
     return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, classes, mean, std)
 
 

@@ -54,7 +54,7 @@ class Logger:
     """Hooks the engine calls as it goes; the default shows nothing."""
 
     def epoch_start(self, epoch: int, lrs: list[float]) -> None: ...
-    def wrap_batches(self, batches, total: int) -> Iterable: return batches
+    def wrap_batches(self, batches, total: int, initial: int = 0) -> Iterable: return batches
     def batch_end(self, bar, batch_id: int, loss: float, acc: float) -> None: ...
     def epoch_end(self, result: EpochResult) -> None: ...
 
@@ -66,7 +66,14 @@ class NonFiniteLoss(TrainkitError):
 
 
 class StopRequested(Exception):
-    """Raised between two steps when `should_stop()` says so (a signal arrived)."""
+    """Raised between two steps when `should_stop()` says so (a signal arrived).
+
+    `partial` holds the unfinished epoch's progress, so a checkpoint can continue it exactly.
+    """
+
+    def __init__(self, partial: dict):
+        super().__init__("stop requested")
+        self.partial = partial
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -124,13 +131,19 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                     *, device: torch.device, epoch: int = 1, amp_dtype: torch.dtype | None = None,
                     batch_scheduler=None, logger: Logger | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> tuple[float, float, int]:
-    """One pass over `loader`; returns (mean loss, accuracy in percent, images seen)."""
+                    should_stop: Callable[[], bool] | None = None,
+                    resume_from: dict | None = None) -> tuple[float, float, int]:
+    """One pass over `loader`; returns (mean loss, accuracy in percent, images seen).
+
+    `resume_from` continues an epoch that was stopped part way (see StopRequested): the loader
+    then yields only the batches that were not trained yet.
+    """
     logger = logger or Logger()
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64)       # loss * n, correct, n
-    bar = logger.wrap_batches(loader, len(loader))
-    for batch_id, (x, y) in enumerate(bar):
+    first = resume_from["batches"] if resume_from else 0
+    sums = torch.tensor(resume_from["sums"] if resume_from else [0.0, 0.0, 0.0], dtype=torch.float64)  # loss*n, correct, n
+    bar = logger.wrap_batches(loader, len(loader), initial=first)
+    for batch_id, (x, y) in enumerate(bar, start=first):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             out = model(x)
@@ -146,8 +159,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         n = y.shape[0]
         sums += torch.tensor([loss_value * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
         logger.batch_end(bar, batch_id, loss_value, 100.0 * sums[1].item() / sums[2].item())
-        if should_stop is not None and should_stop():
-            raise StopRequested
+        if should_stop is not None and should_stop() and batch_id + 1 < len(loader):
+            raise StopRequested({"epoch": epoch, "batches": batch_id + 1, "sums": sums.tolist()})
     sums = _all_reduce(sums.to(device)).cpu()
     return sums[0].item() / sums[2].item(), 100.0 * sums[1].item() / sums[2].item(), int(sums[2].item())
 
@@ -176,11 +189,13 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
         logger: Logger | None = None, history: History | None = None,
         target_acc: float | None = None, patience: int | None = None,
         on_epoch_end: Callable[[History], None] | None = None,
-        should_stop: Callable[[], bool] | None = None) -> History:
+        should_stop: Callable[[], bool] | None = None, partial: dict | None = None) -> History:
     """Train for `epochs` epochs (continuing after `history`, if given) and return the history.
 
     Stops early when test accuracy reaches `target_acc`, or has not improved for `patience`
     epochs. `on_epoch_end(history)` runs after each epoch (checkpoints are written there).
+    When `should_stop()` turns true the loop raises StopRequested at the next step; its
+    `partial`, given back here, continues that epoch where it stopped.
     """
     device = torch.device(device)
     logger = logger or Logger()
@@ -188,13 +203,18 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
     for epoch in range(len(history) + 1, epochs + 1):
         if _should_end(history, target_acc, patience):
             break
-        lrs = [group["lr"] for group in optimizer.param_groups]
+        resume_from = partial if partial and partial["epoch"] == epoch else None
+        lrs = resume_from["lrs"] if resume_from else [group["lr"] for group in optimizer.param_groups]
         logger.epoch_start(epoch, lrs)
-        start = time.perf_counter()
-        train_loss, train_acc, seen = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device=device, epoch=epoch, amp_dtype=amp_dtype,
-            batch_scheduler=scheduler if scheduler_per_batch else None, logger=logger,
-            should_stop=should_stop)
+        start = time.perf_counter() - (resume_from["seconds"] if resume_from else 0.0)
+        try:
+            train_loss, train_acc, seen = train_one_epoch(
+                model, train_loader, optimizer, loss_fn, device=device, epoch=epoch, amp_dtype=amp_dtype,
+                batch_scheduler=scheduler if scheduler_per_batch else None, logger=logger,
+                should_stop=should_stop, resume_from=resume_from)
+        except StopRequested as stop:
+            stop.partial.update(lrs=lrs, seconds=time.perf_counter() - start)
+            raise
         test_loss, correct, total = evaluate(model, test_loader, device=device, amp_dtype=amp_dtype)
         if scheduler is not None and not scheduler_per_batch:
             scheduler.step()

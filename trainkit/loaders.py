@@ -52,7 +52,9 @@ class SeedAugment:
         return degrees, scales
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        degrees, scales = self.draw(images.shape[0], generator)
+        return self.apply(images, *self.draw(images.shape[0], generator))
+
+    def apply(self, images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         # As the seed does: the zoom resamples bilinearly, the rotation takes the nearest pixel
         # (torchvision's RandomRotation default), which keeps the pixel values' spread.
         zoomed = (scales != 1).nonzero().squeeze(1).to(images.device)
@@ -66,8 +68,12 @@ class TensorLoader:
     """Iterate over (images, labels) batches of a uint8 dataset kept on `device`.
 
     The order and the augmentation come from one CPU generator, so a run is the same on every
-    device and its state can be saved and restored (see state_dict). With `world` > 1 each
-    rank takes its own slice of every epoch's permutation.
+    device and its state can be saved and restored (see state_dict).
+
+    `batch_size` is the global batch. With `world` > 1 (data-parallel training) every rank
+    walks the same permutation and draws the same augmentation for the whole global batch, then
+    keeps its own share (positions rank, rank + world, ...): together the ranks see each image
+    once per epoch, augmented exactly as a single process with the same batch would.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
@@ -86,38 +92,41 @@ class TensorLoader:
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
-
-    @property
-    def num_samples(self) -> int:
-        """How many images this rank sees in one epoch."""
-        n = len(self.labels)
-        return n // self.world + (1 if self.rank < n % self.world else 0)
+        self.batches_done, self._skip = 0, 0
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def epoch_indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        return order[self.rank::self.world]
+        return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self):
-        order = self.epoch_indices().to(self.device)
-        for start in range(0, len(order), self.batch_size):
+        self._epoch_start = self.generator.get_state()
+        self.batches_done, skip, self._skip = 0, self._skip, 0
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
+            draws = self.augment.draw(len(idx), self.generator) if self.augment is not None else None
+            self.batches_done += 1
+            if self.batches_done <= skip:   # resuming mid-epoch: the draws replayed, the work skipped
+                continue
+            mine = slice(self.rank, None, self.world)
+            idx = idx[mine].to(self.device)
             x = self.images[idx].float().div_(255)
-            if self.augment is not None:
-                x = self.augment(x, self.generator)
+            if draws is not None:
+                x = self.augment.apply(x, draws[0][mine], draws[1][mine])
             x = (x - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        """Where the loader is; saved in the middle of an epoch, it resumes at the next batch."""
+        if 0 < self.batches_done < len(self):
+            return {"generator": self._epoch_start, "skip": self.batches_done}
+        return {"generator": self.generator.get_state(), "skip": 0}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self._skip = state.get("skip", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +162,7 @@ class _EpochSeededLoader:
 
     def __init__(self, make, seed: int):
         self.make, self.seed, self.epoch = make, seed, 0
+        self.batches_done, self._skip = 0, 0
 
     def __len__(self):
         return len(self.make(torch.Generator()))
@@ -160,32 +170,38 @@ class _EpochSeededLoader:
     def __iter__(self):
         self.epoch += 1
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(self.make(generator))
+        self.batches_done, skip, self._skip = 0, self._skip, 0
+        for batch in self.make(generator):
+            self.batches_done += 1
+            if self.batches_done > skip:  # resuming mid-epoch: the same batches, the first ones unused
+                yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        if 0 < self.batches_done < len(self):
+            return {"epoch": self.epoch - 1, "skip": self.batches_done}
+        return {"epoch": self.epoch, "skip": 0}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
+        self.epoch, self._skip = state["epoch"], state.get("skip", 0)
 
 
 def torchvision_loader(images, labels, batch_size: int, *, mean, std, train: bool, seed: int = 0,
                        workers: int = 2, pin_memory: bool = False, rank: int = 0, world: int = 1):
-    """The seed's DataLoader over PIL transforms (fp32, one image at a time)."""
+    """The seed's DataLoader over PIL transforms (fp32, one image at a time).
+
+    `batch_size` is the global batch; with `world` > 1 a DistributedSampler gives each rank its
+    share of every epoch (batch_size // world images a step).
+    """
     from torch.utils.data import DataLoader, DistributedSampler
 
     dataset = PILImageDataset(images, labels, seed_transforms(mean, std, train))
-    holder = {}
+    sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed) if world > 1 else None
 
     def make(generator):
-        sampler = None
-        if world > 1:
-            sampler = DistributedSampler(dataset, world, rank, shuffle=train,
-                                         seed=int(torch.randint(2**31, (1,), generator=generator)))
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+        if sampler is not None:
+            sampler.set_epoch(int(torch.randint(2**31, (1,), generator=generator)))
+        return DataLoader(dataset, batch_size=batch_size // world, shuffle=train and sampler is None,
                           sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                           generator=generator, persistent_workers=False)
 
-    loader = _EpochSeededLoader(make, seed)
-    loader.num_samples = len(make(torch.Generator()).sampler) if world > 1 else len(dataset)
-    return loader
+    return _EpochSeededLoader(make, seed)

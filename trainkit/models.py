@@ -85,6 +85,31 @@ def compact(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     return CompactNet(in_channels, num_classes)
 
 
+class SpeedNet(nn.Module):
+    """A small, fast network for the MNIST speed run: three conv-BN-ReLU-pool stages and a linear head.
+
+    Input (B, C, 28, 28); output log-probabilities.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)):
+        super().__init__()
+        layers, cin = [], in_channels
+        for cout in widths:
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            cin = cout
+        self.features = nn.Sequential(*layers)        # (B, widths[-1], 3, 3)
+        self.head = nn.Linear(widths[-1] * 9, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.head(self.features(x).flatten(1)), dim=1)
+
+
+@register_model
+def speednet(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    return SpeedNet(in_channels, num_classes)
+
+
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     """`package.module:factory` (importable from the current folder) or `path/file.py:factory`."""
     target, _, attr = spec.rpartition(":")

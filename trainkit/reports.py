@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import torch
@@ -21,10 +22,10 @@ class ConsoleLogger(Logger):
             self.print(f"Adjusting learning rate of group {i} to {lr:.4e}.")
         self.print(f"Epoch {epoch}")
 
-    def wrap_batches(self, batches, total: int):
+    def wrap_batches(self, batches, total: int, initial: int = 0):
         from tqdm.auto import tqdm
 
-        return tqdm(batches, total=total, disable=not self.progress, dynamic_ncols=True)
+        return tqdm(batches, total=total, initial=initial, disable=not self.progress, dynamic_ncols=True)
 
     def batch_end(self, bar, batch_id: int, loss: float, acc: float) -> None:
         if self.progress:
@@ -38,19 +39,13 @@ class ConsoleLogger(Logger):
                    f"({r.test_acc:.2f}%)\n")
 
 
-def write_metrics(history: History, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=History.columns)
-        writer.writeheader()
-        writer.writerows(history.rows())
-
-
-def read_metrics(path: Path) -> History:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    types = {name: type(value) for name, value in EpochResult(0, 0.0, 0.0, 0.0, 0, 0.0, 0.0, 0, 0, 0.0).__dict__.items()}
-    return History.from_rows({k: types[k](v) if types[k] is not int else int(float(v)) for k, v in row.items()}
-                             for row in rows)
+def metrics_csv(history: History) -> str:
+    """The history as CSV text: a header and one row per epoch."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=History.columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history.rows())
+    return out.getvalue()
 
 
 def markdown_table(history: History) -> str:
@@ -187,32 +182,77 @@ def model_summary(model: nn.Module, input_shape: tuple[int, ...]):
                    device="cpu", verbose=0, depth=4)
 
 
+def architecture_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, int]]:
+    """(operation, output shape, parameters) for each step of the forward pass, traced with torch.fx
+    so that functional calls (relu, max_pool2d, flatten) show too; torchinfo's leaf modules if the
+    model cannot be traced."""
+    from torch.fx import symbolic_trace
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        traced = symbolic_trace(model.cpu().eval())
+        ShapeProp(traced).propagate(torch.zeros(1, *input_shape))
+    except Exception:
+        stats = model_summary(model, input_shape)
+        return [(l.class_name, str(l.output_size), l.num_params) for l in stats.summary_list
+                if l.depth > 0 and not l.children]
+    modules = dict(traced.named_modules())
+    layers = []
+    for node in traced.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        meta = node.meta.get("tensor_meta")
+        shape = str(list(meta.shape)) if meta is not None and hasattr(meta, "shape") else ""
+        if node.op == "call_module":
+            module = modules[node.target]
+            label = _describe(module)
+            params = sum(p.numel() for p in module.parameters())
+        else:
+            name = getattr(node.target, "__name__", str(node.target))
+            args = [str(a) for a in node.args[1:] if isinstance(a, (int, float))]
+            label = f"{name}({', '.join(args)})"
+            params = 0
+        layers.append((label if len(label) < 44 else label[:41] + "...", shape, params))
+    return layers
+
+
+def _describe(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        k = "x".join(map(str, module.kernel_size))
+        pad = f", pad {module.padding[0]}" if module.padding != (0, 0) else ""
+        return f"Conv2d {module.in_channels}->{module.out_channels}, {k}{pad}"
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features}->{module.out_features}"
+    if isinstance(module, nn.BatchNorm2d):
+        return f"BatchNorm2d({module.num_features})"
+    if isinstance(module, nn.MaxPool2d):
+        return f"MaxPool2d({module.kernel_size})"
+    if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+        return f"{type(module).__name__}({module.p})"
+    return f"{type(module).__name__}({module.extra_repr()})"
+
+
 def plot_architecture(model: nn.Module, input_shape: tuple[int, ...], path: Path | None = None):
-    """A picture of the network drawn from its layers as traced by torchinfo: one box per layer."""
+    """A picture of the network made from the model itself: one box per step of its forward pass."""
     plt = _pyplot()
-    stats = model_summary(model, input_shape)
-    layers = [l for l in stats.summary_list if l.depth > 0 and not l.children]
-    if not layers:  # a functional model: draw its top-level modules instead
-        layers = [l for l in stats.summary_list if l.depth == 1]
-    height = 0.9 * (len(layers) + 1)
-    fig, ax = plt.subplots(figsize=(7, height))
+    layers = [("input", str([1, *input_shape]), 0)] + architecture_layers(model, input_shape)
+    total = sum(p.numel() for p in model.parameters())
+    fig, ax = plt.subplots(figsize=(8, 0.62 * len(layers) + 0.8))
     ax.set_xlim(0, 10)
-    ax.set_ylim(-len(layers) - 0.5, 1)
+    ax.set_ylim(-len(layers) + 0.4, 0.8)
     ax.axis("off")
-    boxes = [("input", f"{list((1, *input_shape))}", "")] + [
-        (f"{l.class_name}", str(l.output_size), f"{l.num_params:,} params" if l.num_params else "")
-        for l in layers]
-    colors = {"Conv2d": "#9ecae1", "Linear": "#fdae6b", "MaxPool2d": "#c7e9c0", "ReLU": "#eeeeee",
-              "BatchNorm2d": "#dadaeb", "Dropout2d": "#f0f0f0", "Dropout": "#f0f0f0", "input": "#ffffff"}
-    for i, (name, shape, params) in enumerate(boxes):
+    colors = {"Conv2d": "#9ecae1", "Linear": "#fdae6b", "max_pool2d": "#c7e9c0", "MaxPool2d": "#c7e9c0",
+              "BatchNorm2d": "#dadaeb", "input": "#ffffff"}
+    for i, (label, shape, params) in enumerate(layers):
         y = -i
-        ax.add_patch(plt.Rectangle((1, y - 0.35), 8, 0.7, facecolor=colors.get(name, "#fee391"),
-                                   edgecolor="black"))
-        ax.text(1.3, y, name, va="center", fontsize=10, weight="bold")
-        ax.text(4.2, y, shape, va="center", fontsize=9, family="monospace")
-        ax.text(8.7, y, params, va="center", ha="right", fontsize=9)
+        kind = label.replace("(", " ").split()[0]
+        ax.add_patch(plt.Rectangle((0.2, y - 0.3), 9.6, 0.6, facecolor=colors.get(kind, "#f2f2f2"),
+                                   edgecolor="black", linewidth=0.8))
+        ax.text(0.4, y, label, va="center", fontsize=9, family="monospace")
+        ax.text(6.0, y, shape, va="center", fontsize=9, family="monospace")
+        ax.text(9.6, y, f"{params:,}" if params else "", va="center", ha="right", fontsize=9)
         if i:
-            ax.annotate("", xy=(5, y + 0.35), xytext=(5, y + 0.65), arrowprops=dict(arrowstyle="->"))
-    ax.set_title(f"{type(model).__name__}: {stats.total_params:,} parameters")
+            ax.annotate("", xy=(3.0, y + 0.3), xytext=(3.0, y + 0.7), arrowprops=dict(arrowstyle="->", lw=0.8))
+    ax.set_title(f"{type(model).__name__}: {total:,} parameters (operation, output shape, parameters)", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 import torchvision
 
 from . import checkpoint as ckpt
-from . import reports
+from . import distributed, reports
 from .config import TrainConfig, load_config_file, resolve_data_dir, validate
 from .datasets import ImageData, load_dataset
-from .engine import History, Logger, autocast_dtype, fit, resolve_device
+from .distributed import Rank
+from .engine import History, Logger, StopRequested, autocast_dtype, fit, resolve_device
 from .errors import TrainkitError
 from .loaders import SeedAugment, TensorLoader, torchvision_loader
 from .models import build_model, count_parameters
@@ -50,6 +51,7 @@ class Experiment:
     loss_fn: Callable
     device: torch.device
     amp_dtype: torch.dtype | None
+    rank: Rank = Rank()
 
     def rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "train_loader": self.train_loader.state_dict()}
@@ -75,11 +77,18 @@ def get_data(cfg: TrainConfig, channels: int = 1) -> ImageData:
     return data.limit(cfg.limit_train, cfg.limit_test)
 
 
-def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None, model: nn.Module | None = None,
-                     rank: int = 0, world: int = 1) -> Experiment:
-    """Build every piece of a run from `cfg`; `data` and `model` replace the configured ones."""
+def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
+                     model: nn.Module | None = None) -> Experiment:
+    """Build every piece of a run from `cfg`; `data` and `model` replace the configured ones.
+
+    Under torchrun this process joins the group and trains its share with DistributedDataParallel.
+    """
     validate(cfg)
-    device = resolve_device(cfg.device)
+    ranks, device = distributed.setup(resolve_device(cfg.device))
+    rank, world = ranks.rank, ranks.world
+    if cfg.batch_size % world:
+        raise TrainkitError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
+                            f"among the {world} processes")
     seed_everything(cfg.seed)
     data = data if data is not None else get_data(cfg)
     if model is None:
@@ -87,7 +96,11 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None, model: 
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = model
+    if world > 1:  # DDP starts every rank from rank 0's weights and averages gradients
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
 
     if cfg.pipeline == "tensor":
         augment = SeedAugment() if cfg.augment == "seed" else None
@@ -115,9 +128,11 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None, model: 
     if cfg.scheduler == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     elif cfg.scheduler == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=len(train_loader),
-            pct_start=cfg.pct_start)
+        total = cfg.epochs * len(train_loader)
+        if total < 3:
+            raise TrainkitError(f"--scheduler onecycle needs at least 3 training steps, this run has {total}")
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(  # warm up for at least one step
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=min(max(cfg.pct_start, 2 / total), 0.5))
     else:
         scheduler = None
 
@@ -127,7 +142,7 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None, model: 
         else (lambda out, y: F.nll_loss(out.float(), y))
     precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
     return Experiment(cfg, data, model, train_model, train_loader, test_loader, optimizer, scheduler,
-                      per_batch, loss_fn, device, autocast_dtype(precision, device))
+                      per_batch, loss_fn, device, autocast_dtype(precision, device), ranks)
 
 
 def environment(exp: Experiment) -> dict:
@@ -151,7 +166,7 @@ class RunResult:
     experiment: Experiment = field(repr=False)
 
 
-def _default_run_dir() -> Path:
+def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
@@ -160,6 +175,7 @@ def _prepare_run_dir(path: Path) -> Path:
         raise TrainkitError(f"{path} already holds a run; continue it with --resume {path}, or choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(path)
         ckpt.atomic_write_text(path / ".write-test", "")
         (path / ".write-test").unlink()
     except OSError as exc:
@@ -167,15 +183,19 @@ def _prepare_run_dir(path: Path) -> Path:
     return path
 
 
-def checkpoint_state(exp: Experiment, history: History) -> dict:
-    return {"format": ckpt.FORMAT, "epoch": len(history), "config": exp.cfg.to_dict(),
+def checkpoint_state(exp: Experiment, history: History, partial: dict | None = None) -> dict:
+    """Everything needed to continue: weights, optimizer, schedule, every RNG, history, config.
+
+    `partial` is the progress of an epoch stopped part way (by a signal), else None.
+    """
+    return {"format": ckpt.FORMAT, "epoch": len(history), "partial": partial, "config": exp.cfg.to_dict(),
             "model_name": type(exp.model).__name__, "model": exp.model.state_dict(),
             "optimizer": exp.optimizer.state_dict(),
             "scheduler": exp.scheduler.state_dict() if exp.scheduler is not None else None,
             "rng": exp.rng_state(), "history": history.rows()}
 
 
-def restore(exp: Experiment, state: dict, source: str) -> History:
+def restore(exp: Experiment, state: dict, source: str) -> tuple[History, dict | None]:
     ckpt.load_weights_into(exp.model, state["model"], source)
     try:
         exp.optimizer.load_state_dict(state["optimizer"])
@@ -184,14 +204,15 @@ def restore(exp: Experiment, state: dict, source: str) -> History:
         exp.set_rng_state(state["rng"])
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise TrainkitError(f"{source} does not match this run's optimizer or schedule ({exc})") from None
-    return History.from_rows(state["history"])
+    return History.from_rows(state["history"]), state.get("partial")
 
 
 class RunWriter:
     """Writes what a run leaves behind, after each epoch and at the end."""
 
-    def __init__(self, exp: Experiment, run_dir: Path):
+    def __init__(self, exp: Experiment, run_dir: Path, history: History | None = None):
         self.exp, self.dir = exp, run_dir
+        self.history = History(history or [])  # the finished epochs, as saved in last.pt
         self.tensorboard = None
         if exp.cfg.tensorboard:
             try:
@@ -218,12 +239,19 @@ class RunWriter:
                                                                 self.exp.data.std, self.dir / "samples.png"))
         loader.load_state_dict(state)
 
+    def save_partial(self, partial: dict) -> None:
+        """A checkpoint in the middle of an epoch, written when a signal stops the run."""
+        state = checkpoint_state(self.exp, self.history, partial)
+        self._guard("last.pt", lambda: ckpt.atomic_torch_save(state, self.dir / "last.pt"))
+
     def epoch_end(self, history: History) -> None:
+        self.history = History(history)
         state = checkpoint_state(self.exp, history)
         self._guard("last.pt", lambda: ckpt.atomic_torch_save(state, self.dir / "last.pt"))
         if history[-1].test_acc >= history.best_acc:
             self._guard("best.pt", lambda: ckpt.atomic_torch_save(state, self.dir / "best.pt"))
-        self._guard("metrics.csv", lambda: reports.write_metrics(history, self.dir / "metrics.csv"))
+        self._guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",
+                                                                   reports.metrics_csv(history)))
         if self.tensorboard is not None:
             r = history[-1]
             for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
@@ -231,8 +259,10 @@ class RunWriter:
             self.tensorboard.flush()
 
     def finish(self, history: History) -> list[Path]:
-        exp = self.exp
-        out, labels, losses, images = reports.predictions(exp.model, exp.test_loader, exp.device)
+        exp, data = self.exp, self.exp.data
+        loader = TensorLoader(data.test_images, data.test_labels, exp.cfg.test_batch_size, mean=data.mean,
+                              std=data.std, device=exp.device)  # the whole test set, on every rank count
+        out, labels, losses, images = reports.predictions(exp.model, loader, exp.device)
         matrix = reports.confusion_matrix(out.argmax(1), labels, exp.data.num_classes)
         summary = render_summary(exp, history, matrix)
 
@@ -290,23 +320,35 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     `resume` continues the run in that directory from its last checkpoint.
     """
     exp = build_experiment(cfg, data=data, model=model)
+    main = exp.rank.is_main             # under torchrun only rank 0 shows progress and writes files
+    logger = logger if main else None
     run_dir = None
-    history = History()
+    history, partial = History(), None
     writer = None
     if resume is not None:
         run_dir = Path(resume)
-        ckpt.remove_stale_temporaries(run_dir)
-        history = restore(exp, ckpt.load_checkpoint(run_dir / "last.pt"), str(run_dir / "last.pt"))
-        writer = RunWriter(exp, run_dir)
+        if main:
+            ckpt.remove_stale_temporaries(run_dir)
+        history, partial = restore(exp, ckpt.load_checkpoint(run_dir / "last.pt"), str(run_dir / "last.pt"))
+        writer = RunWriter(exp, run_dir, history) if main else None
     elif write:
-        run_dir = _prepare_run_dir(Path(out) if out else _default_run_dir())
-        writer = RunWriter(exp, run_dir)
-        writer.start()
-    history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
-                  loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
-                  device=exp.device, amp_dtype=exp.amp_dtype, logger=logger, history=history,
-                  target_acc=cfg.target_acc, patience=cfg.patience,
-                  on_epoch_end=writer.epoch_end if writer else None, should_stop=should_stop)
+        run_dir = Path(out) if out else default_run_dir()
+        if main:
+            writer = RunWriter(exp, _prepare_run_dir(run_dir))
+            writer.start()
+    try:
+        history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
+                      loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
+                      device=exp.device, amp_dtype=exp.amp_dtype, logger=logger, history=history,
+                      target_acc=cfg.target_acc, patience=cfg.patience, partial=partial,
+                      on_epoch_end=writer.epoch_end if writer else None,
+                      should_stop=should_stop)
+    except StopRequested as stop:
+        # Under torchrun the ranks stop at different steps, so only finished epochs are kept.
+        if writer is not None and exp.rank.world == 1:
+            writer.save_partial(stop.partial)
+        raise
     if writer is not None:
         writer.finish(history)
+    distributed.barrier()
     return RunResult(history, run_dir, exp)

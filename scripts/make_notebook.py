@@ -1,0 +1,44 @@
+"""Write notebooks/S5.ipynb (without outputs) from the cells below: python scripts/make_notebook.py"""
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+cells = [
+    new_markdown_cell("# S5: the seed's MNIST network with trainkit\n\n"
+                      "The same steps as `trainkit train`, one at a time, with the package's Python API: "
+                      "data, sample images, the network, training, plots.\n\n"
+                      "Set `TRAINKIT_QUICK=1` to train on a small subset (the test suite does)."),
+    new_code_cell("import os\n\n"
+                  "from trainkit import TrainConfig, build_experiment, fit, reports\n"
+                  "from trainkit.run import get_data\n\n"
+                  "QUICK = os.environ.get('TRAINKIT_QUICK') == '1'\n"
+                  "cfg = TrainConfig()  # the seed recipe: 20 epochs, batch 512, SGD 0.01/0.9, StepLR(15, 0.1)\n"
+                  "if QUICK:\n"
+                  "    cfg = cfg.replace(epochs=2, batch_size=64, limit_train=1024, limit_test=500)\n"
+                  "cfg"),
+    new_markdown_cell("## Data\nMNIST is read once into uint8 tensors (from `$TRAINKIT_DATA_DIR`, else `./data`)."),
+    new_code_cell("data = get_data(cfg)\n"
+                  "print(data.name, tuple(data.train_images.shape), tuple(data.test_images.shape), data.mean, data.std)"),
+    new_markdown_cell("## Augmented training images\nWith p=0.1 a centre zoom (crop 22, resize 28), "
+                      "then a rotation within ±15°; all done for the whole batch at once."),
+    new_code_cell("exp = build_experiment(cfg, data=data)\n"
+                  "state = exp.train_loader.state_dict()\n"
+                  "reports.plot_samples(exp.train_loader, data.classes, data.mean, data.std);\n"
+                  "exp.train_loader.load_state_dict(state)  # showing samples does not change training"),
+    new_markdown_cell("## The network"),
+    new_code_cell("reports.model_summary(exp.model, data.image_shape)"),
+    new_markdown_cell("## Training\n`fit` runs the loop and returns the history; `ConsoleLogger` prints the seed's lines."),
+    new_code_cell("history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer,\n"
+                  "              epochs=cfg.epochs, loss_fn=exp.loss_fn, scheduler=exp.scheduler,\n"
+                  "              scheduler_per_batch=exp.scheduler_per_batch, device=exp.device,\n"
+                  "              amp_dtype=exp.amp_dtype, logger=reports.ConsoleLogger())\n"
+                  "assert len(history) == cfg.epochs"),
+    new_markdown_cell("## Results"),
+    new_code_cell("reports.plot_history(history);"),
+    new_code_cell("out, labels, losses, images = reports.predictions(exp.model, exp.test_loader, exp.device)\n"
+                  "matrix = reports.confusion_matrix(out.argmax(1), labels, data.num_classes)\n"
+                  "reports.plot_confusion(matrix, data.classes);\n"
+                  "reports.plot_mistakes(images, out, labels, losses, data.classes, data.mean, data.std);"),
+    new_code_cell("print(reports.markdown_table(history))"),
+]
+nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+nbformat.write(nb, "notebooks/S5.ipynb")

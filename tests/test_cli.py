@@ -1,0 +1,78 @@
+"""The command line: help, flags made from the config, and one-line errors for bad input."""
+import shutil
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from trainkit.cli import build_parser, config_from_args, main
+from trainkit.config import TrainConfig, field_specs
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for f in field_specs():
+        assert "--" + f.name.replace("_", "-") in text
+
+
+def test_flags_override_the_recipe():
+    args = build_parser().parse_args(["train", "--recipe", "fast", "--epochs", "7", "--no-channels-last"])
+    cfg, flags = config_from_args(args)
+    assert cfg.epochs == 7 and cfg.channels_last is False
+    assert cfg.scheduler == "onecycle"                 # from the recipe
+    assert flags == {"epochs": 7, "channels_last": False}
+    default, _ = config_from_args(build_parser().parse_args(["train"]))
+    assert default == TrainConfig()                     # no flags: the seed recipe
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--epochs", "0"], "--epochs must be greater than 0"),
+    (["--epochs", "-3"], "--epochs must be greater than 0"),
+    (["--epochs", "many"], "--epochs must be an integer, got 'many'"),
+    (["--batch-size", "0"], "--batch-size must be greater than 0"),
+    (["--batch-size", "1.5"], "--batch-size must be an integer"),
+    (["--lr", "0"], "--lr must be greater than 0"),
+    (["--lr", "fast"], "--lr must be a number"),
+    (["--limit-train", "-1"], "--limit-train must be greater than 0"),
+    (["--limit-test", "0"], "--limit-test must be greater than 0"),
+    (["--momentum", "-0.5"], "--momentum must not be negative"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    (["--dataset", "cifar"], "unknown dataset 'cifar'"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_values_are_one_line_errors(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--limit-train", "64", "--limit-test", "64", "--epochs", "1", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("trainkit: error: ") and fragment in err[0], err
+    assert not (tmp_path / "runs").exists()            # nothing was written
+
+
+def test_missing_data_folder(tmp_path):
+    proc = run_cli("train", "--data-dir", tmp_path / "nowhere", "--epochs", "1", cwd=tmp_path,
+                   env={"TRAINKIT_MIRROR": "http://127.0.0.1:9/"})
+    assert_one_line_error(proc, "train-images-idx3-ubyte.gz is missing", "--data-dir")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_truncated_data_file(tmp_path, mnist_dir):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    shutil.copytree(mnist_dir / "MNIST" / "raw", raw)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes((raw / "train-images-idx3-ubyte.gz").read_bytes()[:100_000])
+    proc = run_cli("train", "--data-dir", tmp_path / "data", "--epochs", "1", cwd=tmp_path)
+    assert_one_line_error(proc, "train-images-idx3-ubyte.gz is truncated or corrupt")
+
+
+def test_summary_prints_the_table(tmp_path):
+    proc = run_cli("summary", "--png", tmp_path / "net.png")
+    assert proc.returncode == 0, proc.stderr
+    assert "Total params: 593,200" in proc.stdout
+    assert "Conv2d" in proc.stdout and "[1, 256, 8, 8]" in proc.stdout
+    from PIL import Image
+    with Image.open(tmp_path / "net.png") as img:
+        assert img.width > 300 and img.height > 300

@@ -1,0 +1,84 @@
+"""Data-parallel training with torchrun: 2 CPU processes, gloo, bound to 127.0.0.1."""
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import data_dir, run_cli
+
+SUBSET = ["--limit-train", "2048", "--limit-test", "1000", "--batch-size", "64", "--epochs", "2", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, extra=(), timeout=600, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *extra, "-m", "trainkit", *map(str, args)]
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(run_dir):
+    return list(csv.DictReader(open(run_dir / "metrics.csv")))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    proc = run_cli("train", *SUBSET, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_two_processes_train_like_one(single, tmp_path):
+    proc = torchrun("train", *SUBSET, "--out", tmp_path / "ddp", timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]      # one run directory
+    assert proc.stdout.count("Test set:") == 2                         # only rank 0 prints
+    ddp, one = rows(tmp_path / "ddp"), rows(single)
+    for r in ddp:
+        assert int(r["train_seen"]) == 2048 and int(r["test_total"]) == 1000   # each image once per epoch
+    # Same global batch, same permutation and augmentation: only the order of floating-point
+    # sums differs (gradients are averaged over ranks), so the results stay within 1 point.
+    assert abs(float(ddp[-1]["test_acc"]) - float(one[-1]["test_acc"])) <= 1.0
+    assert abs(float(ddp[-1]["train_loss"]) - float(one[-1]["train_loss"])) < 0.05
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint(tmp_path):
+    out = tmp_path / "ddp"
+    args = [*SUBSET[:-3], "--epochs", "3", "--out", out]   # progress bars on: they tell us where we are
+    proc = torchrun("train", *args, extra=["--max-restarts=1"], popen=True)
+    seen, killed = b"", False
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+        if not killed and b"Epoch 2\n" in seen and (out / "last.pt").exists():
+            # kill one worker (a child of the torchrun agent) in the middle of epoch 2
+            workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "trainkit"], capture_output=True, text=True)
+            pids = [int(p) for p in workers.stdout.split()]
+            assert pids, "no worker found"
+            os.kill(pids[-1], signal.SIGKILL)
+            killed = True
+    rest, _ = proc.communicate(timeout=400)
+    text = (seen + rest).decode(errors="replace")
+    assert killed
+    assert proc.returncode == 0, text[-3000:]
+    result = rows(out)
+    assert [int(r["epoch"]) for r in result] == [1, 2, 3]
+    assert all(int(r["train_seen"]) == 2048 for r in result)
+    assert text.count("Epoch 1\n") == 1          # the restart resumed after epoch 1, not from scratch

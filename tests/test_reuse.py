@@ -1,0 +1,198 @@
+"""Reuse: the Python API, user models, other datasets, config files, reports, inference, export."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import ROOT, assert_one_line_error, data_dir, run_cli
+from trainkit import ImageData, TrainConfig, train
+from trainkit.config import from_mapping, load_config_file
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRAINKIT_DATA_DIR", str(data_dir()))
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["result"].history[-1].test_acc > 50.0
+    assert (tmp_path / "runs" / "api-demo" / "metrics.csv").is_file()
+
+
+def test_own_dataset_object(mnist):
+    train_set = torch.utils.data.TensorDataset(mnist.train_images[:512].float() / 255, mnist.train_labels[:512])
+    test_set = torch.utils.data.TensorDataset(mnist.test_images[:200], mnist.test_labels[:200])
+    data = ImageData.from_datasets(train_set, test_set, classes=[str(i) for i in range(10)])
+    assert torch.equal(data.train_images, mnist.train_images[:512])
+    assert abs(data.mean[0] - 0.13) < 0.02
+    history = train(TrainConfig(epochs=1, batch_size=32, model="compact", progress=False), data=data, write=False).history
+    assert history[0].train_seen == 512
+
+
+MODEL_FILE = """
+import torch.nn as nn
+def tiny(in_channels=1, num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, num_classes), nn.LogSoftmax(dim=1))
+"""
+
+
+@pytest.mark.parametrize("form", ["file", "module"])
+def test_train_a_model_of_your_own(tmp_path, form):
+    if form == "file":
+        (tmp_path / "mynet.py").write_text(MODEL_FILE)
+        spec = "mynet.py:tiny"
+    else:
+        (tmp_path / "mypkg").mkdir()
+        (tmp_path / "mypkg" / "__init__.py").write_text("")
+        (tmp_path / "mypkg" / "nets.py").write_text(MODEL_FILE)
+        spec = "mypkg.nets:tiny"
+    proc = run_cli("train", "--model", spec, "--epochs", "1", "--limit-train", "2048", "--limit-test", "500",
+                   "--batch-size", "32", "--out", "run", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = [l for l in proc.stdout.splitlines() if l.startswith("Test set")][-1]
+    assert float(re.search(r"\((\d+\.\d+)%\)", last).group(1)) > 70.0   # a linear model learns this much
+
+
+def test_fashion_mnist(tmp_path):
+    proc = run_cli("train", "--dataset", "fashion-mnist", "--model", "compact", "--epochs", "1", "--limit-train",
+                   "4096", "--limit-test", "500", "--batch-size", "64", "--lr", "0.05", "--out", tmp_path / "run",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["classes"][0] == "T-shirt/top"
+    acc = float(open(tmp_path / "run" / "metrics.csv").read().splitlines()[-1].split(",")[6])
+    assert acc > 60.0
+
+
+def test_image_folder(tmp_path, mnist):
+    # three classes of colour PNGs of another size, made from MNIST digits 0, 1 and 7
+    root = tmp_path / "digits"
+    for label in (0, 1, 7):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        picks = (mnist.train_labels == label).nonzero().squeeze(1)[:150]
+        for i in picks.tolist():
+            gray = Image.fromarray(mnist.train_images[i, 0].numpy()).resize((40, 40))
+            Image.merge("RGB", [gray, gray, gray]).save(folder / f"{i}.png")
+    (root / "class_7" / "notes.txt").write_text("not an image")    # ignored
+    out = tmp_path / "run"
+    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--model", "compact", "--epochs", "3",
+                   "--batch-size", "32", "--lr", "0.05", "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["classes"] == ["class_0", "class_1", "class_7"]
+    assert saved["data"]["train_size"] == 360 and saved["data"]["test_size"] == 90
+    assert 0.05 < saved["data"]["mean"][0] < 0.3                   # computed from the images
+    acc = float(open(out / "metrics.csv").read().splitlines()[-1].split(",")[6])
+    assert acc > 85.0
+    assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{tmp_path / 'none'}"), "does not exist")
+
+
+def test_config_files_and_flags(tmp_path):
+    (tmp_path / "a.yaml").write_text("epochs: 3\nbatch-size: 64\nlr: 0.02\nmodel: compact\n")
+    (tmp_path / "b.toml").write_text('epochs = 4\nscheduler = "onecycle"\n')
+    assert from_mapping(load_config_file(tmp_path / "a.yaml")) == TrainConfig(epochs=3, batch_size=64, lr=0.02,
+                                                                                model="compact")
+    assert from_mapping(load_config_file(tmp_path / "b.toml")).scheduler == "onecycle"
+    from trainkit.cli import build_parser, config_from_args
+    cfg, _ = config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "a.yaml"), "--epochs", "9"]))
+    assert (cfg.epochs, cfg.batch_size) == (9, 64)                # the flag wins over the file
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    assert_one_line_error(run_cli("train", "--config", tmp_path / "bad.yaml"), "unknown setting 'epochz'")
+    (tmp_path / "bad2.yaml").write_text("epochs: three\n")
+    assert_one_line_error(run_cli("train", "--config", tmp_path / "bad2.yaml"), "'three' is not a valid int")
+
+
+def test_config_json_reproduces_the_run(quick_run, tmp_path):
+    out, _ = quick_run
+    proc = run_cli("train", "--config", out / "config.json", "--out", tmp_path / "again", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    strip = lambda p: [row.rsplit(",", 1)[0] for row in open(p).read().splitlines()]   # all but seconds
+    assert strip(out / "metrics.csv") == strip(tmp_path / "again" / "metrics.csv")
+
+
+def test_eval_reproduces_the_final_test_accuracy(quick_run):
+    out, _ = quick_run
+    proc = run_cli("eval", out)
+    assert proc.returncode == 0, proc.stderr
+    last = open(out / "metrics.csv").read().splitlines()[-1].split(",")
+    assert f"Accuracy: {last[7]}/{last[8]}" in proc.stdout
+
+
+def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
+    out, _ = quick_run
+    image = Image.new("RGB", (120, 160), "black")                 # any size, colour
+    ImageDraw.Draw(image).line([(60, 25), (60, 135)], fill="white", width=14)   # a "1"
+    image.save(tmp_path / "one.png")
+    image.convert("L").save(tmp_path / "one.jpg")
+    proc = run_cli("predict", out, tmp_path / "one.png", tmp_path / "one.jpg", "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        top = re.search(r": (\S+) (\d+\.\d)%", line)
+        assert top.group(1) == "1", line
+        assert line.count("%") == 3
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert_one_line_error(run_cli("predict", out, tmp_path / "bad.png"), "not a readable PNG or JPEG")
+
+
+def test_onnx_export_agrees_with_pytorch(quick_run, tmp_path, mnist):
+    import onnxruntime
+    from trainkit.inference import load_run
+    out, _ = quick_run
+    proc = run_cli("export", out, "--format", "onnx", "--output", tmp_path / "m.onnx")
+    assert proc.returncode == 0, proc.stderr
+    trained = load_run(out)
+    x = trained.preprocess(mnist.test_images[:64])
+    expected = trained.model(x).detach().numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_torchscript_export(quick_run, tmp_path, mnist):
+    from trainkit.inference import load_run
+    out, _ = quick_run
+    proc = run_cli("export", out, "--format", "torchscript")
+    assert proc.returncode == 0, proc.stderr
+    scripted = torch.jit.load(str(out / "model.ts"))
+    trained = load_run(out)
+    x = trained.preprocess(mnist.test_images[:16])
+    torch.testing.assert_close(scripted(x), trained.model(x), atol=1e-5, rtol=0)
+
+
+def test_tensorboard_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    proc = run_cli("train", "--epochs", "2", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
+                   "--tensorboard", "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    accs = [e.value for e in events.Scalars("test_acc")]
+    csv_accs = [float(r.split(",")[6]) for r in open(out / "metrics.csv").read().splitlines()[1:]]
+    assert accs == pytest.approx(csv_accs)
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+
+
+def test_lr_find(tmp_path):
+    proc = run_cli("lr-find", "--steps", "40", "--limit-train", "1024", "--batch-size", "32",
+                   "--output", tmp_path / "lr.png")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    suggested = float(re.search(r"Suggested lr: (\S+)", proc.stdout).group(1))
+    assert 1e-5 <= suggested <= 1.0
+    with Image.open(tmp_path / "lr.png") as img:
+        assert img.size[0] > 300
+
+
+def test_patience_flag(tmp_path):
+    proc = run_cli("train", "--epochs", "5", "--limit-train", "256", "--limit-test", "128", "--lr", "1e-9",
+                   "--patience", "1", "--out", tmp_path / "run", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(open(tmp_path / "run" / "metrics.csv").read().splitlines()) == 1 + 2

@@ -1,0 +1,185 @@
+"""`trainkit bench`: the seed's pipeline against trainkit's fast path, measured in one run.
+
+quick:    a fixed number of training steps of each side; images/s and the speedup.
+full:     the time each side takes to reach a test accuracy (99.2% by default); JSON and markdown.
+speedrun: the speedrun recipe over several seeds; the time each takes to reach 99.0%.
+
+The timers start once the dataset is in memory (loaded once, shared by both sides) and include
+everything after it: building the model and loaders, training, and the evaluations that tell
+whether the target was reached.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import RECIPES, TrainConfig, validate
+from .datasets import ImageData
+from .engine import train_one_epoch
+from .run import build_experiment, environment, get_data, train
+
+PROCESS_START = time.perf_counter()
+
+
+def sides(device: str) -> dict[str, TrainConfig]:
+    """The two sides: the seed's recipe on the seed's pipeline (fp32), and trainkit's fast path."""
+    seed = TrainConfig(device=device, progress=False, pipeline="torchvision", precision="fp32",
+                       channels_last=False)
+    fast = TrainConfig(device=device, progress=False).replace(**RECIPES["fast"])
+    return {"seed pipeline": seed, "trainkit fast path": fast}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Steps:
+    """Stop an epoch after a fixed number of batches."""
+
+    def __init__(self, loader, count: int):
+        self.loader, self.count = loader, count
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.count:
+                return
+            yield batch
+
+
+def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -> float:
+    """Images per second over `steps` training steps, after `warmup` untimed ones."""
+    exp = build_experiment(cfg, data=data)
+    loader = exp.train_loader
+    run = lambda n: train_one_epoch(exp.train_model, _Steps(loader, n), exp.optimizer, exp.loss_fn,
+                                    device=exp.device, amp_dtype=exp.amp_dtype)
+    run(warmup)
+    _sync(exp.device)
+    start = time.perf_counter()
+    _, _, seen = run(steps)
+    _sync(exp.device)
+    return seen / (time.perf_counter() - start)
+
+
+def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> dict:
+    """Throughput of both sides on S5Net at the same batch size."""
+    results = {}
+    for name, cfg in sides(device).items():
+        cfg = cfg.replace(batch_size=batch_size)
+        results[name] = time_steps(cfg, data, steps)
+        print(f"{name}: {results[name]:.0f} images/s ({cfg.pipeline} pipeline, "
+              f"{cfg.precision} precision, channels_last={cfg.channels_last})", flush=True)
+    return results
+
+
+def time_to_target(cfg: TrainConfig, data: ImageData, target: float) -> dict:
+    cfg = validate(cfg.replace(target_acc=target))
+    start = time.perf_counter()
+    history = train(cfg, data=data, write=False).history
+    seconds = time.perf_counter() - start
+    reached = next((r for r in history if r.test_acc >= target), None)
+    return {"reached": reached is not None, "epoch": reached.epoch if reached else None,
+            "seconds": seconds if reached else None, "best_acc": history.best_acc,
+            "epochs_run": len(history), "total_seconds": seconds,
+            "accuracy_by_epoch": [round(r.test_acc, 2) for r in history], "config": cfg.to_dict()}
+
+
+def _write(out_dir: Path, stem: str, report: dict, table: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out_dir / f"{stem}.md").write_text(table)
+    print(f"Wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
+
+
+def full(device: str, data: ImageData, target: float, out_dir: Path) -> dict:
+    results = {}
+    for name, cfg in sides(device).items():
+        print(f"{name}: training to {target}% ...", flush=True)
+        results[name] = r = time_to_target(cfg, data, target)
+        print(f"{name}: " + (f"reached {target}% in epoch {r['epoch']}, {r['seconds']:.1f} s" if r["reached"]
+                             else f"did not reach {target}% in {r['epochs_run']} epochs (best {r['best_acc']:.2f}%)"),
+              flush=True)
+    seed, fast = results["seed pipeline"], results["trainkit fast path"]
+    speedup = seed["seconds"] / fast["seconds"] if seed["reached"] and fast["reached"] else None
+    report = {"target_acc": target, "sides": results, "speedup": speedup,
+              "process_wall_seconds": time.perf_counter() - PROCESS_START,
+              "environment": {**environment(build_experiment(sides(device)["seed pipeline"], data=data)),
+                              "machine": platform.machine()}}
+    rows = ["| side | reached | epoch | seconds to target | best test acc % | accuracy by epoch |",
+            "| --- | --- | ---: | ---: | ---: | --- |"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {'yes' if r['reached'] else 'no'} | {r['epoch'] or '-'} | "
+                    f"{r['seconds'] and round(r['seconds'], 1) or '-'} | {r['best_acc']:.2f} | "
+                    f"{', '.join(map(str, r['accuracy_by_epoch']))} |")
+    table = (f"Time to {target}% test accuracy, S5Net, device {device}.\n\n" + "\n".join(rows) +
+             f"\n\nSpeedup: {speedup:.2f}x\n" if speedup else "\n\nSpeedup: not measured (a side did not reach the target)\n")
+    table += f"Whole process wall time: {report['process_wall_seconds']:.0f} s\n"
+    _write(out_dir, "bench", report, table)
+    print(f"speedup: {speedup:.2f}" if speedup else "speedup: n/a")
+    return report
+
+
+def speedrun(device: str, data: ImageData, seeds: int, out_dir: Path) -> dict:
+    base = TrainConfig(device=device, progress=False).replace(**RECIPES["speedrun"])
+    # One untimed short run first, so one-off start-up costs (CUDA context, cuDNN) are not counted.
+    time_to_target(base.replace(epochs=1, target_acc=None), data.limit(2048, 1000), 0.0)
+    runs = [time_to_target(base.replace(seed=seed), data, base.target_acc) for seed in range(1, seeds + 1)]
+    for seed, r in enumerate(runs, 1):
+        print(f"seed {seed}: " + (f"{base.target_acc}% in epoch {r['epoch']}, {r['seconds']:.2f} s" if r["reached"]
+                                  else f"not reached (best {r['best_acc']:.2f}%)"), flush=True)
+    times = [r["seconds"] for r in runs if r["reached"]]
+    report = {"target_acc": base.target_acc, "device": device, "runs": runs, "all_reached": len(times) == seeds,
+              "mean_seconds": statistics.mean(times) if times else None,
+              "max_seconds": max(times) if times else None,
+              "environment": environment(build_experiment(base, data=data.limit(256, 256)))}
+    device_name = report["environment"]["device_name"] or report["environment"]["device"]
+    table = "\n".join([f"Speed run: {base.model} to {base.target_acc}% test accuracy on {device_name}.", "",
+                       "| seed | reached | epoch | seconds | accuracy by epoch |", "| ---: | --- | ---: | ---: | --- |"] +
+                      [f"| {s} | {'yes' if r['reached'] else 'no'} | {r['epoch'] or '-'} | "
+                       f"{r['seconds'] and round(r['seconds'], 2) or '-'} | {', '.join(map(str, r['accuracy_by_epoch']))} |"
+                       for s, r in enumerate(runs, 1)])
+    table += (f"\n\nMean {report['mean_seconds']:.2f} s, max {report['max_seconds']:.2f} s, "
+              f"{len(times)}/{seeds} seeds reached {base.target_acc}%.\n") if times else "\n"
+    _write(out_dir, f"speedrun-{torch.device(device).type}", report, table)
+    return report
+
+
+def cmd_bench(args) -> int:
+    from .engine import resolve_device
+
+    device = str(resolve_device(args.device))
+    cfg = TrainConfig(device=device, progress=False, data_dir=args.data_dir)
+    data = get_data(cfg)
+    if args.speedrun:
+        speedrun(device, data, args.seeds, Path(args.out))
+    elif args.quick:
+        results = quick(device, data, args.steps)
+        print(f"speedup: {results['trainkit fast path'] / results['seed pipeline']:.2f}")
+    else:
+        full(device, data, args.target_acc, Path(args.out))
+    return 0
+
+
+def add_command(sub) -> None:
+    from .cli import _number
+
+    bench = sub.add_parser("bench", help="time the seed's pipeline against trainkit's fast path")
+    mode = bench.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="time a fixed number of steps of each (a few minutes)")
+    mode.add_argument("--speedrun", action="store_true", help="time the speedrun recipe to 99.0%% over --seeds seeds")
+    bench.add_argument("--steps", type=_number(int, "steps"), default=20, help="timed steps per side in --quick (default: 20)")
+    bench.add_argument("--target-acc", type=_number(float, "target-acc"), default=99.2,
+                       help="test accuracy to reach in the full mode (default: 99.2)")
+    bench.add_argument("--seeds", type=_number(int, "seeds"), default=5, help="seeds for --speedrun (default: 5)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--data-dir", default=None)
+    bench.add_argument("--out", default="docs", help="folder for the JSON and markdown reports (default: docs)")
+    bench.set_defaults(func=cmd_bench)

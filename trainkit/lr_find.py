@@ -1,0 +1,99 @@
+"""`trainkit lr-find`: sweep the learning rate upwards over a few hundred steps and plot the loss.
+
+The learning rate grows geometrically from `start_lr` to `end_lr`; the sweep stops early once
+the smoothed loss exceeds four times its best. The suggestion is the rate where the smoothed
+loss falls fastest (the steepest negative slope against log lr), a common rule of thumb.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .engine import _autocast
+from .run import build_experiment
+
+
+def lr_sweep(cfg: TrainConfig, steps: int = 200, start_lr: float = 1e-5, end_lr: float = 1.0,
+             data=None) -> tuple[list[float], list[float], float]:
+    """Returns (learning rates, smoothed losses, suggested learning rate). The model is thrown away."""
+    exp = build_experiment(cfg, data=data)
+    factor = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
+    lrs, losses = [], []
+    smoothed, best = 0.0, math.inf
+    step = 0
+    exp.train_model.train()
+    while step < steps:
+        for x, y in exp.train_loader:
+            lr = start_lr * factor ** step
+            for group in exp.optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(exp.device, exp.amp_dtype):
+                loss = exp.loss_fn(exp.train_model(x), y)
+            exp.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            exp.optimizer.step()
+            value = loss.item()
+            smoothed = 0.9 * smoothed + 0.1 * value if step else value   # exponential moving average
+            lrs.append(lr)
+            losses.append(smoothed)
+            step += 1
+            if not math.isfinite(value) or smoothed > 4 * best or step >= steps:
+                step = steps
+                break
+            best = min(best, smoothed)
+    return lrs, losses, suggest(lrs, losses)
+
+
+def suggest(lrs: list[float], losses: list[float]) -> float:
+    """The learning rate at the steepest descent of the loss against log lr (before the minimum)."""
+    stop = max(range(len(losses)), key=lambda i: -losses[i]) + 1 if losses else 0
+    logs = [math.log10(lr) for lr in lrs[:stop]]
+    if len(logs) < 3:
+        return lrs[0] if lrs else float("nan")
+    slopes = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, len(logs) - 1)]
+    return lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
+
+
+def plot(lrs, losses, suggestion: float, path: Path):
+    from .reports import _finish, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title("Learning-rate finder")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def cmd_lr_find(args) -> int:
+    from .cli import config_from_args
+
+    cfg, _ = config_from_args(args)
+    lrs, losses, suggestion = lr_sweep(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    plot(lrs, losses, suggestion, Path(args.output))
+    print(f"Swept {len(lrs)} steps from lr {lrs[0]:.1e} to {lrs[-1]:.1e}; plot saved to {args.output}")
+    print(f"Suggested lr: {suggestion:.2e}")
+    return 0
+
+
+def add_command(sub) -> None:
+    from .cli import RECIPES, _number, add_config_flags
+
+    finder = sub.add_parser("lr-find", help="sweep the learning rate and suggest one")
+    finder.add_argument("--recipe", choices=sorted(RECIPES), default="seed")
+    finder.add_argument("--config", help="YAML, TOML or JSON file of settings")
+    finder.add_argument("--steps", type=_number(int, "steps"), default=200, help="steps in the sweep (default: 200)")
+    finder.add_argument("--start-lr", type=_number(float, "start-lr"), default=1e-5)
+    finder.add_argument("--end-lr", type=_number(float, "end-lr"), default=1.0)
+    finder.add_argument("--output", default="lr_find.png", help="where to save the plot (default: lr_find.png)")
+    add_config_flags(finder, skip=("lr", "epochs", "target_acc", "patience", "tensorboard"))
+    finder.set_defaults(func=cmd_lr_find)
