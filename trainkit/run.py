@@ -90,6 +90,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
         raise TrainkitError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                             f"among the {world} processes")
     seed_everything(cfg.seed)
+    if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     data = data if data is not None else get_data(cfg)
     if model is None:
         model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes)
@@ -145,10 +147,18 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
                       per_batch, loss_fn, device, autocast_dtype(precision, device), ranks)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def environment(exp: Experiment) -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
             "platform": platform.platform(), "device": str(exp.device),
-            "device_name": torch.cuda.get_device_name(exp.device) if exp.device.type == "cuda" else platform.processor(),
+            "device_name": torch.cuda.get_device_name(exp.device) if exp.device.type == "cuda" else _cpu_name(),
             "autocast": str(exp.amp_dtype).replace("torch.", "") if exp.amp_dtype else "fp32",
             "threads": torch.get_num_threads()}
 
