@@ -12,6 +12,10 @@ def data_dir() -> Path:
     return Path(os.environ.get("TRAINKIT_DATA_DIR", ROOT.parent / "shared" / "datasets"))
 
 
+# Tests change folders, so a relative TRAINKIT_DATA_DIR (as in the README's command) is made absolute.
+os.environ["TRAINKIT_DATA_DIR"] = str(data_dir().resolve())
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     path = data_dir()

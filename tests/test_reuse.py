@@ -58,14 +58,14 @@ def test_train_a_model_of_your_own(tmp_path, form):
 
 
 def test_fashion_mnist(tmp_path):
-    proc = run_cli("train", "--dataset", "fashion-mnist", "--model", "compact", "--epochs", "1", "--limit-train",
-                   "4096", "--limit-test", "500", "--batch-size", "64", "--lr", "0.05", "--out", tmp_path / "run",
+    proc = run_cli("train", "--dataset", "fashion-mnist", "--model", "compact", "--epochs", "2", "--limit-train",
+                   "4096", "--limit-test", "500", "--batch-size", "32", "--lr", "0.05", "--out", tmp_path / "run",
                    "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["classes"][0] == "T-shirt/top"
     acc = float(open(tmp_path / "run" / "metrics.csv").read().splitlines()[-1].split(",")[6])
-    assert acc > 60.0
+    assert acc > 65.0     # measured 73.6%; ten classes at chance would be 10%
 
 
 def test_image_folder(tmp_path, mnist):
@@ -80,15 +80,15 @@ def test_image_folder(tmp_path, mnist):
             Image.merge("RGB", [gray, gray, gray]).save(folder / f"{i}.png")
     (root / "class_7" / "notes.txt").write_text("not an image")    # ignored
     out = tmp_path / "run"
-    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--model", "compact", "--epochs", "3",
-                   "--batch-size", "32", "--lr", "0.05", "--out", out, "--no-progress")
+    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--epochs", "3", "--batch-size", "16",
+                   "--out", out, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["classes"] == ["class_0", "class_1", "class_7"]
     assert saved["data"]["train_size"] == 360 and saved["data"]["test_size"] == 90
     assert 0.05 < saved["data"]["mean"][0] < 0.3                   # computed from the images
     acc = float(open(out / "metrics.csv").read().splitlines()[-1].split(",")[6])
-    assert acc > 85.0
+    assert acc > 85.0     # measured 98.9%; three classes at chance would be 33%
     assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{tmp_path / 'none'}"), "does not exist")
 
 

@@ -78,10 +78,14 @@ def safe_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainkitError(f"{path} was refused: it holds objects other than tensors and plain data, "
-                            f"which could run code when loaded ({first[:200]}); only load files "
-                            f"you trust, and re-export them as weights") from None
+        # weights_only refuses a pickle that names a Python object (a GLOBAL): that is how a
+        # checkpoint runs code. Any other unpickling error means damaged bytes.
+        blocked = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line.upper()]
+        if blocked:
+            raise TrainkitError(f"{path} was refused: it asks to load Python objects, not just tensors and "
+                                f"plain data, so loading it could run code ({blocked[0][:160]})") from None
+        raise TrainkitError(f"{path} is truncated or corrupt and cannot be loaded; "
+                            f"use another checkpoint or start again") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         raise TrainkitError(f"{path} is truncated or corrupt and cannot be loaded "
                             f"({type(exc).__name__}); use another checkpoint or start again") from None

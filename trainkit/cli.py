@@ -72,13 +72,15 @@ class _StopFlag:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
         self.signum = signum
 
 
 def cmd_train(args) -> int:
     from .engine import NonFiniteLoss, StopRequested
     from .reports import ConsoleLogger
-    from .distributed import restarted_by_torchrun, teardown
+    from .distributed import launched_by_torchrun, restarted_by_torchrun, teardown
     from .run import default_run_dir, load_resume_config, train
 
     cfg, flags = config_from_args(args)
@@ -88,7 +90,8 @@ def cmd_train(args) -> int:
         cfg = load_resume_config(Path(args.resume), flags)
     run_dir = Path(args.resume or args.out or default_run_dir())
     stop = _StopFlag()
-    stop.install()
+    if not launched_by_torchrun():  # under torchrun the agent stops and restarts workers itself
+        stop.install()
     try:
         result = train(cfg, out=run_dir, resume=args.resume, logger=ConsoleLogger(cfg.progress),
                        should_stop=stop)

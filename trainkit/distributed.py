@@ -7,6 +7,7 @@ on CPU, nccl on CUDA.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,15 @@ def setup(device: torch.device) -> tuple[Rank, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        # torchrun's store outlives a restart, and a restarted worker could read the address its
+        # dead predecessor published; a key prefix per restart keeps the rounds apart.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+                              timeout=timedelta(minutes=10))
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"trainkit/restart-{restart}", store))
     return Rank(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 

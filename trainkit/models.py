@@ -135,15 +135,20 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def check_model_name(name: str) -> None:
+    """Fail early (before any data is read) on a model name that is neither registered nor a factory path."""
+    if ":" not in name and name not in MODELS:
+        raise TrainkitError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}, "
+                            f"or give module:factory or file.py:factory")
+
+
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """A registered model by name, or a user factory given as module:factory or file.py:factory."""
     if ":" in name:
         factory = _load_factory(name)
-    elif name in MODELS:
-        factory = MODELS[name]
     else:
-        raise TrainkitError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}, "
-                            f"or give module:factory or file.py:factory")
+        check_model_name(name)
+        factory = MODELS[name]
     try:
         model = factory(in_channels=in_channels, num_classes=num_classes)
     except TypeError:

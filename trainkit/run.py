@@ -32,7 +32,7 @@ from .distributed import Rank
 from .engine import History, Logger, StopRequested, autocast_dtype, fit, resolve_device
 from .errors import TrainkitError
 from .loaders import SeedAugment, TensorLoader, torchvision_loader
-from .models import build_model, count_parameters
+from .models import build_model, check_model_name, count_parameters
 
 
 @dataclass
@@ -84,6 +84,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     Under torchrun this process joins the group and trains its share with DistributedDataParallel.
     """
     validate(cfg)
+    if model is None:
+        check_model_name(cfg.model)
     ranks, device = distributed.setup(resolve_device(cfg.device))
     rank, world = ranks.rank, ranks.world
     if cfg.batch_size % world:
