@@ -37,6 +37,13 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
                           text=True, env=full_env, cwd=cwd, timeout=timeout)
 
 
+def cli_ok(*args, **kwargs):
+    """run_cli that must succeed; a failure shows the end of stderr."""
+    proc = run_cli(*args, **kwargs)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def assert_one_line_error(proc, *fragments, code=2):
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -58,8 +65,7 @@ QUICK_MIN_ACC = 80.0
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "quick"
-    proc = run_cli("train", *QUICK, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli_ok("train", *QUICK, "--out", out)
     return out, proc
 
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli_ok, run_cli
 from trainkit.cli import build_parser, config_from_args, main
 from trainkit.config import TrainConfig, field_specs
 
@@ -69,8 +69,7 @@ def test_truncated_data_file(tmp_path, mnist_dir):
 
 
 def test_summary_prints_the_table(tmp_path):
-    proc = run_cli("summary", "--png", tmp_path / "net.png")
-    assert proc.returncode == 0, proc.stderr
+    proc = cli_ok("summary", "--png", tmp_path / "net.png")
     assert "Total params: 593,200" in proc.stdout
     assert "Conv2d" in proc.stdout and "[1, 256, 8, 8]" in proc.stdout
     from PIL import Image

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import data_dir, run_cli
+from conftest import cli_ok, data_dir
 
 SUBSET = ["--limit-train", "2048", "--limit-test", "1000", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
@@ -40,8 +40,7 @@ def rows(run_dir):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    proc = run_cli("train", *SUBSET, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cli_ok("train", *SUBSET, "--out", out)
     return out
 
 

@@ -1,6 +1,4 @@
 """notebooks/S5.ipynb runs top to bottom in its quick mode."""
-import os
-
 import nbformat
 from nbclient import NotebookClient
 

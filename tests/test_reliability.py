@@ -5,7 +5,6 @@ docs/reliability.md lists each fault with the test here that covers it.
 import csv
 import errno
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, data_dir, run_cli
+from conftest import assert_one_line_error, cli_ok, data_dir, run_cli
 from trainkit import checkpoint as ckpt
 from trainkit import TrainConfig, train
 from trainkit.errors import TrainkitError
@@ -69,8 +68,7 @@ def assert_same_run(a: Path, b: Path):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    proc = run_cli("train", *RUN, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cli_ok("train", *RUN, "--out", out)
     return out
 
 
@@ -81,8 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     saved = ckpt.load_checkpoint(out / "last.pt")
     assert saved["epoch"] == 1 and saved["partial"] is None    # killed in epoch 2: epoch 1's checkpoint
-    resumed = run_cli("train", "--resume", out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = cli_ok("train", "--resume", out)
     assert "Epoch 1\n" not in resumed.stdout                  # no finished epoch is recomputed
     assert_same_run(uninterrupted, out)
 
@@ -96,8 +93,7 @@ def test_signal_writes_a_checkpoint_and_resume_is_bit_identical(uninterrupted, t
     assert f"trainkit train --resume {out}" in text and "Traceback" not in text
     saved = ckpt.load_checkpoint(out / "last.pt")
     assert saved["epoch"] == 1 and saved["partial"]["epoch"] == 2 and saved["partial"]["batches"] >= 1
-    resumed = run_cli("train", "--resume", out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    cli_ok("train", "--resume", out)
     assert_same_run(uninterrupted, out)
 
 
@@ -258,14 +254,12 @@ def test_stale_temporaries_are_removed(small_run, tmp_path):
     (run / (ckpt.TMP_PREFIX + "last.pt.abc")).write_bytes(b"half")
     proc = run_cli("train", "--resume", run, "--epochs", "2")
     assert "contradicts" in proc.stderr                     # epochs is part of the saved config
-    proc = run_cli("train", "--resume", run)
-    assert proc.returncode == 0, proc.stderr[-1000:]
+    proc = cli_ok("train", "--resume", run)
     assert not list(run.glob(ckpt.TMP_PREFIX + "*"))
 
 
 def test_safetensors_export_and_load(small_run, tmp_path):
-    proc = run_cli("export", small_run, "--format", "safetensors", "--output", tmp_path / "w.safetensors")
-    assert proc.returncode == 0, proc.stderr
+    cli_ok("export", small_run, "--format", "safetensors", "--output", tmp_path / "w.safetensors")
     from trainkit.models import S5Net
     model = S5Net()
     ckpt.load_weights_into(model, ckpt.load_weights(tmp_path / "w.safetensors"), "w.safetensors")

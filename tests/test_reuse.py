@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, assert_one_line_error, data_dir, run_cli
+from conftest import ROOT, assert_one_line_error, cli_ok, data_dir, run_cli
 from trainkit import ImageData, TrainConfig, train
 from trainkit.config import from_mapping, load_config_file
 
@@ -50,18 +50,16 @@ def test_train_a_model_of_your_own(tmp_path, form):
         (tmp_path / "mypkg" / "__init__.py").write_text("")
         (tmp_path / "mypkg" / "nets.py").write_text(MODEL_FILE)
         spec = "mypkg.nets:tiny"
-    proc = run_cli("train", "--model", spec, "--epochs", "1", "--limit-train", "2048", "--limit-test", "500",
+    proc = cli_ok("train", "--model", spec, "--epochs", "1", "--limit-train", "2048", "--limit-test", "500",
                    "--batch-size", "32", "--out", "run", "--no-progress", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
     last = [l for l in proc.stdout.splitlines() if l.startswith("Test set")][-1]
     assert float(re.search(r"\((\d+\.\d+)%\)", last).group(1)) > 70.0   # a linear model learns this much
 
 
 def test_fashion_mnist(tmp_path):
-    proc = run_cli("train", "--dataset", "fashion-mnist", "--model", "compact", "--epochs", "2", "--limit-train",
+    cli_ok("train", "--dataset", "fashion-mnist", "--model", "compact", "--epochs", "2", "--limit-train",
                    "4096", "--limit-test", "500", "--batch-size", "32", "--lr", "0.05", "--out", tmp_path / "run",
                    "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["classes"][0] == "T-shirt/top"
     acc = float(open(tmp_path / "run" / "metrics.csv").read().splitlines()[-1].split(",")[6])
@@ -80,9 +78,8 @@ def test_image_folder(tmp_path, mnist):
             Image.merge("RGB", [gray, gray, gray]).save(folder / f"{i}.png")
     (root / "class_7" / "notes.txt").write_text("not an image")    # ignored
     out = tmp_path / "run"
-    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--epochs", "3", "--batch-size", "16",
+    cli_ok("train", "--dataset", f"imagefolder:{root}", "--epochs", "3", "--batch-size", "16",
                    "--out", out, "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["classes"] == ["class_0", "class_1", "class_7"]
     assert saved["data"]["train_size"] == 360 and saved["data"]["test_size"] == 90
@@ -109,16 +106,14 @@ def test_config_files_and_flags(tmp_path):
 
 def test_config_json_reproduces_the_run(quick_run, tmp_path):
     out, _ = quick_run
-    proc = run_cli("train", "--config", out / "config.json", "--out", tmp_path / "again", "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cli_ok("train", "--config", out / "config.json", "--out", tmp_path / "again", "--no-progress")
     strip = lambda p: [row.rsplit(",", 1)[0] for row in open(p).read().splitlines()]   # all but seconds
     assert strip(out / "metrics.csv") == strip(tmp_path / "again" / "metrics.csv")
 
 
 def test_eval_reproduces_the_final_test_accuracy(quick_run):
     out, _ = quick_run
-    proc = run_cli("eval", out)
-    assert proc.returncode == 0, proc.stderr
+    proc = cli_ok("eval", out)
     last = open(out / "metrics.csv").read().splitlines()[-1].split(",")
     assert f"Accuracy: {last[7]}/{last[8]}" in proc.stdout
 
@@ -129,8 +124,7 @@ def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
     ImageDraw.Draw(image).line([(60, 25), (60, 135)], fill="white", width=14)   # a "1"
     image.save(tmp_path / "one.png")
     image.convert("L").save(tmp_path / "one.jpg")
-    proc = run_cli("predict", out, tmp_path / "one.png", tmp_path / "one.jpg", "--top", "3")
-    assert proc.returncode == 0, proc.stderr
+    proc = cli_ok("predict", out, tmp_path / "one.png", tmp_path / "one.jpg", "--top", "3")
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2
     for line in lines:
@@ -145,8 +139,7 @@ def test_onnx_export_agrees_with_pytorch(quick_run, tmp_path, mnist):
     import onnxruntime
     from trainkit.inference import load_run
     out, _ = quick_run
-    proc = run_cli("export", out, "--format", "onnx", "--output", tmp_path / "m.onnx")
-    assert proc.returncode == 0, proc.stderr
+    cli_ok("export", out, "--format", "onnx", "--output", tmp_path / "m.onnx")
     trained = load_run(out)
     x = trained.preprocess(mnist.test_images[:64])
     expected = trained.model(x).detach().numpy()
@@ -159,8 +152,7 @@ def test_onnx_export_agrees_with_pytorch(quick_run, tmp_path, mnist):
 def test_torchscript_export(quick_run, tmp_path, mnist):
     from trainkit.inference import load_run
     out, _ = quick_run
-    proc = run_cli("export", out, "--format", "torchscript")
-    assert proc.returncode == 0, proc.stderr
+    cli_ok("export", out, "--format", "torchscript")
     scripted = torch.jit.load(str(out / "model.ts"))
     trained = load_run(out)
     x = trained.preprocess(mnist.test_images[:16])
@@ -170,9 +162,8 @@ def test_torchscript_export(quick_run, tmp_path, mnist):
 def test_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
-    proc = run_cli("train", "--epochs", "2", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
+    cli_ok("train", "--epochs", "2", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
                    "--tensorboard", "--out", out, "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-2000:]
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     accs = [e.value for e in events.Scalars("test_acc")]
@@ -182,9 +173,8 @@ def test_tensorboard_events(tmp_path):
 
 
 def test_lr_find(tmp_path):
-    proc = run_cli("lr-find", "--steps", "40", "--limit-train", "1024", "--batch-size", "32",
+    proc = cli_ok("lr-find", "--steps", "40", "--limit-train", "1024", "--batch-size", "32",
                    "--output", tmp_path / "lr.png")
-    assert proc.returncode == 0, proc.stderr[-2000:]
     suggested = float(re.search(r"Suggested lr: (\S+)", proc.stdout).group(1))
     assert 1e-5 <= suggested <= 1.0
     with Image.open(tmp_path / "lr.png") as img:
@@ -192,7 +182,6 @@ def test_lr_find(tmp_path):
 
 
 def test_patience_flag(tmp_path):
-    proc = run_cli("train", "--epochs", "5", "--limit-train", "256", "--limit-test", "128", "--lr", "1e-9",
+    cli_ok("train", "--epochs", "5", "--limit-train", "256", "--limit-test", "128", "--lr", "1e-9",
                    "--patience", "1", "--out", tmp_path / "run", "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(open(tmp_path / "run" / "metrics.csv").read().splitlines()) == 1 + 2

@@ -3,7 +3,6 @@ import csv
 import json
 import re
 
-import pytest
 import torch
 from PIL import Image
 

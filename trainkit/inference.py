@@ -1,6 +1,7 @@
 """Using a finished run: evaluate it, predict image files, export the model."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +99,8 @@ def export(trained: TrainedModel, fmt: str, output: Path) -> Path:
             raise TrainkitError(f"the model could not be traced to TorchScript: {exc}") from None
         scripted.save(str(output))
     else:
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise TrainkitError("ONNX export needs the onnx package: pip install trainkit[onnx]") from None
+        if importlib.util.find_spec("onnx") is None:
+            raise TrainkitError("ONNX export needs the onnx package: pip install trainkit[onnx]")
         torch.onnx.export(trained.model, (example,), str(output), input_names=["images"],
                           output_names=["log_probs"], dynamic_axes={"images": {0: "batch"}, "log_probs": {0: "batch"}},
                           dynamo=False)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from .config import TrainConfig
 from .engine import _autocast
 from .run import build_experiment

@@ -12,7 +12,6 @@ import json
 import platform
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
