@@ -21,13 +21,12 @@ def free_port() -> int:
 
 
 def torchrun(*args, extra=(), timeout=600, popen=False):
-    # c10d rendezvous keeps each restart's addresses apart (the static one can hand a restarted
-    # worker its dead predecessor's address); the endpoint binds to loopback only.
+    # c10d rendezvous, as the README recommends, with its endpoint on loopback.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=trainkit-test",
            *extra, "-m", "trainkit", *map(str, args)]
     env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}  # gloo talks over loopback only
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
