@@ -120,8 +120,8 @@ def full(device: str, data: ImageData, target: float, out_dir: Path) -> dict:
         rows.append(f"| {name} | {'yes' if r['reached'] else 'no'} | {r['epoch'] or '-'} | "
                     f"{r['seconds'] and round(r['seconds'], 1) or '-'} | {r['best_acc']:.2f} | "
                     f"{', '.join(map(str, r['accuracy_by_epoch']))} |")
-    table = (f"Time to {target}% test accuracy, S5Net, device {device}.\n\n" + "\n".join(rows) +
-             f"\n\nSpeedup: {speedup:.2f}x\n" if speedup else "\n\nSpeedup: not measured (a side did not reach the target)\n")
+    verdict = f"Speedup: {speedup:.2f}x" if speedup else "Speedup: not measured (a side did not reach the target)"
+    table = f"Time to {target}% test accuracy, S5Net, device {device}.\n\n" + "\n".join(rows) + f"\n\n{verdict}\n"
     table += f"Whole process wall time: {report['process_wall_seconds']:.0f} s\n"
     _write(out_dir, "bench", report, table)
     print(f"speedup: {speedup:.2f}" if speedup else "speedup: n/a")
