@@ -160,12 +160,12 @@ class PILImageDataset(torch.utils.data.Dataset):
 class _EpochSeededLoader:
     """A DataLoader whose shuffle and worker seeds come from (seed, epoch), so runs can resume."""
 
-    def __init__(self, make, seed: int):
-        self.make, self.seed, self.epoch = make, seed, 0
+    def __init__(self, make, seed: int, length: int):
+        self.make, self.seed, self.epoch, self.length = make, seed, 0, length
         self.batches_done, self._skip = 0, 0
 
     def __len__(self):
-        return len(self.make(torch.Generator()))
+        return self.length
 
     def __iter__(self):
         self.epoch += 1
@@ -204,4 +204,5 @@ def torchvision_loader(images, labels, batch_size: int, *, mean, std, train: boo
                           sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                           generator=generator, persistent_workers=False)
 
-    return _EpochSeededLoader(make, seed)
+    per_rank = len(sampler) if sampler is not None else len(dataset)
+    return _EpochSeededLoader(make, seed, length=math.ceil(per_rank / (batch_size // world)))
