@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from trainkit import TrainConfig, train
+from trainkit.engine import Logger
 from trainkit.models import S5Net
 
 from conftest import QUICK_MIN_ACC
@@ -75,3 +76,43 @@ def test_seed_pipeline_runs_with_workers(mnist):
     history = train(cfg, data=mnist.limit(512, 256), write=False).history
     assert history[0].train_seen == 512 and history[0].test_total == 256
     assert history[0].test_acc > 10.0
+
+
+def test_check_points_split_the_epoch_evenly():
+    from trainkit.engine import check_points
+    assert check_points(118, 1) == frozenset()
+    assert check_points(118, 4) == {28, 58, 87}           # the 4th evaluation is the epoch's own
+    assert check_points(8, 2) == {3}
+    assert check_points(3, 10) == {0, 1}                  # never more evaluations than batches
+
+
+class _Checks(Logger):
+    def __init__(self):
+        self.checks, self.epochs = [], []
+
+    def check_end(self, epoch, batch_id, total_batches, loss, correct, total):
+        self.checks.append((epoch, batch_id, 100.0 * correct / total))
+
+    def epoch_end(self, result):
+        self.epochs.append(result)
+
+
+def test_mid_epoch_evaluations_stop_at_the_target(mnist):
+    data = mnist.limit(2048, 500)
+    cfg = TrainConfig(epochs=2, batch_size=32, progress=False, evals_per_epoch=4)
+    # No target: every epoch is evaluated after batches 16, 32 and 48 of 64, and completes.
+    seen = _Checks()
+    history = train(cfg, data=data, write=False, logger=seen).history
+    assert [(e, b) for e, b, _ in seen.checks] == [(1, 15), (1, 31), (1, 47), (2, 15), (2, 31), (2, 47)]
+    assert [r.train_seen for r in history] == [2048, 2048]
+    # A target between the first check's accuracy and the end's: the run stops at a check,
+    # part way through an epoch, and that check's numbers are the epoch's test result.
+    first, final = seen.checks[0][2], history[-1].test_acc
+    assert first < final - 5
+    target = (first + final) / 2
+    seen = _Checks()
+    stopped = train(cfg.replace(target_acc=target), data=data, write=False, logger=seen).history
+    epoch, batch_id, acc = next(c for c in seen.checks if c[2] >= target)
+    assert acc >= target and seen.checks[-1] == (epoch, batch_id, acc)
+    assert len(stopped) == epoch and stopped[-1].test_acc == acc
+    assert stopped[-1].train_seen == (batch_id + 1) * 32

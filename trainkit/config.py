@@ -52,6 +52,8 @@ class TrainConfig:
     limit_train: int | None = _opt(None, "use only the first N training images", positive=True)
     limit_test: int | None = _opt(None, "use only the first N test images", positive=True)
     target_acc: float | None = _opt(None, "stop once test accuracy (percent) reaches this", positive=True)
+    evals_per_epoch: int = _opt(1, "test-set evaluations per epoch, evenly spaced; with --target-acc "
+                                   "training stops at the first that reaches it", positive=True)
     patience: int | None = _opt(None, "stop when test accuracy has not improved for N epochs", positive=True)
     tensorboard: bool = _opt(False, "also write TensorBoard event files")
     progress: bool = _opt(True, "show progress bars")

@@ -56,6 +56,8 @@ class Logger:
     def epoch_start(self, epoch: int, lrs: list[float]) -> None: ...
     def wrap_batches(self, batches, total: int, initial: int = 0) -> Iterable: return batches
     def batch_end(self, bar, batch_id: int, loss: float, acc: float) -> None: ...
+    def check_end(self, epoch: int, batch_id: int, total_batches: int,
+                  loss: float, correct: int, total: int) -> None: ...
     def epoch_end(self, result: EpochResult) -> None: ...
 
 
@@ -132,11 +134,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     *, device: torch.device, epoch: int = 1, amp_dtype: torch.dtype | None = None,
                     batch_scheduler=None, logger: Logger | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    resume_from: dict | None = None) -> tuple[float, float, int]:
+                    resume_from: dict | None = None,
+                    check: Callable[[int], bool] | None = None,
+                    check_after: frozenset[int] = frozenset()) -> tuple[float, float, int]:
     """One pass over `loader`; returns (mean loss, accuracy in percent, images seen).
 
     `resume_from` continues an epoch that was stopped part way (see StopRequested): the loader
-    then yields only the batches that were not trained yet.
+    then yields only the batches that were not trained yet. After each batch in `check_after`,
+    `check(batch_id)` runs (a mid-epoch evaluation); when it returns True the epoch ends there.
     """
     logger = logger or Logger()
     model.train()
@@ -159,8 +164,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         n = y.shape[0]
         sums += torch.tensor([loss_value * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
         logger.batch_end(bar, batch_id, loss_value, 100.0 * sums[1].item() / sums[2].item())
+        if check is not None and batch_id in check_after and check(batch_id):
+            break
         if should_stop is not None and should_stop() and batch_id + 1 < len(loader):
             raise StopRequested({"epoch": epoch, "batches": batch_id + 1, "sums": sums.tolist()})
+    if check_after and hasattr(bar, "close"):
+        bar.close()             # a bar left by `break` would otherwise stay open until collected
     sums = _all_reduce(sums.to(device)).cpu()
     return sums[0].item() / sums[2].item(), 100.0 * sums[1].item() / sums[2].item(), int(sums[2].item())
 
@@ -187,19 +196,23 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
         epochs: int, loss_fn: Callable = F.nll_loss, scheduler=None, scheduler_per_batch: bool = False,
         device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
         logger: Logger | None = None, history: History | None = None,
-        target_acc: float | None = None, patience: int | None = None,
+        target_acc: float | None = None, patience: int | None = None, evals_per_epoch: int = 1,
         on_epoch_end: Callable[[History], None] | None = None,
         should_stop: Callable[[], bool] | None = None, partial: dict | None = None) -> History:
     """Train for `epochs` epochs (continuing after `history`, if given) and return the history.
 
     Stops early when test accuracy reaches `target_acc`, or has not improved for `patience`
-    epochs. `on_epoch_end(history)` runs after each epoch (checkpoints are written there).
+    epochs. With `evals_per_epoch` > 1 the test set is also evaluated at evenly spaced steps
+    inside each epoch, and an epoch whose check reaches `target_acc` ends there: its result
+    then covers the images trained so far (`train_seen`). `on_epoch_end(history)` runs after
+    each epoch (checkpoints are written there).
     When `should_stop()` turns true the loop raises StopRequested at the next step; its
     `partial`, given back here, continues that epoch where it stopped.
     """
     device = torch.device(device)
     logger = logger or Logger()
     history = History(history or [])
+    check_after = check_points(len(train_loader), evals_per_epoch)
     for epoch in range(len(history) + 1, epochs + 1):
         if _should_end(history, target_acc, patience):
             break
@@ -207,15 +220,29 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
         lrs = resume_from["lrs"] if resume_from else [group["lr"] for group in optimizer.param_groups]
         logger.epoch_start(epoch, lrs)
         start = time.perf_counter() - (resume_from["seconds"] if resume_from else 0.0)
+        reached = []
+
+        def check(batch_id: int, epoch=epoch) -> bool:
+            loss, correct, total = evaluate(model, test_loader, device=device, amp_dtype=amp_dtype)
+            model.train()
+            logger.check_end(epoch, batch_id, len(train_loader), loss, correct, total)
+            if target_acc is not None and 100.0 * correct / max(total, 1) >= target_acc:
+                reached.append((loss, correct, total))
+                return True
+            return False
+
         try:
             train_loss, train_acc, seen = train_one_epoch(
                 model, train_loader, optimizer, loss_fn, device=device, epoch=epoch, amp_dtype=amp_dtype,
                 batch_scheduler=scheduler if scheduler_per_batch else None, logger=logger,
-                should_stop=should_stop, resume_from=resume_from)
+                should_stop=should_stop, resume_from=resume_from, check=check, check_after=check_after)
         except StopRequested as stop:
             stop.partial.update(lrs=lrs, seconds=time.perf_counter() - start)
             raise
-        test_loss, correct, total = evaluate(model, test_loader, device=device, amp_dtype=amp_dtype)
+        if reached:
+            test_loss, correct, total = reached[0]
+        else:
+            test_loss, correct, total = evaluate(model, test_loader, device=device, amp_dtype=amp_dtype)
         if scheduler is not None and not scheduler_per_batch:
             scheduler.step()
         result = EpochResult(epoch, lrs[0], train_loss, train_acc, seen, test_loss,
@@ -226,6 +253,16 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
         if on_epoch_end is not None:
             on_epoch_end(history)
     return history
+
+
+def check_points(batches: int, evals_per_epoch: int) -> frozenset[int]:
+    """The batch indices after which an epoch of `batches` steps is evaluated mid-way.
+
+    `evals_per_epoch` evaluations split the epoch evenly; the last is the usual one at its end,
+    so it is not among these.
+    """
+    evals = min(evals_per_epoch, batches)
+    return frozenset(batches * k // evals - 1 for k in range(1, evals))
 
 
 def _should_end(history: History, target_acc: float | None, patience: int | None) -> bool:

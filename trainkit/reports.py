@@ -32,6 +32,17 @@ class ConsoleLogger(Logger):
             bar.set_description(f"Train: Loss={loss:0.4f} Batch_id={batch_id} Accuracy={acc:0.2f}",
                                 refresh=False)
 
+    def check_end(self, epoch: int, batch_id: int, total_batches: int,
+                  loss: float, correct: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        line = (f"Test set after batch {batch_id + 1}/{total_batches}: Average loss: {loss:.4f}, "
+                f"Accuracy: {correct}/{total} ({100.0 * correct / max(total, 1):.2f}%)")
+        if self.progress and self.print is print:
+            tqdm.write(line)            # above the bar, which stays in place
+        else:
+            self.print(line)
+
     def epoch_end(self, r: EpochResult) -> None:
         if not self.progress:
             self.print(f"Train: Loss={r.train_loss:0.4f} Accuracy={r.train_acc:0.2f}")

@@ -351,7 +351,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
         history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
                       loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
                       device=exp.device, amp_dtype=exp.amp_dtype, logger=logger, history=history,
-                      target_acc=cfg.target_acc, patience=cfg.patience, partial=partial,
+                      target_acc=cfg.target_acc, patience=cfg.patience, evals_per_epoch=cfg.evals_per_epoch,
+                      partial=partial,
                       on_epoch_end=writer.epoch_end if writer else None,
                       should_stop=should_stop)
     except StopRequested as stop:

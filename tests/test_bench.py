@@ -1,0 +1,42 @@
+"""`trainkit bench`: both modes on small real subsets (the full benchmark is a run, not a test)."""
+import json
+import re
+
+from trainkit import TrainConfig
+from trainkit.bench import full
+
+from conftest import cli_ok
+
+
+def test_quick_mode_prints_both_rates_and_their_ratio():
+    lines = cli_ok("bench", "--quick", "--steps", "2", "--device", "cpu").stdout.strip().splitlines()
+    rates = {m[1]: float(m[2]) for line in lines if (m := re.match(r"(.+): (\d+) images/s", line))}
+    assert set(rates) == {"seed pipeline", "trainkit fast path"}
+    last = re.fullmatch(r"speedup: (\d+\.\d\d)", lines[-1])
+    assert last, lines[-1]
+    ratio = rates["trainkit fast path"] / rates["seed pipeline"]
+    assert abs(float(last[1]) - ratio) < 0.01 * ratio + 0.01
+
+
+def test_full_mode_times_each_side_to_the_target(mnist, tmp_path, capsys):
+    data = mnist.limit(1024, 500)
+    base = TrainConfig(epochs=3, batch_size=32, progress=False, device="cpu")
+    configs = {"seed pipeline": base.replace(pipeline="torchvision", workers=0),
+               "fast": base.replace(evals_per_epoch=4),
+               "fast, once": base}
+    report = full("cpu", data, 50.0, tmp_path, configs)
+    sides = report["sides"]
+    assert list(sides) == list(configs)
+    for name, side in sides.items():
+        assert side["reached"], (name, side)
+        assert side["best_acc"] >= 50.0 and side["seconds"] <= side["total_seconds"]
+        assert 0 < side["epochs_trained"] <= side["epochs_run"]
+    # Four evaluations an epoch stop no later (in images trained) than one.
+    assert sides["fast"]["epochs_trained"] <= sides["fast, once"]["epochs_trained"]
+    assert sides["fast"]["evals_per_epoch"] == 4
+    expected = sides["seed pipeline"]["seconds"] / sides["fast"]["seconds"]
+    assert abs(report["speedup"] - expected) < 1e-9
+    assert json.loads((tmp_path / "bench.json").read_text())["speedups"] == report["speedups"]
+    table = (tmp_path / "bench.md").read_text()
+    assert all(f"| {name} |" in table for name in configs)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"speedup: {expected:.2f}"
