@@ -40,3 +40,7 @@ def test_full_mode_times_each_side_to_the_target(mnist, tmp_path, capsys):
     table = (tmp_path / "bench.md").read_text()
     assert all(f"| {name} |" in table for name in configs)
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"speedup: {expected:.2f}"
+    # Every evaluation is kept once, in order; the last is the one that reached the target.
+    evaluations = sides["fast"]["evaluations"]
+    assert evaluations[-1]["test_acc"] >= 50.0 > max((e["test_acc"] for e in evaluations[:-1]), default=0)
+    assert len(sides["fast, once"]["evaluations"]) == sides["fast, once"]["epochs_run"]

@@ -20,7 +20,7 @@ import torch
 
 from .config import RECIPES, TrainConfig, validate
 from .datasets import ImageData
-from .engine import train_one_epoch
+from .engine import Logger, train_one_epoch
 from .run import build_experiment, environment, get_data, train
 
 PROCESS_START = time.perf_counter()
@@ -93,11 +93,30 @@ def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> di
     return results
 
 
+class _Evaluations(Logger):
+    """Keeps every test-set evaluation of a run: (epoch, batches trained in it or None for the
+    epoch's end, accuracy)."""
+
+    def __init__(self, target: float | None):
+        self.target, self.seen = target, []
+        self.stopped = False
+
+    def check_end(self, epoch, batch_id, total_batches, loss, correct, total):
+        acc = 100.0 * correct / total
+        self.seen.append((epoch, batch_id + 1, round(acc, 2)))
+        self.stopped = self.target is not None and acc >= self.target
+
+    def epoch_end(self, result):
+        if not self.stopped:        # an epoch cut short at a check reports that check again
+            self.seen.append((result.epoch, None, round(result.test_acc, 2)))
+
+
 def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None) -> dict:
     """Train until the test accuracy reaches `target` (or the recipe's epochs run out), timed."""
     cfg = validate(cfg.replace(target_acc=target))
+    evaluations = _Evaluations(target)
     start = time.perf_counter()
-    history = train(cfg, data=data, write=False).history
+    history = train(cfg, data=data, write=False, logger=evaluations).history
     seconds = time.perf_counter() - start
     reached = next((r for r in history if target is not None and r.test_acc >= target), None)
     train_size = min(cfg.limit_train or len(data.train_labels), len(data.train_labels))
@@ -105,6 +124,7 @@ def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None) -> d
             "seconds": seconds if reached else None, "best_acc": history.best_acc,
             "epochs_run": len(history), "epochs_trained": sum(r.train_seen for r in history) / train_size,
             "evals_per_epoch": cfg.evals_per_epoch, "total_seconds": seconds,
+            "evaluations": [{"epoch": e, "after_batch": b, "test_acc": acc} for e, b, acc in evaluations.seen],
             "accuracy_by_epoch": [round(r.test_acc, 2) for r in history], "config": cfg.to_dict()}
 
 
