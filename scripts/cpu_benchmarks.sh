@@ -6,6 +6,7 @@ log=${1:-bench-logs}
 mkdir -p "$log"
 stamp() { date -u +%H:%M:%S; }
 if [ -z "${SKIP_QUICK:-}" ]; then
+  echo "$(stamp) step probe";           python "$(dirname "$0")/step_probe.py" > "$log/step_probe.txt" 2>&1
   echo "$(stamp) bench --quick";        trainkit bench --quick > "$log/quick.txt" 2>&1
   echo "$(stamp) bench --speedrun";     trainkit bench --speedrun --seeds 5 --out docs > "$log/speedrun.txt" 2>&1
 fi

@@ -14,7 +14,7 @@ from trainkit.config import RECIPES, TrainConfig
 from trainkit.run import get_data, train
 
 GRIDS = {
-    "fast": dict(base=RECIPES["fast"], axes=dict(epochs=[2, 3, 4], batch_size=[128, 256], lr=[0.05, 0.1])),
+    "fast": dict(base=RECIPES["fast"], axes=dict(epochs=[2, 3, 4], batch_size=[64, 128, 256], lr=[0.05, 0.1])),
     "speedrun": dict(base=RECIPES["speedrun"], axes=dict(epochs=[1, 2], batch_size=[128, 256], lr=[0.1, 0.2])),
     "speedrun-large-batch": dict(base=RECIPES["speedrun"], axes=dict(epochs=[2], batch_size=[512, 1024], lr=[0.4, 0.8])),
     "compact": dict(base={**RECIPES["fast"], "model": "compact"}, axes=dict(epochs=[15], batch_size=[128], lr=[0.05, 0.1])),

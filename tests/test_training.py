@@ -10,7 +10,7 @@ from trainkit import TrainConfig, train
 from trainkit.engine import Logger
 from trainkit.models import S5Net
 
-from conftest import QUICK_MIN_ACC
+from conftest import QUICK_MIN_ACC, cli_ok
 
 
 def test_quick_run_learns(quick_run):
@@ -116,3 +116,11 @@ def test_mid_epoch_evaluations_stop_at_the_target(mnist):
     assert acc >= target and seen.checks[-1] == (epoch, batch_id, acc)
     assert len(stopped) == epoch and stopped[-1].test_acc == acc
     assert stopped[-1].train_seen == (batch_id + 1) * 32
+
+
+def test_mid_epoch_evaluations_are_printed(tmp_path):
+    out = cli_ok("train", "--limit-train", "512", "--limit-test", "200", "--epochs", "1", "--batch-size", "64",
+                 "--evals-per-epoch", "2", "--no-progress", "--out", tmp_path / "run").stdout
+    assert re.search(r"^Test set after batch 4/8: Average loss: \d\.\d{4}, Accuracy: \d+/200 \(\d+\.\d{2}%\)$",
+                     out, re.M), out
+    assert out.count("Test set") == 2
