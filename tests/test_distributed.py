@@ -44,10 +44,12 @@ def single(tmp_path_factory):
 
 
 def test_two_processes_train_like_one(single, tmp_path):
-    proc = torchrun("train", *SUBSET, "--out", tmp_path / "ddp", timeout=600)
+    # Mid-epoch evaluations too: every rank must take part in each (the sums are all-reduced).
+    proc = torchrun("train", *SUBSET, "--evals-per-epoch", "2", "--out", tmp_path / "ddp", timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]      # one run directory
     assert proc.stdout.count("Test set:") == 2                         # only rank 0 prints
+    assert proc.stdout.count("Test set after batch 16/32:") == 2
     ddp, one = rows(tmp_path / "ddp"), rows(single)
     for r in ddp:
         assert int(r["train_seen"]) == 2048 and int(r["test_total"]) == 1000   # each image once per epoch

@@ -97,7 +97,7 @@ class _Checks(Logger):
         self.epochs.append(result)
 
 
-def test_mid_epoch_evaluations_stop_at_the_target(mnist):
+def test_mid_epoch_evaluations_stop_at_the_target(mnist, tmp_path):
     data = mnist.limit(2048, 500)
     cfg = TrainConfig(epochs=2, batch_size=32, progress=False, evals_per_epoch=4)
     # No target: every epoch is evaluated after batches 16, 32 and 48 of 64, and completes.
@@ -111,11 +111,15 @@ def test_mid_epoch_evaluations_stop_at_the_target(mnist):
     assert first < final - 5
     target = (first + final) / 2
     seen = _Checks()
-    stopped = train(cfg.replace(target_acc=target), data=data, write=False, logger=seen).history
+    stopped = train(cfg.replace(target_acc=target), data=data, out=tmp_path / "run", logger=seen).history
     epoch, batch_id, acc = next(c for c in seen.checks if c[2] >= target)
     assert acc >= target and seen.checks[-1] == (epoch, batch_id, acc)
     assert len(stopped) == epoch and stopped[-1].test_acc == acc
     assert stopped[-1].train_seen == (batch_id + 1) * 32
+    # Resuming that run finds it finished: nothing more is trained or evaluated.
+    again = _Checks()
+    resumed = train(cfg.replace(target_acc=target), data=data, resume=tmp_path / "run", logger=again).history
+    assert again.checks == [] and resumed.rows() == stopped.rows()
 
 
 def test_mid_epoch_evaluations_are_printed(tmp_path):
