@@ -1,13 +1,14 @@
 """Time one S5Net training step (batch 512, random data) in fp32 and bf16 autocast, with and
 without channels_last: the measurement behind --precision auto. Then the fp32 channels_last step
-at other batch sizes (time per image), and a plain matrix product in fp32 and bf16, which shows
-what the CPU's bf16 instructions give. python scripts/step_probe.py"""
+at other batch sizes (time per image), a plain matrix product in fp32 and bf16, which shows
+what the CPU's bf16 instructions give, and one evaluation of 10,000 images at several test batch
+sizes (the recipes' --test-batch-size). python scripts/step_probe.py"""
 import time
 
 import torch
 import torch.nn.functional as F
 
-from trainkit.models import S5Net
+from trainkit.models import S5Net, build_model
 
 
 
@@ -53,3 +54,16 @@ for dtype in (torch.float32, torch.bfloat16):
     for _ in range(10):
         a @ b
     print(f"matmul {n}x{n} {dtype}: {2 * n ** 3 * 10 / (time.perf_counter() - start) / 1e9:.0f} GFLOP/s")
+
+images = torch.randn(10000, 1, 28, 28)
+for name in ("s5net", "speednet"):
+    model = build_model(name, in_channels=1, num_classes=10).to(memory_format=torch.channels_last).eval()
+    for batch in (1000, 256, 128, 64):
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(3):
+                start = time.perf_counter()
+                for i in range(0, len(images), batch):
+                    model(images[i:i + batch].contiguous(memory_format=torch.channels_last))
+                best = min(best, time.perf_counter() - start)
+        print(f"evaluate {name} on 10,000 images, test batch {batch}: {best:.2f} s")

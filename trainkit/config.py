@@ -69,15 +69,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The course assignment's recipe, exactly.
     "seed": {},
     # The same network trained to a higher accuracy in a few epochs (see docs/results.md).
+    # Test batches of 128 evaluate S5Net about 1.7x faster than 1000 on a 2-core CPU (step_probe.py).
     "fast": dict(epochs=2, batch_size=64, lr=0.1, scheduler="onecycle", pct_start=0.25,
-                 label_smoothing=0.1, nesterov=True, weight_decay=5e-4),
+                 label_smoothing=0.1, nesterov=True, weight_decay=5e-4, test_batch_size=128),
     # The compact network (batch norm, dropout, GAP, 15,730 parameters) to 99.4% (docs/results.md).
     "compact": dict(model="compact", epochs=20, batch_size=128, lr=0.1, scheduler="onecycle", pct_start=0.25,
                     nesterov=True),
     # A small network trained to 99.0% as quickly as possible (docs/results.md).
     "speedrun": dict(model="speednet", epochs=2, batch_size=128, lr=0.2, scheduler="onecycle",
                      pct_start=0.25, label_smoothing=0.1, nesterov=True, weight_decay=5e-4,
-                     augment="none", target_acc=99.0, evals_per_epoch=2),
+                     augment="none", target_acc=99.0, evals_per_epoch=2, test_batch_size=256),
 }
 
 
