@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from trainkit import TrainConfig, train
-from trainkit.engine import Logger
+from trainkit.engine import Callback
 from trainkit.models import S5Net
 
 from conftest import QUICK_MIN_ACC, cli_ok
@@ -86,15 +86,16 @@ def test_check_points_split_the_epoch_evenly():
     assert check_points(3, 10) == {0, 1}                  # never more evaluations than batches
 
 
-class _Checks(Logger):
+class _Checks(Callback):
+    """Records every mid-epoch check as (epoch, batch index, accuracy)."""
+
     def __init__(self):
-        self.checks, self.epochs = [], []
+        self.checks = []
 
-    def check_end(self, epoch, batch_id, total_batches, loss, correct, total):
-        self.checks.append((epoch, batch_id, 100.0 * correct / total))
-
-    def epoch_end(self, result):
-        self.epochs.append(result)
+    def on_evaluate(self, state):
+        e = state.evaluation
+        if e.after_batch is not None:
+            self.checks.append((e.epoch, e.after_batch - 1, e.acc))
 
 
 def test_mid_epoch_evaluations_stop_at_the_target(mnist, tmp_path):
@@ -102,7 +103,7 @@ def test_mid_epoch_evaluations_stop_at_the_target(mnist, tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=32, progress=False, evals_per_epoch=4)
     # No target: every epoch is evaluated after batches 16, 32 and 48 of 64, and completes.
     seen = _Checks()
-    history = train(cfg, data=data, write=False, logger=seen).history
+    history = train(cfg, data=data, write=False, callbacks=[seen]).history
     assert [(e, b) for e, b, _ in seen.checks] == [(1, 15), (1, 31), (1, 47), (2, 15), (2, 31), (2, 47)]
     assert [r.train_seen for r in history] == [2048, 2048]
     # A target between the first check's accuracy and the end's: the run stops at a check,
@@ -111,14 +112,14 @@ def test_mid_epoch_evaluations_stop_at_the_target(mnist, tmp_path):
     assert first < final - 5
     target = (first + final) / 2
     seen = _Checks()
-    stopped = train(cfg.replace(target_acc=target), data=data, out=tmp_path / "run", logger=seen).history
+    stopped = train(cfg.replace(target_acc=target), data=data, out=tmp_path / "run", callbacks=[seen]).history
     epoch, batch_id, acc = next(c for c in seen.checks if c[2] >= target)
     assert acc >= target and seen.checks[-1] == (epoch, batch_id, acc)
     assert len(stopped) == epoch and stopped[-1].test_acc == acc
     assert stopped[-1].train_seen == (batch_id + 1) * 32
     # Resuming that run finds it finished: nothing more is trained or evaluated.
     again = _Checks()
-    resumed = train(cfg.replace(target_acc=target), data=data, resume=tmp_path / "run", logger=again).history
+    resumed = train(cfg.replace(target_acc=target), data=data, resume=tmp_path / "run", callbacks=[again]).history
     assert again.checks == [] and resumed.rows() == stopped.rows()
 
 

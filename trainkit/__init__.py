@@ -1,15 +1,20 @@
 """trainkit: a small, readable, fast training loop for image classifiers, starting from MNIST."""
-from . import reports
+from . import callbacks, reports
+from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import RECIPES, TrainConfig
-from .datasets import ImageData, load_dataset
-from .engine import EpochResult, History, evaluate, fit, train_one_epoch
+from .datasets import DATASETS, ImageData, load_dataset
+from .engine import Callback, EpochResult, Evaluation, History, TrainState, evaluate, fit, train_one_epoch
 from .errors import TrainkitError
+from .experiment import build_experiment
 from .loaders import SeedAugment, TensorLoader, torchvision_loader
 from .models import MODELS, build_model, count_parameters, register_model
-from .run import RunResult, build_experiment, train
+from .optim import OPTIMIZERS, SCHEDULERS
+from .reports import ConsoleLogger
+from .run import RunResult, train
 
-__all__ = ["RECIPES", "TrainConfig", "ImageData", "load_dataset", "EpochResult", "History", "evaluate",
-           "fit", "train_one_epoch", "TrainkitError", "SeedAugment", "TensorLoader", "torchvision_loader",
-           "MODELS", "build_model", "count_parameters", "register_model", "RunResult", "build_experiment",
-           "train", "reports"]
+__all__ = ["RECIPES", "TrainConfig", "ImageData", "load_dataset", "DATASETS", "EpochResult", "Evaluation",
+           "History", "Callback", "TrainState", "evaluate", "fit", "train_one_epoch", "TrainkitError",
+           "SeedAugment", "TensorLoader", "torchvision_loader", "MODELS", "build_model", "count_parameters",
+           "register_model", "OPTIMIZERS", "SCHEDULERS", "RunResult", "build_experiment", "train", "reports",
+           "callbacks", "ConsoleLogger", "EMA", "EarlyStopping", "GradientClipping", "TargetAccuracy"]
 __version__ = "0.1.0"

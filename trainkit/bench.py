@@ -20,8 +20,11 @@ import torch
 
 from .config import RECIPES, TrainConfig, validate
 from .datasets import ImageData
-from .engine import Logger, train_one_epoch
-from .run import build_experiment, environment, get_data, train
+from .engine import Callback, TrainState, resolve_device, train_one_epoch
+from .experiment import build_experiment, get_data
+from .flags import add_config_flags, config_from_args, number
+from .reports import environment
+from .run import train
 
 PROCESS_START = time.perf_counter()
 
@@ -93,30 +96,24 @@ def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> di
     return results
 
 
-class _Evaluations(Logger):
+class _Evaluations(Callback):
     """Keeps every test-set evaluation of a run: (epoch, batches trained in it or None for the
     epoch's end, accuracy)."""
 
-    def __init__(self, target: float | None):
-        self.target, self.seen = target, []
-        self.stopped = False
+    def __init__(self):
+        self.seen = []
 
-    def check_end(self, epoch, batch_id, total_batches, loss, correct, total):
-        acc = 100.0 * correct / total
-        self.seen.append((epoch, batch_id + 1, round(acc, 2)))
-        self.stopped = self.target is not None and acc >= self.target
-
-    def epoch_end(self, result):
-        if not self.stopped:        # an epoch cut short at a check reports that check again
-            self.seen.append((result.epoch, None, round(result.test_acc, 2)))
+    def on_evaluate(self, state: TrainState) -> None:
+        e = state.evaluation
+        self.seen.append((e.epoch, e.after_batch, round(e.acc, 2)))
 
 
 def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None) -> dict:
     """Train until the test accuracy reaches `target` (or the recipe's epochs run out), timed."""
     cfg = validate(cfg.replace(target_acc=target))
-    evaluations = _Evaluations(target)
+    evaluations = _Evaluations()
     start = time.perf_counter()
-    history = train(cfg, data=data, write=False, logger=evaluations).history
+    history = train(cfg, data=data, write=False, callbacks=[evaluations]).history
     seconds = time.perf_counter() - start
     reached = next((r for r in history if target is not None and r.test_acc >= target), None)
     train_size = min(cfg.limit_train or len(data.train_labels), len(data.train_labels))
@@ -154,8 +151,7 @@ def full(device: str, data: ImageData, target: float, out_dir: Path,
     speedup = speedups[headline]
     report = {"target_acc": target, "sides": results, "speedup": speedup, "speedups": speedups,
               "process_wall_seconds": time.perf_counter() - PROCESS_START,
-              "environment": {**environment(build_experiment(configs[baseline], data=data.limit(256, 256))),
-                              "machine": platform.machine()}}
+              "environment": {**environment(resolve_device(device)), "machine": platform.machine()}}
     table = full_table(report, device)
     _write(out_dir, "bench", report, table)
     print(f"speedup: {speedup:.2f}" if speedup else "speedup: n/a")
@@ -194,7 +190,7 @@ def speedrun(device: str, data: ImageData, seeds: int, out_dir: Path) -> dict:
     report = {"target_acc": base.target_acc, "device": device, "runs": runs, "all_reached": len(times) == seeds,
               "mean_seconds": statistics.mean(times) if times else None,
               "max_seconds": max(times) if times else None,
-              "environment": environment(build_experiment(base, data=data.limit(256, 256)))}
+              "environment": environment(resolve_device(device))}
     table = speedrun_table(report, base.model)
     _write(out_dir, f"speedrun-{torch.device(device).type}", report, table)
     return report
@@ -218,11 +214,9 @@ def speedrun_table(report: dict, model: str) -> str:
 
 
 def cmd_bench(args) -> int:
-    from .engine import resolve_device
-
-    device = str(resolve_device(args.device))
-    cfg = TrainConfig(device=device, progress=False, data_dir=args.data_dir)
-    data = get_data(cfg)
+    cfg, _ = config_from_args(args)
+    device = str(resolve_device(cfg.device))
+    data = get_data(cfg.replace(progress=False))
     if args.speedrun:
         speedrun(device, data, args.seeds, Path(args.out))
     elif args.quick:
@@ -234,17 +228,14 @@ def cmd_bench(args) -> int:
 
 
 def add_command(sub) -> None:
-    from .cli import _number
-
     bench = sub.add_parser("bench", help="time the seed's pipeline against trainkit's fast path")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="time a fixed number of steps of each (a few minutes)")
     mode.add_argument("--speedrun", action="store_true", help="time the speedrun recipe to 99.0%% over --seeds seeds")
-    bench.add_argument("--steps", type=_number(int, "steps"), default=20, help="timed steps per side in --quick (default: 20)")
-    bench.add_argument("--target-acc", type=_number(float, "target-acc"), default=99.2,
+    bench.add_argument("--steps", type=number(int, "--steps"), default=20, help="timed steps per side in --quick (default: 20)")
+    bench.add_argument("--target-acc", type=number(float, "--target-acc"), default=99.2,
                        help="test accuracy to reach in the full mode (default: 99.2)")
-    bench.add_argument("--seeds", type=_number(int, "seeds"), default=5, help="seeds for --speedrun (default: 5)")
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--data-dir", default=None)
+    bench.add_argument("--seeds", type=number(int, "--seeds"), default=5, help="seeds for --speedrun (default: 5)")
+    add_config_flags(bench, only=("device", "data_dir"))
     bench.add_argument("--out", default="docs", help="folder for the JSON and markdown reports (default: docs)")
     bench.set_defaults(func=cmd_bench)

@@ -1,87 +1,26 @@
 """Command line: `trainkit train|summary|bench|lr-find|eval|predict|export`.
 
-The train flags are made from the fields of TrainConfig, so each setting is declared once.
-Errors a user can cause end in one line on stderr and a non-zero exit code.
+Every command is registered one way: a module's `add_command(subparsers)`, listed in COMMANDS.
+Flags that mirror a setting are made from TrainConfig's fields (flags.py). Errors a user can
+cause end in one line on stderr and a non-zero exit code.
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from pathlib import Path
 
-from .config import RECIPES, TrainConfig, field_specs, from_mapping, load_config_file
 from .errors import TrainkitError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + error
-        raise TrainkitError(f"{message} (see {self.prog} --help)")
-
-
-def _number(kind, name):
-    def parse(text: str):
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} must be a{'n integer' if kind is int else ' number'}, "
-                                             f"got {text!r}") from None
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field; a flag left out keeps the recipe's / file's value."""
-    for f in field_specs():
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type.split(" ")[0] if isinstance(f.type, str) else f.type.__name__
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            parse = {"int": _number(int, f.name.replace("_", "-")),
-                     "float": _number(float, f.name.replace("_", "-"))}.get(kind, str)
-            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, choices=f.metadata["choices"],
-                                help=help_text, metavar=None if f.metadata["choices"] else kind.upper())
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
-    """Defaults < --recipe < --config file < flags. Returns the config and the explicit flags."""
-    names = {f.name for f in field_specs()}
-    flags = {k: v for k, v in vars(args).items() if k in names}
-    cfg = TrainConfig().replace(**RECIPES[args.recipe])
-    if args.config:
-        cfg = from_mapping(load_config_file(args.config), cfg)
-    return cfg.replace(**flags), flags
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the training loop stops at the next step boundary."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def install(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+from .flags import Parser, add_config_flags, add_recipe_flags, config_from_args, number
 
 
 def cmd_train(args) -> int:
+    from .callbacks import SignalStop
+    from .distributed import launched_by_torchrun, restarted_by_torchrun, teardown
     from .engine import NonFiniteLoss, StopRequested
     from .reports import ConsoleLogger
-    from .distributed import launched_by_torchrun, restarted_by_torchrun, teardown
-    from .run import default_run_dir, load_resume_config, train
+    from .rundir import FILES, default_run_dir, load_resume_config
+    from .run import train
 
     cfg, flags = config_from_args(args)
     if restarted_by_torchrun() and args.out and (Path(args.out) / "last.pt").exists():
@@ -89,12 +28,11 @@ def cmd_train(args) -> int:
     if args.resume:
         cfg = load_resume_config(Path(args.resume), flags)
     run_dir = Path(args.resume or args.out or default_run_dir())
-    stop = _StopFlag()
+    stop = SignalStop()
     if not launched_by_torchrun():  # under torchrun the agent stops and restarts workers itself
         stop.install()
     try:
-        result = train(cfg, out=run_dir, resume=args.resume, logger=ConsoleLogger(cfg.progress),
-                       should_stop=stop)
+        result = train(cfg, out=run_dir, resume=args.resume, callbacks=[ConsoleLogger(cfg.progress), stop])
     except StopRequested:
         name = signal.Signals(stop.signum).name
         print(f"\nStopped by {name}; a checkpoint of the unfinished epoch was written. {_resume_hint(run_dir)}",
@@ -104,10 +42,8 @@ def cmd_train(args) -> int:
         raise TrainkitError(f"{exc}; stopped. {_resume_hint(run_dir)}", exit_code=3) from None
     finally:
         teardown()
-    if not result.experiment.rank.is_main:
-        return 0
-    print(f"Run saved in {result.run_dir}/: config.json metrics.csv plot.png samples.png confusion.png "
-          f"mistakes.png model.pt summary.txt last.pt best.pt")
+    if result.experiment.rank.is_main:
+        print(f"Run saved in {result.run_dir}/: {' '.join(FILES)}")
     return 0
 
 
@@ -126,8 +62,9 @@ def cmd_summary(args) -> int:
     from .models import build_model
     from .reports import model_summary, plot_architecture
 
+    cfg, _ = config_from_args(args)
     shape = (args.channels, args.size, args.size)
-    model = build_model(args.model, in_channels=args.channels, num_classes=args.classes)
+    model = build_model(cfg.model, in_channels=args.channels, num_classes=args.classes)
     table = str(model_summary(model, shape)).splitlines()
     end = next(i for i, line in enumerate(table) if line.startswith("Total params"))
     print("\n".join(table[:end + 1]))  # the per-layer table, ending with the total
@@ -137,30 +74,30 @@ def cmd_summary(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="trainkit", description="Train image classifiers; the defaults train the seed's MNIST network.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def add_command(sub) -> None:
     train = sub.add_parser("train", help="train a model (the seed recipe by default)")
-    train.add_argument("--recipe", choices=sorted(RECIPES), default="seed", help="named set of defaults (default: seed)")
-    train.add_argument("--config", help="YAML, TOML or JSON file of settings (a run's config.json works); flags override it")
+    add_recipe_flags(train)
     train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
     summary = sub.add_parser("summary", help="print the per-layer table of a model")
-    summary.add_argument("--model", default="s5net")
-    summary.add_argument("--channels", type=_number(int, "channels"), default=1)
-    summary.add_argument("--size", type=_number(int, "size"), default=28)
-    summary.add_argument("--classes", type=_number(int, "classes"), default=10)
+    add_config_flags(summary, only=("model",))
+    summary.add_argument("--channels", type=number(int, "--channels"), default=1)
+    summary.add_argument("--size", type=number(int, "--size"), default=28)
+    summary.add_argument("--classes", type=number(int, "--classes"), default=10)
     summary.add_argument("--png", help="also save a picture of the network to this file")
     summary.set_defaults(func=cmd_summary)
 
+
+def build_parser() -> Parser:
     from . import bench, inference, lr_find
-    bench.add_command(sub)
-    lr_find.add_command(sub)
-    inference.add_commands(sub)
+
+    parser = Parser(prog="trainkit", description="Train image classifiers; the defaults train the seed's MNIST network.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for module in (sys.modules[__name__], bench, lr_find, inference):   # COMMANDS
+        module.add_command(sub)
     return parser
 
 

@@ -14,8 +14,11 @@ from typing import Any
 from .errors import TrainkitError
 
 
-def _opt(default, help: str, choices=None, positive: bool = False, nonneg: bool = False):
-    meta = {"help": help, "choices": choices, "positive": positive, "nonneg": nonneg}
+def _opt(default, help: str, choices=None, positive: bool = False, nonneg: bool = False,
+         registry: str | None = None):
+    """A setting: its default, help, and the rules `validate` checks. `registry` names the
+    registry its value is looked up in (the CLI lists the registered names in the help)."""
+    meta = {"help": help, "choices": choices, "positive": positive, "nonneg": nonneg, "registry": registry}
     return field(default=default, metadata=meta)
 
 
@@ -23,18 +26,18 @@ def _opt(default, help: str, choices=None, positive: bool = False, nonneg: bool 
 class TrainConfig:
     """Everything that decides what a run computes. Saved as config.json in every run."""
 
-    model: str = _opt("s5net", "model name from the registry, or module:factory, or file.py:factory")
-    dataset: str = _opt("mnist", "mnist, fashion-mnist or imagefolder:PATH")
+    model: str = _opt("s5net", "a registered model, or module:factory, or file.py:factory", registry="model")
+    dataset: str = _opt("mnist", "a registered dataset (imagefolder:PATH for a folder of images)", registry="dataset")
     data_dir: str | None = _opt(None, "data folder (default: $TRAINKIT_DATA_DIR, else ./data)")
     epochs: int = _opt(20, "number of epochs", positive=True)
     batch_size: int = _opt(512, "images per training step", positive=True)
     test_batch_size: int = _opt(1000, "images per evaluation step", positive=True)
-    optimizer: str = _opt("sgd", "optimizer", choices=["sgd", "adamw"])
+    optimizer: str = _opt("sgd", "optimizer", registry="optimizer")
     lr: float = _opt(0.01, "learning rate (the peak for onecycle)", positive=True)
     momentum: float = _opt(0.9, "SGD momentum", nonneg=True)
     weight_decay: float = _opt(0.0, "weight decay", nonneg=True)
     nesterov: bool = _opt(False, "Nesterov momentum for SGD")
-    scheduler: str = _opt("step", "learning-rate schedule", choices=["step", "onecycle", "constant"])
+    scheduler: str = _opt("step", "learning-rate schedule", registry="scheduler")
     step_size: int = _opt(15, "StepLR: epochs between decays", positive=True)
     gamma: float = _opt(0.1, "StepLR: decay factor", positive=True)
     pct_start: float = _opt(0.25, "onecycle: fraction of steps spent warming up", positive=True)
@@ -55,6 +58,9 @@ class TrainConfig:
     evals_per_epoch: int = _opt(1, "test-set evaluations per epoch, evenly spaced; with --target-acc "
                                    "training stops at the first that reaches it", positive=True)
     patience: int | None = _opt(None, "stop when test accuracy has not improved for N epochs", positive=True)
+    clip_grad_norm: float | None = _opt(None, "clip the gradients' total norm to this", positive=True)
+    ema: float | None = _opt(None, "evaluate an exponential moving average of the weights with this decay "
+                                   "(e.g. 0.999)", positive=True)
     tensorboard: bool = _opt(False, "also write TensorBoard event files")
     progress: bool = _opt(True, "show progress bars")
 
@@ -86,13 +92,18 @@ def field_specs() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
 
+def flag_name(setting: str) -> str:
+    """The command-line flag of a setting: batch_size -> --batch-size."""
+    return "--" + setting.replace("_", "-")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value against its field's rules; raise TrainkitError naming the setting."""
     for f in field_specs():
         value = getattr(cfg, f.name)
         if value is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if f.metadata.get("choices") and value not in f.metadata["choices"]:
             raise TrainkitError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
         if f.metadata.get("positive") and not value > 0:

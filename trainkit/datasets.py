@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import TrainkitError
+from .registry import Registry
 
 
 @dataclass
@@ -316,11 +317,34 @@ def load_image_folder(root: Path, channels: int = 1, size: tuple[int, int] = (28
     return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, classes, mean, std)
 
 
-def load_dataset(name: str, data_dir: Path, channels: int = 1, size: tuple[int, int] = (28, 28),
-                 progress: bool = True) -> ImageData:
-    """Build a dataset by name: mnist, fashion-mnist or imagefolder:PATH."""
-    if name.startswith("imagefolder:"):
-        return load_image_folder(Path(name.split(":", 1)[1]), channels, size)
-    if name not in IDX_DATASETS:
-        raise TrainkitError(f"unknown dataset {name!r}; choose mnist, fashion-mnist or imagefolder:PATH")
-    return load_idx_dataset(IDX_DATASETS[name], Path(data_dir), progress=progress)
+DATASETS = Registry("dataset")
+
+
+@DATASETS.register("mnist")
+def mnist(arg: str | None, data_dir: Path, channels: int, progress: bool) -> ImageData:
+    return load_idx_dataset(MNIST, data_dir, progress=progress)
+
+
+@DATASETS.register("fashion-mnist")
+def fashion_mnist(arg: str | None, data_dir: Path, channels: int, progress: bool) -> ImageData:
+    return load_idx_dataset(FASHION_MNIST, data_dir, progress=progress)
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(arg: str | None, data_dir: Path, channels: int, progress: bool) -> ImageData:
+    if not arg:
+        raise TrainkitError("--dataset imagefolder needs a folder: imagefolder:PATH")
+    return load_image_folder(Path(arg), channels)
+
+
+def dataset_loader(name: str):
+    """The registered loader for `name` ("mnist", or "imagefolder:PATH" with its argument), checked
+    before any data is read."""
+    key, _, arg = name.partition(":")
+    return DATASETS.get(key), arg or None
+
+
+def load_dataset(name: str, data_dir: Path, channels: int = 1, progress: bool = True) -> ImageData:
+    """Build a dataset by its registered name: mnist, fashion-mnist or imagefolder:PATH."""
+    loader, arg = dataset_loader(name)
+    return loader(arg, Path(data_dir), channels, progress)

@@ -1,15 +1,23 @@
 """The training loop: works with any nn.Module, loaders, optimizer, scheduler and loss.
 
-`fit` returns a History of numbers; it shows nothing itself. What is shown (progress bars,
-the seed's lines) is the job of a `Logger`, see reports.ConsoleLogger.
+`fit` trains and returns a History of numbers. Everything else that happens during a run is
+a `Callback` that the loop calls at fixed points with one `TrainState`: the console lines and
+progress bar, checkpoints, early stopping, gradient clipping, an average of the weights, ...
+
+    on_fit_start
+      on_epoch_start
+        (per batch: forward, loss, backward) on_after_backward (optimizer step) on_batch_end
+        on_evaluate                  after each mid-epoch check, and after the epoch's own evaluation
+      on_epoch_end                   state.result holds the epoch's EpochResult
+    on_fit_end                       also when the run was interrupted (state.partial)
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,15 +58,88 @@ class History(list):
         return cls(EpochResult(**row) for row in rows)
 
 
-class Logger:
-    """Hooks the engine calls as it goes; the default shows nothing."""
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass over the test (or validation) loader."""
 
-    def epoch_start(self, epoch: int, lrs: list[float]) -> None: ...
-    def wrap_batches(self, batches, total: int, initial: int = 0) -> Iterable: return batches
-    def batch_end(self, bar, batch_id: int, loss: float, acc: float) -> None: ...
-    def check_end(self, epoch: int, batch_id: int, total_batches: int,
-                  loss: float, correct: int, total: int) -> None: ...
-    def epoch_end(self, result: EpochResult) -> None: ...
+    loss: float
+    correct: int
+    total: int
+    epoch: int = 0
+    after_batch: int | None = None    # batches trained in the epoch at a mid-epoch check; None at its end
+
+    @property
+    def acc(self) -> float:
+        return 100.0 * self.correct / max(self.total, 1)
+
+
+@dataclass
+class TrainState:
+    """What the loop knows, handed to every callback. Callbacks may read anything and change
+    `eval_model`; they end a run with `stop()` or `interrupt()`."""
+
+    model: nn.Module                       # what is trained (possibly wrapped: DDP, torch.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    test_loader: object
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    callbacks: Sequence["Callback"] = ()
+    history: History = field(default_factory=History)
+    epoch: int = 0
+    batch: int = -1                        # index of the last finished batch in this epoch
+    num_batches: int = 0
+    first_batch: int = 0                   # where this epoch started (> 0 when resumed part way)
+    lrs: list[float] = field(default_factory=list)   # each group's rate at the epoch's start
+    loss: float = math.nan                 # the last batch's loss
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss*n, correct, n
+    evaluation: Evaluation | None = None   # the latest evaluation
+    result: EpochResult | None = None      # the latest finished epoch
+    eval_model: nn.Module | None = None    # what is evaluated; the trained model unless a callback says
+    stop_requested: bool = False
+    interrupted: bool = False
+    partial: dict | None = None            # an interrupted epoch's progress, to continue it exactly
+
+    @property
+    def module(self) -> nn.Module:
+        """The trained network itself, without DDP or torch.compile around it."""
+        return unwrap(self.model)
+
+    @property
+    def train_acc(self) -> float:
+        return 100.0 * self.sums[1].item() / max(self.sums[2].item(), 1)
+
+    def stop(self) -> None:
+        """End the run: after this batch (the epoch is evaluated and recorded), or after this epoch."""
+        self.stop_requested = True
+
+    def interrupt(self) -> None:
+        """End the run at the next step boundary without finishing the epoch; `partial` then
+        holds what a checkpoint needs to continue it."""
+        self.interrupted = True
+
+
+class Callback:
+    """Override the hooks you need. A callback with state returns it from `state_dict`; it is
+    saved in the run's checkpoints and given back through `load_state_dict` on resume."""
+
+    def on_fit_start(self, state: TrainState) -> None: ...
+    def on_epoch_start(self, state: TrainState) -> None: ...
+    def on_after_backward(self, state: TrainState) -> None: ...
+    def on_batch_end(self, state: TrainState) -> None: ...
+    def on_evaluate(self, state: TrainState) -> None: ...
+    def on_epoch_end(self, state: TrainState) -> None: ...
+    def on_fit_end(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
 
 
 class NonFiniteLoss(TrainkitError):
@@ -68,14 +149,22 @@ class NonFiniteLoss(TrainkitError):
 
 
 class StopRequested(Exception):
-    """Raised between two steps when `should_stop()` says so (a signal arrived).
+    """Raised by `fit` when a callback interrupted the run; `partial` is the unfinished epoch's
+    progress (None when it stopped between epochs)."""
 
-    `partial` holds the unfinished epoch's progress, so a checkpoint can continue it exactly.
-    """
-
-    def __init__(self, partial: dict):
+    def __init__(self, partial: dict | None):
         super().__init__("stop requested")
         self.partial = partial
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (model.module if isinstance(
+            model, nn.parallel.DistributedDataParallel) else None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -117,7 +206,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -130,129 +219,47 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                    *, device: torch.device, epoch: int = 1, amp_dtype: torch.dtype | None = None,
-                    batch_scheduler=None, logger: Logger | None = None,
-                    should_stop: Callable[[], bool] | None = None,
-                    resume_from: dict | None = None,
-                    check: Callable[[int], bool] | None = None,
-                    check_after: frozenset[int] = frozenset()) -> tuple[float, float, int]:
-    """One pass over `loader`; returns (mean loss, accuracy in percent, images seen).
+def _emit(callbacks: Sequence[Callback], hook: str, state: TrainState) -> None:
+    for callback in callbacks:
+        getattr(callback, hook)(state)
 
-    `resume_from` continues an epoch that was stopped part way (see StopRequested): the loader
-    then yields only the batches that were not trained yet. After each batch in `check_after`,
-    `check(batch_id)` runs (a mid-epoch evaluation); when it returns True the epoch ends there.
-    """
-    logger = logger or Logger()
-    model.train()
-    first = resume_from["batches"] if resume_from else 0
-    sums = torch.tensor(resume_from["sums"] if resume_from else [0.0, 0.0, 0.0], dtype=torch.float64)  # loss*n, correct, n
-    bar = logger.wrap_batches(loader, len(loader), initial=first)
-    for batch_id, (x, y) in enumerate(bar, start=first):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            out = model(x)
-            loss = loss_fn(out, y)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(epoch, batch_id, loss_value)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if batch_scheduler is not None:
-            batch_scheduler.step()
-        n = y.shape[0]
-        sums += torch.tensor([loss_value * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
-        logger.batch_end(bar, batch_id, loss_value, 100.0 * sums[1].item() / sums[2].item())
-        if check is not None and batch_id in check_after and check(batch_id):
-            break
-        if should_stop is not None and should_stop() and batch_id + 1 < len(loader):
-            raise StopRequested({"epoch": epoch, "batches": batch_id + 1, "sums": sums.tolist()})
-    if check_after and hasattr(bar, "close"):
-        bar.close()             # a bar left by `break` would otherwise stay open until collected
-    sums = _all_reduce(sums.to(device)).cpu()
-    return sums[0].item() / sums[2].item(), 100.0 * sums[1].item() / sums[2].item(), int(sums[2].item())
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               loss_fn: Callable, *, amp_dtype: torch.dtype | None = None,
+               after_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch; returns (loss, model output). The loss is checked
+    for NaN/inf before the weights change."""
+    with autocast(x.device, amp_dtype):
+        out = model(x)
+        loss = loss_fn(out, y)
+    if not torch.isfinite(loss):
+        return loss, out
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
+    return loss, out
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device,
              amp_dtype: torch.dtype | None = None) -> tuple[float, int, int]:
     """Mean negative log-likelihood, correct and total over `loader` (model outputs log-probabilities)."""
+    was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             out = model(x)
         out = out.float()
         sums[0] += F.nll_loss(out, y, reduction="sum")
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += y.shape[0]
+    model.train(was_training)
     loss, correct, total = _all_reduce(sums).tolist()
     return loss / max(total, 1), int(correct), int(total)
-
-
-def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Optimizer, *,
-        epochs: int, loss_fn: Callable = F.nll_loss, scheduler=None, scheduler_per_batch: bool = False,
-        device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-        logger: Logger | None = None, history: History | None = None,
-        target_acc: float | None = None, patience: int | None = None, evals_per_epoch: int = 1,
-        on_epoch_end: Callable[[History], None] | None = None,
-        should_stop: Callable[[], bool] | None = None, partial: dict | None = None) -> History:
-    """Train for `epochs` epochs (continuing after `history`, if given) and return the history.
-
-    Stops early when test accuracy reaches `target_acc`, or has not improved for `patience`
-    epochs. With `evals_per_epoch` > 1 the test set is also evaluated at evenly spaced steps
-    inside each epoch, and an epoch whose check reaches `target_acc` ends there: its result
-    then covers the images trained so far (`train_seen`). `on_epoch_end(history)` runs after
-    each epoch (checkpoints are written there).
-    When `should_stop()` turns true the loop raises StopRequested at the next step; its
-    `partial`, given back here, continues that epoch where it stopped.
-    """
-    device = torch.device(device)
-    logger = logger or Logger()
-    history = History(history or [])
-    check_after = check_points(len(train_loader), evals_per_epoch)
-    for epoch in range(len(history) + 1, epochs + 1):
-        if _should_end(history, target_acc, patience):
-            break
-        resume_from = partial if partial and partial["epoch"] == epoch else None
-        lrs = resume_from["lrs"] if resume_from else [group["lr"] for group in optimizer.param_groups]
-        logger.epoch_start(epoch, lrs)
-        start = time.perf_counter() - (resume_from["seconds"] if resume_from else 0.0)
-        reached = []
-
-        def check(batch_id: int, epoch=epoch) -> bool:
-            loss, correct, total = evaluate(model, test_loader, device=device, amp_dtype=amp_dtype)
-            model.train()
-            logger.check_end(epoch, batch_id, len(train_loader), loss, correct, total)
-            if target_acc is not None and 100.0 * correct / max(total, 1) >= target_acc:
-                reached.append((loss, correct, total))
-                return True
-            return False
-
-        try:
-            train_loss, train_acc, seen = train_one_epoch(
-                model, train_loader, optimizer, loss_fn, device=device, epoch=epoch, amp_dtype=amp_dtype,
-                batch_scheduler=scheduler if scheduler_per_batch else None, logger=logger,
-                should_stop=should_stop, resume_from=resume_from, check=check, check_after=check_after)
-        except StopRequested as stop:
-            stop.partial.update(lrs=lrs, seconds=time.perf_counter() - start)
-            raise
-        if reached:
-            test_loss, correct, total = reached[0]
-        else:
-            test_loss, correct, total = evaluate(model, test_loader, device=device, amp_dtype=amp_dtype)
-        if scheduler is not None and not scheduler_per_batch:
-            scheduler.step()
-        result = EpochResult(epoch, lrs[0], train_loss, train_acc, seen, test_loss,
-                             100.0 * correct / max(total, 1), correct, total,
-                             time.perf_counter() - start)
-        history.append(result)
-        logger.epoch_end(result)
-        if on_epoch_end is not None:
-            on_epoch_end(history)
-    return history
 
 
 def check_points(batches: int, evals_per_epoch: int) -> frozenset[int]:
@@ -265,12 +272,103 @@ def check_points(batches: int, evals_per_epoch: int) -> frozenset[int]:
     return frozenset(batches * k // evals - 1 for k in range(1, evals))
 
 
-def _should_end(history: History, target_acc: float | None, patience: int | None) -> bool:
-    if not history:
-        return False
-    if target_acc is not None and history[-1].test_acc >= target_acc:
-        return True
-    if patience is not None:
-        best_epoch = max(history, key=lambda r: r.test_acc).epoch
-        return history[-1].epoch - best_epoch >= patience
-    return False
+def _evaluate_now(state: TrainState, after_batch: int | None) -> Evaluation:
+    loss, correct, total = evaluate(state.eval_model or state.model, state.test_loader,
+                                    device=state.device, amp_dtype=state.amp_dtype)
+    state.evaluation = Evaluation(loss, correct, total, state.epoch, after_batch)
+    _emit(state.callbacks, "on_evaluate", state)
+    return state.evaluation
+
+
+def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_after: frozenset[int],
+               resume_from: dict | None) -> Evaluation | None:
+    """Train one epoch (or its rest, `resume_from`). Returns the mid-epoch evaluation the epoch
+    ended at, if a callback stopped it there."""
+    cbs = state.callbacks
+    state.first_batch = resume_from["batches"] if resume_from else 0
+    state.sums = torch.tensor(resume_from["sums"] if resume_from else [0.0, 0.0, 0.0], dtype=torch.float64)
+    state.model.train()
+    after_backward = (lambda: _emit(cbs, "on_after_backward", state)) if cbs else None
+    for batch_id, (x, y) in enumerate(state.train_loader, start=state.first_batch):
+        x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
+        loss, out = train_step(state.model, x, y, state.optimizer, loss_fn, amp_dtype=state.amp_dtype,
+                               after_backward=after_backward)
+        state.loss = loss.item()
+        if not math.isfinite(state.loss):
+            raise NonFiniteLoss(state.epoch, batch_id, state.loss)
+        if per_batch_scheduler is not None:
+            per_batch_scheduler.step()
+        n = y.shape[0]
+        state.sums += torch.tensor([state.loss * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
+        state.batch = batch_id
+        _emit(cbs, "on_batch_end", state)
+        checked = _evaluate_now(state, batch_id + 1) if batch_id in check_after else None
+        if state.stop_requested:
+            return checked
+        if state.interrupted and batch_id + 1 < state.num_batches:
+            state.partial = {"epoch": state.epoch, "batches": batch_id + 1, "sums": state.sums.tolist()}
+            return None
+    return None
+
+
+def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Optimizer, *,
+        epochs: int, loss_fn: Callable = F.nll_loss, scheduler=None, scheduler_per_batch: bool = False,
+        device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+        callbacks: Sequence[Callback] = (), evals_per_epoch: int = 1, resume: dict | None = None) -> History:
+    """Train for `epochs` epochs and return the history.
+
+    The test loader is evaluated at the end of every epoch, and with `evals_per_epoch` > 1 also
+    at evenly spaced steps inside it; a callback that calls `state.stop()` after such a check
+    ends the epoch there (its result then covers the images trained so far, `train_seen`).
+    `resume` continues a run: {"history": rows of the finished epochs, "partial": the progress
+    of an interrupted epoch, or None}. When a callback interrupts the run, `on_fit_end` still
+    runs (with `state.partial`) and then StopRequested is raised.
+    """
+    device = torch.device(device)
+    resume = resume or {}
+    state = TrainState(model, optimizer, scheduler, train_loader, test_loader, device, amp_dtype,
+                       list(callbacks), History.from_rows(resume.get("history", [])),
+                       num_batches=len(train_loader))
+    partial = resume.get("partial")
+    check_after = check_points(state.num_batches, evals_per_epoch)
+    _emit(state.callbacks, "on_fit_start", state)
+    for epoch in range(len(state.history) + 1, epochs + 1):
+        if state.stop_requested or state.interrupted:
+            break
+        resume_from = partial if partial and partial["epoch"] == epoch else None
+        state.epoch, state.batch, state.evaluation, state.result = epoch, -1, None, None
+        state.lrs = resume_from["lrs"] if resume_from else [group["lr"] for group in optimizer.param_groups]
+        start = time.perf_counter() - (resume_from["seconds"] if resume_from else 0.0)
+        _emit(state.callbacks, "on_epoch_start", state)
+        checked = _run_epoch(state, loss_fn, scheduler if scheduler_per_batch else None, check_after, resume_from)
+        if state.partial is not None:
+            state.partial.update(lrs=state.lrs, seconds=time.perf_counter() - start)
+            break
+        loss, seen_acc, seen = _reduced_train_sums(state)
+        final = checked or _evaluate_now(state, None)
+        if scheduler is not None and not scheduler_per_batch:
+            scheduler.step()
+        state.result = EpochResult(epoch, state.lrs[0], loss, seen_acc, seen, final.loss, final.acc,
+                                   final.correct, final.total, time.perf_counter() - start)
+        state.history.append(state.result)
+        _emit(state.callbacks, "on_epoch_end", state)
+    _emit(state.callbacks, "on_fit_end", state)
+    if state.interrupted:
+        raise StopRequested(state.partial)
+    return state.history
+
+
+def _reduced_train_sums(state: TrainState) -> tuple[float, float, int]:
+    """(mean loss, accuracy in percent, images) of this epoch's training, summed over ranks."""
+    sums = _all_reduce(state.sums.to(state.device)).cpu()
+    return sums[0].item() / sums[2].item(), 100.0 * sums[1].item() / sums[2].item(), int(sums[2].item())
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
+                    device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                    callbacks: Sequence[Callback] = ()) -> tuple[float, float, int]:
+    """One pass over `loader` with no evaluation; returns (mean loss, accuracy in percent, images seen)."""
+    state = TrainState(model, optimizer, None, loader, None, torch.device(device), amp_dtype, list(callbacks),
+                       epoch=1, num_batches=len(loader))
+    _run_epoch(state, loss_fn, None, frozenset(), None)
+    return _reduced_train_sums(state)

@@ -12,6 +12,8 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import TrainConfig, from_mapping, load_config_file
 from .errors import TrainkitError
+from .flags import add_config_flags, config_flags
+from .loaders import normalize
 from .models import build_model
 
 
@@ -26,8 +28,7 @@ class TrainedModel:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalized float, as in training."""
-        shape = (1, -1, 1, 1)
-        return (images.float() / 255 - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+        return normalize(images, self.mean, self.std)
 
 
 def load_run(run_dir: str | Path) -> TrainedModel:
@@ -55,15 +56,16 @@ def load_run(run_dir: str | Path) -> TrainedModel:
 
 def cmd_eval(args) -> int:
     from .engine import evaluate
+    from .experiment import get_data
     from .loaders import TensorLoader
-    from .run import get_data
+    from .reports import test_line
 
     trained = load_run(args.run_dir)
-    cfg = trained.cfg.replace(**({"data_dir": args.data_dir} if args.data_dir else {}), limit_train=1)
+    cfg = trained.cfg.replace(**config_flags(args), limit_train=1)
     data = get_data(cfg, channels=trained.image_shape[0])
     loader = TensorLoader(data.test_images, data.test_labels, 1000, mean=trained.mean, std=trained.std)
     loss, correct, total = evaluate(trained.model, loader, device=torch.device("cpu"))
-    print(f"Test set: Average loss: {loss:.4f}, Accuracy: {correct}/{total} ({100.0 * correct / total:.2f}%)")
+    print(test_line(loss, correct, total))
     return 0
 
 
@@ -116,10 +118,10 @@ def cmd_export(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
+def add_command(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a run's model on its test set")
     ev.add_argument("run_dir")
-    ev.add_argument("--data-dir", help="data folder (default: the run's, else $TRAINKIT_DATA_DIR, else ./data)")
+    add_config_flags(ev, only=("data_dir",))
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="classify PNG/JPEG files with a run's model")

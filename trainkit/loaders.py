@@ -19,6 +19,22 @@ SEED_CROP = 22
 SEED_DEGREES = 15.0
 
 
+def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Images (B, C, H, W), uint8 or float in [0, 1] -> the model's input: (x - mean) / std."""
+    x = images.float().div(255) if images.dtype == torch.uint8 else images
+    return (x - _channel_view(mean, x)) / _channel_view(std, x)
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """The model's float input back to [0, 1] images on the CPU (for pictures)."""
+    x = x.float().cpu()
+    return (x * _channel_view(std, x) + _channel_view(mean, x)).clamp(0, 1)
+
+
 def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor,
                  mode: str = "bilinear") -> torch.Tensor:
     """Rotate each image counter-clockwise by its angle and magnify it by its scale about the centre.
@@ -89,9 +105,7 @@ class TensorLoader:
         self.channels_last = channels_last
         self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
+        self.mean, self.std = mean, std
         self.batches_done, self._skip = 0, 0
 
     def __len__(self) -> int:
@@ -113,7 +127,7 @@ class TensorLoader:
             x = self.images[idx].float().div_(255)
             if draws is not None:
                 x = self.augment.apply(x, draws[0][mine], draws[1][mine])
-            x = (x - self.mean) / self.std
+            x = normalize(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]

@@ -10,8 +10,9 @@ import math
 from pathlib import Path
 
 from .config import TrainConfig
-from .engine import _autocast
-from .run import build_experiment
+from .engine import train_step
+from .experiment import build_experiment
+from .flags import add_config_flags, add_recipe_flags, config_from_args, number
 
 
 def lr_sweep(cfg: TrainConfig, steps: int = 200, start_lr: float = 1e-5, end_lr: float = 1.0,
@@ -28,11 +29,8 @@ def lr_sweep(cfg: TrainConfig, steps: int = 200, start_lr: float = 1e-5, end_lr:
             lr = start_lr * factor ** step
             for group in exp.optimizer.param_groups:
                 group["lr"] = lr
-            with _autocast(exp.device, exp.amp_dtype):
-                loss = exp.loss_fn(exp.train_model(x), y)
-            exp.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            exp.optimizer.step()
+            x, y = x.to(exp.device), y.to(exp.device)
+            loss, _ = train_step(exp.train_model, x, y, exp.optimizer, exp.loss_fn, amp_dtype=exp.amp_dtype)
             value = loss.item()
             smoothed = 0.9 * smoothed + 0.1 * value if step else value   # exponential moving average
             lrs.append(lr)
@@ -73,8 +71,6 @@ def plot(lrs, losses, suggestion: float, path: Path):
 
 
 def cmd_lr_find(args) -> int:
-    from .cli import config_from_args
-
     cfg, _ = config_from_args(args)
     lrs, losses, suggestion = lr_sweep(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
     plot(lrs, losses, suggestion, Path(args.output))
@@ -84,14 +80,11 @@ def cmd_lr_find(args) -> int:
 
 
 def add_command(sub) -> None:
-    from .cli import RECIPES, _number, add_config_flags
-
     finder = sub.add_parser("lr-find", help="sweep the learning rate and suggest one")
-    finder.add_argument("--recipe", choices=sorted(RECIPES), default="seed")
-    finder.add_argument("--config", help="YAML, TOML or JSON file of settings")
-    finder.add_argument("--steps", type=_number(int, "steps"), default=200, help="steps in the sweep (default: 200)")
-    finder.add_argument("--start-lr", type=_number(float, "start-lr"), default=1e-5)
-    finder.add_argument("--end-lr", type=_number(float, "end-lr"), default=1.0)
+    add_recipe_flags(finder)
+    finder.add_argument("--steps", type=number(int, "--steps"), default=200, help="steps in the sweep (default: 200)")
+    finder.add_argument("--start-lr", type=number(float, "--start-lr"), default=1e-5)
+    finder.add_argument("--end-lr", type=number(float, "--end-lr"), default=1.0)
     finder.add_argument("--output", default="lr_find.png", help="where to save the plot (default: lr_find.png)")
-    add_config_flags(finder, skip=("lr", "epochs", "target_acc", "patience", "tensorboard"))
+    add_config_flags(finder, skip=("lr", "epochs", "target_acc", "patience", "tensorboard", "ema"))
     finder.set_defaults(func=cmd_lr_find)

@@ -12,14 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TrainkitError
+from .registry import Registry
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS = Registry("model")
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a factory `fn(in_channels=1, num_classes=10)` under its own name."""
-    MODELS[fn.__name__] = fn
-    return fn
+    return MODELS.register()(fn)
 
 
 class S5Net(nn.Module):

@@ -8,46 +8,66 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .engine import EpochResult, History, Logger
+from .engine import Callback, History, TrainState
+from .loaders import denormalize
 
 
-class ConsoleLogger(Logger):
+def test_line(loss: float, correct: int, total: int, after: str = "") -> str:
+    """The seed's line for an evaluation: `Test set: Average loss: 0.0191, Accuracy: 9931/10000 (99.31%)`."""
+    return (f"Test set{after}: Average loss: {loss:.4f}, Accuracy: {correct}/{total} "
+            f"({100.0 * correct / max(total, 1):.2f}%)")
+
+
+class ConsoleLogger(Callback):
     """Prints the seed's lines: the learning rate, `Epoch N`, a tqdm bar and the test result."""
+
+    main_process_only = True     # under torchrun, rank 0 alone prints
 
     def __init__(self, progress: bool = True, print_fn=print):
         self.progress, self.print = progress, print_fn
+        self.bar = None
 
-    def epoch_start(self, epoch: int, lrs: list[float]) -> None:
-        for i, lr in enumerate(lrs):
+    def on_epoch_start(self, state: TrainState) -> None:
+        from tqdm.auto import tqdm
+
+        for i, lr in enumerate(state.lrs):
             self.print(f"Adjusting learning rate of group {i} to {lr:.4e}.")
-        self.print(f"Epoch {epoch}")
+        self.print(f"Epoch {state.epoch}")
+        self.bar = tqdm(total=state.num_batches, initial=state.first_batch, disable=not self.progress,
+                        dynamic_ncols=True)
 
-    def wrap_batches(self, batches, total: int, initial: int = 0):
-        from tqdm.auto import tqdm
-
-        return tqdm(batches, total=total, initial=initial, disable=not self.progress, dynamic_ncols=True)
-
-    def batch_end(self, bar, batch_id: int, loss: float, acc: float) -> None:
+    def on_batch_end(self, state: TrainState) -> None:
         if self.progress:
-            bar.set_description(f"Train: Loss={loss:0.4f} Batch_id={batch_id} Accuracy={acc:0.2f}",
-                                refresh=False)
+            self.bar.set_description(f"Train: Loss={state.loss:0.4f} Batch_id={state.batch} "
+                                     f"Accuracy={state.train_acc:0.2f}", refresh=False)
+            self.bar.update(1)
 
-    def check_end(self, epoch: int, batch_id: int, total_batches: int,
-                  loss: float, correct: int, total: int) -> None:
+    def on_evaluate(self, state: TrainState) -> None:
         from tqdm.auto import tqdm
 
-        line = (f"Test set after batch {batch_id + 1}/{total_batches}: Average loss: {loss:.4f}, "
-                f"Accuracy: {correct}/{total} ({100.0 * correct / max(total, 1):.2f}%)")
+        e = state.evaluation
+        if e.after_batch is None:
+            return                      # the epoch's own evaluation is printed with the epoch
+        line = test_line(e.loss, e.correct, e.total, f" after batch {e.after_batch}/{state.num_batches}")
         if self.progress and self.print is print:
             tqdm.write(line)            # above the bar, which stays in place
         else:
             self.print(line)
 
-    def epoch_end(self, r: EpochResult) -> None:
+    def on_epoch_end(self, state: TrainState) -> None:
+        self._close_bar()
+        r = state.result
         if not self.progress:
             self.print(f"Train: Loss={r.train_loss:0.4f} Accuracy={r.train_acc:0.2f}")
-        self.print(f"Test set: Average loss: {r.test_loss:.4f}, Accuracy: {r.test_correct}/{r.test_total} "
-                   f"({r.test_acc:.2f}%)\n")
+        self.print(test_line(r.test_loss, r.test_correct, r.test_total) + "\n")
+
+    def on_fit_end(self, state: TrainState) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def metrics_csv(history: History) -> str:
@@ -105,11 +125,6 @@ def _finish(fig, path: Path | None):
     return fig
 
 
-def _unnormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    shape = (1, -1, 1, 1)
-    return (x.float().cpu() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)).clamp(0, 1)
-
-
 def image_grid(images: torch.Tensor, titles: list[str], path: Path | None = None, cols: int = 4,
                suptitle: str | None = None):
     """Images (B, C, H, W) in [0, 1] with a title each."""
@@ -131,7 +146,7 @@ def image_grid(images: torch.Tensor, titles: list[str], path: Path | None = None
 def plot_samples(loader, classes: list[str], mean, std, path: Path | None = None, count: int = 12):
     """`count` images of one training batch, as the model sees them after augmentation."""
     x, y = next(iter(loader))
-    x = _unnormalize(x[:count], mean, std)
+    x = denormalize(x[:count], mean, std)
     return image_grid(x, [classes[i] for i in y[:count].tolist()], path, cols=4)
 
 
@@ -181,7 +196,7 @@ def plot_mistakes(images, out, labels, losses, classes, mean, std, path: Path | 
     worst = losses.argsort(descending=True)[:count]
     pred = out.argmax(1)
     titles = [f"true {classes[labels[i]]} / pred {classes[pred[i]]}\nloss {losses[i]:.2f}" for i in worst.tolist()]
-    return image_grid(_unnormalize(images[worst], mean, std), titles, path, cols=4,
+    return image_grid(denormalize(images[worst], mean, std), titles, path, cols=4,
                       suptitle="Highest-loss test images")
 
 
@@ -267,3 +282,40 @@ def plot_architecture(model: nn.Module, input_shape: tuple[int, ...], path: Path
     ax.set_title(f"{type(model).__name__}: {total:,} parameters (operation, output shape, parameters)", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor()
+
+
+def environment(device: torch.device, amp_dtype: torch.dtype | None = None) -> dict:
+    """What a run ran on: versions, platform, device and its name, precision, threads."""
+    import platform
+    import sys
+
+    import torchvision
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "platform": platform.platform(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            "threads": torch.get_num_threads()}
+
+
+def run_summary(model: nn.Module, data, history: History, matrix: torch.Tensor) -> str:
+    """summary.txt: the layer table, the dataset, the final numbers and the per-class accuracy."""
+    lines = [str(model_summary(model, data.image_shape)), "",
+             f"Dataset: {data.name} ({len(data.train_labels)} train, {len(data.test_labels)} test images)", ""]
+    if history:
+        last = history[-1]
+        lines += [f"Epochs: {len(history)}, {sum(r.seconds for r in history):.1f} s",
+                  f"Final: train accuracy {last.train_acc:.2f}%, test accuracy {last.test_acc:.2f}% "
+                  f"({last.test_correct}/{last.test_total}), best {history.best_acc:.2f}%", ""]
+    lines.append("Per-class test accuracy:")
+    lines += [f"  {name:>12}: {acc:6.2f}%" for name, acc in zip(data.classes, per_class_accuracy(matrix))]
+    return "\n".join(lines) + "\n"

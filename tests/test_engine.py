@@ -1,0 +1,251 @@
+"""The engine's callback protocol, the built-in callbacks, exact resume with callbacks that keep
+state, and the registries of optimizers, schedulers and datasets."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainkit import (DATASETS, EMA, OPTIMIZERS, SCHEDULERS, Callback, EarlyStopping, GradientClipping,
+                      TrainConfig, fit, train)
+from trainkit.checkpoint import load_checkpoint
+from trainkit.engine import StopRequested
+from trainkit.optim import build_optimizer, build_schedule
+
+HOOKS = ["on_fit_start", "on_epoch_start", "on_after_backward", "on_batch_end", "on_evaluate",
+         "on_epoch_end", "on_fit_end"]
+
+
+class Recorder(Callback):
+    """Every hook call, in order, and what the state held."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattribute__(self, name):
+        if name in HOOKS:
+            return lambda state: self.calls.append((name, state.epoch, state.batch, state))
+        return super().__getattribute__(name)
+
+
+def tiny_loaders(mnist, n=256, batch=64):
+    x = (mnist.train_images[:n].float() / 255 - 0.1307) / 0.3081
+    test_x = (mnist.test_images[:128].float() / 255 - 0.1307) / 0.3081
+    make = lambda a, b, shuffle: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(a, b), batch_size=batch,
+                                                             shuffle=shuffle)
+    return make(x, mnist.train_labels[:n], True), make(test_x, mnist.test_labels[:128], False)
+
+
+def linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.LogSoftmax(dim=1))
+
+
+def test_hooks_run_in_order_and_see_the_model(mnist):
+    train_loader, test_loader = tiny_loaders(mnist)     # plain DataLoaders: 4 batches an epoch
+    model = linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder()
+    history = fit(model, train_loader, test_loader, optimizer, epochs=2, callbacks=[rec], evals_per_epoch=2)
+    names = [c[0] for c in rec.calls]
+    per_batch = ["on_after_backward", "on_batch_end"]
+    epoch = ["on_epoch_start", *per_batch * 2, "on_evaluate", *per_batch * 2, "on_evaluate", "on_epoch_end"]
+    assert names == ["on_fit_start", *epoch, *epoch, "on_fit_end"]
+    state = rec.calls[-1][3]
+    assert state.model is model and state.optimizer is optimizer and state.history is history
+    assert [(c[1], c[2]) for c in rec.calls if c[0] == "on_evaluate"] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    assert state.result is history[-1] and state.evaluation.acc == history[-1].test_acc
+
+
+class StopAfter(Callback):
+    """A custom stop rule, written without touching the engine: stop after batch `n` of epoch 2."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_batch_end(self, state):
+        if state.epoch == 2 and state.batch == self.n:
+            state.stop()
+
+
+def test_a_callback_can_stop_the_run_part_way(mnist):
+    train_loader, test_loader = tiny_loaders(mnist)
+    model = linear()
+    history = fit(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1), epochs=5,
+                  callbacks=[StopAfter(1)])
+    assert len(history) == 2 and history[-1].train_seen == 128     # epoch 2 ended after its 2nd batch
+    assert history[-1].test_total == 128                            # and was evaluated
+
+
+def test_gradient_clipping_bounds_the_norm(mnist):
+    class Norms(Callback):
+        def __init__(self):
+            self.norms = []
+
+        def on_after_backward(self, state):
+            grads = [p.grad for p in state.model.parameters()]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    train_loader, test_loader = tiny_loaders(mnist)
+    model = linear()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before, after = Norms(), Norms()
+    fit(model, train_loader, test_loader, opt, epochs=1, callbacks=[before, GradientClipping(0.05), after])
+    assert max(before.norms) > 0.05                  # the raw gradients were larger ...
+    assert max(after.norms) <= 0.05 * (1 + 1e-4)     # ... and the step saw them clipped
+
+
+def test_ema_is_what_is_evaluated_and_saved(mnist, tmp_path):
+    cfg = TrainConfig(model="compact", epochs=1, batch_size=64, lr=0.05, ema=0.9, progress=False)
+    result = train(cfg, data=mnist.limit(512, 200), out=tmp_path / "run")
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    raw = result.experiment.model.state_dict()
+    assert any(not torch.equal(saved[k].cpu(), raw[k].cpu()) for k in raw)   # model.pt is not the raw weights
+    ema = load_checkpoint(tmp_path / "run" / "last.pt")["callbacks"]["EMA"]
+    for k, v in saved.items():
+        assert torch.equal(v, ema["module." + k].cpu()), k                    # it is the average
+    with pytest.raises(Exception, match="between 0 and 1"):
+        train(cfg.replace(ema=1.5), data=mnist.limit(64, 64), write=False)
+
+
+# -- exact resume with callbacks that keep state -------------------------------------------------
+
+RESUME_CFG = TrainConfig(model="compact", epochs=3, batch_size=64, lr=0.05, ema=0.95, patience=5,
+                         clip_grad_norm=2.0, progress=False)
+
+
+class InterruptAt(Callback):
+    """What a SIGTERM does (SignalStop calls state.interrupt()), at a fixed step."""
+
+    def __init__(self, epoch, batch):
+        self.at = (epoch, batch)
+
+    def on_batch_end(self, state):
+        if (state.epoch, state.batch) == self.at:
+            state.interrupt()
+
+
+class CrashAt(Callback):
+    """What a SIGKILL right after an epoch's checkpoint does: nothing more is written."""
+
+    def on_epoch_start(self, state):
+        if state.epoch == 2:
+            raise RuntimeError("killed")
+
+
+def weights_and_callbacks(run_dir):
+    last = load_checkpoint(run_dir / "last.pt")
+    return torch.load(run_dir / "model.pt", weights_only=True), last["callbacks"], last["optimizer"]["state"]
+
+
+def assert_identical(a, b):
+    (wa, ca, oa), (wb, cb, ob) = weights_and_callbacks(a), weights_and_callbacks(b)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert ca["EarlyStopping"] == cb["EarlyStopping"]
+    for k in ca["EMA"]:
+        assert torch.equal(ca["EMA"][k], cb["EMA"][k]), k
+    for k in oa:
+        assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"])
+    strip = lambda p: [row.rsplit(",", 1)[0] for row in (p / "metrics.csv").read_text().splitlines()]
+    assert strip(a) == strip(b)
+
+
+@pytest.mark.slow
+def test_resume_with_ema_and_early_stopping_is_bit_identical(mnist, tmp_path):
+    data = mnist.limit(768, 200)                                   # 12 batches an epoch
+    train(RESUME_CFG, data=data, out=tmp_path / "straight")
+    with pytest.raises(StopRequested):
+        train(RESUME_CFG, data=data, out=tmp_path / "stopped", callbacks=[InterruptAt(2, 4)])
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["partial"]["batches"] == 5
+    train(RESUME_CFG, data=data, resume=tmp_path / "stopped")
+    assert_identical(tmp_path / "straight", tmp_path / "stopped")
+    with pytest.raises(RuntimeError, match="killed"):
+        train(RESUME_CFG, data=data, out=tmp_path / "crashed", callbacks=[CrashAt()])
+    train(RESUME_CFG, data=data, resume=tmp_path / "crashed")
+    assert_identical(tmp_path / "straight", tmp_path / "crashed")
+
+
+def test_early_stopping_state_survives_resume(mnist, tmp_path):
+    # lr 1e-9: nothing improves after epoch 1, so patience 2 ends the run after epoch 3,
+    # also when it is resumed after epoch 2 (the counter comes back from last.pt).
+    cfg = TrainConfig(epochs=6, lr=1e-9, patience=2, batch_size=64, progress=False)
+    data = mnist.limit(128, 64)
+    with pytest.raises(RuntimeError):
+        train(cfg, data=data, out=tmp_path / "run", callbacks=[CrashAt3()])
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["callbacks"]["EarlyStopping"]["waited"] == 1
+    history = train(cfg, data=data, resume=tmp_path / "run").history
+    assert len(history) == 3
+
+
+class CrashAt3(Callback):
+    def on_epoch_start(self, state):
+        if state.epoch == 3:
+            raise RuntimeError("killed")
+
+
+# -- registries ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_registered_optimizer_trains(name, mnist):
+    train_loader, test_loader = tiny_loaders(mnist, n=512)
+    model = linear()
+    optimizer = build_optimizer(model.parameters(), TrainConfig(optimizer=name, lr=0.01 if name != "sgd" else 0.1))
+    history = fit(model, train_loader, test_loader, optimizer, epochs=2)
+    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].test_acc > 50.0
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_registered_scheduler_steps_as_declared(name, mnist):
+    train_loader, test_loader = tiny_loaders(mnist)    # 4 batches an epoch
+    model = linear()
+    cfg = TrainConfig(scheduler=name, epochs=3, lr=0.1, step_size=1, gamma=0.5)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    schedule = build_schedule(optimizer, cfg, len(train_loader))
+    history = fit(model, train_loader, test_loader, optimizer, epochs=3, scheduler=schedule.scheduler,
+                  scheduler_per_batch=schedule.per_batch)
+    lrs = [r.lr for r in history]
+    if name == "constant":
+        assert lrs == [0.1] * 3
+    else:
+        assert lrs[-1] < lrs[0] or name == "onecycle" and max(lrs) > lrs[0]     # it moves the rate
+        final = optimizer.param_groups[0]["lr"]
+        assert final < 0.1 * 0.3                                                # and ends lower
+
+
+def _mnist_example(tmp_path, mnist_dir):
+    return "mnist", mnist_dir
+
+
+def _fashion_example(tmp_path, mnist_dir):
+    from trainkit.datasets import FASHION_MNIST
+    if not any(__import__("pathlib").Path(d).is_dir() for d in FASHION_MNIST.system_dirs):
+        pytest.skip("Fashion-MNIST needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    return "fashion-mnist", tmp_path
+
+
+def _imagefolder_example(tmp_path, mnist_dir):
+    from PIL import Image
+    for label, value in (("dark", 40), ("light", 220)):
+        (tmp_path / "pics" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (30, 30), value + i).save(tmp_path / "pics" / label / f"{i}.png")
+    return f"imagefolder:{tmp_path / 'pics'}", tmp_path
+
+
+# How to get a small copy of each registered dataset; a dataset registered without one fails here.
+EXAMPLES = {"mnist": _mnist_example, "fashion-mnist": _fashion_example, "imagefolder": _imagefolder_example}
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_every_registered_dataset_loads_and_trains(name, tmp_path, mnist_dir):
+    assert name in EXAMPLES, f"dataset {name!r} is registered but this test has no example of it"
+    spec, data_dir = EXAMPLES[name](tmp_path, mnist_dir)
+    cfg = TrainConfig(dataset=spec, data_dir=str(data_dir), model="compact", epochs=1, batch_size=4,
+                      limit_train=8, limit_test=4, progress=False)
+    result = train(cfg, write=False)
+    data = result.experiment.data
+    assert data.train_images.dtype == torch.uint8 and data.train_images.shape[1:] == (1, 28, 28)
+    assert len(data.classes) >= 2 and int(data.train_labels.max()) < len(data.classes)
+    assert all(0 < s for s in data.std) and all(0 <= m <= 1 for m in data.mean)
+    assert result.history[0].train_seen == 8 and torch.isfinite(torch.tensor(result.history[0].train_loss))

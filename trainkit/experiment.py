@@ -1,0 +1,145 @@
+"""Building the pieces of a run from a config: data, model, loaders, optimizer, schedule, loss,
+device, and the callbacks its settings ask for. Every choice is looked up in a registry."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed
+from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
+from .config import TrainConfig, resolve_data_dir, validate
+from .datasets import ImageData, dataset_loader, load_dataset
+from .distributed import Rank
+from .engine import Callback, autocast_dtype, resolve_device
+from .errors import TrainkitError
+from .loaders import SeedAugment, TensorLoader, torchvision_loader
+from .models import build_model, check_model_name
+from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
+
+
+@dataclass
+class Experiment:
+    """Everything a config builds: data, model, loaders, optimizer, schedule, loss, device."""
+
+    cfg: TrainConfig
+    data: ImageData
+    model: nn.Module               # the module whose weights are saved
+    train_model: nn.Module         # what is trained (DDP and/or the compiled module around `model`)
+    train_loader: object
+    test_loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scheduler_per_batch: bool
+    loss_fn: Callable
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: Rank = Rank()
+
+    def rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "train_loader": self.train_loader.state_dict()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        self.train_loader.load_state_dict(state["train_loader"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_names(cfg: TrainConfig, own_model: bool = False) -> None:
+    """Fail before any data is read on a name that no registry knows."""
+    validate(cfg)
+    if not own_model:
+        check_model_name(cfg.model)
+    dataset_loader(cfg.dataset)
+    OPTIMIZERS.get(cfg.optimizer)
+    SCHEDULERS.get(cfg.scheduler)
+
+
+def get_data(cfg: TrainConfig, channels: int = 1) -> ImageData:
+    data = load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels, progress=cfg.progress)
+    return data.limit(cfg.limit_train, cfg.limit_test)
+
+
+def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int = 0, world: int = 1):
+    """(train loader, test loader): the fast path on the device, or the seed's torchvision pipeline."""
+    if cfg.pipeline == "tensor":
+        augment = SeedAugment() if cfg.augment == "seed" else None
+        common = dict(mean=data.mean, std=data.std, device=device, channels_last=cfg.channels_last,
+                      rank=rank, world=world)
+        return (TensorLoader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True,
+                             augment=augment, seed=cfg.seed, **common),
+                TensorLoader(data.test_images, data.test_labels, cfg.test_batch_size, **common))
+    common = dict(mean=data.mean, std=data.std, seed=cfg.seed, workers=cfg.workers,
+                  pin_memory=device.type == "cuda", rank=rank, world=world)
+    return (torchvision_loader(data.train_images, data.train_labels, cfg.batch_size,
+                               train=cfg.augment == "seed", **common),
+            torchvision_loader(data.test_images, data.test_labels, cfg.test_batch_size, train=False, **common))
+
+
+def make_loss(cfg: TrainConfig) -> Callable:
+    # The models return log-probabilities; cross_entropy of log-probabilities equals nll_loss.
+    if cfg.label_smoothing:
+        return lambda out, y: F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+    return lambda out, y: F.nll_loss(out.float(), y)
+
+
+def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
+                     model: nn.Module | None = None) -> Experiment:
+    """Build every piece of a run from `cfg`; `data` and `model` replace the configured ones.
+
+    Under torchrun this process joins the group and trains its share with DistributedDataParallel.
+    """
+    check_names(cfg, own_model=model is not None)
+    ranks, device = distributed.setup(resolve_device(cfg.device))
+    if cfg.batch_size % ranks.world:
+        raise TrainkitError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
+                            f"among the {ranks.world} processes")
+    seed_everything(cfg.seed)
+    if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    data = data if data is not None else get_data(cfg)
+    if model is None:
+        model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = model
+    if ranks.world > 1:  # DDP starts every rank from rank 0's weights and averages gradients
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    train_loader, test_loader = make_loaders(cfg, data, device, ranks.rank, ranks.world)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    schedule = build_schedule(optimizer, cfg, len(train_loader))
+    precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
+    return Experiment(cfg, data, model, train_model, train_loader, test_loader, optimizer, schedule.scheduler,
+                      schedule.per_batch, make_loss(cfg), device, autocast_dtype(precision, device), ranks)
+
+
+def training_callbacks(cfg: TrainConfig) -> list[Callback]:
+    """The callbacks that change what a run computes, from its settings; every rank runs them."""
+    callbacks: list[Callback] = []
+    if cfg.clip_grad_norm is not None:
+        callbacks.append(GradientClipping(cfg.clip_grad_norm))
+    if cfg.ema is not None:
+        callbacks.append(EMA(cfg.ema))
+    if cfg.target_acc is not None:
+        callbacks.append(TargetAccuracy(cfg.target_acc))
+    if cfg.patience is not None:
+        callbacks.append(EarlyStopping(cfg.patience))
+    return callbacks

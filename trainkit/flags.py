@@ -1,0 +1,82 @@
+"""Command-line flags made from TrainConfig's fields, shared by every command that mirrors a setting.
+
+No command module imports another: each one takes what it needs from here.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Iterable
+
+from .config import RECIPES, TrainConfig, field_specs, flag_name, from_mapping, load_config_file
+from .errors import TrainkitError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise TrainkitError(f"{message} (see {self.prog} --help)")
+
+
+def number(kind, flag: str):
+    """An argparse type that says which flag (`--steps`) wanted an integer or a number."""
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a{'n integer' if kind is int else ' number'}, "
+                                             f"got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _registered_names(kind: str) -> str:
+    from .datasets import DATASETS
+    from .models import MODELS
+    from .optim import OPTIMIZERS, SCHEDULERS
+
+    registry = {"model": MODELS, "dataset": DATASETS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}[kind]
+    return ", ".join(registry)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None = None,
+                     skip: Iterable[str] = ()) -> None:
+    """One flag per TrainConfig field (or those in `only`); a flag left out keeps the recipe's /
+    file's value, so flags are absent from the parsed arguments unless given."""
+    only, skip = set(only) if only is not None else None, set(skip)
+    for f in field_specs():
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        kind = f.type.split(" ")[0] if isinstance(f.type, str) else f.type.__name__
+        help_text = f.metadata["help"]
+        if f.metadata.get("registry"):
+            help_text += f"; registered: {_registered_names(f.metadata['registry'])}"
+        help_text += f" (default: {f.default})"
+        flag = flag_name(f.name)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parse = {"int": number(int, flag), "float": number(float, flag)}.get(kind, str)
+            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS,
+                                choices=f.metadata["choices"], help=help_text,
+                                metavar=None if f.metadata["choices"] else kind.upper())
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="seed", help="named set of defaults (default: seed)")
+    parser.add_argument("--config", help="YAML, TOML or JSON file of settings (a run's config.json works); "
+                                         "flags override it")
+
+
+def config_flags(args: argparse.Namespace) -> dict:
+    """The settings given as flags."""
+    names = {f.name for f in field_specs()}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
+    """Defaults < --recipe < --config file < flags. Returns the config and the explicit flags."""
+    flags = config_flags(args)
+    cfg = TrainConfig().replace(**RECIPES[getattr(args, "recipe", "seed")])
+    if getattr(args, "config", None):
+        cfg = from_mapping(load_config_file(args.config), cfg)
+    return cfg.replace(**flags), flags

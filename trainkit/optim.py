@@ -1,0 +1,76 @@
+"""Optimizers and learning-rate schedules, each one registered function: `--optimizer NAME`, `--scheduler NAME`.
+
+An optimizer function takes the parameters and the config; a schedule function takes the
+optimizer, the config and the number of steps in an epoch, and returns a `Schedule`: the torch
+scheduler and whether it steps after every batch or every epoch (None for a constant rate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .config import TrainConfig
+from .errors import TrainkitError
+from .registry import Registry
+
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("adam")
+def adam(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Schedule:
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    per_batch: bool = False      # step after every batch (onecycle) rather than every epoch
+
+
+@SCHEDULERS.register("constant")
+def constant(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    return Schedule(None)
+
+
+@SCHEDULERS.register("step")
+def step(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    return Schedule(torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma))
+
+
+@SCHEDULERS.register("cosine")
+def cosine(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """From the configured rate down to 0 over the run, updated after every batch."""
+    total = cfg.epochs * steps_per_epoch
+    return Schedule(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), per_batch=True)
+
+
+@SCHEDULERS.register("onecycle")
+def onecycle(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    total = cfg.epochs * steps_per_epoch
+    if total < 3:
+        raise TrainkitError(f"--scheduler onecycle needs at least 3 training steps, this run has {total}")
+    warmup = min(max(cfg.pct_start, 2 / total), 0.5)   # warm up for at least one step
+    return Schedule(torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                        pct_start=warmup), per_batch=True)
+
+
+def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS.get(cfg.optimizer)(params, cfg)
+
+
+def build_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    return SCHEDULERS.get(cfg.scheduler)(optimizer, cfg, steps_per_epoch)
