@@ -20,7 +20,8 @@ import torch
 
 from .config import RECIPES, TrainConfig, validate
 from .datasets import ImageData
-from .engine import Callback, TrainState, resolve_device, train_one_epoch
+from .devices import resolve_device
+from .engine import Callback, TrainState, train_one_epoch
 from .experiment import build_experiment, get_data
 from .flags import add_config_flags, config_from_args, number
 from .reports import environment

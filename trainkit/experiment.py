@@ -16,7 +16,8 @@ from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, resolve_data_dir, validate
 from .datasets import ImageData, dataset_loader, load_dataset
 from .distributed import Rank
-from .engine import Callback, autocast_dtype, resolve_device
+from .devices import autocast_dtype, resolve_device
+from .engine import Callback
 from .errors import TrainkitError
 from .loaders import SeedAugment, TensorLoader, torchvision_loader
 from .models import build_model, check_model_name
