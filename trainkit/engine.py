@@ -200,7 +200,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device,
              amp_dtype: torch.dtype | None = None) -> tuple[float, int, int]:
-    """Mean negative log-likelihood, correct and total over `loader` (model outputs log-probabilities)."""
+    """Mean cross-entropy, correct and total over `loader`. The model may return logits or
+    log-probabilities: cross-entropy applies log_softmax, which leaves log-probabilities as they are."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -209,7 +210,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device,
         with autocast(device, amp_dtype):
             out = model(x)
         out = out.float()
-        sums[0] += F.nll_loss(out, y, reduction="sum")
+        sums[0] += F.cross_entropy(out, y, reduction="sum")
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += y.shape[0]
     model.train(was_training)
@@ -267,7 +268,7 @@ def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_
 
 
 def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Optimizer, *,
-        epochs: int, loss_fn: Callable = F.nll_loss, scheduler=None, scheduler_per_batch: bool = False,
+        epochs: int, loss_fn: Callable = F.cross_entropy, scheduler=None, scheduler_per_batch: bool = False,
         device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
         callbacks: Sequence[Callback] = (), evals_per_epoch: int = 1, resume: dict | None = None) -> History:
     """Train for `epochs` epochs and return the history.

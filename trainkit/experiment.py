@@ -20,7 +20,7 @@ from .devices import autocast_dtype, resolve_device
 from .engine import Callback
 from .errors import TrainkitError
 from .loaders import SeedAugment, TensorLoader, torchvision_loader
-from .models import build_model, check_model_name
+from .models import build_model, check_model_name, output_kind
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
 
 
@@ -41,6 +41,7 @@ class Experiment:
     device: torch.device
     amp_dtype: torch.dtype | None
     rank: Rank = Rank()
+    outputs: str = "log_probs"     # what the model returns: "log_probs" or "logits"
 
     def rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "train_loader": self.train_loader.state_dict()}
@@ -92,11 +93,13 @@ def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: 
             torchvision_loader(data.test_images, data.test_labels, cfg.test_batch_size, train=False, **common))
 
 
-def make_loss(cfg: TrainConfig) -> Callable:
-    # The models return log-probabilities; cross_entropy of log-probabilities equals nll_loss.
-    if cfg.label_smoothing:
-        return lambda out, y: F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-    return lambda out, y: F.nll_loss(out.float(), y)
+def make_loss(cfg: TrainConfig, outputs: str) -> Callable:
+    """Cross-entropy on the model's output, logits or log-probabilities alike. For a model that
+    returns log-probabilities (the seed's) without label smoothing, nll_loss is the same loss and
+    keeps the seed recipe's numbers bit for bit (cross_entropy would apply log_softmax once more)."""
+    if outputs == "log_probs" and not cfg.label_smoothing:
+        return lambda out, y: F.nll_loss(out.float(), y)
+    return lambda out, y: F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
 
 
 def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
@@ -117,6 +120,7 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     if model is None:
         model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes)
     model = model.to(device)
+    outputs = output_kind(model, data.image_shape, data.num_classes, cfg.model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model = model
@@ -129,7 +133,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     schedule = build_schedule(optimizer, cfg, len(train_loader))
     precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
     return Experiment(cfg, data, model, train_model, train_loader, test_loader, optimizer, schedule.scheduler,
-                      schedule.per_batch, make_loss(cfg), device, autocast_dtype(precision, device), ranks)
+                      schedule.per_batch, make_loss(cfg, outputs), device, autocast_dtype(precision, device), ranks,
+                      outputs)
 
 
 def training_callbacks(cfg: TrainConfig) -> list[Callback]:

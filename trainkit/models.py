@@ -1,8 +1,10 @@
 """Networks and a small registry: `build_model("s5net")`, or your own `module:factory`."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Callable
@@ -27,6 +29,8 @@ class S5Net(nn.Module):
 
     Input (B, 1, 28, 28); output (B, num_classes) log-probabilities.
     """
+
+    image_size = (28, 28)   # the only size it takes: flatten expects 256 x 4 x 4 = 4096 features
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
@@ -98,6 +102,7 @@ class SpeedNet(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             cin = cout
+        layers.append(nn.AdaptiveAvgPool2d(3))        # the identity at 28x28; any size from 28 up
         self.features = nn.Sequential(*layers)        # (B, widths[-1], 3, 3)
         self.head = nn.Linear(widths[-1] * 9, num_classes)
 
@@ -135,27 +140,159 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
+ZOOS = ("torchvision", "timm")   # --model torchvision:NAME, --model timm:NAME
+
+
 def check_model_name(name: str) -> None:
     """Fail early (before any data is read) on a model name that is neither registered nor a factory path."""
     if ":" not in name and name not in MODELS:
-        raise TrainkitError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}, "
-                            f"or give module:factory or file.py:factory")
+        raise TrainkitError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, "
+                            f"torchvision:NAME, timm:NAME, module:factory or file.py:factory")
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """A registered model by name, or a user factory given as module:factory or file.py:factory."""
+def is_code(name: str) -> bool:
+    """Whether building this model imports user code (module:factory or file.py:factory)."""
+    return ":" in name and name.split(":", 1)[0] not in ZOOS
+
+
+def _call_factory(name: str, factory: Callable, in_channels: int, num_classes: int) -> nn.Module:
+    """Call a factory with the arguments it accepts (in_channels, num_classes); any error is one line."""
+    try:
+        params = inspect.signature(factory).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, takes_any = {}, False
+    kwargs = {k: v for k, v in (("in_channels", in_channels), ("num_classes", num_classes))
+              if takes_any or k in params}
+    try:
+        model = factory(**kwargs)
+    except TrainkitError:
+        raise
+    except Exception as exc:
+        raise TrainkitError(f"model {name!r}: the factory failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise TrainkitError(f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
+    """Give the first convolution `in_channels` inputs (torchvision's models are made for 3)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != in_channels:
+                    setattr(parent, child_name, nn.Conv2d(
+                        in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                        child.dilation, child.groups, child.bias is not None, child.padding_mode))
+                return
+
+
+def _torchvision_model(arch: str, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    if arch not in torchvision.models.list_models():
+        raise TrainkitError(f"torchvision has no model {arch!r} (see torchvision.models.list_models())")
+    try:
+        if pretrained:
+            model = torchvision.models.get_model(arch, weights="DEFAULT")
+            _replace_head(model, num_classes)
+        else:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as exc:   # offline, or no weights for it
+        raise TrainkitError(f"torchvision:{arch} could not be built{' with pretrained weights' * pretrained}: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    _adapt_input_channels(model, in_channels)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """The last linear layer, remade for `num_classes` outputs (pretrained models have 1000)."""
+    last = None
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, child_name, child)
+    if last is not None and last[2].out_features != num_classes:
+        parent, child_name, child = last
+        setattr(parent, child_name, nn.Linear(child.in_features, num_classes))
+
+
+def _timm_model(arch: str, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise TrainkitError("--model timm:NAME needs timm: pip install trainkit[timm]") from None
+    if not timm.is_model(arch):
+        raise TrainkitError(f"timm has no model {arch!r} (see timm.list_models())")
+    try:
+        return timm.create_model(arch, pretrained=pretrained, in_chans=in_channels, num_classes=num_classes)
+    except Exception as exc:   # offline (no weights), or a model that cannot take these arguments
+        raise TrainkitError(f"timm:{arch} could not be built{' with pretrained weights' * pretrained}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 10, pretrained: bool = False) -> nn.Module:
+    """A registered model by name, torchvision:NAME or timm:NAME, or a user factory given as
+    module:factory or file.py:factory. Only the zoos download weights, and only with `pretrained`."""
+    zoo, _, arch = name.partition(":")
+    if zoo == "torchvision" and arch:
+        return _torchvision_model(arch, in_channels, num_classes, pretrained)
+    if zoo == "timm" and arch:
+        return _timm_model(arch, in_channels, num_classes, pretrained)
+    if pretrained:
+        raise TrainkitError(f"--pretrained needs a model from torchvision:NAME or timm:NAME, not {name!r}")
     if ":" in name:
         factory = _load_factory(name)
     else:
         check_model_name(name)
         factory = MODELS[name]
+    return _call_factory(name, factory, in_channels, num_classes)
+
+
+def output_kind(model: nn.Module, image_shape: tuple[int, ...], num_classes: int, name: str,
+                device: torch.device | str = "cpu") -> str:
+    """Run the model once on a dummy batch of two images: a model that fails, or gives the wrong
+    shape, is one line here, before any run folder is made. Returns "log_probs" when its outputs
+    are log-probabilities (each row's exp sums to 1), else "logits"."""
+    needs = getattr(model, "image_size", None)
+    if needs is not None and tuple(image_shape[1:]) != tuple(needs):
+        raise TrainkitError(f"model {name!r} ({type(model).__name__}) needs {needs[0]}x{needs[1]} images, "
+                            f"these are {image_shape[1]}x{image_shape[2]}; use another model (compact, speednet, "
+                            f"torchvision:NAME, timm:NAME) or --image-size {needs[0]}")
+    x = torch.zeros(2, *image_shape, device=device)
+    was_training = model.training
     try:
-        model = factory(in_channels=in_channels, num_classes=num_classes)
-    except TypeError:
-        model = factory()  # a factory that takes no arguments
-    if not isinstance(model, nn.Module):
-        raise TrainkitError(f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
-    return model
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()
+            out = model(x)
+    except Exception as exc:
+        raise TrainkitError(f"model {name!r} cannot take images of shape {list(image_shape)}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TrainkitError(f"model {name!r} gives outputs of shape {shape} for a batch of 2 images; "
+                            f"it must give [2, {num_classes}] (one score per class)")
+    out = out.float()
+    sums = out.exp().sum(1)
+    return "log_probs" if bool((out <= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3)) \
+        else "logits"
+
+
+def model_source(name: str) -> dict:
+    """How to build this model again, as config.json records it: a registry name, a zoo name, an
+    importable module:factory, or a file with its sha256 (so that a changed file is noticed)."""
+    if ":" not in name:
+        return {"kind": "registry", "name": name}
+    target, _, attr = name.rpartition(":")
+    if name.split(":", 1)[0] in ZOOS:
+        return {"kind": "zoo", "name": name}
+    if target.endswith(".py"):
+        path = Path(target).resolve()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        return {"kind": "file", "name": f"{path}:{attr}", "path": str(path), "sha256": digest}
+    return {"kind": "module", "name": name}
 
 
 def count_parameters(model: nn.Module) -> int:

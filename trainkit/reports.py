@@ -152,7 +152,7 @@ def plot_samples(loader, classes: list[str], mean, std, path: Path | None = None
 
 @torch.no_grad()
 def predictions(model: nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probabilities, labels, per-image NLL, images) over a loader, on the CPU."""
+    """(model outputs, labels, per-image cross-entropy, images) over a loader, on the CPU."""
     model.eval()
     outs, labels, images = [], [], []
     for x, y in loader:
@@ -160,7 +160,7 @@ def predictions(model: nn.Module, loader, device) -> tuple[torch.Tensor, torch.T
         labels.append(y.cpu())
         images.append(x.float().cpu())
     out, y = torch.cat(outs), torch.cat(labels)
-    return out, y, torch.nn.functional.nll_loss(out, y, reduction="none"), torch.cat(images)
+    return out, y, torch.nn.functional.cross_entropy(out, y, reduction="none"), torch.cat(images)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
