@@ -23,8 +23,17 @@ def cmd_train(args) -> int:
     from .run import train
 
     cfg, flags = config_from_args(args)
-    if restarted_by_torchrun() and args.out and (Path(args.out) / "last.pt").exists():
+    restarted = restarted_by_torchrun() and args.out and (Path(args.out) / "last.pt").exists()
+    if restarted:
         args.resume = args.out   # torchrun --max-restarts started us again: continue the run
+    if args.resume and not restarted:
+        for given, flag in ((args.config, "--config"), (args.recipe, "--recipe")):
+            if given:
+                raise TrainkitError(f"{flag} cannot be combined with --resume: a resumed run keeps its saved "
+                                    f"settings (flags may extend --epochs or change --device and the like)")
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise TrainkitError(f"--out {args.out} cannot be combined with --resume {args.resume}: "
+                                f"a resumed run stays in its own folder")
     if args.resume:
         cfg = load_resume_config(Path(args.resume), flags)
     run_dir = Path(args.resume or args.out or default_run_dir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -14,13 +15,13 @@ import torch.nn.functional as F
 from . import distributed
 from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, resolve_data_dir, validate
-from .datasets import ImageData, dataset_loader, load_dataset
+from .datasets import DATASETS, ImageData, dataset_loader, load_dataset
 from .distributed import Rank
 from .devices import autocast_dtype, resolve_device
 from .engine import Callback
 from .errors import TrainkitError
 from .loaders import SeedAugment, TensorLoader, torchvision_loader
-from .models import build_model, check_model_name, output_kind
+from .models import build_model, check_model_name, is_code, output_kind
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
 
 
@@ -72,6 +73,31 @@ def check_names(cfg: TrainConfig, own_model: bool = False) -> None:
     SCHEDULERS.get(cfg.scheduler)
 
 
+def canonical(cfg: TrainConfig) -> TrainConfig:
+    """The same settings with every path made absolute (the data folder, an image folder, a model
+    file), so that a run's config.json means the same from any working folder."""
+    changes = {"data_dir": str(resolve_data_dir(cfg).resolve())}
+    key, _, arg = cfg.dataset.partition(":")
+    if key == "imagefolder" and arg:
+        changes["dataset"] = f"imagefolder:{Path(arg).resolve()}"
+    if is_code(cfg.model) and cfg.model.rpartition(":")[0].endswith(".py"):
+        target, _, attr = cfg.model.rpartition(":")
+        changes["model"] = f"{Path(target).resolve()}:{attr}"
+    return cfg.replace(**changes)
+
+
+def describe(cfg: TrainConfig, data: ImageData | None, model: nn.Module | None) -> TrainConfig:
+    """The config a run records: canonical, and naming a model or data given as Python objects
+    as such ("python:NAME"), so that nothing later mistakes them for the configured ones."""
+    cfg = canonical(cfg)
+    if model is not None:
+        cfg = cfg.replace(model=f"python:{type(model).__name__}")
+    if data is not None:
+        loadable = data.name.partition(":")[0] in DATASETS
+        cfg = cfg.replace(dataset=data.name if loadable else f"python:{data.name}")
+    return cfg
+
+
 def get_data(cfg: TrainConfig, channels: int = 1) -> ImageData:
     data = load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels, progress=cfg.progress)
     return data.limit(cfg.limit_train, cfg.limit_test)
@@ -109,6 +135,7 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     Under torchrun this process joins the group and trains its share with DistributedDataParallel.
     """
     check_names(cfg, own_model=model is not None)
+    cfg = describe(cfg, data, model)
     ranks, device = distributed.setup(resolve_device(cfg.device))
     if cfg.batch_size % ranks.world:
         raise TrainkitError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "

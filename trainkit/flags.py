@@ -62,7 +62,7 @@ def add_config_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="seed", help="named set of defaults (default: seed)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="named set of defaults (default: seed)")
     parser.add_argument("--config", help="YAML, TOML or JSON file of settings (a run's config.json works); "
                                          "flags override it")
 
@@ -76,7 +76,7 @@ def config_flags(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     """Defaults < --recipe < --config file < flags. Returns the config and the explicit flags."""
     flags = config_flags(args)
-    cfg = TrainConfig().replace(**RECIPES[getattr(args, "recipe", "seed")])
+    cfg = TrainConfig().replace(**RECIPES[getattr(args, "recipe", None) or "seed"])
     if getattr(args, "config", None):
         cfg = from_mapping(load_config_file(args.config), cfg)
     return cfg.replace(**flags), flags

@@ -17,16 +17,18 @@ from .config import TrainConfig, flag_name, from_mapping, load_config_file
 from .datasets import ImageData
 from .engine import Callback, History, TrainState, unwrap
 from .errors import TrainkitError
-from .experiment import Experiment
+from .experiment import Experiment, canonical
 from .loaders import TensorLoader
-from .models import count_parameters
+from .models import count_parameters, model_source
 
 FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
 
 # Settings that may differ when a run is resumed: they change how it is shown or where it runs,
 # not what it computes.
-MAY_CHANGE_ON_RESUME = {"progress", "workers", "device", "tensorboard"}
+MAY_CHANGE_ON_RESUME = {"progress", "workers", "device", "tensorboard", "data_dir"}
+# Schedules planned for a fixed number of steps: their runs cannot be extended.
+FIXED_LENGTH_SCHEDULES = {"onecycle", "cosine"}
 
 
 def default_run_dir() -> Path:
@@ -48,9 +50,19 @@ def prepare(path: Path) -> Path:
 
 
 def data_info(data: ImageData) -> dict:
+    """What config.json records of the data: enough to preprocess an image as training did."""
     return {"name": data.name, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
-            "image_shape": list(data.image_shape), "train_size": len(data.train_labels),
-            "test_size": len(data.test_labels)}
+            "image_shape": list(data.image_shape), "channels": data.image_shape[0],
+            "train_size": len(data.train_labels), "test_size": len(data.test_labels)}
+
+
+def model_info(exp: Experiment) -> dict:
+    """What config.json records of the model: how to build it again, and what it returns."""
+    source = {"kind": "python", "name": exp.cfg.model} if exp.cfg.model.startswith("python:") \
+        else model_source(exp.cfg.model)
+    return {**source, "class": type(exp.model).__name__, "outputs": exp.outputs,
+            "parameters": count_parameters(exp.model),
+            "arguments": {"in_channels": exp.data.image_shape[0], "num_classes": exp.data.num_classes}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,11 +105,16 @@ def load_resume_config(run_dir: Path, overrides: dict) -> TrainConfig:
     if not (run_dir / "last.pt").is_file():
         raise TrainkitError(f"{run_dir} holds no checkpoint (last.pt) to resume from")
     saved = from_mapping(load_config_file(run_dir / "config.json"))
-    for name, value in overrides.items():
-        if name not in MAY_CHANGE_ON_RESUME and getattr(saved, name) != value:
-            raise TrainkitError(f"{flag_name(name)} {value} contradicts the run being resumed "
+    given = canonical(saved.replace(**overrides))     # paths compared as absolute paths
+    for name in overrides:
+        if name == "epochs" and given.epochs != saved.epochs:
+            if saved.scheduler in FIXED_LENGTH_SCHEDULES:
+                raise TrainkitError(f"--epochs cannot change when resuming a run with --scheduler {saved.scheduler}: "
+                                    f"its schedule was planned for {saved.epochs} epochs")
+        elif name not in MAY_CHANGE_ON_RESUME and getattr(given, name) != getattr(saved, name):
+            raise TrainkitError(f"{flag_name(name)} {getattr(given, name)} contradicts the run being resumed "
                                 f"({getattr(saved, name)}); leave it out to resume with the saved settings")
-    return saved.replace(**{k: v for k, v in overrides.items() if k in MAY_CHANGE_ON_RESUME})
+    return saved.replace(**{k: getattr(given, k) for k in overrides if k in MAY_CHANGE_ON_RESUME | {"epochs"}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +139,7 @@ class RunDirectory(Callback):
         """config.json and samples.png of a new run."""
         exp = self.exp
         saved = {"config": exp.cfg.to_dict(), "environment": reports.environment(exp.device, exp.amp_dtype),
-                 "data": data_info(exp.data), "parameters": count_parameters(exp.model)}
+                 "data": data_info(exp.data), "model": model_info(exp), "parameters": count_parameters(exp.model)}
         self._guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
         loader = exp.train_loader
         position = loader.state_dict()  # drawing the samples must not change what training sees
