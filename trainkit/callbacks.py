@@ -19,17 +19,19 @@ from .errors import TrainkitError
 
 
 class TargetAccuracy(Callback):
-    """Stop as soon as an evaluation reaches `target` percent (mid-epoch checks included)."""
+    """Stop as soon as an evaluation reaches `target` percent (mid-epoch checks included; on the
+    validation split when there is one)."""
 
     def __init__(self, target: float):
         self.target = target
 
     def on_fit_start(self, state: TrainState) -> None:
-        if state.history and state.history[-1].test_acc >= self.target:
+        if state.history and state.history[-1].score >= self.target:
             state.stop()            # a resumed run that had already got there
 
     def on_evaluate(self, state: TrainState) -> None:
-        if state.evaluation.acc >= self.target:
+        e = state.evaluation
+        if e.acc >= self.target and (e.split == "val" or state.val_loader is None):
             state.stop()
 
 
@@ -45,8 +47,8 @@ class EarlyStopping(Callback):
             state.stop()
 
     def on_epoch_end(self, state: TrainState) -> None:
-        if state.result.test_acc > self.best:
-            self.best, self.waited = state.result.test_acc, 0
+        if state.result.score > self.best:
+            self.best, self.waited = state.result.score, 0
         else:
             self.waited += 1
         if self.waited >= self.patience:
@@ -122,7 +124,7 @@ class SignalStop(Callback):
 class TensorBoardLogger(Callback):
     """The per-epoch numbers as TensorBoard scalars, and every mid-epoch check."""
 
-    KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+    KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "seconds")
 
     def __init__(self, log_dir: Path):
         try:
@@ -135,11 +137,12 @@ class TensorBoardLogger(Callback):
         e = state.evaluation
         if e.after_batch is not None:
             step = (e.epoch - 1) * state.num_batches + e.after_batch
-            self.writer.add_scalar("check/test_acc", e.acc, step)
+            self.writer.add_scalar(f"check/{e.split}_acc", e.acc, step)
 
     def on_epoch_end(self, state: TrainState) -> None:
         for key in self.KEYS:
-            self.writer.add_scalar(key, getattr(state.result, key), state.result.epoch)
+            if getattr(state.result, key) is not None:
+                self.writer.add_scalar(key, getattr(state.result, key), state.result.epoch)
         self.writer.flush()
 
     def on_fit_end(self, state: TrainState) -> None:

@@ -54,6 +54,9 @@ class TrainConfig:
     workers: int = _opt(2, "DataLoader workers (torchvision pipeline only)", nonneg=True)
     limit_train: int | None = _opt(None, "use only the first N training images", positive=True)
     limit_test: int | None = _opt(None, "use only the first N test images", positive=True)
+    val_split: float | None = _opt(None, "hold out this fraction (or, from 1 up, this many) of the training "
+                                         "images for validation: checks, best.pt, --patience and --target-acc "
+                                         "then use it, and the test set is evaluated once at the end", positive=True)
     target_acc: float | None = _opt(None, "stop once test accuracy (percent) reaches this", positive=True)
     evals_per_epoch: int = _opt(1, "test-set evaluations per epoch, evenly spaced; with --target-acc "
                                    "training stops at the first that reaches it", positive=True)

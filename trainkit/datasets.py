@@ -34,6 +34,8 @@ class ImageData:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val_images: torch.Tensor | None = None   # a validation split held out of the training images
+    val_labels: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -69,7 +71,21 @@ class ImageData:
         """The first `train` training and `test` test images (for quick runs)."""
         return ImageData(self.name, self.train_images[:train], self.train_labels[:train],
                          self.test_images[:test], self.test_labels[:test],
-                         self.classes, self.mean, self.std)
+                         self.classes, self.mean, self.std, self.val_images, self.val_labels)
+
+    def split_validation(self, size: float, seed: int = 0) -> "ImageData":
+        """Hold `size` training images out for validation: a fraction (0 < size < 1) or a count,
+        chosen at random with a fixed seed, so the same run always holds out the same images."""
+        n = len(self.train_labels)
+        count = int(round(size * n)) if size < 1 else int(size)
+        if not 0 < count < n:
+            raise TrainkitError(f"--val-split {size} leaves {n - count} of {n} training images; "
+                                f"give a fraction between 0 and 1 or a count below {n}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        val, train = order[:count].sort().values, order[count:].sort().values
+        return ImageData(self.name, self.train_images[train], self.train_labels[train], self.test_images,
+                         self.test_labels, self.classes, self.mean, self.std,
+                         self.train_images[val], self.train_labels[val])
 
 
 # ---------------------------------------------------------------------------------------------

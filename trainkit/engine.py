@@ -34,11 +34,21 @@ class EpochResult:
     train_loss: float
     train_acc: float          # percent
     train_seen: int           # training images used this epoch, over all ranks
-    test_loss: float
-    test_acc: float           # percent
-    test_correct: int
-    test_total: int
+    test_loss: float | None   # None for the epochs of a run with a validation split, but the last
+    test_acc: float | None    # percent
+    test_correct: int | None
+    test_total: int | None
     seconds: float            # wall time of the epoch: training and evaluation
+    # With a validation split the epochs are evaluated on it, and the test set once, at the end.
+    val_loss: float | None = None
+    val_acc: float | None = None
+    val_correct: int | None = None
+    val_total: int | None = None
+
+    @property
+    def score(self) -> float:
+        """The accuracy that choices are made on: validation accuracy when there is a split, else test."""
+        return self.val_acc if self.val_acc is not None else self.test_acc
 
 
 class History(list):
@@ -51,7 +61,7 @@ class History(list):
 
     @property
     def best_acc(self) -> float:
-        return max((r.test_acc for r in self), default=0.0)
+        return max((r.score for r in self), default=0.0)
 
     @classmethod
     def from_rows(cls, rows: Iterable[dict]) -> "History":
@@ -67,6 +77,7 @@ class Evaluation:
     total: int
     epoch: int = 0
     after_batch: int | None = None    # batches trained in the epoch at a mid-epoch check; None at its end
+    split: str = "test"               # "val" for a validation split; "test" for the test set
 
     @property
     def acc(self) -> float:
@@ -82,7 +93,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: object
     train_loader: object
-    test_loader: object
+    test_loader: object                    # evaluated after every epoch, or once at the end with val_loader
     device: torch.device
     amp_dtype: torch.dtype | None = None
     callbacks: Sequence["Callback"] = ()
@@ -97,6 +108,7 @@ class TrainState:
     evaluation: Evaluation | None = None   # the latest evaluation
     result: EpochResult | None = None      # the latest finished epoch
     eval_model: nn.Module | None = None    # what is evaluated; the trained model unless a callback says
+    val_loader: object = None              # a validation split: every check and epoch is evaluated on it
     stop_requested: bool = False
     interrupted: bool = False
     partial: dict | None = None            # an interrupted epoch's progress, to continue it exactly
@@ -228,10 +240,12 @@ def check_points(batches: int, evals_per_epoch: int) -> frozenset[int]:
     return frozenset(batches * k // evals - 1 for k in range(1, evals))
 
 
-def _evaluate_now(state: TrainState, after_batch: int | None) -> Evaluation:
-    loss, correct, total = evaluate(state.eval_model or state.model, state.test_loader,
+def _evaluate_now(state: TrainState, after_batch: int | None, split: str | None = None) -> Evaluation:
+    split = split or ("val" if state.val_loader is not None else "test")
+    loss, correct, total = evaluate(state.eval_model or state.model,
+                                    state.val_loader if split == "val" else state.test_loader,
                                     device=state.device, amp_dtype=state.amp_dtype)
-    state.evaluation = Evaluation(loss, correct, total, state.epoch, after_batch)
+    state.evaluation = Evaluation(loss, correct, total, state.epoch, after_batch, split)
     _emit(state.callbacks, "on_evaluate", state)
     return state.evaluation
 
@@ -270,11 +284,13 @@ def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_
 def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Optimizer, *,
         epochs: int, loss_fn: Callable = F.cross_entropy, scheduler=None, scheduler_per_batch: bool = False,
         device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-        callbacks: Sequence[Callback] = (), evals_per_epoch: int = 1, resume: dict | None = None) -> History:
+        callbacks: Sequence[Callback] = (), evals_per_epoch: int = 1, val_loader=None,
+        resume: dict | None = None) -> History:
     """Train for `epochs` epochs and return the history.
 
-    The test loader is evaluated at the end of every epoch, and with `evals_per_epoch` > 1 also
-    at evenly spaced steps inside it; a callback that calls `state.stop()` after such a check
+    The test loader (or `val_loader`, when given: then the test set is evaluated once, at the
+    end, into the last epoch's test_* fields) is evaluated at the end of every epoch, and with
+    `evals_per_epoch` > 1 also at evenly spaced steps inside it; a callback that calls `state.stop()` after such a check
     ends the epoch there (its result then covers the images trained so far, `train_seen`).
     `resume` continues a run: {"history": rows of the finished epochs, "partial": the progress
     of an interrupted epoch, or None}. When a callback interrupts the run, `on_fit_end` still
@@ -284,7 +300,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
     resume = resume or {}
     state = TrainState(model, optimizer, scheduler, train_loader, test_loader, device, amp_dtype,
                        list(callbacks), History.from_rows(resume.get("history", [])),
-                       num_batches=len(train_loader))
+                       num_batches=len(train_loader), val_loader=val_loader)
     partial = resume.get("partial")
     check_after = check_points(state.num_batches, evals_per_epoch)
     _emit(state.callbacks, "on_fit_start", state)
@@ -304,10 +320,16 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
         final = checked or _evaluate_now(state, None)
         if scheduler is not None and not scheduler_per_batch:
             scheduler.step()
-        state.result = EpochResult(epoch, state.lrs[0], loss, seen_acc, seen, final.loss, final.acc,
-                                   final.correct, final.total, time.perf_counter() - start)
+        numbers = (final.loss, final.acc, final.correct, final.total)
+        held_out = numbers if final.split == "test" else (None,) * 4
+        state.result = EpochResult(epoch, state.lrs[0], loss, seen_acc, seen, *held_out,
+                                   time.perf_counter() - start, *(numbers if final.split == "val" else ()))
         state.history.append(state.result)
         _emit(state.callbacks, "on_epoch_end", state)
+    if val_loader is not None and test_loader is not None and state.history and not state.interrupted:
+        test = _evaluate_now(state, None, "test")     # the test set, once
+        last = state.history[-1]
+        last.test_loss, last.test_acc, last.test_correct, last.test_total = test.loss, test.acc, test.correct, test.total
     _emit(state.callbacks, "on_fit_end", state)
     if state.interrupted:
         raise StopRequested(state.partial)

@@ -35,6 +35,7 @@ class Experiment:
     train_model: nn.Module         # what is trained (DDP and/or the compiled module around `model`)
     train_loader: object
     test_loader: object
+    val_loader: object               # None without a validation split
     optimizer: torch.optim.Optimizer
     scheduler: object
     scheduler_per_batch: bool
@@ -103,20 +104,32 @@ def get_data(cfg: TrainConfig, channels: int = 1) -> ImageData:
     return data.limit(cfg.limit_train, cfg.limit_test)
 
 
+def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
+    """The data with its validation split, when the config asks for one."""
+    if cfg.val_split is None or data.val_images is not None:
+        return data
+    return data.split_validation(cfg.val_split, seed=cfg.seed)
+
+
 def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int = 0, world: int = 1):
-    """(train loader, test loader): the fast path on the device, or the seed's torchvision pipeline."""
+    """(train, test, validation or None) loaders: the fast path on the device, or the seed's
+    torchvision pipeline."""
     if cfg.pipeline == "tensor":
         augment = SeedAugment() if cfg.augment == "seed" else None
         common = dict(mean=data.mean, std=data.std, device=device, channels_last=cfg.channels_last,
                       rank=rank, world=world)
-        return (TensorLoader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True,
-                             augment=augment, seed=cfg.seed, **common),
-                TensorLoader(data.test_images, data.test_labels, cfg.test_batch_size, **common))
-    common = dict(mean=data.mean, std=data.std, seed=cfg.seed, workers=cfg.workers,
-                  pin_memory=device.type == "cuda", rank=rank, world=world)
-    return (torchvision_loader(data.train_images, data.train_labels, cfg.batch_size,
-                               train=cfg.augment == "seed", **common),
-            torchvision_loader(data.test_images, data.test_labels, cfg.test_batch_size, train=False, **common))
+        train = TensorLoader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True,
+                             augment=augment, seed=cfg.seed, **common)
+        evaluation = lambda images, labels: TensorLoader(images, labels, cfg.test_batch_size, **common)
+    else:
+        common = dict(mean=data.mean, std=data.std, seed=cfg.seed, workers=cfg.workers,
+                      pin_memory=device.type == "cuda", rank=rank, world=world)
+        train = torchvision_loader(data.train_images, data.train_labels, cfg.batch_size,
+                                   train=cfg.augment == "seed", **common)
+        evaluation = lambda images, labels: torchvision_loader(images, labels, cfg.test_batch_size, train=False,
+                                                               **common)
+    val = evaluation(data.val_images, data.val_labels) if data.val_images is not None else None
+    return train, evaluation(data.test_images, data.test_labels), val
 
 
 def make_loss(cfg: TrainConfig, outputs: str) -> Callable:
@@ -143,7 +156,7 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     seed_everything(cfg.seed)
     if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    data = data if data is not None else get_data(cfg)
+    data = held_out(cfg, data if data is not None else get_data(cfg))
     if model is None:
         model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes)
     model = model.to(device)
@@ -155,11 +168,12 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    train_loader, test_loader = make_loaders(cfg, data, device, ranks.rank, ranks.world)
+    train_loader, test_loader, val_loader = make_loaders(cfg, data, device, ranks.rank, ranks.world)
     optimizer = build_optimizer(model.parameters(), cfg)
     schedule = build_schedule(optimizer, cfg, len(train_loader))
     precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
-    return Experiment(cfg, data, model, train_model, train_loader, test_loader, optimizer, schedule.scheduler,
+    return Experiment(cfg, data, model, train_model, train_loader, test_loader, val_loader, optimizer,
+                      schedule.scheduler,
                       schedule.per_batch, make_loss(cfg, outputs), device, autocast_dtype(precision, device), ranks,
                       outputs)
 

@@ -12,9 +12,10 @@ from .engine import Callback, History, TrainState
 from .loaders import denormalize
 
 
-def test_line(loss: float, correct: int, total: int, after: str = "") -> str:
+def test_line(loss: float, correct: int, total: int, after: str = "", split: str = "test") -> str:
     """The seed's line for an evaluation: `Test set: Average loss: 0.0191, Accuracy: 9931/10000 (99.31%)`."""
-    return (f"Test set{after}: Average loss: {loss:.4f}, Accuracy: {correct}/{total} "
+    name = "Validation set" if split == "val" else "Test set"
+    return (f"{name}{after}: Average loss: {loss:.4f}, Accuracy: {correct}/{total} "
             f"({100.0 * correct / max(total, 1):.2f}%)")
 
 
@@ -46,9 +47,13 @@ class ConsoleLogger(Callback):
         from tqdm.auto import tqdm
 
         e = state.evaluation
+        if e.after_batch is None and e.split == "test" and state.val_loader is not None:
+            self.print(test_line(e.loss, e.correct, e.total, ", evaluated once at the end"))
+            return
         if e.after_batch is None:
             return                      # the epoch's own evaluation is printed with the epoch
-        line = test_line(e.loss, e.correct, e.total, f" after batch {e.after_batch}/{state.num_batches}")
+        line = test_line(e.loss, e.correct, e.total, f" after batch {e.after_batch}/{state.num_batches}",
+                         e.split)
         if self.progress and self.print is print:
             tqdm.write(line)            # above the bar, which stays in place
         else:
@@ -59,7 +64,10 @@ class ConsoleLogger(Callback):
         r = state.result
         if not self.progress:
             self.print(f"Train: Loss={r.train_loss:0.4f} Accuracy={r.train_acc:0.2f}")
-        self.print(test_line(r.test_loss, r.test_correct, r.test_total) + "\n")
+        if r.val_acc is not None:
+            self.print(test_line(r.val_loss, r.val_correct, r.val_total, split="val") + "\n")
+        else:
+            self.print(test_line(r.test_loss, r.test_correct, r.test_total) + "\n")
 
     def on_fit_end(self, state: TrainState) -> None:
         self._close_bar()
@@ -80,11 +88,13 @@ def metrics_csv(history: History) -> str:
 
 
 def markdown_table(history: History) -> str:
-    lines = ["| epoch | lr | train loss | train acc % | test loss | test acc % | seconds |",
+    split = "val" if history and history[0].val_acc is not None else "test"
+    lines = [f"| epoch | lr | train loss | train acc % | {split} loss | {split} acc % | seconds |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in history:
+        loss, acc = getattr(r, f"{split}_loss"), getattr(r, f"{split}_acc")
         lines.append(f"| {r.epoch} | {r.lr:.4g} | {r.train_loss:.4f} | {r.train_acc:.2f} | "
-                     f"{r.test_loss:.4f} | {r.test_acc:.2f} | {r.seconds:.1f} |")
+                     f"{loss:.4f} | {acc:.2f} | {r.seconds:.1f} |")
     return "\n".join(lines)
 
 
@@ -107,8 +117,9 @@ def plot_history(history: History, path: Path | None = None):
     plt = _pyplot()
     epochs = [r.epoch for r in history]
     fig, axs = plt.subplots(2, 2, figsize=(15, 10))
+    held_out = ("val", "Validation") if history and history[0].val_acc is not None else ("test", "Test")
     panels = [("train_loss", "Training Loss"), ("train_acc", "Training Accuracy"),
-              ("test_loss", "Test Loss"), ("test_acc", "Test Accuracy")]
+              (f"{held_out[0]}_loss", f"{held_out[1]} Loss"), (f"{held_out[0]}_acc", f"{held_out[1]} Accuracy")]
     for ax, (key, title) in zip(axs.T.flat, panels):
         ax.plot(epochs, [getattr(r, key) for r in history], marker="o")
         ax.set_title(title)
@@ -313,9 +324,12 @@ def run_summary(model: nn.Module, data, history: History, matrix: torch.Tensor) 
              f"Dataset: {data.name} ({len(data.train_labels)} train, {len(data.test_labels)} test images)", ""]
     if history:
         last = history[-1]
+        held_out = f"validation accuracy {last.val_acc:.2f}%, " if last.val_acc is not None else ""
+        test = f"test accuracy {last.test_acc:.2f}% ({last.test_correct}/{last.test_total})" \
+            if last.test_acc is not None else "test set not evaluated"
         lines += [f"Epochs: {len(history)}, {sum(r.seconds for r in history):.1f} s",
-                  f"Final: train accuracy {last.train_acc:.2f}%, test accuracy {last.test_acc:.2f}% "
-                  f"({last.test_correct}/{last.test_total}), best {history.best_acc:.2f}%", ""]
+                  f"Final: train accuracy {last.train_acc:.2f}%, {held_out}{test}, "
+                  f"best {'validation' if held_out else 'test'} accuracy {history.best_acc:.2f}%", ""]
     lines.append("Per-class test accuracy:")
     lines += [f"  {name:>12}: {acc:6.2f}%" for name, acc in zip(data.classes, per_class_accuracy(matrix))]
     return "\n".join(lines) + "\n"

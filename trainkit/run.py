@@ -59,6 +59,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
                   loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
                   device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,
+                  val_loader=exp.val_loader,
                   callbacks=everyone + own + writers, resume=resume_state)
     distributed.barrier()
     return RunResult(history, run_dir, exp)

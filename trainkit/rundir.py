@@ -53,7 +53,8 @@ def data_info(data: ImageData) -> dict:
     """What config.json records of the data: enough to preprocess an image as training did."""
     return {"name": data.name, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
             "image_shape": list(data.image_shape), "channels": data.image_shape[0],
-            "train_size": len(data.train_labels), "test_size": len(data.test_labels)}
+            "train_size": len(data.train_labels), "test_size": len(data.test_labels),
+            "val_size": len(data.val_labels) if data.val_labels is not None else 0}
 
 
 def model_info(exp: Experiment) -> dict:
@@ -154,7 +155,7 @@ class RunDirectory(Callback):
 
     def on_epoch_end(self, state: TrainState) -> None:
         history = state.history
-        best = history[-1].test_acc >= history.best_acc
+        best = history[-1].score >= history.best_acc
         self._save_checkpoint(state, "last.pt", *(["best.pt"] if best else []))
         self._guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",
                                                                    reports.metrics_csv(history)))
@@ -165,6 +166,8 @@ class RunDirectory(Callback):
             if state.partial is not None and self.exp.rank.world == 1:
                 self._save_checkpoint(state, "last.pt", partial=state.partial)
             return
+        self._guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",   # with the final test
+                                                                   reports.metrics_csv(state.history)))
         self.finish(state.history, unwrap(state.eval_model or self.exp.model))
 
     def finish(self, history: History, model) -> None:
