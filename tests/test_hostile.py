@@ -3,7 +3,15 @@
 Every case ends in one line on stderr and a non-zero exit (or a TrainkitError with a short
 message), never a traceback, a hang or lost data. docs/reliability.md lists each with its test.
 """
+import contextlib
+import http.server
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +20,7 @@ import torch
 from conftest import assert_one_line_error, cli_ok, data_dir, run_cli
 from trainkit import TrainConfig, train
 from trainkit import checkpoint as ckpt
+from trainkit.datasets import MNIST, download_file, download_timeout, idx_size, load_image, read_idx_file
 from trainkit.errors import TrainkitError
 
 
@@ -117,3 +126,233 @@ def test_checkpoints_from_before_checksums_still_load(run_copy):
     assert ckpt.load_checkpoint(path)["epoch"] == 1
     torch.save(ckpt.load_weights(run_copy / "model.pt"), run_copy / "model.pt")   # plain torch.save
     assert set(ckpt.load_weights(run_copy / "model.pt")) == set(ckpt.load_checkpoint(run_copy / "best.pt")["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads: a deadline for each file, and signals that stop them at once
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """A mirror that stalls: one byte a second, of the body or already of the status line."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        self.server.requested.set()
+        head = b"HTTP/1.0 200 OK\r\nContent-Length: 9912422\r\n\r\n"
+        if self.server.mode == "body":
+            self.wfile.write(head)
+            head = b"\x1f" * 9912422
+        try:
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if self.server.stopping.wait(1.0):
+                    return
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def trickle_server(mode: str):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.mode, server.requested, server.stopping = mode, threading.Event(), threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        yield server
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(params=["body", "headers"])
+def trickling_mirror(request):
+    with trickle_server(request.param) as server:
+        yield server
+
+
+@pytest.fixture
+def stalled_mirror():
+    with trickle_server("body") as server:
+        yield server
+
+
+def test_a_stalling_mirror_meets_the_deadline(trickling_mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINKIT_MIRROR", trickling_mirror.url)
+    monkeypatch.setenv("TRAINKIT_DOWNLOAD_TIMEOUT", "1.5")
+    start = time.monotonic()
+    with pytest.raises(TrainkitError, match=r"not done within 1.5 s.*TRAINKIT_DOWNLOAD_TIMEOUT") as info:
+        download_file(MNIST, MNIST.files["train_images"], tmp_path, progress=False)
+    assert time.monotonic() - start < 4                     # a byte a second would take 115 days
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []                   # no temporary file left
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf", "1e999"])
+def test_a_bad_download_timeout_is_one_line(value, monkeypatch):
+    monkeypatch.setenv("TRAINKIT_DOWNLOAD_TIMEOUT", value)
+    with pytest.raises(TrainkitError, match="TRAINKIT_DOWNLOAD_TIMEOUT must be a number of seconds"):
+        download_timeout()
+
+
+def start_train(tmp_path, mirror, **env):
+    """`trainkit train` on an empty data folder, downloading from `mirror`."""
+    full_env = {**os.environ, "TRAINKIT_MIRROR": mirror, **env}
+    args = [sys.executable, "-m", "trainkit", "train", "--limit-train", "64", "--limit-test", "64", "--epochs", "1",
+            "--data-dir", tmp_path / "data", "--out", tmp_path / "run", "--no-progress"]
+    return subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env)
+
+
+def finished(proc, timeout):
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_a_stalling_mirror_fails_the_run_in_one_line(stalled_mirror, tmp_path):
+    start = time.monotonic()
+    proc = finished(start_train(tmp_path, stalled_mirror.url, TRAINKIT_DOWNLOAD_TIMEOUT="2"), timeout=120)
+    assert_one_line_error(proc, "train-images-idx3-ubyte.gz is missing", "could not be downloaded",
+                          "not done within 2 s", "TRAINKIT_DOWNLOAD_TIMEOUT")
+    assert time.monotonic() - start < 60
+    assert files_under(tmp_path) == [] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_download_at_once(stalled_mirror, tmp_path, signum, code):
+    proc = start_train(tmp_path, stalled_mirror.url)     # the default deadline: 120 s
+    assert stalled_mirror.requested.wait(120), "the download never started"
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    sent = time.monotonic()
+    result = finished(proc, timeout=30)
+    assert time.monotonic() - sent < 5
+    assert_one_line_error(result, f"stopped by {signal.Signals(signum).name} while downloading",
+                          "train-images-idx3-ubyte.gz", code=code)
+    assert files_under(tmp_path) == []                    # the temporary file is gone
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files: damaged gzip, gzip bombs, oversized files
+
+def raw_dir(root: Path) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    return raw
+
+
+@pytest.mark.parametrize("offset", [100, 1000, 2500, 4000, -6])
+def test_flipped_bytes_in_a_gz_name_the_file(mnist_dir, tmp_path, offset):
+    # Depending on where, zlib reports a bad stream (zlib.error) or gzip a bad CRC or length.
+    path = raw_dir(tmp_path) / "t10k-labels-idx1-ubyte.gz"
+    shutil.copy(mnist_dir / "MNIST" / "raw" / path.name, path)
+    flip(path, offset, count=1)
+    with pytest.raises(TrainkitError, match=r"t10k-labels-idx1-ubyte.gz is (truncated or )?corrupt.*delete it") as info:
+        read_idx_file(path, MNIST, MNIST.files["test_labels"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_flipped_bytes_in_a_gz_are_one_line_from_the_cli(mnist_dir, tmp_path):
+    path = raw_dir(tmp_path / "data") / "train-images-idx3-ubyte.gz"
+    shutil.copy(mnist_dir / "MNIST" / "raw" / path.name, path)
+    flip(path, 5_037_886, count=4)        # "invalid block type": a zlib.error, which used to escape
+    proc = run_cli("train", "--data-dir", tmp_path / "data", "--limit-train", "64", "--out", tmp_path / "run")
+    assert_one_line_error(proc, f"{path} is truncated or corrupt")
+
+
+def write_gzip_of_zeros(path: Path, size: int) -> None:
+    """A gzip bomb: `size` bytes of zeros, about 1/220 of that on disk (level 1, written in chunks)."""
+    compressor = __import__("zlib").compressobj(1, 8, 31)
+    chunk = bytes(1 << 24)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(compressor.compress(chunk))
+        f.write(compressor.flush())
+
+
+PEAK_MEMORY = """
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(proc.stderr)
+print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)   # kB on Linux
+"""
+
+
+def cli_peak_memory(*args, env) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the CLI in a child of a small Python process; returns the result and its peak RSS in MB."""
+    cmd = [sys.executable, "-c", PEAK_MEMORY, sys.executable, "-m", "trainkit", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    code, peak_kb = map(int, proc.stdout.split())
+    return subprocess.CompletedProcess(cmd, code, "", proc.stderr), peak_kb // 1024
+
+
+@pytest.mark.slow
+def test_a_gzip_bomb_is_refused_without_allocating_it(tmp_path):
+    bomb = raw_dir(tmp_path / "bomb") / "train-images-idx3-ubyte.gz"
+    write_gzip_of_zeros(bomb, 512 << 20)
+    assert bomb.stat().st_size < 3 << 20                    # 512 MiB in a file of about 2 MB
+    args = ["train", "--limit-train", "64", "--out", tmp_path / "run", "--no-progress"]
+    env = {"TRAINKIT_MIRROR": "http://127.0.0.1:9/"}       # nothing listens: the baseline fails at once
+    baseline, baseline_mb = cli_peak_memory(*args, "--data-dir", tmp_path / "empty", env=env)
+    assert_one_line_error(baseline, "could not be downloaded")
+    proc, bomb_mb = cli_peak_memory(*args, "--data-dir", tmp_path / "bomb", env=env)
+    assert_one_line_error(proc, f"{bomb} is corrupt or not the mnist file: it decompresses to more than "
+                                f"the {idx_size(MNIST.files['train_images'])} bytes")
+    # Reading stops after the 47 MB the real file holds; decompressing it all would take 512 MiB.
+    assert bomb_mb - baseline_mb < 200, (baseline_mb, bomb_mb)
+
+
+def test_an_oversized_extracted_file_is_refused_before_it_is_read(tmp_path):
+    path = raw_dir(tmp_path) / "train-images-idx3-ubyte"
+    with open(path, "wb") as f:
+        f.truncate(64 << 30)                                # 64 GiB, sparse: nothing is written
+    with pytest.raises(TrainkitError, match=r"train-images-idx3-ubyte is too large \(68719476736 bytes"):
+        read_idx_file(path, MNIST, MNIST.files["train_images"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Image bombs in `predict` (and in image folders)
+
+def write_png_bomb(path: Path, side: int) -> None:
+    """A valid black 1-bit PNG of side x side pixels, a few kB on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (side + 7) // 8)                         # filter byte 0, then the pixels
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [10_000, 14_000])   # Pillow warns above 89 M pixels, raises above 179 M
+def test_a_png_bomb_is_refused(tmp_path, side):
+    path = tmp_path / "bomb.png"
+    write_png_bomb(path, side)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(TrainkitError, match=rf"bomb.png was refused: Image size \({side * side} pixels\) "
+                                            rf"exceeds limit"):
+        load_image(path, 1, (28, 28))
+
+
+@pytest.mark.slow
+def test_a_png_bomb_in_predict_is_one_line(finished_run, tmp_path, digit_png):
+    path = tmp_path / "bomb.png"
+    write_png_bomb(path, 14_000)
+    assert_one_line_error(run_cli("predict", finished_run, digit_png, path), "bomb.png was refused",
+                          "decompression bomb")
