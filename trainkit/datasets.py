@@ -265,12 +265,13 @@ class _Fetch(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.out, self.timeout = url, out, timeout
         self.received, self.total, self.error = 0, None, None
-        self.cancelled = False
+        self.started = self.cancelled = False
 
     def run(self) -> None:
         try:
             with self.out, urllib.request.urlopen(self.url, timeout=self.timeout) as response:
                 self.total = int(response.headers.get("Content-Length") or 0) or None
+                self.started = True
                 # read1 returns what has arrived; read(n) would wait for all n bytes.
                 while not self.cancelled and (chunk := response.read1(1 << 16)):
                     self.out.write(chunk)
@@ -283,22 +284,27 @@ class _DeadlinePassed(Exception):
     pass
 
 
-def _fetch(url: str, out, deadline: float, bar) -> None:
-    """Download `url` into `out` (which this closes), or raise _DeadlinePassed at `deadline`."""
+def _fetch(url: str, out, deadline: float, make_bar) -> None:
+    """Download `url` into `out` (which this closes), or raise _DeadlinePassed at `deadline`.
+    `make_bar(total)` makes the progress bar, once the mirror has answered."""
     fetch = _Fetch(url, out, timeout=max(0.1, min(SOCKET_TIMEOUT, deadline - time.monotonic())))
     fetch.start()
-    shown = 0
+    bar = None
     try:
-        while fetch.is_alive():
+        while True:
             fetch.join(0.1)
-            received = fetch.received
-            bar.total = fetch.total
-            bar.update(received - shown)
-            shown = received
-            if fetch.is_alive() and time.monotonic() > deadline:
+            if fetch.started:
+                if bar is None:
+                    bar = make_bar(fetch.total)
+                bar.update(fetch.received - bar.n)
+            if not fetch.is_alive():
+                break
+            if time.monotonic() > deadline:
                 raise _DeadlinePassed(f"{fetch.received} of {fetch.total or 'unknown'} bytes received")
     finally:
         fetch.cancelled = True  # it stops at its next read; the file it writes is deleted by the caller
+        if bar is not None:
+            bar.close()
     if fetch.error is not None:
         raise fetch.error
 
@@ -355,8 +361,8 @@ def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: boo
             tmp = None
             try:
                 fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
-                with tqdm(unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                    _fetch(url, os.fdopen(fd, "wb"), deadline, bar)
+                _fetch(url, os.fdopen(fd, "wb"), deadline,
+                       lambda total: tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress))
                 if _md5(Path(tmp).read_bytes()) != item.gz_md5:
                     errors.append(f"{url}: wrong MD5")
                     continue
