@@ -356,3 +356,207 @@ def test_a_png_bomb_in_predict_is_one_line(finished_run, tmp_path, digit_png):
     write_png_bomb(path, 14_000)
     assert_one_line_error(run_cli("predict", finished_run, digit_png, path), "bomb.png was refused",
                           "decompression bomb")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: sizes, types and ranges are checked before a value is used or shown
+
+from trainkit.cli import main
+from trainkit.config import from_mapping, load_config_file, show, validate
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A billion laughs in YAML flow style: 9 ** (levels + 1) strings that share 9 * levels lists."""
+    text = "&l0 [" + ", ".join(["lol"] * 9) + "]"
+    for n in range(1, levels + 1):
+        text = f"&l{n} [{text}, " + ", ".join([f"*l{n - 1}"] * 8) + "]"
+    return text
+
+
+@pytest.mark.parametrize("setting, kind", [("model", "a string"), ("lr", "a number"), ("epochs", "an integer"),
+                                           ("nesterov", "true or false")])
+def test_a_yaml_alias_bomb_under_one_setting_is_named_not_printed(tmp_path, setting, kind):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"epochs: 1\n{setting}: {alias_bomb()}\n")
+    assert path.stat().st_size < 1000                      # 3.5 billion strings once expanded
+    with pytest.raises(TrainkitError) as info:
+        from_mapping(load_config_file(path))
+    assert str(info.value) == f"setting {setting!r} must be {kind}, got a list"
+
+
+@pytest.mark.slow
+def test_a_yaml_alias_bomb_is_one_line_from_the_cli(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"model: {alias_bomb()}\n")
+    assert_one_line_error(run_cli("train", "--config", path, timeout=120), "setting 'model' must be a string, got a list")
+
+
+def test_values_in_messages_are_short():
+    assert show("x" * 10**7) == repr("x" * 80) + "..."
+    assert show(10**5000) == "an integer of 5001 digits"      # str() of it would be refused
+    assert show(2**63) == "9223372036854775808"
+    assert show([[1] * 10**6] * 10**3) == "a list" and show({"a": 1}) == "a dict"
+    assert show(float("nan")) == "nan" and show(None) == "None"
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trainkit: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+QUICK_ARGS = ["train", "--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--batch-size", "64"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--seed", "1e23"], "--seed must be an integer, got '1e23'"),
+    (["--seed", str(10**23)], "--seed must be at most 9223372036854775807, got 100000000000000000000000"),
+    (["--seed", "-1"], "--seed must not be negative"),
+    (["--label-smoothing", "2"], "--label-smoothing must be less than 1, got 2.0"),
+    (["--label-smoothing", "1"], "--label-smoothing must be less than 1"),
+    (["--pct-start", "1.5"], "--pct-start must be less than 1"),
+    (["--target-acc", "101"], "--target-acc must be at most 100"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--momentum", "nan"], "--momentum must be a finite number"),
+    (["--lr", "1e300"], "--lr must be at most 3.403e+38 in size (a 32-bit float), got 1e+300"),
+    (["--weight-decay", "1e39"], "--weight-decay must be at most 3.403e+38"),
+    (["--epochs", str(2**64)], "--epochs must be at most 9223372036854775807"),
+    (["--model", "m" * 5000], "--model must be at most 4096 characters"),
+    (["--device", "x" * 5000], "must be at most 4096 characters"),
+])
+def test_out_of_range_flags_are_one_line(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*QUICK_ARGS, *argv]) == 2
+    line = one_line(capsys)
+    assert fragment in line and len(line) < 300, line
+    assert not (tmp_path / "runs").exists()
+
+
+BAD_CONFIG_FILES = [
+    ("run.json", b'{"config": 5}', '"config" must hold a mapping of settings'),
+    ("run.json", b'{"config": [1, 2]}', '"config" must hold a mapping of settings (as in a run\'s config.json), not a list'),
+    ("s.yaml", b"epochs: 3\n\xff\xfe\x00garbage\n", "is not UTF-8 text (byte 10)"),
+    ("s.yaml", b"", "is empty"),
+    ("s.json", b"  \n", "is empty"),
+    ("s.toml", b"", "is empty"),
+    ("s.yaml", b"- epochs\n- 3\n", "must hold a mapping of settings, not a list"),
+    ("s.yaml", b"just words\n", "must hold a mapping of settings, not 'just words'"),
+    ("s.json", b"[" * 100_000, "could not be parsed"),
+    ("s.yaml", b"epochs: !!python/object/apply:os.system ['touch pwned']\n", "could not be parsed"),
+    ("s.yaml", b"1: 2\n", "setting names must be strings, got 1"),
+    ("s.yaml", b"seed: 100000000000000000000000\n", "--seed must be at most 9223372036854775807"),
+    ("s.json", b'{"seed": 1e23}', "--seed must be at most 9223372036854775807, got 99999999999999991611392"),
+    ("s.json", b'{"epochs": 1e400}', "setting 'epochs': inf is not a valid int"),
+    ("s.yaml", b"lr: .inf\n", "--lr must be a finite number, got inf"),
+    ("s.yaml", b"label_smoothing: 2\n", "--label-smoothing must be less than 1"),
+    ("s.yaml", b"model: {name: s5net}\n", "setting 'model' must be a string, got a dict"),
+    ("s.yaml", b"epochs: 2024-01-01\n", "setting 'epochs' must be an integer, got a date"),
+    ("s.yaml", b"epochs: " + b"9" * 5000 + b"\n", "could not be parsed: Exceeds the limit (4300 digits)"),
+    ("s.yaml", b"epochs: '" + b"9" * 5000 + b"'\n", "setting 'epochs': '99999"),
+    ("s.json", b'{"seed": ' + b"9" * 4000 + b"}", "--seed must be at most 9223372036854775807, got an integer of 4000 digits"),
+    ("s.yaml", b"model: '" + b"a" * 100_000 + b"'\n", "--model must be at most 4096 characters"),
+    ("s.yaml", b"x" * 100 + b": 1\n", "unknown setting 'xxxxx"),
+    ("s.yaml", b"# " + b"x" * (2 << 20) + b"\n", "too large for a file of settings"),
+]
+
+
+@pytest.mark.parametrize("name, content, fragment", BAD_CONFIG_FILES,
+                         ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_CONFIG_FILES)])
+def test_bad_config_files_are_one_line(name, content, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(content)
+    assert main([*QUICK_ARGS, "--config", str(tmp_path / name)]) == 2
+    line = one_line(capsys)
+    assert fragment in line and len(line) < 700, line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: any mapping of settings is a config or one short line
+
+import json
+import tempfile
+
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from trainkit.config import field_specs
+
+NAMES = [f.name for f in field_specs()]
+MAX_MESSAGE = 700     # the longest: an unknown setting, listing every known one
+
+scalars = st.one_of(
+    st.none(), st.booleans(),
+    st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([2**63 - 1, 2**63, -2**63, 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=100), st.sampled_from(["", "x" * 10_000, "1e23", "nan", "-inf", "yes", "s5net", "sgd"]),
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=4), max_leaves=10)
+names = st.one_of(st.sampled_from(NAMES), st.sampled_from(NAMES).map(lambda n: n.replace("_", "-")),
+                  st.text(max_size=20))
+mappings = st.dictionaries(names, values, max_size=6)
+
+
+def check_settings(mapping: dict) -> None:
+    try:
+        validate(from_mapping(mapping))
+    except TrainkitError as exc:
+        message = str(exc)
+        assert "\n" not in message and 0 < len(message) <= MAX_MESSAGE, message
+
+
+@settings(max_examples=400, deadline=None)
+@given(mappings)
+def test_any_mapping_of_settings_is_a_config_or_one_short_line(mapping):
+    check_settings(mapping)
+
+
+@settings(max_examples=150, deadline=None)
+@given(mappings, st.sampled_from(["yaml", "json"]))
+def test_any_config_file_is_a_config_or_one_short_line(mapping, fmt):
+    text = yaml.safe_dump(mapping) if fmt == "yaml" else json.dumps(mapping)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"settings.{fmt}"
+        path.write_text(text)
+        try:
+            check_settings(load_config_file(path))
+        except TrainkitError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) <= MAX_MESSAGE + len(str(path)), str(exc)
+
+
+# For the CLI: settings that run in seconds on 64 images (no compile, few workers), each with
+# good and bad values, so that some examples train and some fail.
+CLI_VALUES = {
+    "model": st.sampled_from(["s5net", "compact", "speednet", "nonet", "x" * 5000]),
+    "optimizer": st.sampled_from(["sgd", "adamw", "rmsprop"]),
+    "lr": st.sampled_from([0.01, 0.1, 0.0, -1.0, float("inf"), 1e300, "fast"]),
+    "momentum": st.sampled_from([0.0, 0.9, -0.1, float("nan")]),
+    "scheduler": st.sampled_from(["step", "onecycle", "constant", "cosine"]),
+    "pct_start": st.sampled_from([0.1, 0.3, 1.0, 2]),
+    "label_smoothing": st.sampled_from([0.0, 0.1, 0.99, 1, 2]),
+    "seed": st.sampled_from([0, 1, 2**63 - 1, 2**63, -1, 1e23, "one"]),
+    "augment": st.sampled_from(["seed", "none", "mixup"]),
+    "precision": st.sampled_from(["fp32", "bf16", "auto", "fp8"]),
+    "evals_per_epoch": st.sampled_from([1, 2, 10**30, 0]),
+    "target_acc": st.sampled_from([None, 10.0, 100.0, 101.0]),
+    "test_batch_size": st.sampled_from([1, 32, 10**6, 0]),
+    "gamma": st.sampled_from([0.1, 1e300, -1]),
+}
+cli_mappings = st.dictionaries(st.sampled_from(sorted(CLI_VALUES)), st.just(None), min_size=1, max_size=5).flatmap(
+    lambda keys: st.fixed_dictionaries({k: CLI_VALUES[k] for k in keys}))
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cli_mappings, st.sampled_from(["yaml", "json"]))
+def test_generated_config_files_through_the_cli(mapping, fmt):
+    text = yaml.safe_dump(mapping) if fmt == "yaml" else json.dumps(mapping)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"settings.{fmt}"
+        path.write_text(text)
+        proc = run_cli("train", "--config", path, "--limit-train", "64", "--limit-test", "64", "--epochs", "1",
+                       "--batch-size", "64", "--out", Path(folder) / "run", "--no-progress", timeout=300)
+        if proc.returncode != 0:  # 2 for a bad setting, 3 when a setting makes the loss nan
+            assert_one_line_error(proc, code=proc.returncode if proc.returncode in (2, 3) else 2)
