@@ -1,10 +1,12 @@
-"""Checkpoints and weights on disk: written atomically, loaded with weights_only=True only."""
+"""Checkpoints and weights on disk: written atomically, checksummed, loaded with weights_only=True only."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -56,10 +58,45 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+# torch.save writes a zip archive. Its last record (the end of central directory) may carry a
+# comment of up to 64 KiB that zip readers, torch.load included, skip. trainkit puts the SHA-256
+# of every byte before the comment's length field there, so the file stays a plain torch file
+# that any torch.load reads, and a flipped byte anywhere in it is caught on load.
+CHECKSUM_TAG = b"trainkit-sha256:"
+_FOOTER_LEN = len(CHECKSUM_TAG) + 64            # the comment: tag + hex digest
+_EOCD_SIG = b"PK\x05\x06"                       # end of central directory; 22 bytes without a comment
+
+
+def add_checksum(data: bytes) -> bytes:
+    """torch.save bytes with the SHA-256 of their contents stored as the zip comment."""
+    if len(data) < 22 or data[-22:-18] != _EOCD_SIG or data[-2:] != b"\0\0":
+        raise ValueError("not a zip archive without a comment, as torch.save writes")
+    body = data[:-2]
+    footer = CHECKSUM_TAG + hashlib.sha256(body).hexdigest().encode()
+    return body + len(footer).to_bytes(2, "little") + footer
+
+
+def check_checksum(data: bytes, path: Path) -> bool:
+    """True when `data` carries a checksum that matches; False for a file written without one
+    (by trainkit before checksums, or by a plain torch.save); TrainkitError when it is damaged."""
+    if not data.startswith(b"PK\x03\x04"):
+        return False  # not a zip archive: torch.load decides (legacy format, or garbage)
+    if data[-22:-18] == _EOCD_SIG and data[-2:] == b"\0\0":
+        return False  # a zip archive ending with an empty comment: no checksum was written
+    body, length, footer = data[:-_FOOTER_LEN - 2], data[-_FOOTER_LEN - 2:-_FOOTER_LEN], data[-_FOOTER_LEN:]
+    expected = CHECKSUM_TAG + hashlib.sha256(body).hexdigest().encode()
+    if length != _FOOTER_LEN.to_bytes(2, "little") or footer != expected:
+        # Cut short, or any byte changed since it was written (the footer included).
+        raise TrainkitError(f"{path} is truncated or corrupt: its contents do not match the SHA-256 "
+                            f"checksum written with it (damaged on disk or in a copy); use another "
+                            f"checkpoint or start again")
+    return True
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, add_checksum(buffer.getvalue()))
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -71,12 +108,20 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 
 def safe_load(path: Path) -> Any:
-    """torch.load with weights_only=True; any failure is a TrainkitError naming the file."""
+    """torch.load with weights_only=True of a file whose checksum (if it has one) matches;
+    any failure is a TrainkitError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise TrainkitError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()  # read once: what is checked is what is loaded
+    except OSError as exc:
+        raise TrainkitError(f"cannot read {path}: {exc.strerror}") from None
+    check_checksum(data, path)
+    try:
+        with warnings.catch_warnings():  # e.g. "looks like a TorchScript archive": refused below anyway
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses a pickle that names a Python object (a GLOBAL): that is how a
         # checkpoint runs code. Any other unpickling error means damaged bytes.
@@ -91,11 +136,42 @@ def safe_load(path: Path) -> Any:
                             f"({type(exc).__name__}); use another checkpoint or start again") from None
 
 
+# What every trainkit checkpoint holds; one without them cannot be resumed or used.
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "history", "config")
+
+
 def load_checkpoint(path: Path) -> dict:
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise TrainkitError(f"{path} is not a trainkit checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise TrainkitError(f"{path} is an incomplete trainkit checkpoint (no {', '.join(missing)}); "
+                            f"use another checkpoint or start again")
+    if not isinstance(ckpt["model"], dict):
+        raise TrainkitError(f"{path} does not hold model weights")
     return ckpt
+
+
+def is_trainkit_file(path: Path) -> bool:
+    """Whether `path` is a checkpoint or weights file that trainkit wrote, judged by its content:
+    a trainkit checksum, or (files from before checksums) a checkpoint or a dict of tensors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+            f.seek(max(0, path.stat().st_size - _FOOTER_LEN))
+            if f.read().startswith(CHECKSUM_TAG):
+                return True
+    except OSError:
+        return False
+    try:
+        obj = safe_load(path)
+    except TrainkitError:
+        return False  # a TorchScript archive, say: not a file trainkit would load
+    return isinstance(obj, dict) and (obj.get("format") == FORMAT or
+                                      bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
 def load_weights_into(model: nn.Module, state: dict, source: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,38 @@ from .errors import TrainkitError
 
 
 def _opt(default, help: str, choices=None, positive: bool = False, nonneg: bool = False,
-         registry: str | None = None):
-    """A setting: its default, help, and the rules `validate` checks. `registry` names the
-    registry its value is looked up in (the CLI lists the registered names in the help)."""
-    meta = {"help": help, "choices": choices, "positive": positive, "nonneg": nonneg, "registry": registry}
+         maximum=None, below=None, registry: str | None = None):
+    """A setting: its help, and the rules `validate` checks (`maximum` inclusive, `below` exclusive).
+    `registry` names the registry its value is looked up in (the CLI lists the registered names)."""
+    meta = {"help": help, "choices": choices, "positive": positive, "nonneg": nonneg,
+            "maximum": maximum, "below": below, "registry": registry}
     return field(default=default, metadata=meta)
+
+
+INT64_MAX = 2**63 - 1     # torch and numpy hold integers in 64 bits
+FLOAT32_MAX = 3.4028234663852886e38   # the optimizers apply lr, momentum, decay to float32 weights
+MAX_TEXT = 4096           # no name or path is longer (PATH_MAX)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """A value for an error message, at most about `limit` characters. Containers are named, never
+    printed: a YAML alias bomb is a small file whose repr runs to gigabytes."""
+    if value is None or isinstance(value, (bool, float)):
+        text = repr(value)
+    elif isinstance(value, int):
+        if value.bit_length() > 256:  # str() of a huge int is slow, and refused past 4300 digits
+            digits = int((value.bit_length() - 1) * math.log10(2)) + 1  # exact, or one short
+            digits += abs(value) >= 10**digits
+            return f"an integer of {digits} digits"
+        text = str(value)
+    elif isinstance(value, str):
+        text = repr(value[:limit])
+        if len(text) <= limit + 2:  # escapes can make the repr of `limit` characters longer
+            return text + ("..." if len(value) > limit else "")
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -40,8 +68,8 @@ class TrainConfig:
     scheduler: str = _opt("step", "learning-rate schedule", registry="scheduler")
     step_size: int = _opt(15, "StepLR: epochs between decays", positive=True)
     gamma: float = _opt(0.1, "StepLR: decay factor", positive=True)
-    pct_start: float = _opt(0.25, "onecycle: fraction of steps spent warming up", positive=True)
-    label_smoothing: float = _opt(0.0, "label smoothing of the loss", nonneg=True)
+    pct_start: float = _opt(0.25, "onecycle: fraction of steps spent warming up", positive=True, below=1)
+    label_smoothing: float = _opt(0.0, "label smoothing of the loss", nonneg=True, below=1)
     augment: str = _opt("seed", "training augmentation", choices=["seed", "none"])
     pipeline: str = _opt("tensor", "data path: tensor (batched, on the device) or torchvision (the seed's)",
                          choices=["tensor", "torchvision"])
@@ -49,7 +77,7 @@ class TrainConfig:
                           choices=["auto", "fp32", "bf16"])
     channels_last: bool = _opt(True, "channels_last memory format for 4-D activations")
     compile: bool = _opt(False, "torch.compile the model")
-    seed: int = _opt(1, "random seed", nonneg=True)
+    seed: int = _opt(1, "random seed", nonneg=True, maximum=INT64_MAX)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     workers: int = _opt(2, "DataLoader workers (torchvision pipeline only)", nonneg=True)
     limit_train: int | None = _opt(None, "use only the first N training images", positive=True)
@@ -57,13 +85,14 @@ class TrainConfig:
     val_split: float | None = _opt(None, "hold out this fraction (or, from 1 up, this many) of the training "
                                          "images for validation: checks, best.pt, --patience and --target-acc "
                                          "then use it, and the test set is evaluated once at the end", positive=True)
-    target_acc: float | None = _opt(None, "stop once test accuracy (percent) reaches this", positive=True)
+    target_acc: float | None = _opt(None, "stop once test accuracy (percent) reaches this", positive=True,
+                                    maximum=100)
     evals_per_epoch: int = _opt(1, "test-set evaluations per epoch, evenly spaced; with --target-acc "
                                    "training stops at the first that reaches it", positive=True)
     patience: int | None = _opt(None, "stop when test accuracy has not improved for N epochs", positive=True)
     clip_grad_norm: float | None = _opt(None, "clip the gradients' total norm to this", positive=True)
     ema: float | None = _opt(None, "evaluate an exponential moving average of the weights with this decay "
-                                   "(e.g. 0.999)", positive=True)
+                                   "(e.g. 0.999)", positive=True, below=1)
     tensorboard: bool = _opt(False, "also write TensorBoard event files")
     progress: bool = _opt(True, "show progress bars")
 
@@ -98,21 +127,53 @@ def field_specs() -> list[dataclasses.Field]:
 def flag_name(setting: str) -> str:
     """The command-line flag of a setting: batch_size -> --batch-size."""
     return "--" + setting.replace("_", "-")
+def kind_of(f: dataclasses.Field) -> str:
+    """"int", "float", "str" or "bool": the field's type, without "| None"."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return kind.split(" ")[0]
+
+
+_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every value against its field's rules; raise TrainkitError naming the setting."""
+    """Check every value against its field's type and rules; raise TrainkitError naming the setting."""
     for f in field_specs():
         value = getattr(cfg, f.name)
         if value is None:
             continue
         flag = flag_name(f.name)
-        if f.metadata.get("choices") and value not in f.metadata["choices"]:
-            raise TrainkitError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
-        if f.metadata.get("positive") and not value > 0:
-            raise TrainkitError(f"{flag} must be greater than 0, got {value}")
-        if f.metadata.get("nonneg") and value < 0:
-            raise TrainkitError(f"{flag} must not be negative, got {value}")
+        kind, meta = kind_of(f), f.metadata
+        if not _type_ok(kind, value):
+            raise TrainkitError(f"{flag} must be {_KIND_NAMES[kind]}, got {show(value)}")
+        if kind == "float" and not math.isfinite(value):
+            raise TrainkitError(f"{flag} must be a finite number, got {show(value)}")
+        if kind == "float" and abs(value) > FLOAT32_MAX:
+            raise TrainkitError(f"{flag} must be at most {FLOAT32_MAX:.4g} in size (a 32-bit float), got {show(value)}")
+        if kind == "int" and abs(value) > INT64_MAX:
+            raise TrainkitError(f"{flag} must be at most {INT64_MAX}, got {show(value)}")
+        if kind == "str" and (len(value) > MAX_TEXT or "\0" in value):
+            raise TrainkitError(f"{flag} must be at most {MAX_TEXT} characters without NUL bytes, got {show(value)}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise TrainkitError(f"{flag} must be one of {', '.join(meta['choices'])}, got {show(value)}")
+        if meta.get("positive") and not value > 0:
+            raise TrainkitError(f"{flag} must be greater than 0, got {show(value)}")
+        if meta.get("nonneg") and value < 0:
+            raise TrainkitError(f"{flag} must not be negative, got {show(value)}")
+        if meta.get("maximum") is not None and value > meta["maximum"]:
+            raise TrainkitError(f"{flag} must be at most {meta['maximum']}, got {show(value)}")
+        if meta.get("below") is not None and not value < meta["below"]:
+            raise TrainkitError(f"{flag} must be less than {meta['below']}, got {show(value)}")
     return cfg
 
 
@@ -120,9 +181,12 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Convert a value read from a file to the field's type, or raise TrainkitError."""
     if value is None:
         return None
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = kind_of(f)
+    if not isinstance(value, (str, int, float)):  # bool is an int
+        # A list, a mapping, a date: named, never printed (see `show`).
+        raise TrainkitError(f"setting {f.name!r} must be {_KIND_NAMES[kind]}, got {show(value)}")
     try:
-        if kind.startswith("bool"):
+        if kind == "bool":
             if isinstance(value, bool):
                 return value
             if str(value).lower() in ("true", "1", "yes"):
@@ -130,26 +194,30 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             if str(value).lower() in ("false", "0", "no"):
                 return False
             raise ValueError(value)
-        if kind.startswith("int"):
+        if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
-        if kind.startswith("float"):
+        if kind == "float":
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
-        raise TrainkitError(f"setting {f.name!r}: {value!r} is not a valid {kind.split(' ')[0]}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise TrainkitError(f"setting {f.name!r}: {show(value)} is not a valid {kind}") from None
 
 
 def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Apply a mapping of settings (from a file or JSON) on top of `base`; unknown keys are errors."""
     base = base or TrainConfig()
+    if not isinstance(values, dict):
+        raise TrainkitError(f"settings must be a mapping of names to values, got {show(values)}")
     fields = {f.name: f for f in field_specs()}
     changes = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise TrainkitError(f"setting names must be strings, got {show(key)}")
         name = key.replace("-", "_")
         if name not in fields:
-            raise TrainkitError(f"unknown setting {key!r} (known: {', '.join(sorted(fields))})")
+            raise TrainkitError(f"unknown setting {show(key)} (known: {', '.join(sorted(fields))})")
         changes[name] = _coerce(fields[name], value)
     return base.replace(**changes)
 
@@ -159,7 +227,19 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TrainkitError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:  # settings take a few hundred bytes; this is another file
+            raise TrainkitError(f"config file {path} is {size} bytes, too large for a file of settings "
+                                f"(at most {MAX_CONFIG_BYTES})")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise TrainkitError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise TrainkitError(f"config file {path} is not UTF-8 text (byte {exc.start}); "
+                            f"is it a file of settings?") from None
+    if not text.strip():
+        raise TrainkitError(f"config file {path} is empty; it should hold a mapping of settings")
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -170,11 +250,17 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
             import yaml
             data = yaml.safe_load(text)
     except Exception as exc:  # every parser has its own error type
-        raise TrainkitError(f"config file {path} could not be parsed: {exc}".splitlines()[0]) from None
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise TrainkitError(f"config file {path} could not be parsed: {reason}") from None
     if not isinstance(data, dict):
-        raise TrainkitError(f"config file {path} must hold a mapping of settings")
+        raise TrainkitError(f"config file {path} must hold a mapping of settings, not {show(data)}")
     # A run's config.json keeps the settings under "config" beside the environment it ran in.
-    return data.get("config", data)
+    if "config" in data:
+        data = data["config"]
+        if not isinstance(data, dict):
+            raise TrainkitError(f"config file {path}: \"config\" must hold a mapping of settings (as in a "
+                                f"run's config.json), not {show(data)}")
+    return data
 
 
 def resolve_data_dir(cfg: TrainConfig) -> Path:

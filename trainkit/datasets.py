@@ -6,12 +6,21 @@ names the file and says how to fix it.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import http.client
+import io
+import math
 import os
+import signal
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,9 +192,29 @@ def _fix_hint(spec: IdxDataset, path: Path) -> str:
             f"{spec.name} files in {path.parent}")
 
 
+def idx_size(item: IdxFile) -> int:
+    """Bytes of the extracted IDX file: its header (4 + 4 per dimension) and one byte per value."""
+    return 4 + 4 * len(item.shape) + math.prod(item.shape)
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """Decompress at most `limit + 1` bytes: a file that expands further is not the one expected,
+    and this finds out without allocating what a gzip bomb expands to."""
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+        return f.read(limit + 1)
+
+
 def read_idx_file(path: Path, spec: IdxDataset, item: IdxFile) -> np.ndarray:
-    """Read one .gz or extracted IDX file and check it: md5, header, size and shape."""
+    """Read one .gz or extracted IDX file and check it: size, md5, header and shape."""
+    expected = idx_size(item)
+    # A .gz is at most a little larger than what it holds (stored blocks); either kind of file
+    # larger than that is refused before it is read into memory.
+    limit = expected if path.suffix != ".gz" else expected + expected // 100 + (1 << 16)
     try:
+        size = path.stat().st_size
+        if size > limit:
+            raise TrainkitError(f"{path} is too large ({size} bytes; the {spec.name} file holds {expected} "
+                                f"bytes of data); " + _fix_hint(spec, path))
         data = path.read_bytes()
     except OSError as exc:
         raise TrainkitError(f"cannot read {path}: {exc.strerror}") from None
@@ -193,10 +222,13 @@ def read_idx_file(path: Path, spec: IdxDataset, item: IdxFile) -> np.ndarray:
         # The published .gz, or a repacked one (Debian's) whose content is the original.
         gz_ok = _md5(data) == item.gz_md5
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile):
+            data = _gunzip(data, expected)
+        except (OSError, EOFError, zlib.error):  # gzip.BadGzipFile is an OSError
             raise TrainkitError(f"{path} is truncated or corrupt (not a valid gzip file); "
                                 + _fix_hint(spec, path)) from None
+        if len(data) > expected:
+            raise TrainkitError(f"{path} is corrupt or not the {spec.name} file: it decompresses to more than "
+                                f"the {expected} bytes of {item.stem}; " + _fix_hint(spec, path))
         if not gz_ok and _md5(data) != item.raw_md5:
             raise TrainkitError(f"{path} has the wrong MD5 ({_md5(data)} after decompression; the "
                                 f"published file's is {item.gz_md5}); " + _fix_hint(spec, path))
@@ -223,8 +255,113 @@ def _mirrors(spec: IdxDataset) -> tuple[str, ...]:
     return (override.rstrip("/") + "/",) if override else spec.mirrors
 
 
+DOWNLOAD_TIMEOUT = 120.0   # seconds for one file, all mirrors together ($TRAINKIT_DOWNLOAD_TIMEOUT)
+SOCKET_TIMEOUT = 20.0      # seconds one connect or read may block
+
+
+def download_timeout() -> float:
+    text = os.environ.get("TRAINKIT_DOWNLOAD_TIMEOUT", "").strip()
+    if not text:
+        return DOWNLOAD_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise TrainkitError(f"TRAINKIT_DOWNLOAD_TIMEOUT must be a number of seconds greater than 0, "
+                            f"got {text[:80]!r}")
+    return seconds
+
+
+class _Fetch(threading.Thread):
+    """Copies a URL into an open file, in a thread of its own: a mirror that sends a byte every
+    few seconds never trips a socket timeout, so the caller watches the deadline from outside,
+    and stays free to react to a signal at once."""
+
+    def __init__(self, url: str, out, timeout: float):
+        super().__init__(daemon=True)
+        self.url, self.out, self.timeout = url, out, timeout
+        self.received, self.total, self.error = 0, None, None
+        self.started = self.cancelled = False
+
+    def run(self) -> None:
+        try:
+            with self.out, urllib.request.urlopen(self.url, timeout=self.timeout) as response:
+                self.total = int(response.headers.get("Content-Length") or 0) or None
+                self.started = True
+                # read1 returns what has arrived; read(n) would wait for all n bytes.
+                while not self.cancelled and (chunk := response.read1(1 << 16)):
+                    self.out.write(chunk)
+                    self.received += len(chunk)
+        except BaseException as exc:  # handed to the caller: a thread must not print a traceback
+            self.error = exc
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+def _fetch(url: str, out, deadline: float, make_bar) -> None:
+    """Download `url` into `out` (which this closes), or raise _DeadlinePassed at `deadline`.
+    `make_bar(total)` makes the progress bar, once the mirror has answered."""
+    fetch = _Fetch(url, out, timeout=max(0.1, min(SOCKET_TIMEOUT, deadline - time.monotonic())))
+    fetch.start()
+    bar = None
+    try:
+        while True:
+            fetch.join(0.1)
+            if fetch.started:
+                if bar is None:
+                    bar = make_bar(fetch.total)
+                bar.update(fetch.received - bar.n)
+            if not fetch.is_alive():
+                break
+            if time.monotonic() > deadline:
+                raise _DeadlinePassed(f"{fetch.received} of {fetch.total or 'unknown'} bytes received")
+    finally:
+        fetch.cancelled = True  # it stops at its next read; the file it writes is deleted by the caller
+        if bar is not None:
+            bar.close()
+    if fetch.error is not None:
+        raise fetch.error
+
+
+@contextlib.contextmanager
+def _signals_stop(what: str):
+    """SIGINT / SIGTERM stop a download at once, as a TrainkitError with exit code 128 + signal.
+
+    While training, these signals only set a flag that is checked between steps, which a
+    download would not reach for minutes. The handlers in place are put back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signums}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def stop(signum, frame):
+        restore()  # a second signal goes where it went before
+        raise TrainkitError(f"stopped by {signal.Signals(signum).name} while {what}; nothing was kept",
+                            exit_code=128 + signum)
+
+    for s in signums:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        restore()
+
+
 def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: bool = True) -> Path:
-    """Download one .gz from the dataset's mirrors, check its MD5, then move it into place."""
+    """Download one .gz from the dataset's mirrors, check its MD5, then move it into place.
+
+    Every mirror together gets download_timeout() seconds; SIGINT / SIGTERM stop it at once.
+    Only a complete, checked file ever appears under the final name.
+    """
     from tqdm.auto import tqdm
 
     try:
@@ -232,27 +369,31 @@ def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: boo
     except OSError as exc:
         raise TrainkitError(f"cannot create {dest_dir} to download {spec.name} into: {exc.strerror}") from None
     dest = dest_dir / (item.stem + ".gz")
+    timeout = download_timeout()
+    deadline = time.monotonic() + timeout
     errors = []
-    for mirror in _mirrors(spec):
-        url = mirror + item.stem + ".gz"
-        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=20) as response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                    while chunk := response.read(1 << 16):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-            if _md5(Path(tmp).read_bytes()) != item.gz_md5:
-                errors.append(f"{url}: wrong MD5")
-                continue
-            os.replace(tmp, dest)  # only a checked file ever gets the final name
-            return dest
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    with _signals_stop(f"downloading {dest}"):
+        for mirror in _mirrors(spec):
+            url = mirror + item.stem + ".gz"
+            tmp = None
+            try:
+                fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
+                _fetch(url, os.fdopen(fd, "wb"), deadline,
+                       lambda total: tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress))
+                if _md5(Path(tmp).read_bytes()) != item.gz_md5:
+                    errors.append(f"{url}: wrong MD5")
+                    continue
+                os.replace(tmp, dest)  # only a checked file ever gets the final name
+                return dest
+            except _DeadlinePassed as exc:
+                errors.append(f"{url}: not done within {timeout:g} s, {exc}; TRAINKIT_DOWNLOAD_TIMEOUT "
+                              f"sets the time allowed")
+                break
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+                errors.append(f"{url}: {getattr(exc, 'reason', None) or exc or type(exc).__name__}")
+            finally:
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
     raise TrainkitError(f"{spec.name} file {item.stem}.gz is missing from {dest_dir} and could not be "
                         f"downloaded ({'; '.join(errors)}); copy the files there, or point --data-dir "
                         f"(or TRAINKIT_DATA_DIR) at a folder holding {spec.folder}/raw/")
@@ -286,10 +427,16 @@ def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize(size[::-1], Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError):
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB").resize(size[::-1], Image.BILINEAR)
+                array = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, zlib.error):
+        # Pillow reports damaged files with any of these, depending on the format and the damage.
         raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
     return torch.from_numpy(array.copy()).reshape(size[0], size[1], channels).permute(2, 0, 1).contiguous()
 

@@ -1,0 +1,562 @@
+"""Hostile input: damaged checkpoints, stalling mirrors, gzip and PNG bombs, absurd settings.
+
+Every case ends in one line on stderr and a non-zero exit (or a TrainkitError with a short
+message), never a traceback, a hang or lost data. docs/reliability.md lists each with its test.
+"""
+import contextlib
+import http.server
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, cli_ok, data_dir, run_cli
+from trainkit import TrainConfig, train
+from trainkit import checkpoint as ckpt
+from trainkit.datasets import MNIST, download_file, download_timeout, idx_size, load_image, read_idx_file
+from trainkit.errors import TrainkitError
+
+
+def flip(path: Path, offset: int | None = None, count: int = 16) -> None:
+    """Invert `count` bytes in place (the file keeps its length), at `offset` or in the middle."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 if offset is None else offset % len(data)
+    for i in range(start, min(start + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a nested checkpoint, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for key in sorted(obj, key=str) for t in tensors(obj[key])]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in tensors(item)]
+    return []
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A real 1-epoch run (last.pt, best.pt, model.pt, config.json) to damage copies of."""
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    cfg = TrainConfig(limit_train=256, limit_test=100, epochs=1, batch_size=64, progress=False,
+                      data_dir=str(data_dir()))
+    train(cfg, out=out)
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def digit_png(tmp_path_factory):
+    from PIL import Image
+    path = tmp_path_factory.mktemp("png") / "digit.png"
+    Image.new("L", (28, 28), 0).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints carry a SHA-256 of their bytes
+
+def test_checkpoints_carry_a_checksum_and_stay_plain_torch_files(finished_run):
+    for name in ("last.pt", "best.pt", "model.pt"):
+        data = (finished_run / name).read_bytes()
+        assert data[-80:].startswith(ckpt.CHECKSUM_TAG), name
+        assert ckpt.check_checksum(data, finished_run / name) is True
+    # torch.load alone still reads them: the checksum is the zip archive's comment
+    assert torch.load(finished_run / "model.pt", weights_only=True).keys() == \
+        ckpt.load_weights(finished_run / "model.pt").keys()
+
+
+@pytest.mark.slow
+def test_flipped_bytes_in_last_pt_are_refused_and_nothing_changes(run_copy):
+    flip(run_copy / "last.pt")
+    # what the checksum is for: torch.load alone takes the damaged file and returns other numbers
+    damaged = tensors(torch.load(run_copy / "last.pt", weights_only=True))
+    good = tensors(ckpt.load_checkpoint(run_copy / "best.pt"))
+    assert len(damaged) == len(good) and any(not torch.equal(a, b) for a, b in zip(damaged, good))
+    before = snapshot(run_copy)
+    proc = run_cli("train", "--resume", run_copy)
+    assert_one_line_error(proc, f"{run_copy / 'last.pt'} is truncated or corrupt", "SHA-256 checksum")
+    assert snapshot(run_copy) == before                       # nothing rewritten, nothing deleted
+    assert ckpt.load_checkpoint(run_copy / "best.pt")["epoch"] == 1   # the other good checkpoint is intact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_flipped_bytes_in_model_pt_are_refused(run_copy, digit_png, command):
+    flip(run_copy / "model.pt")
+    extra = [digit_png] if command == "predict" else ["--format", "safetensors"]
+    proc = run_cli(command, run_copy, *extra)
+    assert_one_line_error(proc, f"{run_copy / 'model.pt'} is truncated or corrupt", "checksum")
+    assert not (run_copy / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end", "footer"])
+def test_any_flipped_byte_is_caught(run_copy, where):
+    path = run_copy / "last.pt"
+    offset = {"start": 40, "middle": None, "end": -100, "footer": -5}[where]
+    flip(path, offset, count=1)
+    with pytest.raises(TrainkitError, match="truncated or corrupt: its contents do not match"):
+        ckpt.load_checkpoint(path)
+
+
+def test_checkpoints_from_before_checksums_still_load(run_copy):
+    # An old checkpoint: the same torch.save bytes with an empty zip comment.
+    path = run_copy / "last.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:-82] + b"\0\0")
+    assert ckpt.check_checksum(path.read_bytes(), path) is False
+    assert ckpt.load_checkpoint(path)["epoch"] == 1
+    torch.save(ckpt.load_weights(run_copy / "model.pt"), run_copy / "model.pt")   # plain torch.save
+    assert set(ckpt.load_weights(run_copy / "model.pt")) == set(ckpt.load_checkpoint(run_copy / "best.pt")["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads: a deadline for each file, and signals that stop them at once
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """A mirror that stalls: one byte a second, of the body or already of the status line."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        self.server.requested.set()
+        head = b"HTTP/1.0 200 OK\r\nContent-Length: 9912422\r\n\r\n"
+        if self.server.mode == "body":
+            self.wfile.write(head)
+            head = b"\x1f" * 9912422
+        try:
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if self.server.stopping.wait(1.0):
+                    return
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def trickle_server(mode: str):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.mode, server.requested, server.stopping = mode, threading.Event(), threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        yield server
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(params=["body", "headers"])
+def trickling_mirror(request):
+    with trickle_server(request.param) as server:
+        yield server
+
+
+@pytest.fixture
+def stalled_mirror():
+    with trickle_server("body") as server:
+        yield server
+
+
+def test_a_stalling_mirror_meets_the_deadline(trickling_mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINKIT_MIRROR", trickling_mirror.url)
+    monkeypatch.setenv("TRAINKIT_DOWNLOAD_TIMEOUT", "1.5")
+    start = time.monotonic()
+    with pytest.raises(TrainkitError, match=r"not done within 1.5 s.*TRAINKIT_DOWNLOAD_TIMEOUT") as info:
+        download_file(MNIST, MNIST.files["train_images"], tmp_path, progress=False)
+    assert time.monotonic() - start < 4                     # a byte a second would take 115 days
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []                   # no temporary file left
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf", "1e999"])
+def test_a_bad_download_timeout_is_one_line(value, monkeypatch):
+    monkeypatch.setenv("TRAINKIT_DOWNLOAD_TIMEOUT", value)
+    with pytest.raises(TrainkitError, match="TRAINKIT_DOWNLOAD_TIMEOUT must be a number of seconds"):
+        download_timeout()
+
+
+def start_train(tmp_path, mirror, **env):
+    """`trainkit train` on an empty data folder, downloading from `mirror`."""
+    full_env = {**os.environ, "TRAINKIT_MIRROR": mirror, **env}
+    args = [sys.executable, "-m", "trainkit", "train", "--limit-train", "64", "--limit-test", "64", "--epochs", "1",
+            "--data-dir", tmp_path / "data", "--out", tmp_path / "run", "--no-progress"]
+    return subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env)
+
+
+def finished(proc, timeout):
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_a_stalling_mirror_fails_the_run_in_one_line(stalled_mirror, tmp_path):
+    start = time.monotonic()
+    proc = finished(start_train(tmp_path, stalled_mirror.url, TRAINKIT_DOWNLOAD_TIMEOUT="2"), timeout=120)
+    assert_one_line_error(proc, "train-images-idx3-ubyte.gz is missing", "could not be downloaded",
+                          "not done within 2 s", "TRAINKIT_DOWNLOAD_TIMEOUT")
+    assert time.monotonic() - start < 60
+    assert files_under(tmp_path) == [] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_download_at_once(stalled_mirror, tmp_path, signum, code):
+    proc = start_train(tmp_path, stalled_mirror.url)     # the default deadline: 120 s
+    assert stalled_mirror.requested.wait(120), "the download never started"
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    sent = time.monotonic()
+    result = finished(proc, timeout=30)
+    assert time.monotonic() - sent < 5
+    assert_one_line_error(result, f"stopped by {signal.Signals(signum).name} while downloading",
+                          "train-images-idx3-ubyte.gz", code=code)
+    assert files_under(tmp_path) == []                    # the temporary file is gone
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files: damaged gzip, gzip bombs, oversized files
+
+def raw_dir(root: Path) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    return raw
+
+
+@pytest.mark.parametrize("offset", [100, 1000, 2500, 4000, -6])
+def test_flipped_bytes_in_a_gz_name_the_file(mnist_dir, tmp_path, offset):
+    # Depending on where, zlib reports a bad stream (zlib.error) or gzip a bad CRC or length.
+    path = raw_dir(tmp_path) / "t10k-labels-idx1-ubyte.gz"
+    shutil.copy(mnist_dir / "MNIST" / "raw" / path.name, path)
+    flip(path, offset, count=1)
+    with pytest.raises(TrainkitError, match=r"t10k-labels-idx1-ubyte.gz is (truncated or )?corrupt.*delete it") as info:
+        read_idx_file(path, MNIST, MNIST.files["test_labels"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_flipped_bytes_in_a_gz_are_one_line_from_the_cli(mnist_dir, tmp_path):
+    path = raw_dir(tmp_path / "data") / "train-images-idx3-ubyte.gz"
+    shutil.copy(mnist_dir / "MNIST" / "raw" / path.name, path)
+    flip(path, 5_037_886, count=4)        # "invalid block type": a zlib.error, which used to escape
+    proc = run_cli("train", "--data-dir", tmp_path / "data", "--limit-train", "64", "--out", tmp_path / "run")
+    assert_one_line_error(proc, f"{path} is truncated or corrupt")
+
+
+def write_gzip_of_zeros(path: Path, size: int) -> None:
+    """A gzip bomb: `size` bytes of zeros, about 1/220 of that on disk (level 1, written in chunks)."""
+    compressor = __import__("zlib").compressobj(1, 8, 31)
+    chunk = bytes(1 << 24)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(compressor.compress(chunk))
+        f.write(compressor.flush())
+
+
+PEAK_MEMORY = """
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(proc.stderr)
+print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)   # kB on Linux
+"""
+
+
+def cli_peak_memory(*args, env) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the CLI in a child of a small Python process; returns the result and its peak RSS in MB."""
+    cmd = [sys.executable, "-c", PEAK_MEMORY, sys.executable, "-m", "trainkit", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    code, peak_kb = map(int, proc.stdout.split())
+    return subprocess.CompletedProcess(cmd, code, "", proc.stderr), peak_kb // 1024
+
+
+@pytest.mark.slow
+def test_a_gzip_bomb_is_refused_without_allocating_it(tmp_path):
+    bomb = raw_dir(tmp_path / "bomb") / "train-images-idx3-ubyte.gz"
+    write_gzip_of_zeros(bomb, 512 << 20)
+    assert bomb.stat().st_size < 3 << 20                    # 512 MiB in a file of about 2 MB
+    args = ["train", "--limit-train", "64", "--out", tmp_path / "run", "--no-progress"]
+    env = {"TRAINKIT_MIRROR": "http://127.0.0.1:9/"}       # nothing listens: the baseline fails at once
+    baseline, baseline_mb = cli_peak_memory(*args, "--data-dir", tmp_path / "empty", env=env)
+    assert_one_line_error(baseline, "could not be downloaded")
+    proc, bomb_mb = cli_peak_memory(*args, "--data-dir", tmp_path / "bomb", env=env)
+    assert_one_line_error(proc, f"{bomb} is corrupt or not the mnist file: it decompresses to more than "
+                                f"the {idx_size(MNIST.files['train_images'])} bytes")
+    # Reading stops after the 47 MB the real file holds; decompressing it all would take 512 MiB.
+    assert bomb_mb - baseline_mb < 200, (baseline_mb, bomb_mb)
+
+
+def test_an_oversized_extracted_file_is_refused_before_it_is_read(tmp_path):
+    path = raw_dir(tmp_path) / "train-images-idx3-ubyte"
+    with open(path, "wb") as f:
+        f.truncate(64 << 30)                                # 64 GiB, sparse: nothing is written
+    with pytest.raises(TrainkitError, match=r"train-images-idx3-ubyte is too large \(68719476736 bytes"):
+        read_idx_file(path, MNIST, MNIST.files["train_images"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Image bombs in `predict` (and in image folders)
+
+def write_png_bomb(path: Path, side: int) -> None:
+    """A valid black 1-bit PNG of side x side pixels, a few kB on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (side + 7) // 8)                         # filter byte 0, then the pixels
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [10_000, 14_000])   # Pillow warns above 89 M pixels, raises above 179 M
+def test_a_png_bomb_is_refused(tmp_path, side):
+    path = tmp_path / "bomb.png"
+    write_png_bomb(path, side)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(TrainkitError, match=rf"bomb.png was refused: Image size \({side * side} pixels\) "
+                                            rf"exceeds limit"):
+        load_image(path, 1, (28, 28))
+
+
+@pytest.mark.slow
+def test_a_png_bomb_in_predict_is_one_line(finished_run, tmp_path, digit_png):
+    path = tmp_path / "bomb.png"
+    write_png_bomb(path, 14_000)
+    assert_one_line_error(run_cli("predict", finished_run, digit_png, path), "bomb.png was refused",
+                          "decompression bomb")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: sizes, types and ranges are checked before a value is used or shown
+
+from trainkit.cli import main
+from trainkit.config import from_mapping, load_config_file, show, validate
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A billion laughs in YAML flow style: 9 ** (levels + 1) strings that share 9 * levels lists."""
+    text = "&l0 [" + ", ".join(["lol"] * 9) + "]"
+    for n in range(1, levels + 1):
+        text = f"&l{n} [{text}, " + ", ".join([f"*l{n - 1}"] * 8) + "]"
+    return text
+
+
+@pytest.mark.parametrize("setting, kind", [("model", "a string"), ("lr", "a number"), ("epochs", "an integer"),
+                                           ("nesterov", "true or false")])
+def test_a_yaml_alias_bomb_under_one_setting_is_named_not_printed(tmp_path, setting, kind):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"epochs: 1\n{setting}: {alias_bomb()}\n")
+    assert path.stat().st_size < 1000                      # 3.5 billion strings once expanded
+    with pytest.raises(TrainkitError) as info:
+        from_mapping(load_config_file(path))
+    assert str(info.value) == f"setting {setting!r} must be {kind}, got a list"
+
+
+@pytest.mark.slow
+def test_a_yaml_alias_bomb_is_one_line_from_the_cli(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"model: {alias_bomb()}\n")
+    assert_one_line_error(run_cli("train", "--config", path, timeout=120), "setting 'model' must be a string, got a list")
+
+
+def test_values_in_messages_are_short():
+    assert show("x" * 10**7) == repr("x" * 80) + "..."
+    assert show(10**5000) == "an integer of 5001 digits"      # str() of it would be refused
+    assert show(2**63) == "9223372036854775808"
+    assert show([[1] * 10**6] * 10**3) == "a list" and show({"a": 1}) == "a dict"
+    assert show(float("nan")) == "nan" and show(None) == "None"
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trainkit: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+QUICK_ARGS = ["train", "--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--batch-size", "64"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--seed", "1e23"], "--seed must be an integer, got '1e23'"),
+    (["--seed", str(10**23)], "--seed must be at most 9223372036854775807, got 100000000000000000000000"),
+    (["--seed", "-1"], "--seed must not be negative"),
+    (["--label-smoothing", "2"], "--label-smoothing must be less than 1, got 2.0"),
+    (["--label-smoothing", "1"], "--label-smoothing must be less than 1"),
+    (["--pct-start", "1.5"], "--pct-start must be less than 1"),
+    (["--target-acc", "101"], "--target-acc must be at most 100"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--momentum", "nan"], "--momentum must be a finite number"),
+    (["--lr", "1e300"], "--lr must be at most 3.403e+38 in size (a 32-bit float), got 1e+300"),
+    (["--weight-decay", "1e39"], "--weight-decay must be at most 3.403e+38"),
+    (["--epochs", str(2**64)], "--epochs must be at most 9223372036854775807"),
+    (["--model", "m" * 5000], "--model must be at most 4096 characters"),
+    (["--device", "x" * 5000], "must be at most 4096 characters"),
+])
+def test_out_of_range_flags_are_one_line(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*QUICK_ARGS, *argv]) == 2
+    line = one_line(capsys)
+    assert fragment in line and len(line) < 300, line
+    assert not (tmp_path / "runs").exists()
+
+
+BAD_CONFIG_FILES = [
+    ("run.json", b'{"config": 5}', '"config" must hold a mapping of settings'),
+    ("run.json", b'{"config": [1, 2]}', '"config" must hold a mapping of settings (as in a run\'s config.json), not a list'),
+    ("s.yaml", b"epochs: 3\n\xff\xfe\x00garbage\n", "is not UTF-8 text (byte 10)"),
+    ("s.yaml", b"", "is empty"),
+    ("s.json", b"  \n", "is empty"),
+    ("s.toml", b"", "is empty"),
+    ("s.yaml", b"- epochs\n- 3\n", "must hold a mapping of settings, not a list"),
+    ("s.yaml", b"just words\n", "must hold a mapping of settings, not 'just words'"),
+    ("s.json", b"[" * 100_000, "could not be parsed"),
+    ("s.yaml", b"epochs: !!python/object/apply:os.system ['touch pwned']\n", "could not be parsed"),
+    ("s.yaml", b"1: 2\n", "setting names must be strings, got 1"),
+    ("s.yaml", b"seed: 100000000000000000000000\n", "--seed must be at most 9223372036854775807"),
+    ("s.json", b'{"seed": 1e23}', "--seed must be at most 9223372036854775807, got 99999999999999991611392"),
+    ("s.json", b'{"epochs": 1e400}', "setting 'epochs': inf is not a valid int"),
+    ("s.yaml", b"lr: .inf\n", "--lr must be a finite number, got inf"),
+    ("s.yaml", b"label_smoothing: 2\n", "--label-smoothing must be less than 1"),
+    ("s.yaml", b"model: {name: s5net}\n", "setting 'model' must be a string, got a dict"),
+    ("s.yaml", b"epochs: 2024-01-01\n", "setting 'epochs' must be an integer, got a date"),
+    ("s.yaml", b"epochs: " + b"9" * 5000 + b"\n", "could not be parsed: Exceeds the limit (4300 digits)"),
+    ("s.yaml", b"epochs: '" + b"9" * 5000 + b"'\n", "setting 'epochs': '99999"),
+    ("s.json", b'{"seed": ' + b"9" * 4000 + b"}", "--seed must be at most 9223372036854775807, got an integer of 4000 digits"),
+    ("s.yaml", b"model: '" + b"a" * 100_000 + b"'\n", "--model must be at most 4096 characters"),
+    ("s.yaml", b"x" * 100 + b": 1\n", "unknown setting 'xxxxx"),
+    ("s.yaml", b"# " + b"x" * (2 << 20) + b"\n", "too large for a file of settings"),
+]
+
+
+@pytest.mark.parametrize("name, content, fragment", BAD_CONFIG_FILES,
+                         ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_CONFIG_FILES)])
+def test_bad_config_files_are_one_line(name, content, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(content)
+    assert main([*QUICK_ARGS, "--config", str(tmp_path / name)]) == 2
+    line = one_line(capsys)
+    assert fragment in line and len(line) < 700, line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: any mapping of settings is a config or one short line
+
+import json
+import tempfile
+
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from trainkit.config import field_specs
+
+NAMES = [f.name for f in field_specs()]
+MAX_MESSAGE = 700     # the longest: an unknown setting, listing every known one
+
+scalars = st.one_of(
+    st.none(), st.booleans(),
+    st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([2**63 - 1, 2**63, -2**63, 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=100), st.sampled_from(["", "x" * 10_000, "1e23", "nan", "-inf", "yes", "s5net", "sgd"]),
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=4), max_leaves=10)
+names = st.one_of(st.sampled_from(NAMES), st.sampled_from(NAMES).map(lambda n: n.replace("_", "-")),
+                  st.text(max_size=20))
+mappings = st.dictionaries(names, values, max_size=6)
+
+
+def check_settings(mapping: dict) -> None:
+    try:
+        validate(from_mapping(mapping))
+    except TrainkitError as exc:
+        message = str(exc)
+        assert "\n" not in message and 0 < len(message) <= MAX_MESSAGE, message
+
+
+@settings(max_examples=400, deadline=None)
+@given(mappings)
+def test_any_mapping_of_settings_is_a_config_or_one_short_line(mapping):
+    check_settings(mapping)
+
+
+@settings(max_examples=150, deadline=None)
+@given(mappings, st.sampled_from(["yaml", "json"]))
+def test_any_config_file_is_a_config_or_one_short_line(mapping, fmt):
+    text = yaml.safe_dump(mapping) if fmt == "yaml" else json.dumps(mapping)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"settings.{fmt}"
+        path.write_text(text)
+        try:
+            check_settings(load_config_file(path))
+        except TrainkitError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) <= MAX_MESSAGE + len(str(path)), str(exc)
+
+
+# For the CLI: settings that run in seconds on 64 images (no compile, few workers), each with
+# good and bad values, so that some examples train and some fail.
+CLI_VALUES = {
+    "model": st.sampled_from(["s5net", "compact", "speednet", "nonet", "x" * 5000]),
+    "optimizer": st.sampled_from(["sgd", "adamw", "rmsprop"]),
+    "lr": st.sampled_from([0.01, 0.1, 0.0, -1.0, float("inf"), 1e300, "fast"]),
+    "momentum": st.sampled_from([0.0, 0.9, -0.1, float("nan")]),
+    "scheduler": st.sampled_from(["step", "onecycle", "constant", "cosine"]),
+    "pct_start": st.sampled_from([0.1, 0.3, 1.0, 2]),
+    "label_smoothing": st.sampled_from([0.0, 0.1, 0.99, 1, 2]),
+    "seed": st.sampled_from([0, 1, 2**63 - 1, 2**63, -1, 1e23, "one"]),
+    "augment": st.sampled_from(["seed", "none", "mixup"]),
+    "precision": st.sampled_from(["fp32", "bf16", "auto", "fp8"]),
+    "evals_per_epoch": st.sampled_from([1, 2, 10**30, 0]),
+    "target_acc": st.sampled_from([None, 10.0, 100.0, 101.0]),
+    "test_batch_size": st.sampled_from([1, 32, 10**6, 0]),
+    "gamma": st.sampled_from([0.1, 1e300, -1]),
+}
+cli_mappings = st.dictionaries(st.sampled_from(sorted(CLI_VALUES)), st.just(None), min_size=1, max_size=5).flatmap(
+    lambda keys: st.fixed_dictionaries({k: CLI_VALUES[k] for k in keys}))
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cli_mappings, st.sampled_from(["yaml", "json"]))
+def test_generated_config_files_through_the_cli(mapping, fmt):
+    text = yaml.safe_dump(mapping) if fmt == "yaml" else json.dumps(mapping)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"settings.{fmt}"
+        path.write_text(text)
+        proc = run_cli("train", "--config", path, "--limit-train", "64", "--limit-test", "64", "--epochs", "1",
+                       "--batch-size", "64", "--out", Path(folder) / "run", "--no-progress", timeout=300)
+        if proc.returncode != 0:  # 2 for a bad setting, 3 when a setting makes the loss nan
+            assert_one_line_error(proc, code=proc.returncode if proc.returncode in (2, 3) else 2)
