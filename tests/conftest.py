@@ -69,3 +69,10 @@ def quick_run(tmp_path_factory):
     return out, proc
 
 
+
+
+def metrics_without_time(run_dir: Path) -> list[dict]:
+    """metrics.csv as rows, without the wall-time column (the only one that may differ between runs)."""
+    import csv
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]

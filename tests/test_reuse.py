@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, assert_one_line_error, cli_ok, data_dir, run_cli
+from conftest import ROOT, assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli
 from trainkit import ImageData, TrainConfig, train
 from trainkit.config import from_mapping, load_config_file
 
@@ -107,8 +107,7 @@ def test_config_files_and_flags(tmp_path):
 def test_config_json_reproduces_the_run(quick_run, tmp_path):
     out, _ = quick_run
     cli_ok("train", "--config", out / "config.json", "--out", tmp_path / "again", "--no-progress")
-    strip = lambda p: [row.rsplit(",", 1)[0] for row in open(p).read().splitlines()]   # all but seconds
-    assert strip(out / "metrics.csv") == strip(tmp_path / "again" / "metrics.csv")
+    assert metrics_without_time(out) == metrics_without_time(tmp_path / "again")
 
 
 def test_eval_reproduces_the_final_test_accuracy(quick_run):

@@ -77,7 +77,7 @@ class EMA(Callback):
 
     def __init__(self, decay: float):
         if not 0.0 < decay < 1.0:
-            raise TrainkitError(f"--ema must be between 0 and 1 (e.g. 0.999), got {decay}")
+            raise TrainkitError(f"EMA decay must be between 0 and 1 (e.g. 0.999), got {decay}")
         self.decay = decay
         self.average: AveragedModel | None = None
         self._saved: dict | None = None
