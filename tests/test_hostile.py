@@ -597,6 +597,14 @@ def test_export_never_overwrites_a_checkpoint_elsewhere(run_copy, tmp_path, caps
     assert sorted(p.name for p in keep.iterdir()) == ["mine.pt", "old-weights.pt", "ts.pt"]
 
 
+def test_exports_and_checkpoints_get_the_usual_permissions(finished_run, tmp_path, capsys):
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert run_main(capsys, "export", finished_run, "--format", "safetensors", "--output", tmp_path / "w.safetensors")[0] == 0
+    for path in (tmp_path / "w.safetensors", finished_run / "last.pt", finished_run / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path   # as open() makes them, not mkstemp's 0600
+
+
 @pytest.mark.parametrize("where, fragment", [("missing", "the folder {} does not exist"), ("folder", "is a folder")])
 def test_export_to_a_missing_folder_or_a_folder(run_copy, tmp_path, capsys, where, fragment):
     output = tmp_path / "no" / "such" / "m.onnx" if where == "missing" else tmp_path
