@@ -1,33 +1,108 @@
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["pytester"]   # tests/test_setup.py runs the suite's own hooks in a scratch folder
+
+# CI (.ci/run) sets TRAINKIT_REQUIRE_ALL=1: there every test must run, so a skip is a failure.
+REQUIRE_ALL = os.environ.get("TRAINKIT_REQUIRE_ALL") == "1"
+
+
+def cache_dir() -> Path:
+    """Where the tests keep the data they download: $XDG_CACHE_HOME/trainkit/datasets (~/.cache/...)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "trainkit" / "datasets"
+
 
 def data_dir() -> Path:
-    return Path(os.environ.get("TRAINKIT_DATA_DIR", ROOT.parent / "shared" / "datasets"))
+    """$TRAINKIT_DATA_DIR when it is set (CI: ../shared/datasets), else the cache folder."""
+    env = os.environ.get("TRAINKIT_DATA_DIR")
+    return Path(env) if env else cache_dir()
 
 
-# Tests change folders, so a relative TRAINKIT_DATA_DIR (as in the README's command) is made absolute.
+# Tests change folders, so a relative TRAINKIT_DATA_DIR is made absolute; when it is not set, the
+# cache folder is used, by this process and by the trainkit processes the tests start.
 os.environ["TRAINKIT_DATA_DIR"] = str(data_dir().resolve())
 
 
-@pytest.fixture(scope="session")
+# trainkit.datasets.MNIST's files, named here so that finding them needs no torch import.
+MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def mnist_present(root: Path) -> bool:
+    raw = Path(root) / "MNIST" / "raw"
+    return all((raw / stem).is_file() or (raw / (stem + ".gz")).is_file() for stem in MNIST_STEMS)
+
+
+def fetch_mnist(root: Path) -> Path:
+    """Make sure root/MNIST/raw holds MNIST: trainkit's downloader fetches what is missing (the
+    four published .gz files, about 11 MB) and checks every file's MD5. Returns root."""
+    from trainkit.datasets import MNIST, load_idx_dataset
+    if not mnist_present(root):
+        load_idx_dataset(MNIST, root, download=True, progress=False)
+    return Path(root)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def mnist_dir() -> Path:
+    """The data folder, with MNIST in it: downloaded once into the cache on a machine without it."""
     path = data_dir()
-    if not (path / "MNIST" / "raw").is_dir():
-        pytest.fail(f"MNIST not found under {path}; set TRAINKIT_DATA_DIR")
-    return path
+    if mnist_present(path):
+        return path
+    from trainkit.errors import TrainkitError
+    try:
+        return fetch_mnist(path)
+    except TrainkitError as exc:
+        pytest.fail(f"the tests need MNIST: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def mnist(mnist_dir):
     from trainkit.datasets import MNIST, load_idx_dataset
     return load_idx_dataset(MNIST, mnist_dir, download=False)
+
+
+@pytest.fixture
+def local_mirror(mnist_dir):
+    """An HTTP server on 127.0.0.1 serving the MNIST files, like the official mirrors."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mnist_dir / "MNIST" / "raw"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def need_system_package(package: str, path: str | Path):
+    """Skip, naming the Debian package to install, when `path` (which the package provides) is absent."""
+    if not Path(path).exists():
+        pytest.skip(f"needs Debian's {package} ({path} is missing): apt-get install {package}")
+
+
+@pytest.fixture
+def fashion_mnist_package():
+    """Debian's dataset-fashion-mnist, which .ci/run installs; without it the test is skipped."""
+    from trainkit.datasets import FASHION_MNIST
+    need_system_package("dataset-fashion-mnist", FASHION_MNIST.system_dirs[0])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"TRAINKIT_REQUIRE_ALL=1 (CI) runs every test, but this one was skipped: {reason}"
+    return report
 
 
 def run_cli(*args, env=None, cwd=None, timeout=600):

@@ -2,10 +2,14 @@
 import json
 import re
 
+import pytest
+
 from trainkit import TrainConfig
 from trainkit.bench import full
 
 from conftest import cli_ok
+
+pytestmark = pytest.mark.slow   # training runs, and a benchmark subprocess
 
 
 def test_quick_mode_prints_both_rates_and_their_ratio():

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import cli_ok, data_dir
 
+pytestmark = pytest.mark.slow   # torchrun starts training processes
+
 SUBSET = ["--limit-train", "2048", "--limit-test", "1000", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
 

@@ -507,7 +507,7 @@ def check_settings(mapping: dict) -> None:
         assert "\n" not in message and 0 < len(message) <= MAX_MESSAGE, message
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(mappings)
 def test_any_mapping_of_settings_is_a_config_or_one_short_line(mapping):
     check_settings(mapping)
@@ -560,3 +560,132 @@ def test_generated_config_files_through_the_cli(mapping, fmt):
                        "--batch-size", "64", "--out", Path(folder) / "run", "--no-progress", timeout=300)
         if proc.returncode != 0:  # 2 for a bad setting, 3 when a setting makes the loss nan
             assert_one_line_error(proc, code=proc.returncode if proc.returncode in (2, 3) else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval / predict / export: outputs written whole or not at all, damaged runs are one line
+
+def run_main(capsys, *argv) -> tuple[int, str]:
+    """`trainkit ARGV` in this process: the exit code and stderr (checked to be one line if not 0)."""
+    code = main([str(a) for a in argv])
+    return code, (one_line(capsys) if code else capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt", "model.pt", "config.json", "metrics.csv"])
+def test_export_never_overwrites_the_run(run_copy, capsys, name):
+    before = snapshot(run_copy)
+    code, line = run_main(capsys, "export", run_copy, "--format", "torchscript", "--output", run_copy / name)
+    assert code == 2 and f"{run_copy / name} is part of the run; it is not overwritten" in line
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_never_overwrites_a_checkpoint_elsewhere(run_copy, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    shutil.copy(run_copy / "last.pt", keep / "mine.pt")
+    torch.save(ckpt.load_weights(run_copy / "model.pt"), keep / "old-weights.pt")   # no checksum: by content
+    for name in ("mine.pt", "old-weights.pt"):
+        before = (keep / name).read_bytes()
+        code, line = run_main(capsys, "export", run_copy, "--format", "onnx", "--output", keep / name)
+        assert code == 2 and "is a trainkit checkpoint or weights file; it is not overwritten" in line
+        assert (keep / name).read_bytes() == before
+    # a TorchScript file named .pt is not trainkit's: exporting again replaces it
+    for _ in range(2):
+        assert run_main(capsys, "export", run_copy, "--format", "torchscript", "--output", keep / "ts.pt")[0] == 0
+    assert torch.jit.load(keep / "ts.pt")(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    assert sorted(p.name for p in keep.iterdir()) == ["mine.pt", "old-weights.pt", "ts.pt"]
+
+
+def test_exports_and_checkpoints_get_the_usual_permissions(finished_run, tmp_path, capsys):
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert run_main(capsys, "export", finished_run, "--format", "safetensors", "--output", tmp_path / "w.safetensors")[0] == 0
+    for path in (tmp_path / "w.safetensors", finished_run / "last.pt", finished_run / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path   # as open() makes them, not mkstemp's 0600
+
+
+@pytest.mark.parametrize("where, fragment", [("missing", "the folder {} does not exist"), ("folder", "is a folder")])
+def test_export_to_a_missing_folder_or_a_folder(run_copy, tmp_path, capsys, where, fragment):
+    output = tmp_path / "no" / "such" / "m.onnx" if where == "missing" else tmp_path
+    code, line = run_main(capsys, "export", run_copy, "--format", "onnx", "--output", output)
+    assert code == 2 and fragment.format(output.parent) in line
+
+
+def mount_namespace() -> list[str]:
+    """`unshare` that gives a command its own mounts (user namespaces: no root needed), or a skip."""
+    cmd = ["unshare", "--map-root-user", "--mount"]
+    if not shutil.which("unshare") or subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with user and mount namespaces, to mount a small or read-only tmpfs")
+    return cmd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, mount, error", [
+    ("onnx", "size=64k", "No space left on device"),
+    ("torchscript", "size=64k", "No space left on device"),
+    ("onnx", "ro", "Read-only file system"),
+])
+def test_export_to_a_full_or_read_only_disk_leaves_nothing(finished_run, tmp_path, fmt, mount, error):
+    """A real tmpfs of 64 KiB (the model is 2.4 MB) or a read-only one, in a mount namespace."""
+    target = tmp_path / "disk"
+    target.mkdir()
+    script = (f'mount -t tmpfs -o {mount} tmpfs "$1" || exit 99; shift; "$@"; code=$?; '
+              f'echo; echo "exit=$code"; ls -A "{target}"')
+    cmd = [*mount_namespace(), "sh", "-c", script, "sh", str(target), sys.executable, "-m", "trainkit", "export",
+           str(finished_run), "--format", fmt, "--output", str(target / "model.out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert "exit=" in proc.stdout, proc.stdout + proc.stderr
+    exit_code, _, listing = proc.stdout.split("exit=", 1)[1].partition("\n")
+    assert exit_code == "2", proc.stdout + proc.stderr
+    assert_one_line_error(subprocess.CompletedProcess(cmd, 2, "", proc.stderr), f"could not write {target / 'model.out'}",
+                          error, "nothing was written")
+    assert listing.strip() == ""                               # no partial file, no temporary
+
+
+@pytest.mark.parametrize("top", ["-1", "0"])
+def test_predict_top_must_be_positive(finished_run, digit_png, capsys, top):
+    code, line = run_main(capsys, "predict", finished_run, digit_png, "--top", top)
+    assert code == 2 and f"--top must be at least 1, got {top}" in line
+
+
+BROKEN_CONFIG_JSON = [
+    (b"{not json", "could not be parsed"),
+    (b"", "is empty"),
+    (b"\xff\xfe{}", "is not UTF-8 text"),
+    (b'{"config": {"epochs": 1}}', 'is damaged: its "data" section'),
+    (b'{"config": {"epochs": 1}, "data": {"classes": ["0", "1"], "image_shape": "abc", "mean": [0.1], "std": [0.3]}}',
+     'is damaged: its "data" section'),
+    (b'{"config": {"epochs": 1}, "data": {"classes": [], "image_shape": [1, 28, 28], "mean": [0.1], "std": [0.3]}}',
+     'is damaged: its "data" section'),
+    (b'{"config": {"epochs": 1}, "data": {"classes": ["0"], "image_shape": [1, 28, 28], "mean": [0.1], "std": [0]}}',
+     'is damaged: its "data" section'),
+    (b'{"config": {"model": ["s5net"]}, "data": {}}', "setting 'model' must be a string, got a list"),
+    (b'{"config": 7}', '"config" must hold a mapping of settings'),
+]
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export"])
+@pytest.mark.parametrize("content, fragment", BROKEN_CONFIG_JSON, ids=[f"case{i}" for i in range(len(BROKEN_CONFIG_JSON))])
+def test_a_broken_config_json_is_one_line(run_copy, digit_png, capsys, command, content, fragment):
+    (run_copy / "config.json").write_bytes(content)
+    extra = {"eval": [], "predict": [digit_png], "export": ["--format", "safetensors"]}[command]
+    code, line = run_main(capsys, command, run_copy, *extra)
+    assert code == 2 and fragment in line and "config.json" in line, line
+    assert not (run_copy / "model.safetensors").exists()
+
+
+def test_a_checkpoint_without_model_weights_is_one_line(run_copy, digit_png, capsys):
+    (run_copy / "model.pt").unlink()                    # so that predict falls back to last.pt
+    state = ckpt.load_checkpoint(run_copy / "last.pt")
+    del state["model"]
+    ckpt.atomic_torch_save(state, run_copy / "last.pt")
+    code, line = run_main(capsys, "predict", run_copy, digit_png)
+    assert code == 2 and "last.pt is an incomplete trainkit checkpoint (no model)" in line
+    state["model"] = [1, 2, 3]
+    ckpt.atomic_torch_save(state, run_copy / "last.pt")
+    code, line = run_main(capsys, "predict", run_copy, digit_png)
+    assert code == 2 and "last.pt does not hold model weights" in line
+    ckpt.atomic_torch_save([torch.zeros(3)], run_copy / "model.pt")
+    code, line = run_main(capsys, "predict", run_copy, digit_png)
+    assert code == 2 and "model.pt does not hold model weights" in line

@@ -72,6 +72,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = start_cli("train", *RUN, "--out", out)
@@ -84,6 +85,7 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     assert_same_run(uninterrupted, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_writes_a_checkpoint_and_resume_is_bit_identical(uninterrupted, tmp_path, signum, code):
     out = tmp_path / "run"
@@ -117,6 +119,7 @@ def poisoned(in_channels=1, num_classes=10):
 '''
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path):
     (tmp_path / "poison.py").write_text(NAN_MODEL)
     out = tmp_path / "run"

@@ -12,6 +12,7 @@ from trainkit import ImageData, TrainConfig, train
 from trainkit.config import from_mapping, load_config_file
 
 
+@pytest.mark.slow
 def test_readme_api_example_runs(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
@@ -40,6 +41,7 @@ def tiny(in_channels=1, num_classes=10):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["file", "module"])
 def test_train_a_model_of_your_own(tmp_path, form):
     if form == "file":
@@ -56,7 +58,10 @@ def test_train_a_model_of_your_own(tmp_path, form):
     assert float(re.search(r"\((\d+\.\d+)%\)", last).group(1)) > 70.0   # a linear model learns this much
 
 
-def test_fashion_mnist(tmp_path):
+@pytest.mark.slow
+def test_fashion_mnist(tmp_path, request):
+    if not (data_dir() / "FashionMNIST" / "raw").is_dir():
+        request.getfixturevalue("fashion_mnist_package")    # else read from Debian's package, or skipped
     cli_ok("train", "--dataset", "fashion-mnist", "--model", "compact", "--epochs", "2", "--limit-train",
                    "4096", "--limit-test", "500", "--batch-size", "32", "--lr", "0.05", "--out", tmp_path / "run",
                    "--no-progress")
@@ -66,6 +71,7 @@ def test_fashion_mnist(tmp_path):
     assert acc > 65.0     # measured 73.6%; ten classes at chance would be 10%
 
 
+@pytest.mark.slow
 def test_image_folder(tmp_path, mnist):
     # three classes of colour PNGs of another size, made from MNIST digits 0, 1 and 7
     root = tmp_path / "digits"
@@ -104,12 +110,14 @@ def test_config_files_and_flags(tmp_path):
     assert_one_line_error(run_cli("train", "--config", tmp_path / "bad2.yaml"), "'three' is not a valid int")
 
 
+@pytest.mark.slow
 def test_config_json_reproduces_the_run(quick_run, tmp_path):
     out, _ = quick_run
     cli_ok("train", "--config", out / "config.json", "--out", tmp_path / "again", "--no-progress")
     assert metrics_without_time(out) == metrics_without_time(tmp_path / "again")
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_final_test_accuracy(quick_run):
     out, _ = quick_run
     proc = cli_ok("eval", out)
@@ -117,6 +125,7 @@ def test_eval_reproduces_the_final_test_accuracy(quick_run):
     assert f"Accuracy: {last[7]}/{last[8]}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
     out, _ = quick_run
     image = Image.new("RGB", (120, 160), "black")                 # any size, colour
@@ -134,6 +143,7 @@ def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
     assert_one_line_error(run_cli("predict", out, tmp_path / "bad.png"), "not a readable PNG or JPEG")
 
 
+@pytest.mark.slow
 def test_onnx_export_agrees_with_pytorch(quick_run, tmp_path, mnist):
     import onnxruntime
     from trainkit.inference import load_run
@@ -148,6 +158,7 @@ def test_onnx_export_agrees_with_pytorch(quick_run, tmp_path, mnist):
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_torchscript_export(quick_run, tmp_path, mnist):
     from trainkit.inference import load_run
     out, _ = quick_run
@@ -158,6 +169,7 @@ def test_torchscript_export(quick_run, tmp_path, mnist):
     torch.testing.assert_close(scripted(x), trained.model(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
@@ -171,6 +183,7 @@ def test_tensorboard_events(tmp_path):
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_lr_find(tmp_path):
     proc = cli_ok("lr-find", "--steps", "40", "--limit-train", "1024", "--batch-size", "32",
                    "--output", tmp_path / "lr.png")
@@ -180,6 +193,7 @@ def test_lr_find(tmp_path):
         assert img.size[0] > 300
 
 
+@pytest.mark.slow
 def test_patience_flag(tmp_path):
     cli_ok("train", "--epochs", "5", "--limit-train", "256", "--limit-test", "128", "--lr", "1e-9",
                    "--patience", "1", "--out", tmp_path / "run", "--no-progress")

@@ -3,6 +3,7 @@ import csv
 import json
 import re
 
+import pytest
 import torch
 from PIL import Image
 
@@ -13,6 +14,7 @@ from trainkit.models import S5Net
 from conftest import QUICK_MIN_ACC, cli_ok
 
 
+@pytest.mark.slow
 def test_quick_run_learns(quick_run):
     out, _ = quick_run
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -22,6 +24,7 @@ def test_quick_run_learns(quick_run):
     assert int(rows[-1]["train_seen"]) == 2048
 
 
+@pytest.mark.slow
 def test_console_shows_the_seeds_lines(quick_run):
     _, proc = quick_run
     out = proc.stdout
@@ -33,6 +36,7 @@ def test_console_shows_the_seeds_lines(quick_run):
     assert "Run saved in" in out
 
 
+@pytest.mark.slow
 def test_run_directory(quick_run):
     out, _ = quick_run
     saved = json.loads((out / "config.json").read_text())
@@ -52,6 +56,7 @@ def test_run_directory(quick_run):
     assert "Total params: 593,200" in summary and "Per-class test accuracy" in summary
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(mnist):
     cfg = TrainConfig(epochs=1, limit_train=512, limit_test=256, batch_size=64, progress=False)
     data = mnist.limit(512, 256)
@@ -63,6 +68,7 @@ def test_same_seed_same_numbers(mnist):
     assert strip(first) != strip(other)
 
 
+@pytest.mark.slow
 def test_target_accuracy_and_patience_stop_early(mnist):
     data = mnist.limit(1024, 256)
     cfg = TrainConfig(epochs=5, batch_size=32, progress=False)
@@ -98,6 +104,7 @@ class _Checks(Callback):
             self.checks.append((e.epoch, e.after_batch - 1, e.acc))
 
 
+@pytest.mark.slow
 def test_mid_epoch_evaluations_stop_at_the_target(mnist, tmp_path):
     data = mnist.limit(2048, 500)
     cfg = TrainConfig(epochs=2, batch_size=32, progress=False, evals_per_epoch=4)
@@ -123,6 +130,7 @@ def test_mid_epoch_evaluations_stop_at_the_target(mnist, tmp_path):
     assert again.checks == [] and resumed.rows() == stopped.rows()
 
 
+@pytest.mark.slow
 def test_mid_epoch_evaluations_are_printed(tmp_path):
     out = cli_ok("train", "--limit-train", "512", "--limit-test", "200", "--epochs", "1", "--batch-size", "64",
                  "--evals-per-epoch", "2", "--no-progress", "--out", tmp_path / "run").stdout

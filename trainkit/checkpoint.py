@@ -33,15 +33,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: setting it to read it is not thread-safe
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a kill or a full disk never leaves a half-written `path`.
 
     The bytes go to a temporary file in the same folder, which is flushed and fsynced, then
     renamed onto `path` (atomic on POSIX), and the folder is fsynced so the rename is durable.
+    The file gets the permissions open() would give it (mkstemp makes it private).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name + ".")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, from_mapping, load_config_file
+from .config import TrainConfig, from_mapping, load_config_file, validate
 from .errors import TrainkitError
 from .flags import add_config_flags, config_flags
 from .loaders import normalize
@@ -31,27 +34,50 @@ class TrainedModel:
         return normalize(images, self.mean, self.std)
 
 
+def _data_info(path: Path) -> tuple[list[str], tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
+    """Classes, image shape, mean and std from a run's config.json, checked: a damaged or
+    hand-edited file is one line, not a KeyError."""
+    saved = json.loads(path.read_text(encoding="utf-8"))  # load_config_file has parsed it already
+    try:
+        info = saved["data"]
+        classes = [str(c) for c in info["classes"]]
+        shape = tuple(int(d) for d in info["image_shape"])
+        mean = tuple(float(m) for m in info["mean"])
+        std = tuple(float(v) for v in info["std"])
+        if len(shape) != 3 or not all(1 <= d <= 1 << 15 for d in shape) or not 1 <= len(classes) <= 1 << 20:
+            raise ValueError("shape or classes")
+        if len(mean) != shape[0] or len(std) != shape[0] or not all(math.isfinite(v) for v in mean + std) \
+                or min(std) <= 0:
+            raise ValueError("mean or std")
+    except (TypeError, KeyError, ValueError, OverflowError) as exc:
+        raise TrainkitError(f"{path} is damaged: its \"data\" section (classes, image_shape, mean, std) is missing "
+                            f"or wrong ({type(exc).__name__}); restore it from a copy of the run") from None
+    return classes, shape, mean, std
+
+
 def load_run(run_dir: str | Path) -> TrainedModel:
     """The trained model of a run directory (model.pt, else the last checkpoint) and its settings."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise TrainkitError(f"{run_dir} is not a trainkit run directory (no config.json)")
-    saved = json.loads((run_dir / "config.json").read_text())
-    cfg = from_mapping(load_config_file(run_dir / "config.json"))
-    info = saved["data"]
-    shape = tuple(info["image_shape"])
-    model = build_model(cfg.model, in_channels=shape[0], num_classes=len(info["classes"]))
+    settings = load_config_file(run_dir / "config.json")  # one line for a file that is empty, not JSON...
+    try:
+        cfg = validate(from_mapping(settings))
+    except TrainkitError as exc:
+        raise TrainkitError(f"{run_dir / 'config.json'} holds a bad setting: {exc}") from None
+    classes, shape, mean, std = _data_info(run_dir / "config.json")
+    model = build_model(cfg.model, in_channels=shape[0], num_classes=len(classes))
     if (run_dir / "model.pt").is_file():
         source = run_dir / "model.pt"
         state = ckpt.load_weights(source)
     elif (run_dir / "last.pt").is_file():
         source = run_dir / "last.pt"
-        state = ckpt.load_checkpoint(source)["model"]
+        state = ckpt.load_checkpoint(source)["model"]  # load_checkpoint checks that it is there
     else:
         raise TrainkitError(f"{run_dir} holds no weights (model.pt or last.pt)")
     ckpt.load_weights_into(model, state, str(source))
     model.eval()
-    return TrainedModel(model, cfg, info["classes"], tuple(info["mean"]), tuple(info["std"]), shape)
+    return TrainedModel(model, cfg, classes, mean, std, shape)
 
 
 def cmd_eval(args) -> int:
@@ -80,6 +106,8 @@ def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
 
 
 def cmd_predict(args) -> int:
+    if args.top < 1:
+        raise TrainkitError(f"--top must be at least 1, got {args.top}")
     trained = load_run(args.run_dir)
     probs = predict_files(trained, args.images)
     k = min(args.top, len(trained.classes))
@@ -90,29 +118,63 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# What a run directory holds (run.py); `export` never writes over any of them.
+RUN_FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png",
+             "model.pt", "summary.txt", "last.pt", "best.pt")
+
+
+def _check_output(output: Path) -> None:
+    """Refuse, before any work, an output that cannot be written or must not be overwritten."""
+    if output.is_dir():
+        raise TrainkitError(f"{output} is a folder; give the file to export to")
+    if not output.parent.is_dir():
+        raise TrainkitError(f"cannot export to {output}: the folder {output.parent} does not exist")
+    if output.exists() and ckpt.is_trainkit_file(output):
+        raise TrainkitError(f"{output} is a trainkit checkpoint or weights file; it is not overwritten, "
+                            f"choose another --output")
+
+
 def export(trained: TrainedModel, fmt: str, output: Path) -> Path:
+    """Write the model as `fmt` to `output`: whole or not at all (a temporary file, then a rename)."""
+    output = Path(output)
+    _check_output(output)
     example = torch.zeros(1, *trained.image_shape)
+    buffer = io.BytesIO()  # exported in memory first, so a failed write is one OSError, below
     if fmt == "safetensors":
-        ckpt.save_weights(trained.model, output)
+        from safetensors.torch import save
+
+        data = save({k: v.detach().cpu().contiguous() for k, v in trained.model.state_dict().items()})
     elif fmt == "torchscript":
-        try:
-            scripted = torch.jit.trace(trained.model, example)
-        except Exception as exc:
-            raise TrainkitError(f"the model could not be traced to TorchScript: {exc}") from None
-        scripted.save(str(output))
+        with warnings.catch_warnings():  # torch's deprecation notices would bury an error line
+            warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+            try:
+                scripted = torch.jit.trace(trained.model, example)
+            except Exception as exc:
+                raise TrainkitError(f"the model could not be traced to TorchScript: {exc}") from None
+            torch.jit.save(scripted, buffer)
+        data = buffer.getvalue()
     else:
         if importlib.util.find_spec("onnx") is None:
             raise TrainkitError("ONNX export needs the onnx package: pip install trainkit[onnx]")
-        torch.onnx.export(trained.model, (example,), str(output), input_names=["images"],
+        torch.onnx.export(trained.model, (example,), buffer, input_names=["images"],
                           output_names=["log_probs"], dynamic_axes={"images": {0: "batch"}, "log_probs": {0: "batch"}},
                           dynamo=False)
+        data = buffer.getvalue()
+    try:
+        ckpt.atomic_write_bytes(output, data)
+    except OSError as exc:  # read-only folder, full disk, quota: nothing is left behind
+        raise TrainkitError(f"could not write {output}: {exc.strerror or exc}; nothing was written") from None
     return output
 
 
 def cmd_export(args) -> int:
-    trained = load_run(args.run_dir)
+    run_dir = Path(args.run_dir)
     suffix = {"onnx": "model.onnx", "torchscript": "model.ts", "safetensors": "model.safetensors"}[args.format]
-    output = Path(args.output) if args.output else Path(args.run_dir) / suffix
+    output = Path(args.output) if args.output else run_dir / suffix
+    if output.name in RUN_FILES and output.resolve().parent == run_dir.resolve():
+        raise TrainkitError(f"{output} is part of the run; it is not overwritten, choose another --output")
+    _check_output(output)  # before the model is loaded
+    trained = load_run(run_dir)
     export(trained, args.format, output)
     print(f"Exported {args.format} to {output}")
     return 0

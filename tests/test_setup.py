@@ -1,0 +1,91 @@
+"""A fresh machine: the README's set-up is enough, the tests find (or fetch) their data, CI runs everything."""
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from conftest import MNIST_STEMS, ROOT, cache_dir, data_dir, fetch_mnist, need_system_package
+from trainkit.datasets import MNIST
+
+MNIST_GZ = sorted(item.stem + ".gz" for item in MNIST.files.values())
+
+
+def test_conftest_looks_for_the_files_trainkit_reads():
+    assert sorted(MNIST_STEMS) == sorted(item.stem for item in MNIST.files.values())
+
+
+def test_without_a_data_folder_mnist_is_fetched_once_into_the_cache(tmp_path, local_mirror, monkeypatch):
+    monkeypatch.delenv("TRAINKIT_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRAINKIT_MIRROR", local_mirror)
+    assert data_dir() == cache_dir() == tmp_path / "cache" / "trainkit" / "datasets"
+    root = fetch_mnist(data_dir())
+    raw = root / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == MNIST_GZ        # checked, no temporary files left
+    stamps = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
+    monkeypatch.setenv("TRAINKIT_MIRROR", "http://127.0.0.1:9/")      # offline from now on
+    fetch_mnist(data_dir())                                            # once: nothing is fetched again
+    assert {p.name: p.stat().st_mtime_ns for p in raw.iterdir()} == stamps
+
+
+@pytest.mark.slow   # a pytest subprocess that imports torch
+def test_the_test_suite_runs_without_TRAINKIT_DATA_DIR(tmp_path, local_mirror):
+    """The README's command on a machine without the data: conftest fills the cache, the tests read it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRAINKIT_DATA_DIR", "TRAINKIT_REQUIRE_ALL")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), TRAINKIT_MIRROR=local_mirror)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_datasets.py::test_reads_extracted_files"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    raw = tmp_path / "cache" / "trainkit" / "datasets" / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == MNIST_GZ
+
+
+def test_a_missing_system_package_skips_and_names_it(tmp_path):
+    with pytest.raises(pytest.skip.Exception, match=r"apt-get install dataset-fashion-mnist"):
+        need_system_package("dataset-fashion-mnist", tmp_path / "fashion-mnist")
+    need_system_package("anything", tmp_path)                          # present: no skip
+
+
+def test_ci_fails_a_skipped_test(pytester, monkeypatch):
+    """Under TRAINKIT_REQUIRE_ALL=1 (.ci/run) a test that skips fails instead, with its reason."""
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_skips="import pytest\n\ndef test_needs_a_package():\n"
+                                   "    pytest.skip('needs Debian\\'s dataset-x: apt-get install dataset-x')\n")
+    monkeypatch.setenv("TRAINKIT_DATA_DIR", str(data_dir()))
+    monkeypatch.setenv("TRAINKIT_REQUIRE_ALL", "1")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*TRAINKIT_REQUIRE_ALL=1 (CI) runs every test*apt-get install dataset-x*"])
+
+
+def test_readme_set_up_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    assert blocks[0].splitlines()[0].startswith("pip install -r requirements.txt")
+    assert blocks[0].splitlines()[1].startswith("trainkit train")
+    commands = [line.split("#")[0].strip() for line in blocks[1].splitlines()]
+    assert commands[0] == "python -m pytest -q"                        # no data folder a clone lacks
+    assert 'python -m pytest -q -m "not slow"' in commands
+    assert "../shared" not in readme.split("## Results")[0]
+
+
+def test_ci_runs_every_test_on_the_shared_data():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install -y -qq dataset-fashion-mnist" in ci
+    assert re.search(r"^export TRAINKIT_DATA_DIR=\.\./shared/datasets$", ci, re.M)
+    assert re.search(r"^export TRAINKIT_REQUIRE_ALL=1$", ci, re.M)
+    assert re.search(r"^python -m pytest -q$", ci, re.M)               # every test, no -m
+
+
+def test_the_notebook_extra_has_what_nbconvert_needs():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names = {re.split(r"[<>=\[ ]", req)[0] for req in extras["notebook"]}
+    assert {"nbconvert", "ipykernel", "ipywidgets"} <= names      # jupyter nbconvert, a kernel, tqdm's widget bars
+    assert any("notebook" in req for req in extras["test"])
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("slow:") for m in markers)
