@@ -57,6 +57,9 @@ class TrainConfig:
     model: str = _opt("s5net", "a registered model, or module:factory, or file.py:factory", registry="model")
     dataset: str = _opt("mnist", "a registered dataset (imagefolder:PATH for a folder of images)", registry="dataset")
     data_dir: str | None = _opt(None, "data folder (default: $TRAINKIT_DATA_DIR, else ./data)")
+    pretrained: bool = _opt(False, "start a torchvision:NAME or timm:NAME model from its published weights "
+                                   "(downloaded, so not offline)")
+    init_from: str | None = _opt(None, "start from the weights of a run folder (its model.pt) or a weights file")
     epochs: int = _opt(20, "number of epochs", positive=True)
     batch_size: int = _opt(512, "images per training step", positive=True)
     test_batch_size: int = _opt(1000, "images per evaluation step", positive=True)

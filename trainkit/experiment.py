@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checkpoint as ckpt
 from . import distributed
 from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, resolve_data_dir, validate
@@ -78,6 +79,8 @@ def canonical(cfg: TrainConfig) -> TrainConfig:
     """The same settings with every path made absolute (the data folder, an image folder, a model
     file), so that a run's config.json means the same from any working folder."""
     changes = {"data_dir": str(resolve_data_dir(cfg).resolve())}
+    if cfg.init_from:
+        changes["init_from"] = str(Path(cfg.init_from).resolve())
     key, _, arg = cfg.dataset.partition(":")
     if key == "imagefolder" and arg:
         changes["dataset"] = f"imagefolder:{Path(arg).resolve()}"
@@ -97,6 +100,16 @@ def describe(cfg: TrainConfig, data: ImageData | None, model: nn.Module | None) 
         loadable = data.name.partition(":")[0] in DATASETS
         cfg = cfg.replace(dataset=data.name if loadable else f"python:{data.name}")
     return cfg
+
+
+def load_initial_weights(model: nn.Module, source: Path) -> None:
+    """--init-from: a run folder (its model.pt, else last.pt), a checkpoint, or a weights file."""
+    if source.is_dir():
+        source = source / "model.pt" if (source / "model.pt").is_file() else source / "last.pt"
+    state = ckpt.load_weights(source)
+    if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:   # a whole checkpoint
+        state = state.get("model")
+    ckpt.load_weights_into(model, state, str(source))
 
 
 def get_data(cfg: TrainConfig, channels: int = 1) -> ImageData:
@@ -158,7 +171,10 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     data = held_out(cfg, data if data is not None else get_data(cfg))
     if model is None:
-        model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes)
+        model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,
+                            pretrained=cfg.pretrained)
+    if cfg.init_from:
+        load_initial_weights(model, Path(cfg.init_from))
     model = model.to(device)
     outputs = output_kind(model, data.image_shape, data.num_classes, cfg.model, device)
     if cfg.channels_last:

@@ -1,10 +1,12 @@
 """Using a finished run: evaluate it, predict image files, export the model."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,8 @@ from .config import TrainConfig, from_mapping, load_config_file, validate
 from .errors import TrainkitError
 from .flags import add_config_flags, config_flags
 from .loaders import normalize
-from .models import build_model
+from .models import build_model, model_source, output_kind
+from .rundir import FILES as RUN_FILES
 
 
 @dataclass
@@ -28,6 +31,12 @@ class TrainedModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_shape: tuple[int, int, int]
+    outputs: str = "log_probs"     # what the model returns: "log_probs" or "logits"
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, classes) of uint8 images (N, C, H, W) of the run's image shape."""
+        with torch.no_grad():
+            return torch.softmax(self.model(self.preprocess(images)).float(), dim=1)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalized float, as in training."""
@@ -55,8 +64,47 @@ def _data_info(path: Path) -> tuple[list[str], tuple[int, int, int], tuple[float
     return classes, shape, mean, std
 
 
-def load_run(run_dir: str | Path) -> TrainedModel:
-    """The trained model of a run directory (model.pt, else the last checkpoint) and its settings."""
+def _model_section(path: Path, cfg: TrainConfig) -> dict:
+    """How config.json says to build the model again (runs from before it said so: from the config)."""
+    saved = json.loads(path.read_text(encoding="utf-8")).get("model")
+    if isinstance(saved, dict) and isinstance(saved.get("kind"), str) and isinstance(saved.get("name"), str):
+        return saved
+    return {"kind": "python", "name": cfg.model} if cfg.model.startswith("python:") else model_source(cfg.model)
+
+
+def rebuild_model(run_dir: Path, cfg: TrainConfig, in_channels: int, num_classes: int,
+                  model_spec: str | None = None, trust_code: bool = False) -> nn.Module:
+    """The run's network, untrained. A run folder is data: a model that is code (module:factory,
+    file.py:factory) is imported only when the user names it again (`model_spec`) or says
+    `trust_code` (and then a recorded file must still have the sha256 it was trained with)."""
+    source = _model_section(run_dir / "config.json", cfg)
+    kind, name = source["kind"], source["name"]
+    if model_spec:
+        return build_model(model_spec, in_channels=in_channels, num_classes=num_classes)
+    if kind == "python":
+        raise TrainkitError(f"{run_dir}'s model was built in Python ({name}); trainkit cannot build it again: "
+                            f"load it with trainkit.inference.load_run({str(run_dir)!r}, model=YourModel())")
+    if kind in ("registry", "zoo"):
+        return build_model(name, in_channels=in_channels, num_classes=num_classes)
+    if not trust_code:
+        raise TrainkitError(f"{run_dir}/config.json names code ({name}); a run folder never runs code by being "
+                            f"opened: give --model {name} again, or --trust-code to import it")
+    if kind == "file":
+        path = Path(source.get("path") or name.rpartition(":")[0])
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        if digest is None or digest != source.get("sha256"):
+            raise TrainkitError(f"{path} is {'missing' if digest is None else 'not the file the run was trained with'} "
+                                f"(its sha256 differs from config.json's); name the model with --model to use it anyway")
+    print(f"trainkit: importing {name}, as {run_dir}/config.json names it (--trust-code)", file=sys.stderr)
+    return build_model(name, in_channels=in_channels, num_classes=num_classes)
+
+
+def load_run(run_dir: str | Path, *, model: nn.Module | None = None, model_spec: str | None = None,
+             trust_code: bool = False) -> TrainedModel:
+    """The trained model of a run directory (model.pt, else the last checkpoint) and its settings.
+
+    `model` is an untrained instance of a network built in Python; `model_spec` names the model
+    to build instead of the recorded one; see rebuild_model for `trust_code`."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise TrainkitError(f"{run_dir} is not a trainkit run directory (no config.json)")
@@ -66,7 +114,8 @@ def load_run(run_dir: str | Path) -> TrainedModel:
     except TrainkitError as exc:
         raise TrainkitError(f"{run_dir / 'config.json'} holds a bad setting: {exc}") from None
     classes, shape, mean, std = _data_info(run_dir / "config.json")
-    model = build_model(cfg.model, in_channels=shape[0], num_classes=len(classes))
+    if model is None:
+        model = rebuild_model(run_dir, cfg, shape[0], len(classes), model_spec, trust_code)
     if (run_dir / "model.pt").is_file():
         source = run_dir / "model.pt"
         state = ckpt.load_weights(source)
@@ -77,7 +126,13 @@ def load_run(run_dir: str | Path) -> TrainedModel:
         raise TrainkitError(f"{run_dir} holds no weights (model.pt or last.pt)")
     ckpt.load_weights_into(model, state, str(source))
     model.eval()
-    return TrainedModel(model, cfg, classes, mean, std, shape)
+    outputs = _model_section(run_dir / "config.json", cfg).get("outputs") or output_kind(
+        model, shape, len(classes), cfg.model)
+    return TrainedModel(model, cfg, classes, mean, std, shape, outputs)
+
+
+def _load_from_args(args) -> TrainedModel:
+    return load_run(args.run_dir, model_spec=getattr(args, "model", None), trust_code=args.trust_code)
 
 
 def cmd_eval(args) -> int:
@@ -86,10 +141,17 @@ def cmd_eval(args) -> int:
     from .loaders import TensorLoader
     from .reports import test_line
 
-    trained = load_run(args.run_dir)
-    cfg = trained.cfg.replace(**config_flags(args), limit_train=1)
+    trained = _load_from_args(args)
+    if trained.cfg.dataset.startswith("python:"):
+        raise TrainkitError(f"{args.run_dir} was trained on data given from Python ({trained.cfg.dataset[7:]}); "
+                            f"trainkit eval cannot load it again, and will not evaluate another dataset in its place")
+    cfg = trained.cfg.replace(**{k: v for k, v in config_flags(args).items() if k != "model"}, limit_train=1)
     data = get_data(cfg, channels=trained.image_shape[0])
-    loader = TensorLoader(data.test_images, data.test_labels, 1000, mean=trained.mean, std=trained.std)
+    if tuple(data.image_shape) != trained.image_shape or len(data.classes) != len(trained.classes):
+        raise TrainkitError(f"the data found for {cfg.dataset} ({list(data.image_shape)}, {len(data.classes)} classes) "
+                            f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "
+                            f"{len(trained.classes)} classes)")
+    loader = TensorLoader(data.test_images, data.test_labels, cfg.test_batch_size, mean=trained.mean, std=trained.std)
     loss, correct, total = evaluate(trained.model, loader, device=torch.device("cpu"))
     print(test_line(loss, correct, total))
     return 0
@@ -101,14 +163,13 @@ def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     from .datasets import load_image
 
     c, h, w = trained.image_shape
-    images = torch.stack([load_image(Path(p), c, (h, w)) for p in paths])
-    return trained.model(trained.preprocess(images)).float().exp()
+    return trained.probabilities(torch.stack([load_image(Path(p), c, (h, w)) for p in paths]))
 
 
 def cmd_predict(args) -> int:
     if args.top < 1:
         raise TrainkitError(f"--top must be at least 1, got {args.top}")
-    trained = load_run(args.run_dir)
+    trained = _load_from_args(args)
     probs = predict_files(trained, args.images)
     k = min(args.top, len(trained.classes))
     for path, p in zip(args.images, probs):
@@ -118,9 +179,23 @@ def cmd_predict(args) -> int:
     return 0
 
 
-# What a run directory holds (run.py); `export` never writes over any of them.
-RUN_FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png",
-             "model.pt", "summary.txt", "last.pt", "best.pt")
+def preprocessing(trained: TrainedModel) -> dict:
+    """What a caller must do to an image before the model sees it, as plain data."""
+    c, h, w = trained.image_shape
+    return {"image_shape": [c, h, w], "channels": c, "color": "grayscale" if c == 1 else "RGB",
+            "scale": "pixel / 255", "mean": list(trained.mean), "std": list(trained.std),
+            "classes": trained.classes, "outputs": trained.outputs}
+
+
+def with_onnx_metadata(data: bytes, trained: TrainedModel) -> bytes:
+    """The ONNX model with its preprocessing and class names as metadata (read back by `predict`)."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    for key, value in preprocessing(trained).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"trainkit.{key}", json.dumps(value)
+    return proto.SerializeToString()
 
 
 def _check_output(output: Path) -> None:
@@ -156,10 +231,10 @@ def export(trained: TrainedModel, fmt: str, output: Path) -> Path:
     else:
         if importlib.util.find_spec("onnx") is None:
             raise TrainkitError("ONNX export needs the onnx package: pip install trainkit[onnx]")
-        torch.onnx.export(trained.model, (example,), buffer, input_names=["images"],
-                          output_names=["log_probs"], dynamic_axes={"images": {0: "batch"}, "log_probs": {0: "batch"}},
-                          dynamo=False)
-        data = buffer.getvalue()
+        name = trained.outputs       # "log_probs" or "logits": what the numbers are
+        torch.onnx.export(trained.model, (example,), buffer, input_names=["images"], output_names=[name],
+                          dynamic_axes={"images": {0: "batch"}, name: {0: "batch"}}, dynamo=False)
+        data = with_onnx_metadata(buffer.getvalue(), trained)
     try:
         ckpt.atomic_write_bytes(output, data)
     except OSError as exc:  # read-only folder, full disk, quota: nothing is left behind
@@ -171,22 +246,30 @@ def cmd_export(args) -> int:
     run_dir = Path(args.run_dir)
     suffix = {"onnx": "model.onnx", "torchscript": "model.ts", "safetensors": "model.safetensors"}[args.format]
     output = Path(args.output) if args.output else run_dir / suffix
-    if output.name in RUN_FILES and output.resolve().parent == run_dir.resolve():
+    if output.name in RUN_FILES and output.resolve().parent == run_dir.resolve():  # rundir.FILES
         raise TrainkitError(f"{output} is part of the run; it is not overwritten, choose another --output")
     _check_output(output)  # before the model is loaded
-    trained = load_run(run_dir)
+    trained = _load_from_args(args)
     export(trained, args.format, output)
     print(f"Exported {args.format} to {output}")
     return 0
+
+
+def _add_model_flags(parser) -> None:
+    add_config_flags(parser, only=("model",))
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the model code that the run's config.json names (module:factory or file.py)")
 
 
 def add_command(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a run's model on its test set")
     ev.add_argument("run_dir")
     add_config_flags(ev, only=("data_dir",))
+    _add_model_flags(ev)
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="classify PNG/JPEG files with a run's model")
+    _add_model_flags(pr)
     pr.add_argument("run_dir")
     pr.add_argument("images", nargs="+", type=Path)
     pr.add_argument("--top", type=int, default=3, help="how many classes to show (default: 3)")
@@ -194,6 +277,7 @@ def add_command(sub) -> None:
 
     ex = sub.add_parser("export", help="export a run's model to ONNX, TorchScript or safetensors")
     ex.add_argument("run_dir")
+    _add_model_flags(ex)
     ex.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], default="onnx")
     ex.add_argument("--output", help="output file (default: model.onnx / model.ts / model.safetensors in the run)")
     ex.set_defaults(func=cmd_export)
