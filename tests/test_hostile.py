@@ -5,21 +5,28 @@ message), never a traceback, a hang or lost data. docs/reliability.md lists each
 """
 import contextlib
 import http.server
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import assert_one_line_error, cli_ok, data_dir, run_cli
+from conftest import assert_one_line_error, data_dir, run_cli
 from trainkit import TrainConfig, train
 from trainkit import checkpoint as ckpt
+from trainkit.cli import main
+from trainkit.config import field_specs, from_mapping, load_config_file, show, validate
 from trainkit.datasets import MNIST, download_file, download_timeout, idx_size, load_image, read_idx_file
 from trainkit.errors import TrainkitError
 
@@ -274,7 +281,7 @@ def test_flipped_bytes_in_a_gz_are_one_line_from_the_cli(mnist_dir, tmp_path):
 
 def write_gzip_of_zeros(path: Path, size: int) -> None:
     """A gzip bomb: `size` bytes of zeros, about 1/220 of that on disk (level 1, written in chunks)."""
-    compressor = __import__("zlib").compressobj(1, 8, 31)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)   # 31: a gzip header
     chunk = bytes(1 << 24)
     with open(path, "wb") as f:
         for _ in range(size // len(chunk)):
@@ -328,7 +335,6 @@ def test_an_oversized_extracted_file_is_refused_before_it_is_read(tmp_path):
 def write_png_bomb(path: Path, side: int) -> None:
     """A valid black 1-bit PNG of side x side pixels, a few kB on disk."""
     import struct
-    import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -360,10 +366,6 @@ def test_a_png_bomb_in_predict_is_one_line(finished_run, tmp_path, digit_png):
 
 # ---------------------------------------------------------------------------------------------
 # Settings: sizes, types and ranges are checked before a value is used or shown
-
-from trainkit.cli import main
-from trainkit.config import from_mapping, load_config_file, show, validate
-
 
 def alias_bomb(levels: int = 9) -> str:
     """A billion laughs in YAML flow style: 9 ** (levels + 1) strings that share 9 * levels lists."""
@@ -474,14 +476,6 @@ def test_bad_config_files_are_one_line(name, content, fragment, capsys, tmp_path
 
 # ---------------------------------------------------------------------------------------------
 # Property: any mapping of settings is a config or one short line
-
-import json
-import tempfile
-
-import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from trainkit.config import field_specs
 
 NAMES = [f.name for f in field_specs()]
 MAX_MESSAGE = 700     # the longest: an unknown setting, listing every known one
