@@ -81,6 +81,7 @@ def digit_png(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints carry a SHA-256 of their bytes
 
+@pytest.mark.slow
 def test_checkpoints_carry_a_checksum_and_stay_plain_torch_files(finished_run):
     for name in ("last.pt", "best.pt", "model.pt"):
         data = (finished_run / name).read_bytes()
@@ -115,6 +116,7 @@ def test_flipped_bytes_in_model_pt_are_refused(run_copy, digit_png, command):
     assert not (run_copy / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["start", "middle", "end", "footer"])
 def test_any_flipped_byte_is_caught(run_copy, where):
     path = run_copy / "last.pt"
@@ -124,6 +126,7 @@ def test_any_flipped_byte_is_caught(run_copy, where):
         ckpt.load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_checkpoints_from_before_checksums_still_load(run_copy):
     # An old checkpoint: the same torch.save bytes with an empty zip comment.
     path = run_copy / "last.pt"
@@ -565,6 +568,7 @@ def run_main(capsys, *argv) -> tuple[int, str]:
     return code, (one_line(capsys) if code else capsys.readouterr().err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["last.pt", "best.pt", "model.pt", "config.json", "metrics.csv"])
 def test_export_never_overwrites_the_run(run_copy, capsys, name):
     before = snapshot(run_copy)
@@ -573,6 +577,7 @@ def test_export_never_overwrites_the_run(run_copy, capsys, name):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_never_overwrites_a_checkpoint_elsewhere(run_copy, tmp_path, capsys):
     keep = tmp_path / "keep"
@@ -591,6 +596,7 @@ def test_export_never_overwrites_a_checkpoint_elsewhere(run_copy, tmp_path, caps
     assert sorted(p.name for p in keep.iterdir()) == ["mine.pt", "old-weights.pt", "ts.pt"]
 
 
+@pytest.mark.slow
 def test_exports_and_checkpoints_get_the_usual_permissions(finished_run, tmp_path, capsys):
     umask = os.umask(0o22)
     os.umask(umask)
@@ -599,6 +605,7 @@ def test_exports_and_checkpoints_get_the_usual_permissions(finished_run, tmp_pat
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path   # as open() makes them, not mkstemp's 0600
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, fragment", [("missing", "the folder {} does not exist"), ("folder", "is a folder")])
 def test_export_to_a_missing_folder_or_a_folder(run_copy, tmp_path, capsys, where, fragment):
     output = tmp_path / "no" / "such" / "m.onnx" if where == "missing" else tmp_path
@@ -637,6 +644,7 @@ def test_export_to_a_full_or_read_only_disk_leaves_nothing(finished_run, tmp_pat
     assert listing.strip() == ""                               # no partial file, no temporary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top", ["-1", "0"])
 def test_predict_top_must_be_positive(finished_run, digit_png, capsys, top):
     code, line = run_main(capsys, "predict", finished_run, digit_png, "--top", top)
@@ -659,6 +667,7 @@ BROKEN_CONFIG_JSON = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "predict", "export"])
 @pytest.mark.parametrize("content, fragment", BROKEN_CONFIG_JSON, ids=[f"case{i}" for i in range(len(BROKEN_CONFIG_JSON))])
 def test_a_broken_config_json_is_one_line(run_copy, digit_png, capsys, command, content, fragment):
@@ -669,6 +678,7 @@ def test_a_broken_config_json_is_one_line(run_copy, digit_png, capsys, command, 
     assert not (run_copy / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_model_weights_is_one_line(run_copy, digit_png, capsys):
     (run_copy / "model.pt").unlink()                    # so that predict falls back to last.pt
     state = ckpt.load_checkpoint(run_copy / "last.pt")
