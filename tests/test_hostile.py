@@ -5,21 +5,28 @@ message), never a traceback, a hang or lost data. docs/reliability.md lists each
 """
 import contextlib
 import http.server
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import assert_one_line_error, cli_ok, data_dir, run_cli
+from conftest import assert_one_line_error, data_dir, run_cli
 from trainkit import TrainConfig, train
 from trainkit import checkpoint as ckpt
+from trainkit.cli import main
+from trainkit.config import field_specs, from_mapping, load_config_file, show, validate
 from trainkit.datasets import MNIST, download_file, download_timeout, idx_size, load_image, read_idx_file
 from trainkit.errors import TrainkitError
 
@@ -74,6 +81,7 @@ def digit_png(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints carry a SHA-256 of their bytes
 
+@pytest.mark.slow
 def test_checkpoints_carry_a_checksum_and_stay_plain_torch_files(finished_run):
     for name in ("last.pt", "best.pt", "model.pt"):
         data = (finished_run / name).read_bytes()
@@ -108,6 +116,7 @@ def test_flipped_bytes_in_model_pt_are_refused(run_copy, digit_png, command):
     assert not (run_copy / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["start", "middle", "end", "footer"])
 def test_any_flipped_byte_is_caught(run_copy, where):
     path = run_copy / "last.pt"
@@ -117,6 +126,7 @@ def test_any_flipped_byte_is_caught(run_copy, where):
         ckpt.load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_checkpoints_from_before_checksums_still_load(run_copy):
     # An old checkpoint: the same torch.save bytes with an empty zip comment.
     path = run_copy / "last.pt"
@@ -274,7 +284,7 @@ def test_flipped_bytes_in_a_gz_are_one_line_from_the_cli(mnist_dir, tmp_path):
 
 def write_gzip_of_zeros(path: Path, size: int) -> None:
     """A gzip bomb: `size` bytes of zeros, about 1/220 of that on disk (level 1, written in chunks)."""
-    compressor = __import__("zlib").compressobj(1, 8, 31)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)   # 31: a gzip header
     chunk = bytes(1 << 24)
     with open(path, "wb") as f:
         for _ in range(size // len(chunk)):
@@ -328,7 +338,6 @@ def test_an_oversized_extracted_file_is_refused_before_it_is_read(tmp_path):
 def write_png_bomb(path: Path, side: int) -> None:
     """A valid black 1-bit PNG of side x side pixels, a few kB on disk."""
     import struct
-    import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -360,10 +369,6 @@ def test_a_png_bomb_in_predict_is_one_line(finished_run, tmp_path, digit_png):
 
 # ---------------------------------------------------------------------------------------------
 # Settings: sizes, types and ranges are checked before a value is used or shown
-
-from trainkit.cli import main
-from trainkit.config import from_mapping, load_config_file, show, validate
-
 
 def alias_bomb(levels: int = 9) -> str:
     """A billion laughs in YAML flow style: 9 ** (levels + 1) strings that share 9 * levels lists."""
@@ -475,14 +480,6 @@ def test_bad_config_files_are_one_line(name, content, fragment, capsys, tmp_path
 # ---------------------------------------------------------------------------------------------
 # Property: any mapping of settings is a config or one short line
 
-import json
-import tempfile
-
-import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from trainkit.config import field_specs
-
 NAMES = [f.name for f in field_specs()]
 MAX_MESSAGE = 700     # the longest: an unknown setting, listing every known one
 
@@ -571,6 +568,7 @@ def run_main(capsys, *argv) -> tuple[int, str]:
     return code, (one_line(capsys) if code else capsys.readouterr().err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["last.pt", "best.pt", "model.pt", "config.json", "metrics.csv"])
 def test_export_never_overwrites_the_run(run_copy, capsys, name):
     before = snapshot(run_copy)
@@ -579,6 +577,7 @@ def test_export_never_overwrites_the_run(run_copy, capsys, name):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_never_overwrites_a_checkpoint_elsewhere(run_copy, tmp_path, capsys):
     keep = tmp_path / "keep"
@@ -597,6 +596,7 @@ def test_export_never_overwrites_a_checkpoint_elsewhere(run_copy, tmp_path, caps
     assert sorted(p.name for p in keep.iterdir()) == ["mine.pt", "old-weights.pt", "ts.pt"]
 
 
+@pytest.mark.slow
 def test_exports_and_checkpoints_get_the_usual_permissions(finished_run, tmp_path, capsys):
     umask = os.umask(0o22)
     os.umask(umask)
@@ -605,6 +605,7 @@ def test_exports_and_checkpoints_get_the_usual_permissions(finished_run, tmp_pat
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path   # as open() makes them, not mkstemp's 0600
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, fragment", [("missing", "the folder {} does not exist"), ("folder", "is a folder")])
 def test_export_to_a_missing_folder_or_a_folder(run_copy, tmp_path, capsys, where, fragment):
     output = tmp_path / "no" / "such" / "m.onnx" if where == "missing" else tmp_path
@@ -643,6 +644,7 @@ def test_export_to_a_full_or_read_only_disk_leaves_nothing(finished_run, tmp_pat
     assert listing.strip() == ""                               # no partial file, no temporary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top", ["-1", "0"])
 def test_predict_top_must_be_positive(finished_run, digit_png, capsys, top):
     code, line = run_main(capsys, "predict", finished_run, digit_png, "--top", top)
@@ -665,6 +667,7 @@ BROKEN_CONFIG_JSON = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "predict", "export"])
 @pytest.mark.parametrize("content, fragment", BROKEN_CONFIG_JSON, ids=[f"case{i}" for i in range(len(BROKEN_CONFIG_JSON))])
 def test_a_broken_config_json_is_one_line(run_copy, digit_png, capsys, command, content, fragment):
@@ -675,6 +678,7 @@ def test_a_broken_config_json_is_one_line(run_copy, digit_png, capsys, command, 
     assert not (run_copy / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_model_weights_is_one_line(run_copy, digit_png, capsys):
     (run_copy / "model.pt").unlink()                    # so that predict falls back to last.pt
     state = ckpt.load_checkpoint(run_copy / "last.pt")

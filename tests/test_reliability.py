@@ -138,6 +138,7 @@ class _Exploit:
         return (os.system, (f"touch {_Exploit.marker}",))
 
 
+@pytest.mark.slow
 def test_a_pickle_that_runs_code_is_refused(tmp_path, capsys):
     _Exploit.marker = tmp_path / "pwned"
     bad = tmp_path / "evil.pt"
@@ -170,11 +171,13 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("train", "--resume", tmp_path / "empty"), "holds no checkpoint")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "corrupt"])
 def test_damaged_checkpoint(small_run, tmp_path, damage):
     run = copy_run(small_run, tmp_path / "run")
@@ -186,6 +189,7 @@ def test_damaged_checkpoint(small_run, tmp_path, damage):
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # untouched
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture(small_run, tmp_path):
     run = copy_run(small_run, tmp_path / "run")
     state = torch.load(run / "last.pt", weights_only=True)
@@ -196,12 +200,14 @@ def test_checkpoint_of_another_architecture(small_run, tmp_path):
                           "fc1.weight: checkpoint (64, 4096) vs model (50, 4096)", "conv4.bias missing")
 
 
+@pytest.mark.slow
 def test_resume_flag_that_contradicts_the_run(small_run, tmp_path):
     run = copy_run(small_run, tmp_path / "run")
     assert_one_line_error(run_cli("train", "--resume", run, "--lr", "0.5"),
                           "--lr 0.5 contradicts the run being resumed (0.01)")
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(small_run, tmp_path):
     run = copy_run(small_run, tmp_path / "run")
     before = (run / "last.pt").read_bytes()
@@ -209,12 +215,14 @@ def test_existing_run_is_not_overwritten(small_run, tmp_path):
     assert (run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_output_folder_not_writable(tmp_path):
     (tmp_path / "file").write_text("")
     assert_one_line_error(run_cli("train", "--out", tmp_path / "file" / "run", "--epochs", "1",
                                   "--limit-train", "64"), "cannot write to the run directory")
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, mnist):
     cfg = TrainConfig(epochs=2, batch_size=64, progress=False)
     data = mnist.limit(256, 128)
@@ -252,6 +260,7 @@ def test_atomic_write_never_leaves_a_half_written_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed(small_run, tmp_path):
     run = copy_run(small_run, tmp_path / "run")
     (run / (ckpt.TMP_PREFIX + "last.pt.abc")).write_bytes(b"half")
@@ -261,6 +270,7 @@ def test_stale_temporaries_are_removed(small_run, tmp_path):
     assert not list(run.glob(ckpt.TMP_PREFIX + "*"))
 
 
+@pytest.mark.slow
 def test_safetensors_export_and_load(small_run, tmp_path):
     cli_ok("export", small_run, "--format", "safetensors", "--output", tmp_path / "w.safetensors")
     from trainkit.models import S5Net

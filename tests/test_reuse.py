@@ -24,6 +24,7 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "api-demo" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_own_dataset_object(mnist):
     train_set = torch.utils.data.TensorDataset(mnist.train_images[:512].float() / 255, mnist.train_labels[:512])
     test_set = torch.utils.data.TensorDataset(mnist.test_images[:200], mnist.test_labels[:200])
@@ -95,6 +96,7 @@ def test_image_folder(tmp_path, mnist):
     assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{tmp_path / 'none'}"), "does not exist")
 
 
+@pytest.mark.slow
 def test_config_files_and_flags(tmp_path):
     (tmp_path / "a.yaml").write_text("epochs: 3\nbatch-size: 64\nlr: 0.02\nmodel: compact\n")
     (tmp_path / "b.toml").write_text('epochs = 4\nscheduler = "onecycle"\n')

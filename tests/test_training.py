@@ -77,6 +77,7 @@ def test_target_accuracy_and_patience_stop_early(mnist):
     assert len(history) == 3         # nothing improves after epoch 1 with a learning rate of 1e-9
 
 
+@pytest.mark.slow
 def test_seed_pipeline_runs_with_workers(mnist):
     cfg = TrainConfig(epochs=1, batch_size=64, pipeline="torchvision", workers=2, progress=False)
     history = train(cfg, data=mnist.limit(512, 256), write=False).history
