@@ -19,9 +19,11 @@ from trainkit import checkpoint as ckpt
 from trainkit import TrainConfig, train
 from trainkit.errors import TrainkitError
 
-# compact: dropout and batch norm, so the global RNG matters too; seed augmentation on.
+# compact: dropout and batch norm, so the global RNG matters too; seed augmentation on. Callbacks
+# that keep state (the weights' moving average, early stopping's counter) and one that changes every
+# step (gradient clipping) are on, so a resume must restore them too: model.pt is the EMA's weights.
 RUN = ["--model", "compact", "--limit-train", "4096", "--limit-test", "500", "--epochs", "3",
-       "--batch-size", "64", "--lr", "0.05"]
+       "--batch-size", "64", "--lr", "0.05", "--ema", "0.99", "--patience", "5", "--clip-grad-norm", "5"]
 
 
 def start_cli(*args, cwd=None):
@@ -63,6 +65,10 @@ def assert_same_run(a: Path, b: Path):
     ob = torch.load(b / "last.pt", weights_only=True)["optimizer"]["state"]
     for key in oa:
         assert torch.equal(oa[key]["momentum_buffer"], ob[key]["momentum_buffer"])
+    ca = torch.load(a / "last.pt", weights_only=True)["callbacks"]
+    cb = torch.load(b / "last.pt", weights_only=True)["callbacks"]
+    assert ca.keys() == cb.keys() == {"EMA", "EarlyStopping"} and ca["EarlyStopping"] == cb["EarlyStopping"]
+    assert all(torch.equal(ca["EMA"][k], cb["EMA"][k]) for k in ca["EMA"])
 
 
 @pytest.fixture(scope="module")
