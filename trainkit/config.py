@@ -97,6 +97,8 @@ class TrainConfig:
     ema: float | None = _opt(None, "evaluate an exponential moving average of the weights with this decay "
                                    "(e.g. 0.999)", positive=True, below=1)
     tensorboard: bool = _opt(False, "also write TensorBoard event files")
+    mlflow: str | None = _opt(None, "log the run to MLflow at this tracking URI; --mlflow alone: "
+                                    "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder")
     progress: bool = _opt(True, "show progress bars")
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -51,7 +51,10 @@ def add_config_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None
             help_text += f"; registered: {_registered_names(f.metadata['registry'])}"
         help_text += f" (default: {f.default})"
         flag = flag_name(f.name)
-        if kind == "bool":
+        if f.name == "mlflow":   # a flag whose value may be left out: --mlflow [URI]
+            parser.add_argument(flag, nargs="?", const="auto", default=argparse.SUPPRESS, metavar="URI",
+                                help=help_text)
+        elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:

@@ -45,10 +45,14 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     run_dir = Path(resume) if resume is not None else (Path(out) if out else default_run_dir()) if write else None
     writers: list[Callback] = []
     resume_state = None
+    tracker = []
+    if cfg.mlflow and main:       # after the run directory's writers: it logs the files they wrote
+        from .tracking import MLflowLogger
+        tracker.append(MLflowLogger(cfg.mlflow, run_dir))
     if resume is not None:
         if main:
             ckpt.remove_stale_temporaries(run_dir)
-        resume_state = restore(exp, ckpt.load_checkpoint(run_dir / "last.pt"), str(run_dir / "last.pt"), everyone)
+        resume_state = restore(exp, ckpt.load_checkpoint(run_dir / "last.pt"), str(run_dir / "last.pt"), everyone + tracker)
     elif run_dir is not None and main:
         prepare(run_dir)
         RunDirectory(exp, run_dir).start()
@@ -60,6 +64,6 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
                   loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
                   device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,
                   val_loader=exp.val_loader,
-                  callbacks=everyone + own + writers, resume=resume_state)
+                  callbacks=everyone + own + writers + tracker, resume=resume_state)
     distributed.barrier()
     return RunResult(history, run_dir, exp)
