@@ -73,7 +73,13 @@ class TrainConfig:
     gamma: float = _opt(0.1, "StepLR: decay factor", positive=True)
     pct_start: float = _opt(0.25, "onecycle: fraction of steps spent warming up", positive=True, below=1)
     label_smoothing: float = _opt(0.0, "label smoothing of the loss", nonneg=True, below=1)
-    augment: str = _opt("seed", "training augmentation", choices=["seed", "none"])
+    channels: int | None = _opt(None, "image channels: 1 (grayscale) or 3 (RGB); default: the dataset's own "
+                                      "(an image folder is RGB if any image is in colour)", choices=[1, 3])
+    image_size: str | None = _opt(None, "image size, N or HxW (e.g. 32 or 48x64); default: the dataset's own "
+                                        "(an image folder's most common size)")
+    augment: str = _opt("auto", "training augmentation: seed (zoom and rotation, as the seed), flip-crop "
+                                "(horizontal flips, 4-pixel padded crops), none; auto: seed for 1-channel "
+                                "images, flip-crop for 3-channel ones", choices=["auto", "seed", "flip-crop", "none"])
     pipeline: str = _opt("tensor", "data path: tensor (batched, on the device) or torchvision (the seed's)",
                          choices=["tensor", "torchvision"])
     precision: str = _opt("auto", "fp32, bf16 autocast, or auto (bf16 where the device supports it)",
@@ -170,7 +176,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if kind == "str" and (len(value) > MAX_TEXT or "\0" in value):
             raise TrainkitError(f"{flag} must be at most {MAX_TEXT} characters without NUL bytes, got {show(value)}")
         if meta.get("choices") and value not in meta["choices"]:
-            raise TrainkitError(f"{flag} must be one of {', '.join(meta['choices'])}, got {show(value)}")
+            raise TrainkitError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, got {show(value)}")
         if meta.get("positive") and not value > 0:
             raise TrainkitError(f"{flag} must be greater than 0, got {show(value)}")
         if meta.get("nonneg") and value < 0:
@@ -179,7 +185,24 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise TrainkitError(f"{flag} must be at most {meta['maximum']}, got {show(value)}")
         if meta.get("below") is not None and not value < meta["below"]:
             raise TrainkitError(f"{flag} must be less than {meta['below']}, got {show(value)}")
+    parse_image_size(cfg.image_size)
     return cfg
+
+
+MAX_IMAGE_SIDE = 4096
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """--image-size "32" -> (32, 32), "48x64" -> (48, 64) (height x width); None stays None."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+        raise TrainkitError(f"--image-size must be N or HxW (e.g. 32 or 48x64), got {show(text)}")
+    h, w = (int(parts[0]),) * 2 if len(parts) == 1 else map(int, parts)
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise TrainkitError(f"--image-size sides must be between 1 and {MAX_IMAGE_SIDE}, got {show(text)}")
+    return h, w
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

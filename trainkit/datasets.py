@@ -1,4 +1,5 @@
-"""Image datasets read once into uint8 tensors: MNIST, Fashion-MNIST and image folders.
+"""Image datasets read once into uint8 tensors: MNIST, Fashion-MNIST, KMNIST, CIFAR-10/100 and
+image folders.
 
 Nothing is ever written into a data folder that already holds the files, so a read-only
 folder works. Every file is checked before it is used; a bad one is a TrainkitError that
@@ -11,9 +12,13 @@ import gzip
 import hashlib
 import http.client
 import io
+import inspect
 import math
 import os
+import pickle
+import shutil
 import signal
+import tarfile
 import tempfile
 import threading
 import time
@@ -123,7 +128,7 @@ def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
 class IdxFile:
     stem: str            # e.g. "train-images-idx3-ubyte"
     gz_md5: str          # md5 of the published .gz
-    raw_md5: str         # md5 of the decompressed bytes
+    raw_md5: str | None  # md5 of the decompressed bytes (None: unpublished, so only the .gz is read)
     shape: tuple[int, ...]
 
 
@@ -180,7 +185,25 @@ FASHION_MNIST = IdxDataset(
     system_dirs=("/usr/share/datasets/fashion-mnist",),
 )
 
-IDX_DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST)}
+KMNIST = IdxDataset(
+    name="kmnist",
+    folder="KMNIST",
+    mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+    # torchvision's checksums of the published .gz files; no checksum of the extracted files is
+    # published, so only the .gz files are read (torchvision keeps them beside what it extracts).
+    files={
+        "train_images": IdxFile("train-images-idx3-ubyte", "bdb82020997e1d708af4cf47b453dcf7", None, (60000, 28, 28)),
+        "train_labels": IdxFile("train-labels-idx1-ubyte", "e144d726b3acfaa3e44228e80efcd344", None, (60000,)),
+        "test_images": IdxFile("t10k-images-idx3-ubyte", "5c965bf0a639b31b8f53240b1b52f4d7", None, (10000, 28, 28)),
+        "test_labels": IdxFile("t10k-labels-idx1-ubyte", "7320c461ea6c1c855c0b718fb2a4b134", None, (10000,)),
+    },
+    classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    # The values commonly used for KMNIST's 60,000 training images.
+    mean=0.1918,
+    std=0.3483,
+)
+
+IDX_DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST, KMNIST)}
 
 
 def _md5(data: bytes) -> str:
@@ -229,7 +252,7 @@ def read_idx_file(path: Path, spec: IdxDataset, item: IdxFile) -> np.ndarray:
         if len(data) > expected:
             raise TrainkitError(f"{path} is corrupt or not the {spec.name} file: it decompresses to more than "
                                 f"the {expected} bytes of {item.stem}; " + _fix_hint(spec, path))
-        if not gz_ok and _md5(data) != item.raw_md5:
+        if not gz_ok and (item.raw_md5 is None or _md5(data) != item.raw_md5):
             raise TrainkitError(f"{path} has the wrong MD5 ({_md5(data)} after decompression; the "
                                 f"published file's is {item.gz_md5}); " + _fix_hint(spec, path))
     array = parse_idx(data, str(path))
@@ -244,7 +267,7 @@ def read_idx_file(path: Path, spec: IdxDataset, item: IdxFile) -> np.ndarray:
 
 def _find(spec: IdxDataset, root: Path, item: IdxFile) -> Path | None:
     for folder in (root / spec.folder / "raw", *map(Path, spec.system_dirs)):
-        for name in (item.stem, item.stem + ".gz"):
+        for name in (item.stem, item.stem + ".gz") if item.raw_md5 else (item.stem + ".gz",):
             if (folder / name).is_file():
                 return folder / name
     return None
@@ -396,7 +419,7 @@ def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: boo
                     os.unlink(tmp)
     raise TrainkitError(f"{spec.name} file {item.stem}.gz is missing from {dest_dir} and could not be "
                         f"downloaded ({'; '.join(errors)}); copy the files there, or point --data-dir "
-                        f"(or TRAINKIT_DATA_DIR) at a folder holding {spec.folder}/raw/")
+                        f"(or TRAINKIT_DATA_DIR) at a folder holding {getattr(spec, 'holds', spec.folder + '/raw/')}")
 
 
 def load_idx_dataset(spec: IdxDataset, root: str | Path, download: bool = True, progress: bool = True) -> ImageData:
@@ -406,7 +429,8 @@ def load_idx_dataset(spec: IdxDataset, root: str | Path, download: bool = True, 
         path = _find(spec, root, item)
         if path is None:
             if not download:
-                raise TrainkitError(f"{spec.name} file {item.stem} not found in {root / spec.folder / 'raw'}")
+                raise TrainkitError(f"{spec.name} file {item.stem}{'' if item.raw_md5 else '.gz'} not found in "
+                                    f"{root / spec.folder / 'raw'}")
             path = download_file(spec, item, root / spec.folder / "raw", progress)
         arrays[key] = read_idx_file(path, spec, item)
     to_images = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
@@ -417,28 +441,222 @@ def load_idx_dataset(spec: IdxDataset, root: str | Path, download: bool = True, 
 
 
 # ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100: the "python version" that torchvision downloads (<data_dir>/cifar-10-batches-py/),
+# checked by MD5 before it is read, and unpickled by an unpickler that builds only numpy arrays.
+
+@dataclass(frozen=True)
+class CifarFile:
+    name: str      # in <data_dir>/<folder>/
+    md5: str
+    count: int     # images in it (0 for the meta file)
+
+
+@dataclass(frozen=True)
+class CifarDataset:
+    name: str
+    folder: str                      # torchvision's folder name, as the archive holds it
+    mirrors: tuple[str, ...]
+    archive: IdxFile                 # the published .tar.gz: its stem and MD5
+    train: tuple[CifarFile, ...]
+    test: tuple[CifarFile, ...]
+    meta: CifarFile
+    label_key: str                   # "labels" (CIFAR-10) or "fine_labels" (CIFAR-100)
+    names_key: str                   # the class names' key in the meta file
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def holds(self) -> str:          # for download_file's message
+        return f"{self.folder}/"
+
+
+_KRIZ = ("https://www.cs.toronto.edu/~kriz/",)
+
+# torchvision's checksums of the published archives and of the files in them.
+CIFAR10 = CifarDataset(
+    name="cifar10", folder="cifar-10-batches-py", mirrors=_KRIZ,
+    archive=IdxFile("cifar-10-python.tar", "c58f30108f718f92721af3b95e74349a", None, ()),
+    train=(CifarFile("data_batch_1", "c99cafc152244af753f735de768cd75f", 10000),
+           CifarFile("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec", 10000),
+           CifarFile("data_batch_3", "54ebc095f3ab1f0389bbae665268c751", 10000),
+           CifarFile("data_batch_4", "634d18415352ddfa80567beed471001a", 10000),
+           CifarFile("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb", 10000)),
+    test=(CifarFile("test_batch", "40351d587109b95175f43aff81a1287e", 10000),),
+    meta=CifarFile("batches.meta", "5ff9c542aee3614f3951f8cda6e48888", 0),
+    label_key="labels", names_key="label_names",
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),   # the usual values, per channel
+)
+
+CIFAR100 = CifarDataset(
+    name="cifar100", folder="cifar-100-python", mirrors=_KRIZ,
+    archive=IdxFile("cifar-100-python.tar", "eb9058c3a382ffc7106e4002c42a8d85", None, ()),
+    train=(CifarFile("train", "16019d7e3df5f24257cddd939b257f8d", 50000),),
+    test=(CifarFile("test", "f0ef6b0ae62326f3e7ffdfab6717acfc", 10000),),
+    meta=CifarFile("meta", "7973b15100ade9c7d40fb424638fde48", 0),
+    label_key="fine_labels", names_key="fine_label_names",
+    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+)
+
+CIFAR_DATASETS = {d.name: d for d in (CIFAR10, CIFAR100)}
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]   # numpy's own array rebuilder, under any numpy version
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, bytes, numbers and numpy arrays; any other class is refused, so a
+    hostile pickle cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _RECONSTRUCT
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR file")
+
+
+def _cifar_hint(spec: CifarDataset, path: Path) -> str:
+    return (f"delete {spec.folder} and run again to download a fresh copy, or put a good copy of "
+            f"torchvision's {spec.folder} folder in {path.parent.parent}")
+
+
+def read_cifar_file(path: Path, spec: CifarDataset, item: CifarFile) -> dict:
+    """One CIFAR pickle, MD5-checked before it is unpickled: a dict with str keys."""
+    try:
+        size = path.stat().st_size
+        if size > max(item.count, 1) * 3072 * 2 + (1 << 20):   # 3,072 bytes an image, plus names
+            raise TrainkitError(f"{path} is too large ({size} bytes) for {item.count} {spec.name} images; "
+                                + _cifar_hint(spec, path))
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TrainkitError(f"cannot read {path}: {exc.strerror}") from None
+    if _md5(raw) != item.md5:
+        raise TrainkitError(f"{path} is corrupt (MD5 {_md5(raw)}, expected {item.md5}); " + _cifar_hint(spec, path))
+    try:
+        # The published files were pickled by Python 2: their strings are bytes.
+        content = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in content.items()}
+    except Exception as exc:  # unpickling fails in many ways; none may become a traceback
+        raise TrainkitError(f"{path} is not a {spec.name} file ({type(exc).__name__}); "
+                            + _cifar_hint(spec, path)) from None
+
+
+def _cifar_batch(path: Path, spec: CifarDataset, item: CifarFile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) of one batch file, shapes and labels checked."""
+    content = read_cifar_file(path, spec, item)
+    data, labels = content.get("data"), content.get(spec.label_key)
+    ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == (item.count, 3072) \
+        and isinstance(labels, list) and len(labels) == item.count and all(isinstance(v, int) for v in labels)
+    if not ok:
+        raise TrainkitError(f"{path} does not hold {item.count} images of 3x32x32 with their "
+                            f"{spec.label_key}; " + _cifar_hint(spec, path))
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
+
+
+def _extract_cifar(spec: CifarDataset, archive: Path, root: Path) -> None:
+    """Take the expected files out of the checked archive (nothing else: no links, no other
+    paths), into a temporary folder renamed into place once complete."""
+    wanted = {f"{spec.folder}/{f.name}" for f in (*spec.train, *spec.test, spec.meta)}
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.isfile() and member.name in wanted:
+                    (tmp / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        os.replace(tmp, root / spec.folder)
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
+        raise TrainkitError(f"could not extract {archive} into {root / spec.folder}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_cifar(spec: CifarDataset, root: str | Path, download: bool = True, progress: bool = True) -> ImageData:
+    root = Path(root)
+    folder = root / spec.folder
+    files = (*spec.train, *spec.test, spec.meta)
+    if not all((folder / f.name).is_file() for f in files):
+        if folder.exists() or not download:
+            missing = [f.name for f in files if not (folder / f.name).is_file()]
+            raise TrainkitError(f"{spec.name} file {missing[0]} not found in {folder}; delete the folder to "
+                                f"download it again, or point --data-dir at a folder holding {spec.folder}/")
+        archive = download_file(spec, spec.archive, root, progress)
+        _extract_cifar(spec, archive, root)
+    train = [_cifar_batch(folder / f.name, spec, f) for f in spec.train]
+    test = [_cifar_batch(folder / f.name, spec, f) for f in spec.test]
+    names = read_cifar_file(folder / spec.meta.name, spec, spec.meta).get(spec.names_key)
+    if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
+        raise TrainkitError(f"{folder / spec.meta.name} holds no list {spec.names_key}; "
+                            + _cifar_hint(spec, folder / spec.meta.name))
+    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
+    labels = torch.cat([y for _, y in train + test])
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+        raise TrainkitError(f"{folder} holds labels outside the {len(classes)} classes of {spec.meta.name}; "
+                            + _cifar_hint(spec, folder / spec.meta.name))
+    return ImageData(spec.name, torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
+                     torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]), classes, spec.mean, spec.std)
+
+
+# ---------------------------------------------------------------------------------------------
 # Image folders: one subfolder per class, PNG or JPEG files of any size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
-def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """One image file as a (C, H, W) uint8 tensor, converted and resized like training data."""
-    from PIL import Image, UnidentifiedImageError
+def _open_image(path: Path):
+    """A PIL image opened lazily (header only), or one line for a file Pillow cannot read."""
+    from PIL import Image
 
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB").resize(size[::-1], Image.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
+            return Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, zlib.error):
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error):  # UnidentifiedImageError is an OSError
+        raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """One image file as a (C, H, W) uint8 tensor, converted and resized (bilinear) like training data."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings(), _open_image(path) as img:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != size[::-1]:
+                img = img.resize(size[::-1], Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error):
         # Pillow reports damaged files with any of these, depending on the format and the damage.
         raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
     return torch.from_numpy(array.copy()).reshape(size[0], size[1], channels).permute(2, 0, 1).contiguous()
+
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def _is_gray(img) -> bool:
+    """From the header: a grayscale mode, or a palette whose every colour is a gray."""
+    if img.mode == "P":
+        palette = img.getpalette() or []
+        return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+    return img.mode in _GRAY_MODES
+
+
+def folder_format(paths: list[Path]) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) of a folder of images from their headers only: 3 if any image is in
+    colour, else 1; the most common size (the larger one on a tie)."""
+    sizes, colour = {}, False
+    for path in paths:
+        with _open_image(path) as img:
+            colour = colour or not _is_gray(img)
+            hw = (img.height, img.width)
+        sizes[hw] = sizes.get(hw, 0) + 1
+    size = max(sizes, key=lambda hw: (sizes[hw], hw))
+    return (3 if colour else 1), size
 
 
 def _scan(folder: Path) -> list[tuple[Path, str]]:
@@ -451,9 +669,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist())
 
 
-def load_image_folder(root: Path, channels: int = 1, size: tuple[int, int] = (28, 28),
+def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
                       test_fraction: float = 0.2, seed: int = 0) -> ImageData:
-    """Read `root/<class>/*.png`; `root/train` and `root/test` (if present) are used as the split."""
+    """Read `root/<class>/*.png`; `root/train` and `root/test` (if present) are used as the split.
+    `channels` and `size` default to the folder's own (colour if any image is, the most common size)."""
     if not root.is_dir():
         raise TrainkitError(f"image folder {root} does not exist")
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -468,6 +687,9 @@ def load_image_folder(root: Path, channels: int = 1, size: tuple[int, int] = (28
     if len(classes) < 2 or not train or not test:
         raise TrainkitError(f"image folder {root} needs at least two class subfolders of PNG/JPEG "
                             f"images (found {len(classes)} classes, {len(train) + len(test)} images)")
+    if channels is None or size is None:
+        found_channels, found_size = folder_format([p for p, _ in train + test])
+        channels, size = channels or found_channels, size or found_size
     index = {c: i for i, c in enumerate(classes)}
 
     def stack(items):
@@ -480,24 +702,66 @@ def load_image_folder(root: Path, channels: int = 1, size: tuple[int, int] = (28
     return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, classes, mean, std)
 
 
+def convert_images(data: ImageData, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageData:
+    """The data with `channels` (1: luminance, as PIL's "L"; 3: gray repeated) and `size` (bilinear,
+    antialiased); the same object when nothing changes, so MNIST stays exactly the seed's."""
+    c, h, w = data.image_shape
+    if channels in (None, c) and size in (None, (h, w)):
+        return data
+
+    def fit(x):                                        # (N, c, h, w) uint8 -> (N, channels, H, W) uint8
+        if x is None:
+            return None
+        if channels == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif channels == 1 and x.shape[1] == 3:
+            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        if size is not None and tuple(x.shape[2:]) != tuple(size):
+            x = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
+                                                align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        return x.contiguous()
+
+    train_x = fit(data.train_images)
+    mean, std = channel_stats(train_x) if len(train_x) else (data.mean, data.std)
+    return ImageData(data.name, train_x, data.train_labels, fit(data.test_images), data.test_labels, data.classes,
+                     mean, std, fit(data.val_images), data.val_labels)
+
+
 DATASETS = Registry("dataset")
 
 
 @DATASETS.register("mnist")
-def mnist(arg: str | None, data_dir: Path, channels: int, progress: bool) -> ImageData:
+def mnist(arg: str | None, data_dir: Path, channels: int | None, progress: bool) -> ImageData:
     return load_idx_dataset(MNIST, data_dir, progress=progress)
 
 
 @DATASETS.register("fashion-mnist")
-def fashion_mnist(arg: str | None, data_dir: Path, channels: int, progress: bool) -> ImageData:
+def fashion_mnist(arg: str | None, data_dir: Path, channels: int | None, progress: bool) -> ImageData:
     return load_idx_dataset(FASHION_MNIST, data_dir, progress=progress)
 
 
+@DATASETS.register("kmnist")
+def kmnist(arg: str | None, data_dir: Path, channels: int | None, progress: bool) -> ImageData:
+    return load_idx_dataset(KMNIST, data_dir, progress=progress)
+
+
+@DATASETS.register("cifar10")
+def cifar10(arg: str | None, data_dir: Path, channels: int | None, progress: bool) -> ImageData:
+    return load_cifar(CIFAR_DATASETS["cifar10"], data_dir, progress=progress)
+
+
+@DATASETS.register("cifar100")
+def cifar100(arg: str | None, data_dir: Path, channels: int | None, progress: bool) -> ImageData:
+    return load_cifar(CIFAR_DATASETS["cifar100"], data_dir, progress=progress)
+
+
 @DATASETS.register("imagefolder")
-def imagefolder(arg: str | None, data_dir: Path, channels: int, progress: bool) -> ImageData:
+def imagefolder(arg: str | None, data_dir: Path, channels: int | None, progress: bool,
+                size: tuple[int, int] | None = None) -> ImageData:
     if not arg:
         raise TrainkitError("--dataset imagefolder needs a folder: imagefolder:PATH")
-    return load_image_folder(Path(arg), channels)
+    return load_image_folder(Path(arg), channels, size)
 
 
 def dataset_loader(name: str):
@@ -507,7 +771,12 @@ def dataset_loader(name: str):
     return DATASETS.get(key), arg or None
 
 
-def load_dataset(name: str, data_dir: Path, channels: int = 1, progress: bool = True) -> ImageData:
-    """Build a dataset by its registered name: mnist, fashion-mnist or imagefolder:PATH."""
+def load_dataset(name: str, data_dir: Path, channels: int | None = None, progress: bool = True,
+                 size: tuple[int, int] | None = None) -> ImageData:
+    """Build a dataset by its registered name (mnist, cifar10, imagefolder:PATH...), with `channels`
+    and `size` (None: the dataset's own). A loader that takes `size` reads its files at that size
+    (image folders: straight from each file, as `predict` does); the rest are converted after."""
     loader, arg = dataset_loader(name)
-    return loader(arg, Path(data_dir), channels, progress)
+    takes_size = "size" in inspect.signature(loader).parameters
+    data = loader(arg, Path(data_dir), channels, progress, **({"size": size} if takes_size else {}))
+    return convert_images(data, channels, size)

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import distributed
 from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
-from .config import TrainConfig, resolve_data_dir, validate
+from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .datasets import DATASETS, ImageData, dataset_loader, load_dataset
 from .distributed import Rank
 from .devices import autocast_dtype, resolve_device
 from .engine import Callback
 from .errors import TrainkitError
-from .loaders import SeedAugment, TensorLoader, torchvision_loader
+from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
 from .models import build_model, check_model_name, is_code, output_kind
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
 
@@ -112,9 +112,26 @@ def load_initial_weights(model: nn.Module, source: Path) -> None:
     ckpt.load_weights_into(model, state, str(source))
 
 
-def get_data(cfg: TrainConfig, channels: int = 1) -> ImageData:
-    data = load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels, progress=cfg.progress)
+def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageData:
+    """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size."""
+    data = load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels or cfg.channels,
+                        size=size or parse_image_size(cfg.image_size), progress=cfg.progress)
     return data.limit(cfg.limit_train, cfg.limit_test)
+
+
+def augmentation(cfg: TrainConfig, data: ImageData) -> str:
+    """--augment, with auto resolved: the seed's for 1-channel images (digits), flip-crop for colour."""
+    if cfg.augment != "auto":
+        return cfg.augment
+    return "seed" if data.image_shape[0] == 1 else "flip-crop"
+
+
+def seed_augment(images: torch.Tensor) -> SeedAugment:
+    """The seed's augmentation, filling what rotation uncovers with black where the images' borders
+    are black (MNIST: exactly the seed's), else with each image's own border colour."""
+    sample = images[:1024].float()                       # (n, C, H, W): enough to tell
+    black = len(sample) == 0 or not bool(border_median(sample).any())
+    return SeedAugment(fill_border=not black)
 
 
 def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
@@ -127,8 +144,10 @@ def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
 def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int = 0, world: int = 1):
     """(train, test, validation or None) loaders: the fast path on the device, or the seed's
     torchvision pipeline."""
+    kind = augmentation(cfg, data)
     if cfg.pipeline == "tensor":
-        augment = SeedAugment() if cfg.augment == "seed" else None
+        augment = {"seed": lambda: seed_augment(data.train_images), "flip-crop": FlipCrop,
+                   "none": lambda: None}[kind]()
         common = dict(mean=data.mean, std=data.std, device=device, channels_last=cfg.channels_last,
                       rank=rank, world=world)
         train = TensorLoader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True,
@@ -138,7 +157,7 @@ def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: 
         common = dict(mean=data.mean, std=data.std, seed=cfg.seed, workers=cfg.workers,
                       pin_memory=device.type == "cuda", rank=rank, world=world)
         train = torchvision_loader(data.train_images, data.train_labels, cfg.batch_size,
-                                   train=cfg.augment == "seed", **common)
+                                   train=kind != "none", augment=kind, **common)
         evaluation = lambda images, labels: torchvision_loader(images, labels, cfg.test_batch_size, train=False,
                                                                **common)
     val = evaluation(data.val_images, data.val_labels) if data.val_images is not None else None

@@ -146,7 +146,8 @@ def cmd_eval(args) -> int:
         raise TrainkitError(f"{args.run_dir} was trained on data given from Python ({trained.cfg.dataset[7:]}); "
                             f"trainkit eval cannot load it again, and will not evaluate another dataset in its place")
     cfg = trained.cfg.replace(**{k: v for k, v in config_flags(args).items() if k != "model"}, limit_train=1)
-    data = get_data(cfg, channels=trained.image_shape[0])
+    # The run's recorded channels and size, so that an RGB 64x64 run reads its data as it trained.
+    data = get_data(cfg, channels=trained.image_shape[0], size=trained.image_shape[1:])
     if tuple(data.image_shape) != trained.image_shape or len(data.classes) != len(trained.classes):
         raise TrainkitError(f"the data found for {cfg.dataset} ({list(data.image_shape)}, {len(data.classes)} classes) "
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "

@@ -36,10 +36,11 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor,
-                 mode: str = "bilinear") -> torch.Tensor:
+                 mode: str = "bilinear", fill: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate each image counter-clockwise by its angle and magnify it by its scale about the centre.
 
-    images: (B, C, H, W) float; degrees, scales: (B,). Pixels from outside the image are 0.
+    images: (B, C, H, W) float; degrees, scales: (B,). Pixels from outside the image are 0, or
+    `fill` (B, C, 1, 1): the images are shifted by it, so 0 outside becomes the fill colour.
     One sampling grid per image, so a zoom and a rotation together cost one resampling.
     """
     rad = degrees.to(images.device, torch.float32) * (math.pi / 180)
@@ -49,7 +50,15 @@ def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tens
     # theta maps output coordinates to input coordinates (normalized, y pointing down).
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    if fill is None:
+        return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
+
+
+def border_median(images: torch.Tensor) -> torch.Tensor:
+    """Each image's median border pixel per channel: (B, C, H, W) -> (B, C, 1, 1), a colour it has."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], 2)
+    return border.median(2).values[:, :, None, None]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class SeedAugment:
     zoom_p: float = SEED_ZOOM_P
     zoom: float = 28 / SEED_CROP
     degrees: float = SEED_DEGREES
+    fill_border: bool = False     # fill with each image's border colour instead of black (not MNIST's)
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random angles (degrees) and scales for n images, drawn on the CPU generator."""
@@ -73,11 +83,41 @@ class SeedAugment:
     def apply(self, images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         # As the seed does: the zoom resamples bilinearly, the rotation takes the nearest pixel
         # (torchvision's RandomRotation default), which keeps the pixel values' spread.
+        fill = border_median(images) if self.fill_border else None
         zoomed = (scales != 1).nonzero().squeeze(1).to(images.device)
         if len(zoomed):
             images = images.index_copy(0, zoomed, affine_batch(images[zoomed], degrees[:0].new_zeros(len(zoomed)),
                                                                scales[scales != 1]))
-        return affine_batch(images, degrees, torch.ones_like(scales), mode="nearest")
+        return affine_batch(images, degrees, torch.ones_like(scales), mode="nearest", fill=fill)
+
+
+@dataclass(frozen=True)
+class FlipCrop:
+    """Natural images' augmentation for a whole batch: a horizontal flip with p=0.5, then a
+    random crop of the image padded by `pad` pixels (a shift of -pad..pad in x and y). The padding
+    mirrors the image, so no colour appears that the images do not have."""
+
+    pad: int = 4
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flips (n,) bool and integer shifts (n, 2) as (dx, dy), drawn on the CPU generator."""
+        u = torch.rand(n, 3, generator=generator)
+        return u[:, 0] < 0.5, (u[:, 1:] * (2 * self.pad + 1)).floor() - self.pad
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(images, *self.draw(images.shape[0], generator))
+
+    def apply(self, images: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        # One nearest-pixel grid_sample does both: x' = +-x + 2dx/W. Integer shifts land on pixel
+        # centres exactly, and "reflection" mirrors the image where the shift leaves it.
+        b, _, h, w = images.shape
+        sign = 1 - 2 * flips.to(images.device, torch.float32)
+        shift = shifts.to(images.device, torch.float32) * 2 / torch.tensor([w, h], device=images.device)
+        zero = torch.zeros_like(sign)
+        theta = torch.stack([torch.stack([sign, zero, shift[:, 0]], 1),
+                             torch.stack([zero, zero + 1, shift[:, 1]], 1)], 1)    # (B, 2, 3)
+        grid = F.affine_grid(theta.to(images.dtype), [b, 1, h, w], align_corners=False)
+        return F.grid_sample(images, grid, mode="nearest", padding_mode="reflection", align_corners=False)
 
 
 class TensorLoader:
@@ -94,7 +134,7 @@ class TensorLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  mean, std, device: torch.device | str = "cpu", shuffle: bool = False,
-                 augment: SeedAugment | None = None, seed: int = 0, channels_last: bool = False,
+                 augment: SeedAugment | FlipCrop | None = None, seed: int = 0, channels_last: bool = False,
                  rank: int = 0, world: int = 1):
         self.device = torch.device(device)
         self.images = images.to(self.device)   # (N, C, H, W) uint8
@@ -126,7 +166,7 @@ class TensorLoader:
             idx = idx[mine].to(self.device)
             x = self.images[idx].float().div_(255)
             if draws is not None:
-                x = self.augment.apply(x, draws[0][mine], draws[1][mine])
+                x = self.augment.apply(x, *(d[mine] for d in draws))
             x = normalize(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -146,11 +186,16 @@ class TensorLoader:
 # ---------------------------------------------------------------------------------------------
 # The seed's pipeline: torchvision PIL transforms, one image at a time, in DataLoader workers.
 
-def seed_transforms(mean, std, train: bool):
+def seed_transforms(mean, std, train: bool, augment: str = "seed", size: tuple[int, int] = (28, 28)):
+    """The seed's transforms (its crop of 22 scaled with the image, back to `size`; fill 0), or
+    flip-crop (reflect-padded), or none."""
     from torchvision import transforms as T
 
-    steps = [T.RandomApply([T.CenterCrop(SEED_CROP)], p=SEED_ZOOM_P), T.Resize((28, 28)),
-             T.RandomRotation((-SEED_DEGREES, SEED_DEGREES), fill=0)] if train else []
+    crop = (round(size[0] * SEED_CROP / 28), round(size[1] * SEED_CROP / 28))
+    steps = {"seed": [T.RandomApply([T.CenterCrop(crop)], p=SEED_ZOOM_P), T.Resize(size),
+                      T.RandomRotation((-SEED_DEGREES, SEED_DEGREES), fill=0)],
+             "flip-crop": [T.RandomHorizontalFlip(), T.RandomCrop(size, padding=4, padding_mode="reflect")],
+             "none": []}[augment if train else "none"]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -200,7 +245,8 @@ class _EpochSeededLoader:
 
 
 def torchvision_loader(images, labels, batch_size: int, *, mean, std, train: bool, seed: int = 0,
-                       workers: int = 2, pin_memory: bool = False, rank: int = 0, world: int = 1):
+                       workers: int = 2, pin_memory: bool = False, rank: int = 0, world: int = 1,
+                       augment: str = "seed"):
     """The seed's DataLoader over PIL transforms (fp32, one image at a time).
 
     `batch_size` is the global batch; with `world` > 1 a DistributedSampler gives each rank its
@@ -208,7 +254,7 @@ def torchvision_loader(images, labels, batch_size: int, *, mean, std, train: boo
     """
     from torch.utils.data import DataLoader, DistributedSampler
 
-    dataset = PILImageDataset(images, labels, seed_transforms(mean, std, train))
+    dataset = PILImageDataset(images, labels, seed_transforms(mean, std, train, augment, tuple(images.shape[2:])))
     sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed) if world > 1 else None
 
     def make(generator):
