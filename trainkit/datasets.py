@@ -7,6 +7,7 @@ names the file and says how to fix it.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import hashlib
@@ -511,6 +512,8 @@ class _ArrayUnpickler(pickle.Unpickler):
             return _RECONSTRUCT
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
+        if module == "_codecs" and name == "encode":   # how Python 3's protocol 2 writes bytes
+            return codecs.encode
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR file")
 
 
@@ -601,15 +604,17 @@ def load_cifar(spec: CifarDataset, root: str | Path, download: bool = True, prog
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
-def _open_image(path: Path):
-    """A PIL image opened lazily (header only), or one line for a file Pillow cannot read."""
+def _open_image(path, name=None):
+    """A PIL image opened lazily (header only), or one line for a file Pillow cannot read.
+    `path` may be a file object; `name` is what the errors call it (default: the path)."""
     from PIL import Image
 
+    source, path = path, path if name is None else name
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
     except (OSError, ValueError, SyntaxError, EOFError, zlib.error):  # UnidentifiedImageError is an OSError
@@ -618,11 +623,23 @@ def _open_image(path: Path):
 
 def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
     """One image file as a (C, H, W) uint8 tensor, converted and resized (bilinear) like training data."""
+    return decode_image(path, channels, size)
+
+
+def decode_image(data, channels: int, size: tuple[int, int], name: str | None = None,
+                 max_pixels: int | None = None) -> torch.Tensor:
+    """load_image for a file's bytes (or its path): the one conversion that `predict`, `serve` and
+    image folders share. `max_pixels` refuses a larger image from its header, before decoding."""
     from PIL import Image
 
+    path = name or ("the image" if isinstance(data, (bytes, bytearray)) else data)
     try:
-        with warnings.catch_warnings(), _open_image(path) as img:
+        with warnings.catch_warnings(), _open_image(io.BytesIO(data) if isinstance(data, (bytes, bytearray))
+                                                    else data, path) as img:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise Image.DecompressionBombError(f"Image size ({img.width * img.height} pixels) exceeds limit "
+                                                   f"of {max_pixels} pixels")
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != size[::-1]:
                 img = img.resize(size[::-1], Image.BILINEAR)
@@ -743,7 +760,7 @@ def fashion_mnist(arg: str | None, data_dir: Path, channels: int | None, progres
 
 @DATASETS.register("kmnist")
 def kmnist(arg: str | None, data_dir: Path, channels: int | None, progress: bool) -> ImageData:
-    return load_idx_dataset(KMNIST, data_dir, progress=progress)
+    return load_idx_dataset(IDX_DATASETS["kmnist"], data_dir, progress=progress)
 
 
 @DATASETS.register("cifar10")
