@@ -18,6 +18,12 @@ def test_quick_mode_prints_both_rates_and_their_ratio():
     assert set(rates) == {"seed pipeline", "trainkit fast path"}
     last = re.fullmatch(r"speedup: (\d+\.\d\d)", lines[-1])
     assert last, lines[-1]
+    # The roofline: the step's achieved rate and its share of the measured matmul peak.
+    step = re.fullmatch(r"step: (\d+) GFLOP/s, (\d+)% of this machine's peak", lines[-2])
+    peak = re.match(r"peak: fp32 (\d+) GFLOP/s", lines[-3])
+    assert step and peak, lines[-3:]
+    assert int(peak[1]) > 0 and 0 < int(step[2]) <= 150
+    assert abs(int(step[1]) / int(peak[1]) * 100 - int(step[2])) <= 2
     ratio = rates["trainkit fast path"] / rates["seed pipeline"]
     assert abs(float(last[1]) - ratio) < 0.01 * ratio + 0.01
 

@@ -20,8 +20,8 @@ import torch
 
 from .config import RECIPES, TrainConfig, validate
 from .datasets import ImageData
-from .devices import resolve_device
-from .engine import Callback, TrainState, train_one_epoch
+from .devices import autocast_dtype, bf16_supported, resolve_device
+from .engine import Callback, TrainState, train_one_epoch, train_step
 from .experiment import build_experiment, get_data
 from .flags import add_config_flags, config_from_args, number
 from .reports import environment
@@ -95,6 +95,53 @@ def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> di
         print(f"{name}: {results[name]:.0f} images/s ({cfg.pipeline} pipeline, "
               f"{cfg.precision} precision, channels_last={cfg.channels_last})", flush=True)
     return results
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
+    """GFLOP/s of square matrix products on this device: the best of repeated timings, about
+    `seconds` long in all (the roof that a training step's convolutions and matmuls run under)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b                                   # warm up (and let oneDNN / cuBLAS pick its kernel)
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * size ** 3 / best / 1e9
+
+
+def peaks(device: torch.device) -> dict[str, float]:
+    """This machine's matmul peak in fp32, and in bf16 where the hardware has it (not emulated)."""
+    found = {"fp32": matmul_peak(device, torch.float32)}
+    if bf16_supported(device):
+        found["bf16"] = matmul_peak(device, torch.bfloat16)
+    return found
+
+
+def step_flops(cfg: TrainConfig, data: ImageData) -> float:
+    """Floating-point operations of one training step (forward and backward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    exp = build_experiment(cfg, data=data)
+    x, y = next(iter(exp.train_loader))
+    with FlopCounterMode(display=False) as counter:
+        train_step(exp.train_model, x.to(exp.device), y.to(exp.device), exp.optimizer, exp.loss_fn,
+                   amp_dtype=exp.amp_dtype)
+    return float(counter.get_total_flops())
+
+
+def roofline(cfg: TrainConfig, data: ImageData, images_per_second: float) -> tuple[float, float, dict]:
+    """(achieved GFLOP/s of the training step, fraction of the peak of its precision, the peaks)."""
+    device = resolve_device(cfg.device)
+    found = peaks(device)
+    exp_dtype = autocast_dtype(cfg.precision, device)
+    peak = found.get("bf16" if exp_dtype == torch.bfloat16 else "fp32", found["fp32"])
+    achieved = step_flops(cfg, data) / cfg.batch_size * images_per_second / 1e9
+    return achieved, achieved / peak, found
 
 
 class _Evaluations(Callback):
@@ -222,6 +269,11 @@ def cmd_bench(args) -> int:
         speedrun(device, data, args.seeds, Path(args.out))
     elif args.quick:
         results = quick(device, data, args.steps)
+        fast = sides(device)["trainkit fast path"].replace(batch_size=512)
+        achieved, fraction, found = roofline(fast, data, results["trainkit fast path"])
+        print("peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in found.items())
+              + f" (matrix products, {environment(resolve_device(device))['device_name']})")
+        print(f"step: {achieved:.0f} GFLOP/s, {100 * fraction:.0f}% of this machine's peak")
         print(f"speedup: {results['trainkit fast path'] / results['seed pipeline']:.2f}")
     else:
         full(device, data, args.target_acc, Path(args.out))
