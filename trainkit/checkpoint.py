@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
@@ -17,7 +18,16 @@ import torch.nn as nn
 from .errors import TrainkitError
 
 FORMAT = "trainkit-checkpoint-v1"
-TMP_PREFIX = ".tmp-"
+# Temporary files of atomic writes: `.tmp-trainkit-<name>.<random>`. Before this prefix they were
+# `.tmp-<name>.<random>`; those are recognised by the names trainkit writes (remove_stale_temporaries).
+TMP_PREFIX = ".tmp-trainkit-"
+OLD_TMP_PREFIX = ".tmp-"
+
+# For the tests only: kill the process (as SIGKILL would, exit status 137) once this many atomic
+# writes have been renamed into place, or, with TRAINKIT_FAULT_TORN=1, with the next one's temporary
+# file written but not yet renamed. TRAINKIT_WRITE_LOG=FILE appends the name of each file written.
+_FAULT_ENV, _TORN_ENV, _LOG_ENV = "TRAINKIT_FAULT_AFTER_WRITES", "TRAINKIT_FAULT_TORN", "TRAINKIT_WRITE_LOG"
+_writes_done = 0
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -57,12 +67,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if _FAULT_ENV in os.environ and os.environ.get(_TORN_ENV) == "1":
+            _fault_point()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    if _LOG_ENV in os.environ or _FAULT_ENV in os.environ:
+        _count_write(path)
+
+
+def _fault_point() -> None:
+    if _writes_done >= int(os.environ[_FAULT_ENV]):
+        os._exit(137)
+
+
+def _count_write(path: Path) -> None:
+    global _writes_done
+    _writes_done += 1
+    if _LOG_ENV in os.environ:
+        with open(os.environ[_LOG_ENV], "a") as log:
+            log.write(path.name + "\n")
+    if _FAULT_ENV in os.environ and os.environ.get(_TORN_ENV) != "1":
+        _fault_point()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -104,15 +133,29 @@ def check_checksum(data: bytes, path: Path) -> bool:
     return True
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def checkpoint_bytes(obj: Any) -> bytes:
+    """What atomic_torch_save writes: torch.save's bytes with their checksum."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, add_checksum(buffer.getvalue()))
+    return add_checksum(buffer.getvalue())
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporary files left by a run that was killed while writing."""
-    stale = sorted(Path(folder).glob(TMP_PREFIX + "*"))
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write_bytes(path, checkpoint_bytes(obj))
+
+
+def is_temporary(name: str, names: tuple[str, ...] = ()) -> bool:
+    """Whether `name` is a temporary file of trainkit's atomic writes: `.tmp-trainkit-*`, or an older
+    trainkit's `.tmp-NAME.xxxxxxxx` for one of the file `names` given."""
+    return name.startswith(TMP_PREFIX) or any(
+        re.fullmatch(re.escape(OLD_TMP_PREFIX + known) + r"\.[A-Za-z0-9_]{8}", name) for known in names)
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporary files that a process killed while writing left in `folder` (see
+    is_temporary); nothing else is deleted. Call it only while holding the folder (rundir.lock_run)."""
+    stale = sorted(p for p in Path(folder).glob(OLD_TMP_PREFIX + "*")
+                   if is_temporary(p.name, names) and p.is_file() and not p.is_symlink())
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

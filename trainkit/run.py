@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .datasets import ImageData
 from .engine import Callback, History, fit
 from .experiment import Experiment, build_experiment, training_callbacks
-from .rundir import RunDirectory, default_run_dir, prepare, restore
+from .rundir import OWN_NAMES, RunDirectory, default_run_dir, lock_run, prepare, restore
 
 
 @dataclass
@@ -36,7 +36,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
 
     `callbacks` run beside the ones the settings ask for (shown first: they see each epoch's
     result before the run directory is written). `resume` continues the run in that directory
-    from its last checkpoint. Under torchrun only rank 0 shows progress and writes files.
+    from its last checkpoint. Under torchrun only rank 0 shows progress and writes files; it holds
+    the run folder's lock (rundir.lock_run) until this returns, so no other process writes there.
     """
     exp = build_experiment(cfg, data=data, model=model)
     main = exp.rank.is_main
@@ -45,25 +46,31 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     run_dir = Path(resume) if resume is not None else (Path(out) if out else default_run_dir()) if write else None
     writers: list[Callback] = []
     resume_state = None
-    tracker = []
-    if cfg.mlflow and main:       # after the run directory's writers: it logs the files they wrote
-        from .tracking import MLflowLogger
-        tracker.append(MLflowLogger(cfg.mlflow, run_dir))
-    if resume is not None:
-        if main:
-            ckpt.remove_stale_temporaries(run_dir)
-        resume_state = restore(exp, ckpt.load_checkpoint(run_dir / "last.pt"), str(run_dir / "last.pt"), everyone + tracker)
-    elif run_dir is not None and main:
-        prepare(run_dir)
-        RunDirectory(exp, run_dir).start()
-    if run_dir is not None and main:
-        writers.append(RunDirectory(exp, run_dir))
-        if cfg.tensorboard:
-            writers.append(TensorBoardLogger(run_dir / "tensorboard"))
-    history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
-                  loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
-                  device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,
-                  val_loader=exp.val_loader,
-                  callbacks=everyone + own + writers + tracker, resume=resume_state)
+    held = None     # the run folder's lock, held by the one process that writes it until train returns
+    try:
+        if resume is not None:
+            saved_path = run_dir / "last.pt"
+            if main and run_dir.is_dir():   # else load_checkpoint says there is none
+                held = lock_run(run_dir)
+                ckpt.remove_stale_temporaries(run_dir, OWN_NAMES)
+            saved = ckpt.load_checkpoint(saved_path)
+            resume_state = restore(exp, saved, str(saved_path), everyone)
+            if main:
+                RunDirectory(exp, run_dir).repair(saved)
+        elif run_dir is not None and main:
+            held = prepare(run_dir)
+            RunDirectory(exp, run_dir).start()
+        if run_dir is not None and main:
+            writers.append(RunDirectory(exp, run_dir))
+            if cfg.tensorboard:
+                writers.append(TensorBoardLogger(run_dir / "tensorboard"))
+        history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
+                      loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
+                      device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,
+                      val_loader=exp.val_loader,
+                      callbacks=everyone + own + writers, resume=resume_state)
+    finally:
+        if held is not None:
+            held.release()
     distributed.barrier()
     return RunResult(history, run_dir, exp)

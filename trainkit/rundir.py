@@ -1,12 +1,22 @@
 """The run directory: what a run leaves behind, what its checkpoints hold, and how it resumes.
 
-    runs/<timestamp>/  config.json  metrics.csv  last.pt  best.pt       (after every epoch)
-                       samples.png                                       (at the start)
-                       model.pt  plot.png  confusion.png  mistakes.png  summary.txt   (at the end)
+    runs/<timestamp>/  .trainkit.lock  config.json  samples.png           (at the start)
+                       last.pt  best.pt  metrics.csv       (after every epoch, last.pt first)
+                       metrics.csv  model.pt  plot.png  confusion.png  mistakes.png  summary.txt   (at the end)
+
+last.pt is the commit point: written first after each epoch, it holds everything the other files
+are made from (the history, whether its epoch is the best so far, whether the run is finished),
+so `--resume` re-creates whatever a kill left missing or stale (`RunDirectory.repair`, then the
+final files at the end of `fit`). The run owns its folder for as long as it runs: `lock_run`.
 """
 from __future__ import annotations
 
+import csv
+import errno
+import fcntl
+import io
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +33,11 @@ from .models import count_parameters, model_source
 
 FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
+LOCK = ".trainkit.lock"          # held (flock) by the one process that writes the run
+# What a run holds before its first checkpoint: such a folder may be used again as a new run.
+BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", "samples.png", "tensorboard"}
+# Names whose temporaries an older trainkit (prefix `.tmp-`) may have left.
+OWN_NAMES = FILES + (".write-test",)
 
 # Settings that may differ when a run is resumed: they change how it is shown or where it runs,
 # not what it computes.
@@ -35,18 +50,97 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def prepare(path: Path) -> Path:
-    """Make a new run directory, refusing one that already holds a run."""
-    if (path / "last.pt").exists():
-        raise TrainkitError(f"{path} already holds a run; continue it with --resume {path}, or choose another --out")
+class RunLock:
+    """An exclusive flock on a run folder's `.trainkit.lock`, held until `release` (or the process ends)."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # closing the only descriptor releases the flock
+            self.fd = None
+
+
+def lock_run(path: Path) -> RunLock:
+    """Take the run folder `path` (which exists) for this process, or refuse in one line when
+    another trainkit process holds it. Writes nothing but the (empty) lock file."""
+    lock_path = path / LOCK
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(path)
-        ckpt.atomic_write_text(path / ".write-test", "")
-        (path / ".write-test").unlink()
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         raise TrainkitError(f"cannot write to the run directory {path}: {exc.strerror}") from None
-    return path
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainkitError(f"{path} is in use by another trainkit process (pid {_lock_holder(lock_path)}); "
+                            f"wait for it to end, or choose another --out") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            os.close(fd)
+            raise TrainkitError(f"cannot lock the run directory {path}: {exc.strerror}") from None
+        # a filesystem without flock (some network mounts): the run goes on unlocked
+    return RunLock(fd)
+
+
+def _lock_holder(lock_path: Path) -> str:
+    """The pid holding a flock on `lock_path`, from /proc/locks (Linux); "unknown" elsewhere."""
+    try:
+        inode = os.stat(lock_path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()   # 1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return fields[4]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "config" in saved and "environment" in saved
+
+
+def _check_new_run_folder(path: Path) -> None:
+    """A new run goes into a new or empty folder, or one holding only what a run writes before its
+    first checkpoint (nothing was trained there); never into a run, nor among someone's files."""
+    if (path / "last.pt").exists():
+        raise TrainkitError(f"{path} already holds a run; continue it with --resume {path}, or choose another --out")
+    others = sorted(p.name for p in path.iterdir()
+                    if not (p.name in BEFORE_FIRST_CHECKPOINT or ckpt.is_temporary(p.name, OWN_NAMES))
+                    or p.name == "config.json" and not _is_run_config(p))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise TrainkitError(f"--out {path} is a folder that holds other files ({shown}); a new run goes into a "
+                            f"new or empty folder: choose another --out")
+
+
+def prepare(path: Path) -> RunLock:
+    """Make a new run directory and take it (lock_run), refusing a folder that holds a run or
+    anything else than a run stopped before its first checkpoint. Returns the lock."""
+    held = None
+    try:
+        if (path / LOCK).is_file():
+            held = lock_run(path)         # a run in progress there is "in use", whatever it holds so far
+        if path.is_dir():
+            _check_new_run_folder(path)   # before writing anything there, even the lock file
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainkitError(f"cannot write to the run directory {path}: {exc.strerror}") from None
+        held = held or lock_run(path)
+        _check_new_run_folder(path)       # again, now that no other process can start a run there
+        ckpt.remove_stale_temporaries(path, OWN_NAMES)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    return held
 
 
 def data_info(data: ImageData) -> dict:
@@ -70,13 +164,16 @@ def model_info(exp: Experiment) -> dict:
 # Checkpoint contents
 
 def checkpoint_state(exp: Experiment, history: History, callbacks: Sequence[Callback] = (),
-                     partial: dict | None = None) -> dict:
+                     partial: dict | None = None, best: bool = False, finished: bool = False) -> dict:
     """Everything needed to continue: weights, optimizer, schedule, every RNG, history, config,
     and the state of each callback that keeps one (early stopping's counter, an average of the weights).
 
-    `partial` is the progress of an epoch stopped part way (by a signal), else None.
+    `partial` is the progress of an epoch stopped part way (by a signal), else None. `best`: this
+    is the best epoch so far (best.pt holds the same bytes); `finished`: the run has ended (all
+    its epochs, or stopped by a callback), so only the final files remain to be written.
     """
-    return {"format": ckpt.FORMAT, "epoch": len(history), "partial": partial, "config": exp.cfg.to_dict(),
+    return {"format": ckpt.FORMAT, "epoch": len(history), "partial": partial, "best": best, "finished": finished,
+            "config": exp.cfg.to_dict(),
             "model_name": type(exp.model).__name__, "model": exp.model.state_dict(),
             "optimizer": exp.optimizer.state_dict(),
             "scheduler": exp.scheduler.state_dict() if exp.scheduler is not None else None,
@@ -104,7 +201,9 @@ def restore(exp: Experiment, state: dict, source: str, callbacks: Sequence[Callb
 def load_resume_config(run_dir: Path, overrides: dict) -> TrainConfig:
     """The saved config of a run, checked against flags given again with --resume."""
     if not (run_dir / "last.pt").is_file():
-        raise TrainkitError(f"{run_dir} holds no checkpoint (last.pt) to resume from")
+        unfinished = (f"; it was stopped before its first epoch ended, so nothing was trained: start it "
+                      f"again with --out {run_dir}") if _is_run_config(run_dir / "config.json") else ""
+        raise TrainkitError(f"{run_dir} holds no checkpoint (last.pt) to resume from{unfinished}")
     saved = from_mapping(load_config_file(run_dir / "config.json"))
     given = canonical(saved.replace(**overrides))     # paths compared as absolute paths
     for name in overrides:
@@ -122,8 +221,9 @@ def load_resume_config(run_dir: Path, overrides: dict) -> TrainConfig:
 # Writing it
 
 class RunDirectory(Callback):
-    """Writes the run directory: config.json and samples at the start, the checkpoints and
-    metrics.csv after every epoch (or a mid-epoch checkpoint when interrupted), the reports at the end."""
+    """Writes the run directory: config.json and samples at the start, after every epoch last.pt
+    (first: the commit point), best.pt and metrics.csv (or a mid-epoch checkpoint when
+    interrupted), the reports at the end. Every file is written atomically."""
 
     def __init__(self, exp: Experiment, path: Path):
         self.exp, self.dir = exp, Path(path)
@@ -136,6 +236,14 @@ class RunDirectory(Callback):
             kept = f"; the last good checkpoint is {last}" if last.exists() else ""
             raise TrainkitError(f"could not write {what} in {self.dir}: {exc.strerror or exc}{kept}") from None
 
+    def _figure(self, plot: Callable[..., object], *args, name: str) -> None:
+        """A figure drawn by `plot(*args)`, written atomically to `name`."""
+        fig = plot(*args)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=80, format="png")
+        reports._pyplot().close(fig)
+        ckpt.atomic_write_bytes(self.dir / name, buffer.getvalue())
+
     def start(self) -> None:
         """config.json and samples.png of a new run."""
         exp = self.exp
@@ -144,21 +252,53 @@ class RunDirectory(Callback):
         self._guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
         loader = exp.train_loader
         position = loader.state_dict()  # drawing the samples must not change what training sees
-        self._guard("samples.png", lambda: reports.plot_samples(loader, exp.data.classes, exp.data.mean,
-                                                                exp.data.std, self.dir / "samples.png"))
+        self._guard("samples.png", lambda: self._figure(reports.plot_samples, loader, exp.data.classes, exp.data.mean,
+                                                        exp.data.std, name="samples.png"))
         loader.load_state_dict(position)
 
-    def _save_checkpoint(self, state: TrainState, *names: str, partial: dict | None = None) -> None:
-        contents = checkpoint_state(self.exp, state.history, state.callbacks, partial)
+    def _save_checkpoint(self, state: TrainState, *names: str, partial: dict | None = None,
+                         best: bool = False, finished: bool = False) -> None:
+        contents = checkpoint_state(self.exp, state.history, state.callbacks, partial, best, finished)
+        data = ckpt.checkpoint_bytes(contents)   # last.pt and best.pt: the same bytes
         for name in names:
-            self._guard(name, lambda: ckpt.atomic_torch_save(contents, self.dir / name))
+            self._guard(name, lambda: ckpt.atomic_write_bytes(self.dir / name, data))
+
+    def _write_metrics(self, history: History) -> None:
+        self._guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",
+                                                                   reports.metrics_csv(history)))
 
     def on_epoch_end(self, state: TrainState) -> None:
         history = state.history
         best = history[-1].score >= history.best_acc
-        self._save_checkpoint(state, "last.pt", *(["best.pt"] if best else []))
-        self._guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",
-                                                                   reports.metrics_csv(history)))
+        finished = len(history) >= self.exp.cfg.epochs or state.stop_requested
+        # last.pt first: once it is on disk the epoch is committed, and repair() makes the rest from it.
+        self._save_checkpoint(state, "last.pt", *(["best.pt"] if best else []), best=best, finished=finished)
+        self._write_metrics(history)
+
+    def repair(self, saved: dict) -> None:
+        """Before a resumed run goes on: re-create what a kill after last.pt (`saved`) was written
+        left missing or stale: best.pt when last.pt's epoch is the best, and metrics.csv. The final
+        files of a finished run are written again at the end of fit (on_fit_end)."""
+        last = self.dir / "last.pt"
+        if saved.get("best") and not saved.get("partial"):
+            data = self._read(last)
+            if self._read(self.dir / "best.pt") != data:
+                self._guard("best.pt", lambda: ckpt.atomic_write_bytes(self.dir / "best.pt", data))
+        history = History.from_rows(saved["history"])
+        try:
+            with open(self.dir / "metrics.csv", newline="") as f:
+                rows = [(row.get("epoch"), row.get("seconds")) for row in csv.DictReader(f)]
+        except (OSError, ValueError, csv.Error):
+            rows = None
+        if rows != [(str(r.epoch), str(r.seconds)) for r in history]:   # the epochs last.pt holds, and no other
+            self._write_metrics(history)
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
 
     def on_fit_end(self, state: TrainState) -> None:
         if state.interrupted:
@@ -166,8 +306,7 @@ class RunDirectory(Callback):
             if state.partial is not None and self.exp.rank.world == 1:
                 self._save_checkpoint(state, "last.pt", partial=state.partial)
             return
-        self._guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",   # with the final test
-                                                                   reports.metrics_csv(state.history)))
+        self._write_metrics(state.history)   # with the final test
         self.finish(state.history, unwrap(state.eval_model or self.exp.model))
 
     def finish(self, history: History, model) -> None:
@@ -181,10 +320,10 @@ class RunDirectory(Callback):
 
         def write_all():
             ckpt.save_weights(model, self.dir / "model.pt")
-            reports.plot_history(history, self.dir / "plot.png")
-            reports.plot_confusion(matrix, data.classes, self.dir / "confusion.png")
-            reports.plot_mistakes(images, out, labels, losses, data.classes, data.mean, data.std,
-                                  self.dir / "mistakes.png")
+            self._figure(reports.plot_history, history, name="plot.png")
+            self._figure(reports.plot_confusion, matrix, data.classes, name="confusion.png")
+            self._figure(reports.plot_mistakes, images, out, labels, losses, data.classes, data.mean, data.std,
+                         name="mistakes.png")
             ckpt.atomic_write_text(self.dir / "summary.txt", summary)
 
         self._guard("the final reports", write_all)

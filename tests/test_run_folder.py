@@ -1,0 +1,188 @@
+"""The run folder: owned by one process (its lock), never written into someone else's folder, and
+every epoch committed by last.pt, so that a kill between any two writes resumes exactly.
+
+docs/reliability.md lists each fault with the test here that covers it.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli
+from trainkit import checkpoint as ckpt
+from trainkit import rundir
+
+SMALL = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--no-progress"]
+
+# Starts training processes by fork() from one process that has imported trainkit (and what its
+# reports import) but run no torch operation, so each of the many runs below skips the imports.
+# Each child is a real process running the CLI; TRAINKIT_FAULT_AFTER_WRITES kills it (os._exit(137))
+# at the write boundary asked for. Prints one JSON line: the exit status of each run.
+DRIVER = r'''
+import json, os, sys
+import matplotlib; matplotlib.use("Agg")
+import matplotlib.pyplot, torchinfo
+import trainkit.cli, trainkit.run, trainkit.rundir, trainkit.reports, trainkit.experiment
+
+def run(argv, env):
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.environ.update(env)
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            code = trainkit.cli.main(argv)
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+results = []
+for argv, env in json.loads(sys.argv[1]):
+    results.append(run(argv, env))
+print(json.dumps(results))
+'''
+
+
+def drive(runs: list[tuple[list, dict]]) -> list[int]:
+    """Run each (argv, env) of `runs` in turn, as described in DRIVER; returns their exit statuses."""
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[list(map(str, a)), e] for a, e in runs])],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def weights(path: Path) -> dict:
+    state = ckpt.safe_load(path)
+    return state["model"] if "model" in state and isinstance(state.get("model"), dict) else state
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys(), (a, b)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), (b, name)       # bit for bit
+
+
+def final_numbers(run: Path) -> list[str]:
+    """summary.txt without its wall time ("Epochs: 2, 3.1 s")."""
+    return [line for line in (run / "summary.txt").read_text().splitlines() if not line.startswith("Epochs:")]
+
+
+def assert_same_run(ref: Path, run: Path):
+    assert metrics_without_time(run) == metrics_without_time(ref), run
+    for name in ("model.pt", "best.pt", "last.pt"):
+        assert_same_weights(ref / name, run / name)
+    assert ckpt.load_checkpoint(run / "best.pt")["epoch"] == ckpt.load_checkpoint(ref / "best.pt")["epoch"]
+    assert ckpt.load_checkpoint(run / "last.pt")["finished"] is True
+    assert final_numbers(run) == final_numbers(ref)
+    for name in rundir.FILES:
+        assert (run / name).is_file(), (run, name)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(tmp_path):
+    # The uninterrupted run, and the files it writes in order.
+    ref, log = tmp_path / "ref", tmp_path / "writes.log"
+    assert drive([(["train", *SMALL, "--out", ref], {"TRAINKIT_WRITE_LOG": str(log)})]) == [0]
+    writes = log.read_text().split()
+    epoch = ["last.pt", "best.pt", "metrics.csv"]       # last.pt first: the commit point
+    assert writes == ["config.json", "samples.png", *epoch, *epoch, "metrics.csv", "model.pt", "plot.png",
+                      "confusion.png", "mistakes.png", "summary.txt"], writes
+    # Killed once k writes are on disk, for every k; "torn": killed with the next write's temporary
+    # file complete but not yet renamed (before the first write, and before each checkpoint and model.pt).
+    points = [(k, False) for k in range(1, len(writes) + 1)]
+    points += [(k, True) for k, name in enumerate(writes) if k == 0 or name.endswith(".pt")]
+    runs, resumes = [], []
+    for k, torn in points:
+        out = tmp_path / f"killed-{k}{'-torn' if torn else ''}"
+        env = {"TRAINKIT_FAULT_AFTER_WRITES": str(k), "TRAINKIT_FAULT_TORN": "1" if torn else "0"}
+        runs.append((["train", *SMALL, "--out", out], env))
+    killed = drive(runs)
+    assert killed == [137] * len(points), killed     # the last one after all its writes, before it exited
+    for k, torn in points:
+        out = tmp_path / f"killed-{k}{'-torn' if torn else ''}"
+        if torn:
+            assert [p.name for p in out.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)], out
+        if (out / "last.pt").exists():
+            resumes.append((["train", "--resume", out], {}))
+        else:   # killed before its first checkpoint: nothing was trained, the folder is used again
+            assert writes[:k] == ["config.json", "samples.png"][:k]
+            resumes.append((["train", *SMALL, "--out", out], {}))
+    assert drive(resumes) == [0] * len(points)
+    for k, torn in points:
+        assert_same_run(ref, tmp_path / f"killed-{k}{'-torn' if torn else ''}")
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_goes_on(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    held = rundir.prepare(run)          # this process owns the folder, as a running training would
+    try:
+        proc = run_cli("train", *SMALL, "--out", run)
+        assert_one_line_error(proc, f"{run} is in use by another trainkit process (pid {os.getpid()})")
+        proc = run_cli("train", "--resume", run)   # no checkpoint yet: says so (before any lock)
+        assert proc.returncode == 2
+    finally:
+        held.release()
+    assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK]
+
+
+@pytest.mark.slow
+def test_two_trainings_into_the_same_out_one_is_refused(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
+    first = subprocess.Popen([sys.executable, "-m", "trainkit", "train", *SMALL, "--epochs", "6", "--out", str(run)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (run / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    second = run_cli("train", *SMALL, "--out", run)
+    assert_one_line_error(second, "is in use by another trainkit process (pid ")
+    resumed = run_cli("train", "--resume", run)   # --resume too, once there is a checkpoint or not
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert len(metrics_without_time(run)) == 6      # the first run went on, whole
+
+
+@pytest.mark.slow
+def test_out_into_a_folder_of_other_files_is_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = {"notes.txt": b"mine", ".tmp-thesis.tex": b"draft", "config.json": b'{"mine": 1}'}
+    for name, data in files.items():
+        (mine / name).write_bytes(data)
+    assert_one_line_error(run_cli("train", *SMALL, "--out", mine),
+                          f"--out {mine} is a folder that holds other files", "choose another --out")
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == files      # nothing written, nothing deleted
+
+
+def test_only_trainkits_own_temporaries_are_removed(tmp_path):
+    names = [".tmp-trainkit-last.pt.x1y2z3ab", ".tmp-last.pt.k3j4h5g6", ".tmp-notes.txt.abcdefgh",
+             ".tmp-last.pt", ".tmp-mine"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = ckpt.remove_stale_temporaries(tmp_path, rundir.OWN_NAMES)
+    assert sorted(p.name for p in removed) == [".tmp-last.pt.k3j4h5g6", ".tmp-trainkit-last.pt.x1y2z3ab"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".tmp-notes.txt.abcdefgh", ".tmp-last.pt", ".tmp-mine"])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {}, "environment": {}}))
+    (run / (ckpt.TMP_PREFIX + "samples.png.abcdefgh")).write_bytes(b"half")
+    held = rundir.prepare(run)              # accepted as a new run; its stale temporary is gone
+    held.release()
+    assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK, "config.json"]
+    proc = run_cli("train", "--resume", run)
+    assert_one_line_error(proc, "holds no checkpoint", f"start it again with --out {run}")
