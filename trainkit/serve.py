@@ -1,0 +1,288 @@
+"""`trainkit serve RUN_DIR`: a run's model on a web page and behind an HTTP API.
+
+FastAPI + uvicorn (the `serve` extra), imported only when the command runs. The model is loaded
+once (`load_run`, weights_only) and every image goes through the same two steps as `trainkit
+predict` and the exported ONNX model: `datasets.decode_image` (convert and resize) and
+`TrainedModel.preprocess` (normalize). Requests that arrive while the model is busy are batched
+into its next forward (`Batcher`). Bad input is a 4xx answer with one line in "detail".
+"""
+
+import asyncio
+import csv
+import importlib.util
+import socket
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TrainkitError
+
+MAX_UPLOAD_MB = 10          # a request body above this is refused (413) before it is decoded
+MAX_PIXELS = 4096 * 4096    # an image above this is refused from its header, before decoding (413)
+INLINE_DECODE = 256 << 10   # bodies up to this are decoded on the event loop; larger ones in a thread
+RUN_IMAGES = ("plot.png", "confusion.png")   # the run's reports shown on the page
+
+
+class Refused(Exception):
+    """Bad input from a client: an HTTP status and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Predictor:
+    """Class probabilities of uint8 images (N, C, H, W): PyTorch, or ONNX Runtime on the model
+    that `trainkit export` writes. Both take `TrainedModel.preprocess`'s output."""
+
+    def __init__(self, trained, backend: str = "torch"):
+        self.trained, self.backend = trained, backend
+        if backend == "onnx":
+            if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+                raise TrainkitError("--backend onnx needs onnx and onnxruntime: pip install trainkit[onnx]")
+            import onnxruntime
+
+            from .inference import export
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export(trained, "onnx", Path(tmp) / "model.onnx")
+                self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        if self.backend == "torch":
+            return self.trained.probabilities(images).numpy()
+        (out,) = self.session.run(None, {"images": self.trained.preprocess(images).numpy()})
+        out = out - out.max(axis=1, keepdims=True)     # log-probabilities or logits: softmax either way
+        e = np.exp(out)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+class Batcher:
+    """One forward at a time, in its own thread. Images that arrive while it runs wait in a queue,
+    and the next forward takes them all (up to `max_batch`): one client alone waits for nothing,
+    32 clients share forwards. `max_batch=1` is one forward per request."""
+
+    def __init__(self, predict, max_batch: int = 64):
+        self.predict, self.max_batch = predict, max_batch
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="trainkit-model")
+        self.queue: asyncio.Queue | None = None
+
+    async def run(self) -> None:
+        self.queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            while len(items) < self.max_batch and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            try:
+                probs = await loop.run_in_executor(self.executor, self.predict, torch.stack([i for i, _ in items]))
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request (a 500 there)
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), p in zip(items, probs):
+                if not future.done():          # a client that went away has cancelled its future
+                    future.set_result(p)
+
+    async def __call__(self, image: torch.Tensor) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((image, future))
+        return await future
+
+
+def run_summary(run_dir: Path, trained) -> dict:
+    """What /info and the page say about the run: model, dataset, classes, accuracy, preprocessing."""
+    from .inference import preprocessing
+
+    rows = []
+    if (run_dir / "metrics.csv").is_file():
+        try:
+            with open(run_dir / "metrics.csv", newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("test_acc")]
+        except (OSError, csv.Error, UnicodeDecodeError):
+            rows = []
+    accuracy = None
+    if rows:
+        try:
+            accuracy = float(rows[-1]["test_acc"])
+        except ValueError:
+            pass
+    return {"run": str(run_dir), "model": trained.cfg.model, "dataset": trained.cfg.dataset,
+            "classes": trained.classes, "accuracy": accuracy, "epochs": len(rows),
+            "parameters": sum(p.numel() for p in trained.model.parameters()),
+            "reports": [name for name in RUN_IMAGES if (run_dir / name).is_file()],
+            "preprocessing": preprocessing(trained)}
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"the upload is {int(declared):,} bytes; the limit is {limit:,} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(413, f"the upload is over the limit of {limit:,} bytes")
+    return bytes(body)
+
+
+async def image_bytes(request, limit: int) -> tuple[bytes, str]:
+    """The uploaded image's bytes and name: a multipart form's file, or a raw image/* body."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data" and not kind.startswith("image/") and kind != "application/octet-stream":
+        raise Refused(415, f"content type {kind or '(none)'} is not accepted: send multipart/form-data with "
+                           f"a file, or the image itself as image/png or image/jpeg")
+    body = await read_body(request, limit)
+    if not body:
+        raise Refused(400, "the request body is empty: send an image")
+    if kind != "multipart/form-data":
+        return body, "the upload"
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, receive).form(max_files=1, max_fields=16)
+    files = [v for v in form.values() if isinstance(v, UploadFile)]
+    if not files:
+        raise Refused(400, "the form holds no file: send the image as a file field (file=@digit.png)")
+    data = await files[0].read()
+    if not data:
+        raise Refused(400, f"the uploaded file {files[0].filename or ''} is empty".replace("  ", " "))
+    return data, f"the upload {files[0].filename}" if files[0].filename else "the upload"
+
+
+def create_app(run_dir: str | Path, *, backend: str = "torch", max_batch: int = 64,
+               max_upload: int = MAX_UPLOAD_MB << 20, max_pixels: int = MAX_PIXELS):
+    """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+
+    from .datasets import decode_image
+    from .inference import load_run
+    from .serve_page import PAGE
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainkitError(f"{run_dir} does not exist or is not a folder: give a run directory (runs/...)")
+    trained = load_run(run_dir)
+    predictor = Predictor(trained, backend)
+    c, h, w = trained.image_shape
+    try:
+        predictor(torch.zeros(1, c, h, w, dtype=torch.uint8))   # a model that cannot run is refused now
+    except Exception as exc:  # noqa: BLE001 - any failure of the model is the run's fault
+        raise TrainkitError(f"{run_dir}'s model fails on an image of its own shape: {exc}".splitlines()[0]) from None
+    info = {**run_summary(run_dir, trained), "backend": backend, "max_batch": max_batch,
+            "max_upload_bytes": max_upload, "max_pixels": max_pixels}
+    batcher = Batcher(predictor, max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+        batcher.executor.shutdown(wait=False)
+
+    app = FastAPI(title="trainkit serve", lifespan=lifespan,
+                  description=f"The model of {run_dir} ({trained.cfg.model} on {trained.cfg.dataset}).")
+
+    @app.exception_handler(Refused)
+    async def refused(request, exc: Refused):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return PAGE
+
+    @app.get("/health", summary="Is the server up")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info", summary="The run: model, dataset, classes, accuracy, preprocessing")
+    async def get_info():
+        return info
+
+    @app.get("/run/{name}", include_in_schema=False)
+    async def report(name: str):
+        if name not in info["reports"]:
+            raise Refused(404, f"{name} is not one of the run's reports ({', '.join(info['reports'])})")
+        return FileResponse(run_dir / name, media_type="image/png")
+
+    upload_doc = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.post("/predict", summary="Classify an image", openapi_extra=upload_doc,
+              responses={400: {"description": "not an image, or empty"}, 413: {"description": "too large"},
+                         415: {"description": "not an image or form content type"}})
+    async def predict(request: Request, top: int = 5):
+        """An image file (PNG, JPEG, any size up to the limits), as a multipart form field or as
+        the body itself. Answers the predicted class and the top classes with their probabilities."""
+        if top < 1:
+            raise Refused(422, f"top must be at least 1, got {top}")
+        data, name = await image_bytes(request, max_upload)
+        try:
+            if len(data) <= INLINE_DECODE:
+                image = decode_image(data, c, (h, w), name=name, max_pixels=max_pixels)
+            else:
+                image = await asyncio.to_thread(decode_image, data, c, (h, w), name=name, max_pixels=max_pixels)
+        except TrainkitError as exc:
+            raise Refused(413 if "was refused" in str(exc) else 400, str(exc)) from None
+        probs = await batcher(image)
+        order = np.argsort(-probs)[:top]
+        return {"predicted": trained.classes[int(order[0])],
+                "top": [{"class": trained.classes[int(i)], "probability": float(probs[i])} for i in order],
+                "probabilities": {cls: float(p) for cls, p in zip(trained.classes, probs)}}
+
+    return app
+
+
+def cmd_serve(args) -> int:
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TrainkitError(f"trainkit serve needs {', '.join(missing)}: pip install trainkit[serve]")
+    if args.max_batch < 1:
+        raise TrainkitError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if not 0 < args.max_upload_mb <= 1024:
+        raise TrainkitError(f"--max-upload-mb must be between 0 and 1024, got {args.max_upload_mb}")
+    import uvicorn
+
+    app = create_app(args.run_dir, backend=args.backend, max_batch=args.max_batch,
+                     max_upload=int(args.max_upload_mb * (1 << 20)))
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except (OSError, OverflowError) as exc:
+        raise TrainkitError(f"cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}") from None
+    port = sock.getsockname()[1]
+    print(f"Serving {args.run_dir} on http://{args.host}:{port}/ (API docs: /docs); Ctrl-C stops", file=sys.stderr,
+          flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def add_command(sub) -> None:
+    sv = sub.add_parser("serve", help="a run's model on a web page and an HTTP API (pip install trainkit[serve])")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    sv.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                    help="run the model in PyTorch or in ONNX Runtime (the exported model; needs trainkit[onnx])")
+    sv.add_argument("--max-batch", type=int, default=64,
+                    help="most requests answered by one forward (default: 64; 1 turns batching off)")
+    sv.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                    help=f"largest request body accepted, in MiB (default: {MAX_UPLOAD_MB})")
+    sv.set_defaults(func=cmd_serve)
