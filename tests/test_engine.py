@@ -234,19 +234,40 @@ def _imagefolder_example(tmp_path, mnist_dir):
     return f"imagefolder:{tmp_path / 'pics'}", tmp_path
 
 
+def _kmnist_example(tmp_path, mnist_dir, monkeypatch):
+    from test_data_formats import write_kmnist
+    from trainkit import datasets
+    monkeypatch.setitem(datasets.IDX_DATASETS, "kmnist", write_kmnist(tmp_path)[0])
+    return "kmnist", tmp_path
+
+
+def _cifar_example(name):
+    def example(tmp_path, mnist_dir, monkeypatch):
+        from test_data_formats import write_cifar
+        from trainkit import datasets
+        monkeypatch.setitem(datasets.CIFAR_DATASETS, name, write_cifar(tmp_path, name, n_train=16, n_test=8)[0])
+        return name, tmp_path
+    return example
+
+
 # How to get a small copy of each registered dataset; a dataset registered without one fails here.
-EXAMPLES = {"mnist": _mnist_example, "fashion-mnist": _fashion_example, "imagefolder": _imagefolder_example}
+EXAMPLES = {"mnist": _mnist_example, "fashion-mnist": _fashion_example, "imagefolder": _imagefolder_example,
+            "kmnist": _kmnist_example, "cifar10": _cifar_example("cifar10"), "cifar100": _cifar_example("cifar100")}
+# Each example's image shape (channels, height, width), as the dataset gives it.
+SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagefolder": (1, 30, 30)}
 
 
 @pytest.mark.parametrize("name", list(DATASETS))
-def test_every_registered_dataset_loads_and_trains(name, tmp_path, mnist_dir):
+def test_every_registered_dataset_loads_and_trains(name, tmp_path, mnist_dir, monkeypatch):
     assert name in EXAMPLES, f"dataset {name!r} is registered but this test has no example of it"
-    spec, data_dir = EXAMPLES[name](tmp_path, mnist_dir)
+    example = EXAMPLES[name]
+    spec, data_dir = example(tmp_path, mnist_dir, *([monkeypatch] if example.__code__.co_argcount == 3 else []))
     cfg = TrainConfig(dataset=spec, data_dir=str(data_dir), model="compact", epochs=1, batch_size=4,
                       limit_train=8, limit_test=4, progress=False)
     result = train(cfg, write=False)
     data = result.experiment.data
-    assert data.train_images.dtype == torch.uint8 and data.train_images.shape[1:] == (1, 28, 28)
+    assert data.train_images.dtype == torch.uint8 and data.train_images.shape[1:] == SHAPES.get(name, (1, 28, 28))
+    assert len(data.mean) == len(data.std) == data.image_shape[0]
     assert len(data.classes) >= 2 and int(data.train_labels.max()) < len(data.classes)
     assert all(0 < s for s in data.std) and all(0 <= m <= 1 for m in data.mean)
     assert result.history[0].train_seen == 8 and torch.isfinite(torch.tensor(result.history[0].train_loss))
