@@ -259,7 +259,7 @@ def test_gray_images_and_gray_palettes_stay_one_channel(tmp_path):
 
 
 def test_datasets_convert_to_the_asked_channels_and_size(mnist_dir):
-    data = load_dataset("mnist", mnist_dir, channels=3, size=(32, 32), progress=False).limit(64, 16)
+    data = load_dataset("mnist", mnist_dir, channels=3, size=(32, 32), progress=False, limit_train=64, limit_test=16)
     assert data.image_shape == (3, 32, 32) and len(data.std) == 3
     assert torch.equal(data.train_images[:, 0], data.train_images[:, 2])      # gray, repeated
 
@@ -326,6 +326,7 @@ def test_flip_crop_resumes_mid_epoch_exactly(tmp_path):
     assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
 
 
+@pytest.mark.slow           # importing torchvision's transforms alone takes seconds here
 def test_torchvision_pipeline_does_flip_crop_at_the_images_size(tmp_path):
     data = load_dataset(f"imagefolder:{write_rgb_folder(tmp_path / 'rgb')}", tmp_path)
     loader = torchvision_loader(data.train_images, data.train_labels, 4, mean=data.mean, std=data.std,

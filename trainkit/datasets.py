@@ -729,14 +729,14 @@ def convert_images(data: ImageData, channels: int | None = None, size: tuple[int
     def fit(x):                                        # (N, c, h, w) uint8 -> (N, channels, H, W) uint8
         if x is None:
             return None
-        if channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        elif channels == 1 and x.shape[1] == 3:
+        if channels == 1 and x.shape[1] == 3:
             luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
             x = (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-        if size is not None and tuple(x.shape[2:]) != tuple(size):
+        if size is not None and tuple(x.shape[2:]) != tuple(size):   # before gray is repeated: a third of the work
             x = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
                                                 align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        if channels == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
         return x.contiguous()
 
     train_x = fit(data.train_images)
@@ -789,11 +789,13 @@ def dataset_loader(name: str):
 
 
 def load_dataset(name: str, data_dir: Path, channels: int | None = None, progress: bool = True,
-                 size: tuple[int, int] | None = None) -> ImageData:
+                 size: tuple[int, int] | None = None, limit_train: int | None = None,
+                 limit_test: int | None = None) -> ImageData:
     """Build a dataset by its registered name (mnist, cifar10, imagefolder:PATH...), with `channels`
     and `size` (None: the dataset's own). A loader that takes `size` reads its files at that size
-    (image folders: straight from each file, as `predict` does); the rest are converted after."""
+    (image folders: straight from each file, as `predict` does); the rest are converted after, only
+    the first `limit_train` / `limit_test` images (all by default)."""
     loader, arg = dataset_loader(name)
     takes_size = "size" in inspect.signature(loader).parameters
     data = loader(arg, Path(data_dir), channels, progress, **({"size": size} if takes_size else {}))
-    return convert_images(data, channels, size)
+    return convert_images(data.limit(limit_train, limit_test), channels, size)

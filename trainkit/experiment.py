@@ -114,9 +114,9 @@ def load_initial_weights(model: nn.Module, source: Path) -> None:
 
 def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageData:
     """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size."""
-    data = load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels or cfg.channels,
-                        size=size or parse_image_size(cfg.image_size), progress=cfg.progress)
-    return data.limit(cfg.limit_train, cfg.limit_test)
+    return load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels or cfg.channels,
+                        size=size or parse_image_size(cfg.image_size), progress=cfg.progress,
+                        limit_train=cfg.limit_train, limit_test=cfg.limit_test)
 
 
 def augmentation(cfg: TrainConfig, data: ImageData) -> str:
