@@ -46,6 +46,10 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     run_dir = Path(resume) if resume is not None else (Path(out) if out else default_run_dir()) if write else None
     writers: list[Callback] = []
     resume_state = None
+    tracker: list[Callback] = []
+    if cfg.mlflow and main:       # after the run directory's writers: it logs the files they wrote
+        from .tracking import MLflowLogger
+        tracker.append(MLflowLogger(cfg.mlflow, run_dir))
     held = None     # the run folder's lock, held by the one process that writes it until train returns
     try:
         if resume is not None:
@@ -54,7 +58,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
                 held = lock_run(run_dir)
                 ckpt.remove_stale_temporaries(run_dir, OWN_NAMES)
             saved = ckpt.load_checkpoint(saved_path)
-            resume_state = restore(exp, saved, str(saved_path), everyone)
+            resume_state = restore(exp, saved, str(saved_path), everyone + tracker)
             if main:
                 RunDirectory(exp, run_dir).repair(saved)
         elif run_dir is not None and main:
@@ -68,7 +72,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
                       loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
                       device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,
                       val_loader=exp.val_loader,
-                      callbacks=everyone + own + writers, resume=resume_state)
+                      callbacks=everyone + own + writers + tracker, resume=resume_state)
     finally:
         if held is not None:
             held.release()
