@@ -10,6 +10,7 @@ into its next forward (`Batcher`). Bad input is a 4xx answer with one line in "d
 import asyncio
 import csv
 import importlib.util
+import os
 import socket
 import sys
 import tempfile
@@ -39,8 +40,9 @@ class Predictor:
     """Class probabilities of uint8 images (N, C, H, W): PyTorch, or ONNX Runtime on the model
     that `trainkit export` writes. Both take `TrainedModel.preprocess`'s output."""
 
-    def __init__(self, trained, backend: str = "torch"):
+    def __init__(self, trained, backend: str = "torch", threads: int = 1):
         self.trained, self.backend = trained, backend
+        torch.set_num_threads(threads)
         if backend == "onnx":
             if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
                 raise TrainkitError("--backend onnx needs onnx and onnxruntime: pip install trainkit[onnx]")
@@ -49,7 +51,9 @@ class Predictor:
             from .inference import export
             with tempfile.TemporaryDirectory() as tmp:
                 path = export(trained, "onnx", Path(tmp) / "model.onnx")
-                self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = options.inter_op_num_threads = threads
+                self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if self.backend == "torch":
@@ -159,7 +163,12 @@ async def image_bytes(request, limit: int) -> tuple[bytes, str]:
     return data, f"the upload {files[0].filename}" if files[0].filename else "the upload"
 
 
-def create_app(run_dir: str | Path, *, backend: str = "torch", max_batch: int = 64,
+def default_threads() -> int:
+    """The model's threads: all cores but one, which the event loop (HTTP, decoding) needs."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 64, threads: int | None = None,
                max_upload: int = MAX_UPLOAD_MB << 20, max_pixels: int = MAX_PIXELS):
     """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
     from contextlib import asynccontextmanager
@@ -175,13 +184,16 @@ def create_app(run_dir: str | Path, *, backend: str = "torch", max_batch: int = 
     if not run_dir.is_dir():
         raise TrainkitError(f"{run_dir} does not exist or is not a folder: give a run directory (runs/...)")
     trained = load_run(run_dir)
-    predictor = Predictor(trained, backend)
+    if backend == "auto":
+        backend = "onnx" if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")) else "torch"
+    predictor = Predictor(trained, backend, threads or default_threads())
     c, h, w = trained.image_shape
     try:
         predictor(torch.zeros(1, c, h, w, dtype=torch.uint8))   # a model that cannot run is refused now
     except Exception as exc:  # noqa: BLE001 - any failure of the model is the run's fault
         raise TrainkitError(f"{run_dir}'s model fails on an image of its own shape: {exc}".splitlines()[0]) from None
     info = {**run_summary(run_dir, trained), "backend": backend, "max_batch": max_batch,
+            "threads": torch.get_num_threads() if backend == "torch" else threads or default_threads(),
             "max_upload_bytes": max_upload, "max_pixels": max_pixels}
     batcher = Batcher(predictor, max_batch)
 
@@ -258,7 +270,9 @@ def cmd_serve(args) -> int:
         raise TrainkitError(f"--max-upload-mb must be between 0 and 1024, got {args.max_upload_mb}")
     import uvicorn
 
-    app = create_app(args.run_dir, backend=args.backend, max_batch=args.max_batch,
+    if args.threads is not None and args.threads < 1:
+        raise TrainkitError(f"--threads must be at least 1, got {args.threads}")
+    app = create_app(args.run_dir, backend=args.backend, max_batch=args.max_batch, threads=args.threads,
                      max_upload=int(args.max_upload_mb * (1 << 20)))
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -279,10 +293,12 @@ def add_command(sub) -> None:
     sv.add_argument("run_dir")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    sv.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                    help="run the model in PyTorch or in ONNX Runtime (the exported model; needs trainkit[onnx])")
+    sv.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                    help="run the model in PyTorch or in ONNX Runtime (the exported model; needs trainkit[onnx]); "
+                         "auto (default): ONNX Runtime when it is installed (faster here), else PyTorch")
     sv.add_argument("--max-batch", type=int, default=64,
                     help="most requests answered by one forward (default: 64; 1 turns batching off)")
+    sv.add_argument("--threads", type=int, help="the model's CPU threads (default: the cores but one, at least 1)")
     sv.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                     help=f"largest request body accepted, in MiB (default: {MAX_UPLOAD_MB})")
     sv.set_defaults(func=cmd_serve)

@@ -1,0 +1,287 @@
+"""trainkit serve: the HTTP API on a real server on 127.0.0.1, bad input, the batcher, and the page in
+a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium)."""
+import asyncio
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, data_dir, run_cli
+
+httpx = pytest.importorskip("httpx", reason="needs the serve extra: pip install trainkit[serve]")
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install trainkit[serve]")
+
+from trainkit.errors import TrainkitError  # noqa: E402
+from trainkit.serve import Batcher, Predictor, create_app  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def png(array: np.ndarray) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_bomb(side: int) -> bytes:
+    """A small PNG whose header says side x side 1-bit pixels (all of them zeros, well compressed)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (side + 7) // 8)
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory, mnist_dir):
+    """A run trained here in seconds (4,096 images, one epoch; about 87-92% on its 500 test images)."""
+    from trainkit import TrainConfig, train
+    out = tmp_path_factory.mktemp("serve") / "run"
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.03, limit_train=4096, limit_test=500, progress=False,
+                      data_dir=str(mnist_dir))
+    train(cfg, out=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    """Real MNIST test images (as PNG files' bytes) and their labels."""
+    images = mnist.test_images[-40:, 0].numpy()
+    return [png(a) for a in images], [str(int(y)) for y in mnist.test_labels[-40:]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(served_run):
+    """`python -m trainkit serve RUN --port FREE` in a subprocess, ready when /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "trainkit", "serve", served_run, "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not answer /health within 120 s"
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The API
+
+@pytest.mark.slow
+def test_predict_health_info_and_docs(server, digits, served_run):
+    images, labels = digits
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    info = httpx.get(server + "/info").json()
+    assert info["model"] == "s5net" and info["dataset"] == "mnist" and info["classes"] == list("0123456789")
+    assert 70 <= info["accuracy"] <= 100 and info["epochs"] == 1
+    assert info["preprocessing"]["mean"] == [pytest.approx(0.1307)] and info["preprocessing"]["image_shape"] == [1, 28, 28]
+    right = 0
+    for i, (image, label) in enumerate(zip(images, labels)):
+        if i % 2:   # multipart form (as the page and `curl -F file=@x.png` send it) or the raw PNG body
+            r = httpx.post(server + "/predict?top=3", files={"file": ("d.png", image, "image/png")})
+        else:
+            r = httpx.post(server + "/predict?top=3", content=image, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert len(answer["top"]) == 3 and answer["predicted"] == answer["top"][0]["class"]
+        assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        right += answer["predicted"] == label
+    assert right >= 0.75 * len(labels), f"{right}/{len(labels)} right"
+    # the same numbers as `trainkit predict`: one preprocessing
+    from trainkit.inference import load_run, predict_files
+    path = served_run.parent / "digit.png"
+    path.write_bytes(images[0])
+    expected = predict_files(load_run(served_run), [path])[0].numpy()
+    got = httpx.post(server + "/predict", files={"file": ("d.png", images[0])}).json()["probabilities"]
+    assert np.allclose([got[c] for c in info["classes"]], expected, atol=1e-4)
+    assert httpx.get(server + "/docs").status_code == 200
+    assert "/predict" in httpx.get(server + "/openapi.json").json()["paths"]
+    assert httpx.get(server + "/run/confusion.png").headers["content-type"] == "image/png"
+
+
+BAD_INPUTS = {
+    "not an image": (400, {"files": {"file": ("notes.txt", b"hello, not a picture\n" * 20)}}, "not a readable"),
+    "empty body": (400, {"content": b"", "headers": {"content-type": "image/png"}}, "empty"),
+    "empty file": (400, {"files": {"file": ("x.png", b"")}}, "empty"),
+    "form without a file": (400, {"data": {"name": "x"}}, "no file"),
+    "50 MB upload": (413, {"content": b"\0" * (50 << 20), "headers": {"content-type": "image/png"}}, "limit"),
+    "decompression bomb": (413, {"files": {"file": ("bomb.png", png_bomb(20_000))}}, "decompression bomb"),
+    "wrong content type": (415, {"content": b"{}", "headers": {"content-type": "application/json"}}, "content type"),
+    "damaged PNG": (400, {"files": {"file": ("cut.png", png(np.zeros((28, 28), np.uint8))[:40])}}, "not a readable"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_4xx_line_and_the_server_keeps_serving(server, digits, case):
+    status, request, fragment = BAD_INPUTS[case]
+    r = httpx.post(server + "/predict", timeout=60, **request)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and fragment in detail, detail
+    good = httpx.post(server + "/predict", files={"file": ("d.png", digits[0][0])})
+    assert good.status_code == 200 and httpx.get(server + "/health").status_code == 200
+
+
+def test_a_bomb_is_refused_from_its_header_before_decoding():
+    from trainkit.datasets import decode_image
+    start = time.perf_counter()
+    with pytest.raises(TrainkitError, match=r"was refused: Image size \(100000000 pixels\) exceeds limit"):
+        decode_image(png_bomb(10_000), 1, (28, 28), max_pixels=4096 * 4096)
+    assert time.perf_counter() - start < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused at start, in one line
+
+@pytest.mark.slow
+def test_a_missing_run_folder_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("serve", tmp_path / "nope"), "does not exist")
+
+
+@pytest.mark.slow
+def test_a_damaged_run_folder_is_one_line(served_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(served_run, damaged)
+    (damaged / "model.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_cli("serve", damaged), "model.pt")
+    (damaged / "config.json").write_text("{")
+    assert_one_line_error(run_cli("serve", damaged), "config.json")
+
+
+def test_create_app_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(TrainkitError, match="not a trainkit run directory"):
+        create_app(tmp_path)
+
+
+@pytest.mark.slow
+def test_help_works_without_importing_fastapi():
+    code = ("import sys; from trainkit.cli import build_parser; build_parser(); "
+            "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batcher and the backends
+
+def test_the_batcher_answers_each_request_with_its_own_row_and_batches_concurrent_ones():
+    calls = []
+
+    def predict(images):               # a real function of the batch: each image's mean, as one row
+        calls.append(len(images))
+        time.sleep(0.01)
+        return images.float().mean(dim=(1, 2, 3), keepdim=False).unsqueeze(1).numpy()
+
+    async def go(max_batch):
+        batcher = Batcher(predict, max_batch)
+        task = asyncio.create_task(batcher.run())
+        await asyncio.sleep(0)
+        images = [torch.full((1, 4, 4), i, dtype=torch.uint8) for i in range(40)]
+        out = await asyncio.gather(*(batcher(im) for im in images))
+        task.cancel()
+        return [float(o[0]) for o in out]
+
+    assert asyncio.run(go(64)) == [float(i) for i in range(40)]
+    assert len(calls) < 40 and max(calls) > 1           # concurrent requests shared forwards
+    calls.clear()
+    assert asyncio.run(go(1)) == [float(i) for i in range(40)]
+    assert calls == [1] * 40                            # --max-batch 1: one forward each
+
+
+@pytest.mark.slow
+def test_onnx_runtime_gives_the_same_probabilities_as_pytorch(served_run, mnist):
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install trainkit[onnx]")
+    from trainkit.inference import load_run
+    trained = load_run(served_run)
+    images = mnist.test_images[:64]
+    a, b = Predictor(trained, "torch")(images), Predictor(trained, "onnx")(images)
+    assert a.shape == (64, 10) and np.allclose(a, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, in a real headless Chromium
+
+@pytest.fixture
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+                    f"apt-get install chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install trainkit[serve]")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait_for_text(driver, element_id: str, timeout: float = 30) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.ID, element_id).text.strip())
+    return driver.find_element(By.ID, element_id).text.strip()
+
+
+@pytest.mark.slow
+def test_the_page_classifies_a_drawn_one_and_an_uploaded_digit(server, browser, digits, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/")
+    assert wait_for_text(browser, "accuracy").endswith("%")          # the run's summary, from /info
+    assert wait_for_text(browser, "dataset") == "mnist"
+    pad = browser.find_element(By.ID, "pad")
+    # a "1": one vertical stroke down the middle of the 280x280 canvas, by mouse events
+    chain = ActionChains(browser, duration=10).move_to_element_with_offset(pad, 0, -100).click_and_hold()
+    for dy in range(-80, 101, 20):
+        chain.move_to_element_with_offset(pad, 0, dy)
+    chain.release().perform()
+    assert wait_for_text(browser, "predicted") == "1"
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    assert len(bars) == 5 and bars[0].find_element(By.CSS_SELECTOR, ".name").text == "1"
+    if os.environ.get("TRAINKIT_SCREENSHOT"):        # docs/serve.png is made by hand with this
+        browser.save_screenshot(os.environ["TRAINKIT_SCREENSHOT"])
+
+    # a real MNIST test image, uploaded with the file input
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "predicted").text == ""
+    images, labels = digits
+    index = next(i for i in range(len(images)) if labels[i] != "1")
+    path = tmp_path / "digit.png"
+    path.write_bytes(images[index])
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    expected = httpx.post(server + "/predict", files={"file": ("d.png", images[index])}).json()["predicted"]
+    assert expected == labels[index]
+    assert wait_for_text(browser, "predicted") == labels[index]
