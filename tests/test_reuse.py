@@ -85,9 +85,11 @@ def test_image_folder(tmp_path, mnist):
             Image.merge("RGB", [gray, gray, gray]).save(folder / f"{i}.png")
     (root / "class_7" / "notes.txt").write_text("not an image")    # ignored
     out = tmp_path / "run"
+    # The folder is RGB 40x40 (its own colour and size by default); S5Net needs 1x28x28, so say so.
     cli_ok("train", "--dataset", f"imagefolder:{root}", "--epochs", "3", "--batch-size", "16",
-                   "--out", out, "--no-progress")
+           "--channels", "1", "--image-size", "28", "--out", out, "--no-progress")
     saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["image_shape"] == [1, 28, 28]
     assert saved["data"]["classes"] == ["class_0", "class_1", "class_7"]
     assert saved["data"]["train_size"] == 360 and saved["data"]["test_size"] == 90
     assert 0.05 < saved["data"]["mean"][0] < 0.3                   # computed from the images
