@@ -31,8 +31,9 @@ def test_notebook_runs_in_quick_mode_and_reaches_97_percent(tmp_path):
     shutil.copy(source, tmp_path / "S5.ipynb")       # nbconvert runs the kernel in the notebook's folder
     env = {**os.environ, "TRAINKIT_QUICK": "1", "TRAINKIT_DATA_DIR": str(data_dir())}
     proc = subprocess.run([jupyter(), "nbconvert", "--execute", "--to", "notebook",
-                           "--ExecutePreprocessor.timeout=300", "S5.ipynb"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           "--ExecutePreprocessor.timeout=1200", "S5.ipynb"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    # (generous: with other work on the 2 cores, the training cell once took over 300 s here)
     assert proc.returncode == 0, proc.stderr[-3000:]
     executed = nbformat.read(tmp_path / "S5.nbconvert.ipynb", as_version=4)
     outputs = [o for cell in executed.cells for o in cell.get("outputs", [])]
