@@ -96,6 +96,7 @@ def test_gradient_clipping_bounds_the_norm(mnist):
     assert max(after.norms) <= 0.05 * (1 + 1e-4)     # ... and the step saw them clipped
 
 
+@pytest.mark.slow
 def test_ema_is_what_is_evaluated_and_saved(mnist, tmp_path):
     cfg = TrainConfig(model="compact", epochs=1, batch_size=64, lr=0.05, ema=0.9, progress=False)
     result = train(cfg, data=mnist.limit(512, 200), out=tmp_path / "run")
@@ -166,6 +167,7 @@ def test_resume_with_ema_and_early_stopping_is_bit_identical(mnist, tmp_path):
     assert_identical(tmp_path / "straight", tmp_path / "crashed")
 
 
+@pytest.mark.slow
 def test_early_stopping_state_survives_resume(mnist, tmp_path):
     # lr 1e-9: nothing improves after epoch 1, so patience 2 ends the run after epoch 3,
     # also when it is resumed after epoch 2 (the counter comes back from last.pt).

@@ -21,6 +21,7 @@ def small_cnn(log_softmax: bool) -> nn.Module:
     return nn.Sequential(*layers, *([nn.LogSoftmax(dim=1)] if log_softmax else []))
 
 
+@pytest.mark.slow
 def test_logits_train_like_log_probabilities(mnist, tmp_path):
     data = mnist.limit(1024, 300)
     cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, progress=False)
@@ -57,6 +58,7 @@ def test_torchvision_and_timm_models_build_for_the_data():
     assert tuple(tm(torch.zeros(2, 3, 32, 32)).shape) == (2, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--model", "torchvision:no_such_net"], "torchvision has no model 'no_such_net'"),
     (["--model", "torchvision:mobilenet_v3_small", "--pretrained"], "could not be built with pretrained weights"),
@@ -81,6 +83,7 @@ def no_arguments():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory, fragment", [
     ("raises", "the factory failed: RuntimeError: boom"),
     ("not_a_module", "returned int, not an nn.Module"),
@@ -133,12 +136,14 @@ def test_a_file_model_run_is_inert_and_describes_itself(tmp_path, mnist_dir):
     assert_one_line_error(run_cli("predict", tmp_path / "run", tmp_path / "x.png", "--trust-code"), "sha256 differs")
 
 
+@pytest.mark.slow
 def test_a_python_model_run_is_refused_by_the_cli(mnist, tmp_path):
     train(TrainConfig(epochs=1, batch_size=64, progress=False), model=small_cnn(True), data=mnist.limit(128, 64),
           out=tmp_path / "run")
     assert_one_line_error(run_cli("eval", tmp_path / "run"), "built in Python")
 
 
+@pytest.mark.slow
 def test_a_python_dataset_is_never_replaced_by_another(mnist, tmp_path):
     data = mnist.limit(256, 64)
     data.name = "my-digits"
@@ -147,6 +152,7 @@ def test_a_python_dataset_is_never_replaced_by_another(mnist, tmp_path):
     assert_one_line_error(run_cli("eval", tmp_path / "run"), "data given from Python", "will not evaluate another")
 
 
+@pytest.mark.slow
 def test_validation_split_chooses_and_the_test_set_is_used_once(mnist, tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=64, val_split=0.25, evals_per_epoch=2, patience=3, progress=False)
     seen = []
@@ -180,6 +186,7 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert_one_line_error(run_cli("train", "--resume", out, "--out", tmp_path / "x"), "--out")
 
 
+@pytest.mark.slow
 def test_init_from_a_run_starts_from_its_weights(mnist, tmp_path):
     data = mnist.limit(256, 64)
     cfg = TrainConfig(epochs=1, batch_size=64, progress=False)
