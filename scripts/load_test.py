@@ -94,8 +94,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000, help="requests per level (default: 2000)")
     ap.add_argument("--soak", type=int, default=0, help="then this many more requests at the last level (memory)")
     ap.add_argument("--max-seconds", type=float, default=120, help="time limit per level (default: 120)")
-    ap.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch (1: no batching)")
-    ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (1: no batching)")
+    ap.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     ap.add_argument("--data-dir", default=os.environ.get("TRAINKIT_DATA_DIR", "data"))
     args = ap.parse_args()
 
@@ -118,7 +118,8 @@ def main() -> int:
         cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
             platform.processor())
-        print(f"trainkit serve {args.run_dir}, backend {args.backend}, --max-batch {args.max_batch}; "
+        backend = httpx.get(url + "/info").json()["backend"]
+        print(f"trainkit serve {args.run_dir}, backend {backend}, --max-batch {args.max_batch}; "
               f"{cpu}, {os.cpu_count()} CPUs; client and server on this machine")
         print("| clients | requests | predictions/s | p50 ms | p99 ms | non-200 | 5xx | server RSS MiB before -> after |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,7 +50,8 @@ class Predictor:
             import onnxruntime
 
             from .inference import export
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)   # torch's notes on its exporters
                 path = export(trained, "onnx", Path(tmp) / "model.onnx")
                 options = onnxruntime.SessionOptions()
                 options.intra_op_num_threads = options.inter_op_num_threads = threads
@@ -69,7 +71,7 @@ class Batcher:
     and the next forward takes them all (up to `max_batch`): one client alone waits for nothing,
     32 clients share forwards. `max_batch=1` is one forward per request."""
 
-    def __init__(self, predict, max_batch: int = 64):
+    def __init__(self, predict, max_batch: int = 16):
         self.predict, self.max_batch = predict, max_batch
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="trainkit-model")
         self.queue: asyncio.Queue | None = None
@@ -168,7 +170,7 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 64, threads: int | None = None,
+def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 16, threads: int | None = None,
                max_upload: int = MAX_UPLOAD_MB << 20, max_pixels: int = MAX_PIXELS):
     """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
     from contextlib import asynccontextmanager
@@ -296,8 +298,8 @@ def add_command(sub) -> None:
     sv.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
                     help="run the model in PyTorch or in ONNX Runtime (the exported model; needs trainkit[onnx]); "
                          "auto (default): ONNX Runtime when it is installed (faster here), else PyTorch")
-    sv.add_argument("--max-batch", type=int, default=64,
-                    help="most requests answered by one forward (default: 64; 1 turns batching off)")
+    sv.add_argument("--max-batch", type=int, default=16,
+                    help="most requests answered by one forward (default: 16; 1 turns batching off)")
     sv.add_argument("--threads", type=int, help="the model's CPU threads (default: the cores but one, at least 1)")
     sv.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                     help=f"largest request body accepted, in MiB (default: {MAX_UPLOAD_MB})")
