@@ -164,7 +164,8 @@ class MLflowLogger(Callback):
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():     # ends the run FINISHED
             warnings.simplefilter("ignore")     # torch.export's notes on saving the traced program
-            mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=sample.numpy(),
+            # pickled, not torch.export's "pt2": an exported program is fixed to the sample's batch size
+            mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
     def state_dict(self) -> dict:

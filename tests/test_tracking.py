@@ -1,0 +1,205 @@
+"""Tracking, comparing and searching runs: MLflow (a real SQLite store, read back with MlflowClient),
+`trainkit compare`, and `trainkit tune` on a real Optuna SQLite study (killed and continued)."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_ok, data_dir
+from trainkit import TrainConfig, train
+from trainkit.cli import main
+
+TINY = dict(model="speednet", limit_train=384, limit_test=100, val_split=128, epochs=1, batch_size=64,
+            evals_per_epoch=2, progress=False)
+TINY_FLAGS = ["--model", "speednet", "--limit-train", "384", "--limit-test", "100", "--val-split", "128",
+              "--epochs", "1", "--batch-size", "64", "--evals-per-epoch", "2"]
+
+
+def last_row(run_dir: Path) -> dict:
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+@pytest.mark.slow
+def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    import numpy as np
+    import torch
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)              # MLflow keeps artifacts beside the database (./mlruns)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainConfig(**TINY, mlflow=uri, scheduler="step")
+    run_dir = tmp_path / "run"
+    train(cfg, out=run_dir)
+    train(cfg.replace(epochs=2), resume=run_dir)       # one more epoch, into the same MLflow run
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("trainkit")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "the resumed run must continue the same MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == str(cfg.lr) and run.data.params["model"] == "speednet"
+    assert float(run.data.params["val_split"]) == 128 and run.data.params["epochs"] == "1"
+    assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["host"]
+    # one metric per epoch, at step = epoch, equal to metrics.csv
+    val = client.get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in val] == [1, 2]
+    assert val[-1].value == pytest.approx(float(last_row(run_dir)["val_acc"]))
+    test = client.get_metric_history(run.info.run_id, "test_acc")   # the test set, at the end of each train()
+    assert [m.step for m in test] == [1, 2] and test[-1].value == pytest.approx(float(last_row(run_dir)["test_acc"]))
+    # the mid-epoch checks, at step = global batch (4 batches an epoch: checks after 2 and 6)
+    checks = client.get_metric_history(run.info.run_id, "check_val_acc")
+    assert [m.step for m in checks] == [2, 6]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plot.png", "metrics.csv", "config.json", "confusion.png", "summary.txt"} <= artifacts
+    # the model, with its input signature, predicts as the run's own weights do
+    models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+    info = mlflow.models.get_model_info(models[0].model_uri)
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
+    logged = mlflow.pytorch.load_model(models[0].model_uri)
+    from trainkit.models import build_model
+    own = build_model("speednet")
+    own.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    x = torch.randn(3, 1, 28, 28)
+    np.testing.assert_allclose(logged(x).detach().numpy(), own.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_does_not_answer_warns_once_and_training_goes_on(tmp_path):
+    pytest.importorskip("mlflow")
+    proc = cli_ok("train", *TINY_FLAGS, "--no-progress", "--out", tmp_path / "run", "--mlflow", "http://127.0.0.1:9",
+                  cwd=tmp_path)
+    warnings = [line for line in proc.stderr.splitlines() if "MLflow logging failed" in line]
+    assert len(warnings) == 1, proc.stderr[-2000:]
+    assert "training goes on" in warnings[0] and "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "model.pt").is_file() and last_row(tmp_path / "run")["test_acc"]
+
+
+def test_mlflow_flag_takes_an_optional_uri(monkeypatch):
+    from trainkit.cli import build_parser
+    from trainkit.flags import config_from_args
+    from trainkit.tracking import resolve_uri
+
+    parse = lambda *argv: config_from_args(build_parser().parse_args(["train", *argv]))[0]
+    assert parse("--mlflow").mlflow == "auto"
+    assert parse("--mlflow", "http://tracking:5000").mlflow == "http://tracking:5000"
+    assert parse().mlflow is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri("auto") == f"sqlite:///{Path('mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")
+    assert resolve_uri("auto") == "http://server:5000"
+
+
+# ---------------------------------------------------------------------------------------------
+# tune: 4 tiny trials, killed after 2 and continued
+
+SPACE = "lr: {low: 0.02, high: 0.5, log: true}\nbatch_size: [32, 64]\nscheduler: [onecycle]\n"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    optuna = pytest.importorskip("optuna")
+    from optuna.trial import TrialState
+
+    root = tmp_path_factory.mktemp("tune")
+    (root / "space.yaml").write_text(SPACE)
+    storage = f"sqlite:///{root / 'study.db'}"
+    command = ["tune", root / "space.yaml", "--trials", "4", "--storage", storage, "--study-name", "tiny",
+               "--out", root / "out", *TINY_FLAGS]
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
+    first = subprocess.Popen([sys.executable, "-m", "trainkit", *map(str, command)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    deadline = time.monotonic() + 300
+    finished = []
+    while time.monotonic() < deadline and first.poll() is None:
+        try:
+            finished = optuna.load_study(study_name="tiny", storage=storage).get_trials(states=done_states)
+        except KeyError:       # the study is not created yet
+            pass
+        if len(finished) >= 2:
+            break
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert len(finished) == 2, first.stdout.read()[-2000:]
+    before = {t.number: (t.value, t.state) for t in finished}
+    mtimes = {p: p.stat().st_mtime_ns for t in finished for p in Path(t.user_attrs["run_dir"]).iterdir()}
+    second = cli_ok(*command)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    return {"root": root, "study": study, "before": before, "mtimes": mtimes, "output": second.stdout}
+
+
+@pytest.mark.slow
+def test_a_killed_search_continues_where_it_stopped(tuned):
+    from optuna.trial import TrialState
+
+    study = tuned["study"]
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(done) == 4
+    # the first two trials were kept, not redone: the same values, their run folders untouched
+    for number, (value, state) in tuned["before"].items():
+        assert (study.trials[number].value, study.trials[number].state) == (value, state)
+    assert all(p.stat().st_mtime_ns == m for p, m in tuned["mtimes"].items())
+    assert "2 of 4 trials finished" in tuned["output"]
+    # every trial kept its run folder; the objective was validation accuracy
+    for t in done:
+        assert (Path(t.user_attrs["run_dir"]) / "metrics.csv").is_file()
+        assert t.user_attrs["config"]["val_split"] == 128
+    out = tuned["root"] / "out"
+    assert (out / "history.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_best_config_reproduces_the_best_trial(tuned, tmp_path):
+    study = tuned["study"]
+    best = tuned["root"] / "out" / "best.yaml"
+    assert best.is_file()
+    run = tmp_path / "again"
+    cli_ok("train", "--config", best, "--out", run)
+    assert float(last_row(run)["val_acc"]) == pytest.approx(study.best_value, abs=1e-9)
+    assert float(last_row(run)["val_acc"]) == float(last_row(study.best_trial.user_attrs["run_dir"])["val_acc"])
+
+
+@pytest.mark.slow
+def test_compare_two_runs(tuned, tmp_path, capsys):
+    runs = sorted((tuned["root"] / "out").glob("trial-*"))[:2]
+    png = tmp_path / "compare.png"
+    assert main(["compare", *map(str, runs), "--png", str(png)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:7] == ["run", "final test %", "final val %", "best %", "split", "epochs", "wall s"]
+    assert "lr" in header and "seed" not in header and "model" not in header   # only the settings that differ
+    rows = table[2:2 + len(runs)]
+    assert [line.split("|")[1].strip() for line in rows] == [r.name for r in runs]
+    for line, run in zip(rows, runs):
+        assert f"{float(last_row(run)['val_acc']):.2f}" in line
+    assert png.stat().st_size > 10_000
+
+
+def test_compare_and_tune_refuse_bad_input_in_one_line(tmp_path, capsys):
+    def one_line_error(*argv):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("trainkit: error: "), err
+        return err[0]
+
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in one_line_error("compare", tmp_path / "empty")
+    (tmp_path / "space.yaml").write_text("learning_rate: [0.1, 0.2]\n")
+    assert "unknown setting 'learning_rate'" in one_line_error("tune", tmp_path / "space.yaml", "--out", tmp_path / "t")
+    (tmp_path / "space.yaml").write_text("lr: {low: 0.5, high: 0.1}\n")
+    assert "low < high" in one_line_error("tune", tmp_path / "space.yaml", "--out", tmp_path / "t")
+    (tmp_path / "space.yaml").write_text("lr: [0.1, -1]\n")
+    assert "--lr must be greater than 0" in one_line_error("tune", tmp_path / "space.yaml", "--out", tmp_path / "t")
