@@ -64,10 +64,11 @@ def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypat
     assert {"plot.png", "metrics.csv", "config.json", "confusion.png", "summary.txt"} <= artifacts
     # the model, with its input signature, predicts as the run's own weights do
     models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
-    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
-    info = mlflow.models.get_model_info(models[0].model_uri)
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
-    logged = mlflow.pytorch.load_model(models[0].model_uri)
+    assert len(models) == 2 and {m.source_run_id for m in models} == {run.info.run_id}   # one per train()
+    latest = max(models, key=lambda m: m.creation_timestamp)
+    info = mlflow.models.get_model_info(latest.model_uri)
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
+    logged = mlflow.pytorch.load_model(latest.model_uri)
     from trainkit.models import build_model
     own = build_model("speednet")
     own.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))

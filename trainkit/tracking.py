@@ -11,6 +11,7 @@ last.pt). A tracking failure warns once on stderr; training goes on without MLfl
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import platform
 import subprocess
@@ -163,7 +164,8 @@ class MLflowLogger(Callback):
         signature = infer_signature(sample.numpy(), output.numpy())
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():     # ends the run FINISHED
-            warnings.simplefilter("ignore")     # torch.export's notes on saving the traced program
+            warnings.simplefilter("ignore")
+            logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)   # its note on pickling, every run
             # pickled, not torch.export's "pt2": an exported program is fixed to the sample's batch size
             mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
