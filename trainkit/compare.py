@@ -57,8 +57,9 @@ def table(runs: list[dict]) -> str:
         rows, split = run["rows"], held_out(run)
         accs = [r[f"{split}_acc"] for r in rows if r.get(f"{split}_acc") is not None]
         cells = [run["name"], rows[-1].get("test_acc"), rows[-1].get("val_acc"), max(accs), split, len(rows),
-                 sum(r["seconds"] for r in rows), *(run["config"].get(k) for k in differ)]
-        lines.append("| " + " | ".join(show(c) for c in cells) + " |")
+                 sum(r["seconds"] for r in rows)]
+        settings = [f"{v:.4g}" if isinstance(v, float) else show(v) for v in (run["config"].get(k) for k in differ)]
+        lines.append("| " + " | ".join([*(show(c) for c in cells), *settings]) + " |")
     return "\n".join(lines)
 
 
