@@ -75,3 +75,19 @@ def test_summary_prints_the_table(tmp_path):
     from PIL import Image
     with Image.open(tmp_path / "net.png") as img:
         assert img.width > 300 and img.height > 300
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["lr-find", "--steps", "0"], "--steps must be greater than 0"),
+    (["lr-find", "--start-lr", "-1"], "--start-lr must be greater than 0"),
+    (["lr-find", "--end-lr", "1e-6"], "--end-lr (1e-06) must be greater than --start-lr"),
+    (["summary", "--channels", "0"], "--channels must be greater than 0"),
+    (["summary", "--classes", "-1"], "--classes must be greater than 0"),
+    (["summary", "--size", "3"], "needs 28x28 images, these are 3x3"),
+    (["bench", "--quick", "--steps", "0"], "--steps must be greater than 0"),
+    (["bench", "--speedrun", "--seeds", "0"], "--seeds must be greater than 0"),
+])
+def test_other_commands_bad_values_are_one_line_errors(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trainkit: error: ") and fragment in err[0], err

@@ -23,7 +23,7 @@ from .datasets import ImageData
 from .devices import autocast_dtype, bf16_supported, resolve_device
 from .engine import Callback, TrainState, train_one_epoch, train_step
 from .experiment import build_experiment, get_data
-from .flags import add_config_flags, config_from_args, number
+from .flags import add_config_flags, config_from_args, number, positive
 from .reports import environment
 from .run import train
 
@@ -285,10 +285,10 @@ def add_command(sub) -> None:
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="time a fixed number of steps of each (a few minutes)")
     mode.add_argument("--speedrun", action="store_true", help="time the speedrun recipe to 99.0%% over --seeds seeds")
-    bench.add_argument("--steps", type=number(int, "--steps"), default=20, help="timed steps per side in --quick (default: 20)")
+    bench.add_argument("--steps", type=positive(int, "--steps"), default=20, help="timed steps per side in --quick (default: 20)")
     bench.add_argument("--target-acc", type=number(float, "--target-acc"), default=99.2,
                        help="test accuracy to reach in the full mode (default: 99.2)")
-    bench.add_argument("--seeds", type=number(int, "--seeds"), default=5, help="seeds for --speedrun (default: 5)")
+    bench.add_argument("--seeds", type=positive(int, "--seeds"), default=5, help="seeds for --speedrun (default: 5)")
     add_config_flags(bench, only=("device", "data_dir"))
     bench.add_argument("--out", default="docs", help="folder for the JSON and markdown reports (default: docs)")
     bench.set_defaults(func=cmd_bench)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import TrainkitError
-from .flags import Parser, add_config_flags, add_recipe_flags, config_from_args, number
+from .flags import Parser, add_config_flags, add_recipe_flags, config_from_args, positive
 
 
 def cmd_train(args) -> int:
@@ -68,12 +68,13 @@ def _resume_hint(run_dir: Path) -> str:
 
 
 def cmd_summary(args) -> int:
-    from .models import build_model
+    from .models import build_model, output_kind
     from .reports import model_summary, plot_architecture
 
     cfg, _ = config_from_args(args)
     shape = (args.channels, args.size, args.size)
     model = build_model(cfg.model, in_channels=args.channels, num_classes=args.classes)
+    output_kind(model, shape, args.classes, cfg.model)      # a model that cannot take this shape: one line
     table = str(model_summary(model, shape)).splitlines()
     end = next(i for i, line in enumerate(table) if line.startswith("Total params"))
     print("\n".join(table[:end + 1]))  # the per-layer table, ending with the total
@@ -93,9 +94,9 @@ def add_command(sub) -> None:
 
     summary = sub.add_parser("summary", help="print the per-layer table of a model")
     add_config_flags(summary, only=("model",))
-    summary.add_argument("--channels", type=number(int, "--channels"), default=1)
-    summary.add_argument("--size", type=number(int, "--size"), default=28)
-    summary.add_argument("--classes", type=number(int, "--classes"), default=10)
+    summary.add_argument("--channels", type=positive(int, "--channels"), default=1)
+    summary.add_argument("--size", type=positive(int, "--size"), default=28)
+    summary.add_argument("--classes", type=positive(int, "--classes"), default=10)
     summary.add_argument("--png", help="also save a picture of the network to this file")
     summary.set_defaults(func=cmd_summary)
 

@@ -28,6 +28,19 @@ def number(kind, flag: str):
     return parse
 
 
+def positive(kind, flag: str):
+    """Like `number`, and the value must be greater than 0 (counts, sizes, rates)."""
+    parse_number = number(kind, flag)
+
+    def parse(text: str):
+        value = parse_number(text)
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be greater than 0 (and finite), got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _registered_names(kind: str) -> str:
     from .datasets import DATASETS
     from .models import MODELS

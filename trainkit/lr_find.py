@@ -12,7 +12,8 @@ from pathlib import Path
 from .config import TrainConfig
 from .engine import train_step
 from .experiment import build_experiment
-from .flags import add_config_flags, add_recipe_flags, config_from_args, number
+from .errors import TrainkitError
+from .flags import add_config_flags, add_recipe_flags, config_from_args, positive
 
 
 def lr_sweep(cfg: TrainConfig, steps: int = 200, start_lr: float = 1e-5, end_lr: float = 1.0,
@@ -71,6 +72,8 @@ def plot(lrs, losses, suggestion: float, path: Path):
 
 
 def cmd_lr_find(args) -> int:
+    if not args.start_lr < args.end_lr:
+        raise TrainkitError(f"--end-lr ({args.end_lr}) must be greater than --start-lr ({args.start_lr})")
     cfg, _ = config_from_args(args)
     lrs, losses, suggestion = lr_sweep(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
     plot(lrs, losses, suggestion, Path(args.output))
@@ -82,9 +85,9 @@ def cmd_lr_find(args) -> int:
 def add_command(sub) -> None:
     finder = sub.add_parser("lr-find", help="sweep the learning rate and suggest one")
     add_recipe_flags(finder)
-    finder.add_argument("--steps", type=number(int, "--steps"), default=200, help="steps in the sweep (default: 200)")
-    finder.add_argument("--start-lr", type=number(float, "--start-lr"), default=1e-5)
-    finder.add_argument("--end-lr", type=number(float, "--end-lr"), default=1.0)
+    finder.add_argument("--steps", type=positive(int, "--steps"), default=200, help="steps in the sweep (default: 200)")
+    finder.add_argument("--start-lr", type=positive(float, "--start-lr"), default=1e-5)
+    finder.add_argument("--end-lr", type=positive(float, "--end-lr"), default=1.0)
     finder.add_argument("--output", default="lr_find.png", help="where to save the plot (default: lr_find.png)")
     add_config_flags(finder, skip=("lr", "epochs", "target_acc", "patience", "tensorboard", "ema"))
     finder.set_defaults(func=cmd_lr_find)
