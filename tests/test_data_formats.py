@@ -1,6 +1,7 @@
 """Datasets beyond MNIST, on small files written in each dataset's real on-disk format: CIFAR-10/100
-(torchvision's python pickles), KMNIST (gzipped IDX), image folders in colour and at any size; the
-natural images' augmentation; end to end, zoo models on CIFAR-format data and on an RGB folder."""
+(torchvision's python pickles), KMNIST (gzipped IDX), EMNIST (IDX files, and NIST's zip of them),
+image folders in colour and at any size; the natural images' augmentation; end to end, zoo models
+on CIFAR-format data and on an RGB folder."""
 import csv
 import dataclasses
 import functools
@@ -12,6 +13,7 @@ import os
 import pickle
 import tarfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +236,150 @@ def test_kmnist_reads_gz_idx_files(tmp_path, monkeypatch):
     (raw / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(TrainkitError, match="kmnist file t10k-labels-idx1-ubyte.gz not found"):
         datasets.load_idx_dataset(spec, tmp_path, download=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMNIST (IDX files in torchvision's layout, or NIST's gzip.zip that holds every split)
+
+def emnist_arrays(spec, seed: int = 3) -> dict:
+    """Upright images of a bar whose row says the label (so a transposed read shows), labels in the
+    split's own numbering (letters from 1)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for part in ("train", "test"):
+        n = getattr(spec, part)
+        labels = spec.label_offset + np.arange(n) % len(spec.classes)
+        images = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 + label % 24, 3:25] = 255              # a horizontal bar: upright, not transposed
+        arrays[part] = (images, labels)
+    return arrays
+
+
+def emnist_files(spec, arrays) -> dict[str, bytes]:
+    """The split's four files as NIST stores them (images transposed), gzipped: name -> bytes."""
+    files = {}
+    for part, (images, labels) in arrays.items():
+        files[spec.stem(part, "images-idx3") + ".gz"] = gzip.compress(_idx(images.transpose(0, 2, 1)), mtime=0)
+        files[spec.stem(part, "labels-idx1") + ".gz"] = gzip.compress(_idx(labels), mtime=0)
+    return files
+
+
+def small_emnist(monkeypatch, split: str = "balanced", n_train: int = 30, n_test: int = 12):
+    from trainkit import emnist
+    spec = dataclasses.replace(emnist.SPLITS[split], train=n_train, test=n_test)
+    monkeypatch.setitem(emnist.SPLITS, split, spec)
+    return spec
+
+
+def write_emnist(root: Path, spec, extracted: bool = True) -> dict:
+    """The split's files in <root>/EMNIST/raw/: the test images extracted, the rest gzipped (both occur)."""
+    raw = root / "EMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    arrays = emnist_arrays(spec)
+    for name, data in emnist_files(spec, arrays).items():
+        if extracted and "test-images" in name:
+            (raw / name[:-3]).write_bytes(gzip.decompress(data))
+        else:
+            (raw / name).write_bytes(data)
+    return arrays
+
+
+def write_emnist_zip(path: Path, specs) -> str:
+    """NIST's archive: gzip/<file>.gz for every split given; returns its MD5."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for spec in specs:
+            for name, data in emnist_files(spec, emnist_arrays(spec)).items():
+                zf.writestr(f"gzip/{name}", data)
+    return md5(path.read_bytes())
+
+
+def test_emnist_reads_torchvision_layout_upright(tmp_path, monkeypatch):
+    spec = small_emnist(monkeypatch)
+    arrays = write_emnist(tmp_path, spec)
+    data = load_dataset("emnist-balanced", tmp_path, progress=False)
+    assert data.image_shape == (1, 28, 28) and len(data.classes) == 47
+    assert data.classes[9:12] == ["9", "A", "B"] and data.classes[-1] == "t"
+    assert torch.equal(data.train_images[:, 0], torch.from_numpy(arrays["train"][0]))    # turned upright
+    assert torch.equal(data.test_images[:, 0], torch.from_numpy(arrays["test"][0]))
+    assert data.test_labels.tolist() == arrays["test"][1].tolist()
+    pixels = arrays["train"][0] / 255
+    assert data.mean[0] == pytest.approx(pixels.mean(), abs=1e-6) and data.std[0] == pytest.approx(pixels.std(), abs=1e-6)
+
+
+def test_emnist_letters_are_numbered_from_zero(tmp_path, monkeypatch):
+    spec = small_emnist(monkeypatch, "letters", 52, 26)
+    arrays = write_emnist(tmp_path, spec)
+    data = load_dataset("emnist-letters", tmp_path, progress=False)
+    assert data.classes == list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert data.train_labels.tolist() == (arrays["train"][1] - 1).tolist() and int(data.train_labels.min()) == 0
+
+
+def test_emnist_split_is_taken_out_of_the_checked_archive(tmp_path, monkeypatch):
+    from trainkit import emnist
+    spec = small_emnist(monkeypatch, "digits")
+    other = small_emnist(monkeypatch, "letters", 26, 26)
+    raw = tmp_path / "EMNIST" / "raw"
+    digest = write_emnist_zip(raw / "gzip.zip", [spec, other])
+    monkeypatch.setattr(emnist, "ARCHIVE", dataclasses.replace(emnist.ARCHIVE, gz_md5=digest))
+    data = load_dataset("emnist-digits", tmp_path, progress=False)
+    assert torch.equal(data.train_images[:, 0], torch.from_numpy(emnist_arrays(spec)["train"][0]))
+    # Only the split asked for was extracted, under torchvision's names, and nothing half-written is left.
+    assert sorted(p.name for p in raw.iterdir()) == sorted(["gzip.zip", *(spec.stem(p, k) for p in ("train", "test")
+                                                                       for k in ("images-idx3", "labels-idx1"))])
+    # An archive that is not the published one is refused before anything is taken out of it.
+    monkeypatch.setattr(emnist, "ARCHIVE", dataclasses.replace(emnist.ARCHIVE, gz_md5="0" * 32))
+    with pytest.raises(TrainkitError, match="gzip.zip has the wrong MD5") as info:
+        load_dataset("emnist-letters", tmp_path, progress=False)
+    assert "\n" not in str(info.value) and not (raw / other.stem("train", "labels-idx1")).exists()
+
+
+def test_emnist_downloads_the_archive(tmp_path, monkeypatch):
+    from trainkit import emnist
+    spec = small_emnist(monkeypatch, "mnist")
+    served = tmp_path / "mirror"
+    digest = write_emnist_zip(served / "gzip.zip", [spec])
+    monkeypatch.setattr(emnist, "ARCHIVE", dataclasses.replace(emnist.ARCHIVE, gz_md5=digest))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TRAINKIT_MIRROR", f"http://127.0.0.1:{server.server_address[1]}/")
+        data = load_dataset("emnist-mnist", tmp_path / "data", progress=False)
+    finally:
+        server.shutdown()
+    assert len(data.train_labels) == 30 and (tmp_path / "data" / "EMNIST" / "raw" / "gzip.zip").is_file()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("labels", "holds labels 0-99; emnist-balanced's are 0-46"),
+    ("count", "holds an array of shape (29, 28, 28), expected (30, 28, 28)"),
+    ("gzip", "is truncated or corrupt (not a valid gzip file)"),
+])
+def test_damaged_emnist_files_are_one_line(tmp_path, monkeypatch, damage, message):
+    spec = small_emnist(monkeypatch)
+    write_emnist(tmp_path, spec)
+    raw = tmp_path / "EMNIST" / "raw"
+    if damage == "labels":
+        (raw / (spec.stem("train", "labels-idx1") + ".gz")).write_bytes(gzip.compress(_idx(np.arange(30) * 99 // 29)))
+    elif damage == "count":
+        images = emnist_arrays(spec)["train"][0][:29]
+        (raw / (spec.stem("train", "images-idx3") + ".gz")).write_bytes(gzip.compress(_idx(images)))
+    else:
+        path = raw / (spec.stem("train", "images-idx3") + ".gz")
+        path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(TrainkitError) as info:
+        load_dataset("emnist-balanced", tmp_path, progress=False)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_emnist_absent_offline_is_one_line(tmp_path):
+    proc = run_cli("train", "--dataset", "emnist-letters", "--data-dir", str(tmp_path), "--epochs", "1",
+                   "--out", str(tmp_path / "run"), env={"TRAINKIT_MIRROR": "http://127.0.0.1:9/"})
+    assert_one_line_error(proc, "emnist-letters file gzip.zip is missing from", "EMNIST/raw/")
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------

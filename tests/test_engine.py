@@ -252,9 +252,19 @@ def _cifar_example(name):
     return example
 
 
+def _emnist_example(split):
+    def example(tmp_path, mnist_dir, monkeypatch):
+        from test_data_formats import small_emnist, write_emnist
+        write_emnist(tmp_path, small_emnist(monkeypatch, split, n_train=52, n_test=26))
+        return f"emnist-{split}", tmp_path
+    return example
+
+
 # How to get a small copy of each registered dataset; a dataset registered without one fails here.
 EXAMPLES = {"mnist": _mnist_example, "fashion-mnist": _fashion_example, "imagefolder": _imagefolder_example,
-            "kmnist": _kmnist_example, "cifar10": _cifar_example("cifar10"), "cifar100": _cifar_example("cifar100")}
+            "kmnist": _kmnist_example, "cifar10": _cifar_example("cifar10"), "cifar100": _cifar_example("cifar100"),
+            **{f"emnist-{split}": _emnist_example(split)
+               for split in ("balanced", "byclass", "bymerge", "letters", "digits", "mnist")}}
 # Each example's image shape (channels, height, width), as the dataset gives it.
 SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagefolder": (1, 30, 30)}
 

@@ -1,5 +1,5 @@
 """Image datasets read once into uint8 tensors: MNIST, Fashion-MNIST, KMNIST, CIFAR-10/100 and
-image folders.
+image folders (EMNIST: emnist.py).
 
 Nothing is ever written into a data folder that already holds the files, so a read-only
 folder works. Every file is checked before it is used; a bad one is a TrainkitError that
@@ -380,8 +380,10 @@ def _signals_stop(what: str):
         restore()
 
 
-def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: bool = True) -> Path:
-    """Download one .gz from the dataset's mirrors, check its MD5, then move it into place.
+def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: bool = True,
+                  filename: str | None = None, file_md5=None) -> Path:
+    """Download one file (`filename`, by default the item's .gz) from the dataset's mirrors, check
+    its MD5 (`file_md5(path)`, by default read whole), then move it into place.
 
     Every mirror together gets download_timeout() seconds; SIGINT / SIGTERM stop it at once.
     Only a complete, checked file ever appears under the final name.
@@ -392,19 +394,19 @@ def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: boo
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainkitError(f"cannot create {dest_dir} to download {spec.name} into: {exc.strerror}") from None
-    dest = dest_dir / (item.stem + ".gz")
+    dest = dest_dir / (filename or item.stem + ".gz")
     timeout = download_timeout()
     deadline = time.monotonic() + timeout
     errors = []
     with _signals_stop(f"downloading {dest}"):
         for mirror in _mirrors(spec):
-            url = mirror + item.stem + ".gz"
+            url = mirror + dest.name
             tmp = None
             try:
                 fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
                 _fetch(url, os.fdopen(fd, "wb"), deadline,
                        lambda total: tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress))
-                if _md5(Path(tmp).read_bytes()) != item.gz_md5:
+                if (file_md5 or (lambda path: _md5(path.read_bytes())))(Path(tmp)) != item.gz_md5:
                     errors.append(f"{url}: wrong MD5")
                     continue
                 os.replace(tmp, dest)  # only a checked file ever gets the final name
@@ -418,7 +420,7 @@ def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: boo
             finally:
                 if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
-    raise TrainkitError(f"{spec.name} file {item.stem}.gz is missing from {dest_dir} and could not be "
+    raise TrainkitError(f"{spec.name} file {dest.name} is missing from {dest_dir} and could not be "
                         f"downloaded ({'; '.join(errors)}); copy the files there, or point --data-dir "
                         f"(or TRAINKIT_DATA_DIR) at a folder holding {getattr(spec, 'holds', spec.folder + '/raw/')}")
 
@@ -799,3 +801,6 @@ def load_dataset(name: str, data_dir: Path, channels: int | None = None, progres
     takes_size = "size" in inspect.signature(loader).parameters
     data = loader(arg, Path(data_dir), channels, progress, **({"size": size} if takes_size else {}))
     return convert_images(data.limit(limit_train, limit_test), channels, size)
+
+
+from . import emnist  # noqa: E402,F401  (registers the EMNIST splits; it builds on this module)
