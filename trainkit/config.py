@@ -80,8 +80,11 @@ class TrainConfig:
     augment: str = _opt("auto", "training augmentation: seed (zoom and rotation, as the seed), flip-crop "
                                 "(horizontal flips, 4-pixel padded crops), none; auto: seed for 1-channel "
                                 "images, flip-crop for 3-channel ones", choices=["auto", "seed", "flip-crop", "none"])
-    pipeline: str = _opt("tensor", "data path: tensor (batched, on the device) or torchvision (the seed's)",
-                         choices=["tensor", "torchvision"])
+    pipeline: str = _opt("auto", "data path: tensor (held in memory, batched on the device), stream (an image "
+                                 "folder read in batches by DataLoader workers, for folders larger than memory), "
+                                 "torchvision (the seed's); auto: stream an image folder whose decoded images "
+                                 "would pass half the available memory ($TRAINKIT_MEMORY_BUDGET), else tensor",
+                         choices=["auto", "tensor", "stream", "torchvision"])
     precision: str = _opt("auto", "fp32, bf16 autocast, or auto (bf16 where the device supports it)",
                           choices=["auto", "fp32", "bf16"])
     channels_last: bool = _opt(True, "channels_last memory format for 4-D activations")

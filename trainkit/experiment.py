@@ -23,6 +23,7 @@ from .engine import Callback
 from .errors import TrainkitError
 from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
 from .models import build_model, check_model_name, is_code, output_kind
+from .stream import StreamData, StreamLoader, folder_to_stream, load_stream_folder
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
 
 
@@ -31,7 +32,7 @@ class Experiment:
     """Everything a config builds: data, model, loaders, optimizer, schedule, loss, device."""
 
     cfg: TrainConfig
-    data: ImageData
+    data: ImageData | StreamData   # StreamData: an image folder read in batches (--pipeline stream)
     model: nn.Module               # the module whose weights are saved
     train_model: nn.Module         # what is trained (DDP and/or the compiled module around `model`)
     train_loader: object
@@ -112,10 +113,16 @@ def load_initial_weights(model: nn.Module, source: Path) -> None:
     ckpt.load_weights_into(model, state, str(source))
 
 
-def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageData:
-    """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size."""
-    return load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels or cfg.channels,
-                        size=size or parse_image_size(cfg.image_size), progress=cfg.progress,
+def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int] | None = None,
+             device: torch.device | None = None) -> ImageData | StreamData:
+    """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size.
+    An image folder is a StreamData (file lists) when --pipeline says to stream it (stream.py)."""
+    channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
+    items = folder_to_stream(cfg.dataset, cfg.pipeline, channels, size, device)
+    if items is not None:
+        folder = Path(cfg.dataset.partition(":")[2])
+        return load_stream_folder(folder, channels, size, items).limit(cfg.limit_train, cfg.limit_test)
+    return load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
                         limit_train=cfg.limit_train, limit_test=cfg.limit_test)
 
 
@@ -136,16 +143,27 @@ def seed_augment(images: torch.Tensor) -> SeedAugment:
 
 def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
     """The data with its validation split, when the config asks for one."""
-    if cfg.val_split is None or data.val_images is not None:
+    if cfg.val_split is None or data.val_labels is not None:
         return data
     return data.split_validation(cfg.val_split, seed=cfg.seed)
 
 
-def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int = 0, world: int = 1):
-    """(train, test, validation or None) loaders: the fast path on the device, or the seed's
-    torchvision pipeline."""
+def make_loaders(cfg: TrainConfig, data: ImageData | StreamData, device: torch.device, rank: int = 0,
+                 world: int = 1):
+    """(train, test, validation or None) loaders: the fast path on the device, the seed's
+    torchvision pipeline, or files read in batches by workers (StreamData)."""
     kind = augmentation(cfg, data)
-    if cfg.pipeline == "tensor":
+    if isinstance(data, StreamData):
+        first = lambda: data.images(data.train, range(min(1024, len(data.train))))   # what seed_augment looks at
+        augment = {"seed": lambda: seed_augment(first()), "flip-crop": FlipCrop, "none": lambda: None}[kind]()
+        common = dict(channels=data.channels, size=data.size, mean=data.mean, std=data.std, device=device,
+                      channels_last=cfg.channels_last, rank=rank, world=world)
+        train = StreamLoader(data.train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
+                             persistent=True, **common)
+        test = StreamLoader(data.test, cfg.test_batch_size, **common)
+        val = StreamLoader(data.val, cfg.test_batch_size, **common) if data.val is not None else None
+        return train, test, val
+    if cfg.pipeline in ("tensor", "auto"):
         augment = {"seed": lambda: seed_augment(data.train_images), "flip-crop": FlipCrop,
                    "none": lambda: None}[kind]()
         common = dict(mean=data.mean, std=data.std, device=device, channels_last=cfg.channels_last,
@@ -162,6 +180,26 @@ def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: 
                                                                **common)
     val = evaluation(data.val_images, data.val_labels) if data.val_images is not None else None
     return train, evaluation(data.test_images, data.test_labels), val
+
+
+def resolved_pipeline(cfg: TrainConfig, data: ImageData | StreamData) -> str:
+    """--pipeline with auto resolved, as the run records it (so --resume and eval read the data the
+    same way): stream for StreamData, else tensor."""
+    streamed = isinstance(data, StreamData)
+    if cfg.pipeline == "auto":
+        return "stream" if streamed else "tensor"
+    if streamed != (cfg.pipeline == "stream"):
+        raise TrainkitError(f"--pipeline {cfg.pipeline} cannot take {'a StreamData' if streamed else 'data held in memory'}; "
+                            f"use --pipeline {'stream' if streamed else 'tensor'} (or auto)")
+    return cfg.pipeline
+
+
+def evaluation_loader(data: ImageData | StreamData, batch_size: int, mean, std, device="cpu"):
+    """The whole test set in batches, held or streamed as the data is."""
+    if isinstance(data, StreamData):
+        return StreamLoader(data.test, batch_size, channels=data.channels, size=data.size, mean=mean, std=std,
+                            device=device)
+    return TensorLoader(data.test_images, data.test_labels, batch_size, mean=mean, std=std, device=device)
 
 
 def make_loss(cfg: TrainConfig, outputs: str) -> Callable:
@@ -188,7 +226,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     seed_everything(cfg.seed)
     if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    data = held_out(cfg, data if data is not None else get_data(cfg))
+    data = held_out(cfg, data if data is not None else get_data(cfg, device=device))
+    cfg = cfg.replace(pipeline=resolved_pipeline(cfg, data))
     if model is None:
         model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,
                             pretrained=cfg.pretrained)

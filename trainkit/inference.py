@@ -137,8 +137,7 @@ def _load_from_args(args) -> TrainedModel:
 
 def cmd_eval(args) -> int:
     from .engine import evaluate
-    from .experiment import get_data
-    from .loaders import TensorLoader
+    from .experiment import evaluation_loader, get_data
     from .reports import test_line
 
     trained = _load_from_args(args)
@@ -152,7 +151,7 @@ def cmd_eval(args) -> int:
         raise TrainkitError(f"the data found for {cfg.dataset} ({list(data.image_shape)}, {len(data.classes)} classes) "
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "
                             f"{len(trained.classes)} classes)")
-    loader = TensorLoader(data.test_images, data.test_labels, cfg.test_batch_size, mean=trained.mean, std=trained.std)
+    loader = evaluation_loader(data, cfg.test_batch_size, trained.mean, trained.std)
     loss, correct, total = evaluate(trained.model, loader, device=torch.device("cpu"))
     print(test_line(loss, correct, total))
     return 0

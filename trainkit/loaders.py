@@ -120,6 +120,25 @@ class FlipCrop:
         return F.grid_sample(images, grid, mode="nearest", padding_mode="reflection", align_corners=False)
 
 
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool, augment):
+    """One epoch's plan: (indices, augmentation draws or None) per batch, all drawn from `generator`
+    in one fixed order (the permutation, then each batch's draws), so that every loader that walks
+    the same plan sees the same images augmented the same way."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, (augment.draw(len(idx), generator) if augment is not None else None)
+
+
+def model_input(images: torch.Tensor, draws, augment, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> the model's float input: scaled, augmented with `draws`, normalized."""
+    x = images.float().div_(255)
+    if draws is not None:
+        x = augment.apply(x, *draws)
+    x = normalize(x, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 class TensorLoader:
     """Iterate over (images, labels) batches of a uint8 dataset kept on `device`.
 
@@ -154,23 +173,16 @@ class TensorLoader:
     def __iter__(self):
         self._epoch_start = self.generator.get_state()
         self.batches_done, skip, self._skip = 0, self._skip, 0
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            draws = self.augment.draw(len(idx), self.generator) if self.augment is not None else None
+        mine = slice(self.rank, None, self.world)
+        for idx, draws in epoch_batches(len(self.labels), self.batch_size, self.generator, self.shuffle,
+                                        self.augment):
             self.batches_done += 1
             if self.batches_done <= skip:   # resuming mid-epoch: the draws replayed, the work skipped
                 continue
-            mine = slice(self.rank, None, self.world)
             idx = idx[mine].to(self.device)
-            x = self.images[idx].float().div_(255)
-            if draws is not None:
-                x = self.augment.apply(x, *(d[mine] for d in draws))
-            x = normalize(x, self.mean, self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            draws = None if draws is None else tuple(d[mine] for d in draws)
+            yield model_input(self.images[idx], draws, self.augment, self.mean, self.std, self.channels_last), \
+                self.labels[idx]
 
     def state_dict(self) -> dict:
         """Where the loader is; saved in the middle of an epoch, it resumes at the next batch."""

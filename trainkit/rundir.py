@@ -27,8 +27,8 @@ from .config import TrainConfig, flag_name, from_mapping, load_config_file
 from .datasets import ImageData
 from .engine import Callback, History, TrainState, unwrap
 from .errors import TrainkitError
-from .experiment import Experiment, canonical
-from .loaders import TensorLoader
+from . import stream
+from .experiment import Experiment, canonical, evaluation_loader
 from .models import count_parameters, model_source
 
 FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
@@ -312,9 +312,11 @@ class RunDirectory(Callback):
     def finish(self, history: History, model) -> None:
         """The final reports, of `model` (the evaluated weights) on the whole test set."""
         exp, data = self.exp, self.exp.data
-        loader = TensorLoader(data.test_images, data.test_labels, exp.cfg.test_batch_size, mean=data.mean,
-                              std=data.std, device=exp.device)  # the whole test set, on every rank count
-        out, labels, losses, images = reports.predictions(model, loader, exp.device)
+        # the whole test set, on every rank count
+        loader = evaluation_loader(data, exp.cfg.test_batch_size, data.mean, data.std, exp.device)
+        out, labels, losses, images = (stream.predictions(model, loader, exp.device, data)
+                                       if isinstance(data, stream.StreamData) else
+                                       reports.predictions(model, loader, exp.device))
         matrix = reports.confusion_matrix(out.argmax(1), labels, data.num_classes)
         summary = reports.run_summary(model, data, history, matrix)
 

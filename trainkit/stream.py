@@ -1,0 +1,401 @@
+"""Image folders read in batches by DataLoader workers instead of being held whole.
+
+Only the file list (paths as bytes, labels as int64) stays in memory. The main process plans each
+epoch exactly as `TensorLoader` does (`loaders.epoch_batches`: the permutation and the augmentation
+draws from the run's seeded generator); the workers only decode the files of each planned batch
+with `datasets.load_image`, the conversion that the in-memory path and `predict` use. So a streamed
+run sees the same pixels, in the same order, augmented the same way, and resumes mid-epoch the same
+way (a state_dict of the generator at the epoch's start and the batches done).
+
+Mean and std come from a bounded sample of the training files (`STATS_SAMPLE`), not from every image.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .datasets import ImageData, _scan, folder_format, load_image
+from .errors import TrainkitError
+from .loaders import epoch_batches, model_input, normalize
+
+STATS_SAMPLE = 2048          # training images that mean and std are computed from
+FORMAT_SAMPLE = 256          # headers read to estimate an image folder's size when channels/size are not given
+MAX_WORKERS = 8
+PREFETCH = 2                 # batches each worker reads ahead
+
+
+# ---------------------------------------------------------------------------------------------
+# How much memory the in-memory path may take, and whether to stream
+
+def parse_bytes(text: str, what: str) -> int:
+    """"2G", "500M", "64k", "1000000" -> bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in units else ""
+    try:
+        number = float(value[:len(value) - len(unit)])
+    except ValueError:
+        number = math.nan
+    if not 0 <= number < math.inf:
+        raise TrainkitError(f"{what} must be a size in bytes such as 2G, 500M or 1000000, got {text[:80]!r}")
+    return int(number * units[unit])
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping (MemAvailable), else its total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget(device: torch.device | None = None) -> int:
+    """What a dataset held whole may take: $TRAINKIT_MEMORY_BUDGET (e.g. 2G), else half of the
+    available memory, and on a GPU also half of its free memory (the in-memory path keeps the
+    images on the device)."""
+    text = os.environ.get("TRAINKIT_MEMORY_BUDGET", "").strip()
+    if text:
+        return parse_bytes(text, "TRAINKIT_MEMORY_BUDGET")
+    budget = available_memory() // 2
+    if device is not None and device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
+    return budget
+
+
+def stream_workers() -> int:
+    """DataLoader workers: $TRAINKIT_STREAM_WORKERS, else one per usable core, at most MAX_WORKERS.
+    The count never changes what is computed, only how fast the files are read."""
+    text = os.environ.get("TRAINKIT_STREAM_WORKERS", "").strip()
+    if text:
+        if not text.isdigit():
+            raise TrainkitError(f"TRAINKIT_STREAM_WORKERS must be a count of workers (0 or more), got {text[:80]!r}")
+        return int(text)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cores))
+
+
+# ---------------------------------------------------------------------------------------------
+# The file list of an image folder
+
+@dataclass
+class FileList:
+    """Image files and their labels: paths as one numpy bytes array (no Python object per file, so
+    forked workers do not copy it page by page), labels (N,) int64."""
+
+    paths: np.ndarray
+    labels: torch.Tensor
+
+    @classmethod
+    def of(cls, items: list[tuple[Path, str]], index: dict[str, int]) -> "FileList":
+        paths = np.array([os.fsencode(p) for p, _ in items], dtype=np.bytes_)
+        return cls(paths, torch.tensor([index[c] for _, c in items], dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> str:
+        return os.fsdecode(self.paths[i])
+
+    def subset(self, indices) -> "FileList":
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        return FileList(self.paths[indices.numpy()], self.labels[indices])
+
+
+def folder_files(root: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list, list[str]]:
+    """(train items, test items, classes) of an image folder: the split `load_image_folder` makes
+    (root/train and root/test if both exist, else a seeded random 20% for test)."""
+    if not root.is_dir():
+        raise TrainkitError(f"image folder {root} does not exist")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test = _scan(root / "train"), _scan(root / "test")
+    else:
+        items = _scan(root)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, int(round(len(items) * test_fraction))) if len(items) > 1 else 0
+        test = [items[i] for i in order[:n_test]]
+        train = [items[i] for i in order[n_test:]]
+    classes = sorted({label for _, label in train + test})
+    if len(classes) < 2 or not train or not test:
+        raise TrainkitError(f"image folder {root} needs at least two class subfolders of PNG/JPEG "
+                            f"images (found {len(classes)} classes, {len(train) + len(test)} images)")
+    return train, test, classes
+
+
+def decoded_bytes(items: list[tuple[Path, str]], channels: int | None, size: tuple[int, int] | None) -> int:
+    """Bytes that `items` take decoded as uint8 (N*C*H*W); the folder's own channels and size are
+    estimated from a few headers when not given."""
+    if channels is None or size is None:
+        step = max(1, len(items) // FORMAT_SAMPLE)
+        found_channels, found_size = folder_format([p for p, _ in items[::step]])
+        channels, size = channels or found_channels, size or found_size
+    return len(items) * channels * size[0] * size[1]
+
+
+def folder_to_stream(dataset: str, pipeline: str, channels: int | None, size: tuple[int, int] | None,
+                     device: torch.device | None = None) -> tuple | None:
+    """The (train, test, classes) of the image folder `dataset` when the run should stream it:
+    --pipeline stream, or auto with decoded images larger than `memory_budget`. None: hold it."""
+    key, _, arg = dataset.partition(":")
+    if pipeline not in ("auto", "stream") or (key == "imagefolder" and not arg):
+        return None     # (no folder given: the dataset's own error says so)
+    if key != "imagefolder":
+        if pipeline == "stream":
+            raise TrainkitError(f"--pipeline stream reads image folders (--dataset imagefolder:PATH); {dataset} "
+                                f"is read into memory: leave --pipeline at auto or tensor")
+        return None
+    items = folder_files(Path(arg))
+    if pipeline == "auto" and decoded_bytes(items[0] + items[1], channels, size) <= memory_budget(device):
+        return None
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading batches of files in DataLoader workers
+
+class _BatchFiles(torch.utils.data.Dataset):
+    """dataset[list of indices] -> (B, C, H, W) uint8, or the error line of the first bad file (a
+    string: an exception raised in a worker would reach the main process as a traceback)."""
+
+    def __init__(self, files: FileList, channels: int, size: tuple[int, int]):
+        self.paths, self.channels, self.size = files.paths, channels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, indices):
+        try:
+            return torch.stack([load_image(os.fsdecode(self.paths[i]), self.channels, self.size) for i in indices])
+        except TrainkitError as exc:
+            return str(exc)
+
+
+class _PlannedBatches(torch.utils.data.Sampler):
+    """Hands the workers the index lists the main process planned for this pass."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops at a step boundary (SignalStop)
+    # and still needs its workers for that; one thread each, as decoding is their only work.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def read_batches(dataloader, sampler: _PlannedBatches, batches: list[torch.Tensor]):
+    """uint8 images of each index list in `batches`, read by `dataloader`'s workers, in order."""
+    sampler.batches = [b.tolist() for b in batches]
+    try:
+        for images in dataloader:
+            if isinstance(images, str):
+                raise TrainkitError(images)
+            yield images
+    except RuntimeError as exc:   # a worker killed (out of memory?) or gone: one line, no traceback
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise TrainkitError(f"reading the image files failed: {str(exc).splitlines()[0]}") from None
+
+
+def make_dataloader(files: FileList, channels: int, size: tuple[int, int], workers: int, persistent: bool,
+                    pin_memory: bool = False):
+    sampler = _PlannedBatches()
+    loader = torch.utils.data.DataLoader(
+        _BatchFiles(files, channels, size), sampler=sampler, batch_size=None, num_workers=workers,
+        persistent_workers=persistent and workers > 0, prefetch_factor=PREFETCH if workers else None,
+        pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None)
+    return loader, sampler
+
+
+def sample_stats(files: FileList, channels: int, size: tuple[int, int], count: int = STATS_SAMPLE,
+                 seed: int = 0, batch: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std, in [0, 1] units, of up to `count` training images chosen at random
+    with a fixed seed (all of them when there are fewer): sums in float64, batch by batch, so
+    memory stays at one batch whatever the sample."""
+    n = len(files)
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    loader, sampler = make_dataloader(files, channels, size, min(stream_workers(), 4), persistent=False)
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for images in read_batches(loader, sampler, list(chosen.split(batch))):
+        x = images.to(torch.float64).div_(255).transpose(0, 1).reshape(channels, -1)   # (C, B*H*W)
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    pixels = len(chosen) * size[0] * size[1]
+    mean = total / pixels
+    var = (squares - pixels * mean.square()) / max(pixels - 1, 1)
+    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# A streamed dataset, and its loader
+
+@dataclass
+class StreamData:
+    """An image folder read as it is used: what `ImageData` is for data held in memory (the same
+    name, classes, mean, std, labels and image shape), with file lists in place of images."""
+
+    name: str
+    train: FileList
+    test: FileList
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    size: tuple[int, int]
+    val: FileList | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.size)
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.train.labels
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        return self.test.labels
+
+    @property
+    def val_labels(self) -> torch.Tensor | None:
+        return None if self.val is None else self.val.labels
+
+    def limit(self, train: int | None = None, test: int | None = None) -> "StreamData":
+        cut = lambda files, n: files if n is None else files.subset(range(min(n, len(files))))
+        return StreamData(self.name, cut(self.train, train), cut(self.test, test), self.classes, self.mean,
+                          self.std, self.channels, self.size, self.val)
+
+    def split_validation(self, size: float, seed: int = 0) -> "StreamData":
+        """The same held-out files as ImageData.split_validation would hold out (its code, run on the
+        indices of the files in place of their images)."""
+        n = len(self.train)
+        indices = ImageData(self.name, torch.arange(n), self.train.labels, torch.arange(0), torch.arange(0),
+                            self.classes, self.mean, self.std).split_validation(size, seed)
+        return StreamData(self.name, self.train.subset(indices.train_images), self.test, self.classes, self.mean,
+                          self.std, self.channels, self.size, self.train.subset(indices.val_images))
+
+    def images(self, files: FileList, indices) -> torch.Tensor:
+        """uint8 (B, C, H, W) of some files, read in this process."""
+        return torch.stack([load_image(files.path(int(i)), self.channels, self.size) for i in indices]) \
+            if len(indices) else torch.zeros(0, *self.image_shape, dtype=torch.uint8)
+
+
+def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
+                       items: tuple | None = None) -> StreamData:
+    """An image folder as a StreamData: the file list of the split `load_image_folder` makes, at
+    `channels` and `size` (default: the folder's own, from every file's header, as in memory)."""
+    train, test, classes = items or folder_files(root)
+    if channels is None or size is None:
+        found_channels, found_size = folder_format([p for p, _ in train + test])
+        channels, size = channels or found_channels, size or found_size
+    index = {c: i for i, c in enumerate(classes)}
+    train_files, test_files = FileList.of(train, index), FileList.of(test, index)
+    del train, test, items      # the Path objects: only the bytes arrays are kept
+    mean, std = sample_stats(train_files, channels, size)
+    return StreamData(f"imagefolder:{root}", train_files, test_files, classes, mean, std, channels, tuple(size))
+
+
+class StreamLoader:
+    """(images, labels) batches of a FileList, decoded by DataLoader workers: the same batches as a
+    TensorLoader over the decoded images with the same arguments (see the module's docstring).
+
+    The workers start with the first epoch and stay (`persistent`: the training loader); each
+    reads PREFETCH batches ahead, so memory holds a few batches, whatever the folder's size.
+    """
+
+    def __init__(self, files: FileList, batch_size: int, *, channels: int, size: tuple[int, int], mean, std,
+                 device: torch.device | str = "cpu", shuffle: bool = False, augment=None, seed: int = 0,
+                 channels_last: bool = False, rank: int = 0, world: int = 1, workers: int | None = None,
+                 persistent: bool = False):
+        self.files, self.batch_size = files, batch_size
+        self.device = torch.device(device)
+        self.shuffle, self.augment, self.channels_last = shuffle, augment, channels_last
+        self.rank, self.world = rank, world
+        self.mean, self.std = mean, std
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_done, self._skip = 0, 0
+        self._args = (files, channels, size, stream_workers() if workers is None else workers, persistent,
+                      self.device.type == "cuda")
+        self._loader = None       # made at the first pass, so that building a run starts no process
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.files.labels
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / self.batch_size)
+
+    def __iter__(self):
+        self._epoch_start = self.generator.get_state()
+        self.batches_done, skip, self._skip = 0, self._skip, 0
+        plan = list(epoch_batches(len(self.files), self.batch_size, self.generator, self.shuffle, self.augment))
+        mine = slice(self.rank, None, self.world)
+        plan = [(idx[mine], None if draws is None else tuple(d[mine] for d in draws)) for idx, draws in plan]
+        self.batches_done = skip       # resuming mid-epoch: the draws replayed above, the files not read
+        if self._loader is None:
+            self._loader = make_dataloader(*self._args)
+        images = read_batches(*self._loader, [idx for idx, _ in plan[skip:]])
+        for (idx, draws), batch in zip(plan[skip:], images):
+            self.batches_done += 1
+            x = model_input(batch.to(self.device, non_blocking=True), draws, self.augment, self.mean, self.std,
+                            self.channels_last)
+            yield x, self.files.labels[idx].to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        """Where the loader is, in TensorLoader's form: the two resume each other's checkpoints."""
+        if 0 < self.batches_done < len(self):
+            return {"generator": self._epoch_start, "skip": self.batches_done}
+        return {"generator": self.generator.get_state(), "skip": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._skip = state.get("skip", 0)
+
+
+@torch.no_grad()
+def predictions(model, loader: StreamLoader, device, data: StreamData):
+    """reports.predictions for a streamed test set: (outputs, labels, per-image loss, images), the
+    images as FileImages, read again only for those a report shows."""
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        outs.append(model(x.to(device)).float().cpu())
+        labels.append(y.cpu())
+    out, y = torch.cat(outs), torch.cat(labels)
+    losses = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    return out, y, losses, FileImages(data, loader.files, loader.mean, loader.std)
+
+
+class FileImages:
+    """Files read on demand as the model's (normalized) input: `images[indices]`, for the few
+    pictures a report shows (mistakes.png) where the whole set would not fit."""
+
+    def __init__(self, data: StreamData, files: FileList, mean, std):
+        self.data, self.files, self.mean, self.std = data, files, mean, std
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, indices) -> torch.Tensor:
+        return normalize(self.data.images(self.files, torch.as_tensor(indices).reshape(-1)), self.mean, self.std)
