@@ -192,11 +192,29 @@ class _PlannedBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def _close_run_locks() -> None:
+    """Close this (forked) process's copies of a run folder's lock descriptor: a flock lasts while
+    any process holds one, so a worker that outlives its run (in a notebook, or for the seconds
+    it takes to notice that a killed run is gone) would otherwise keep `--resume` out."""
+    from .rundir import LOCK   # (imported by the parent already)
+
+    folder = "/proc/self/fd"
+    if not os.path.isdir(folder):
+        return                 # not Linux: workers are spawned there, and inherit no descriptor
+    for name in os.listdir(folder):
+        try:
+            if os.readlink(f"{folder}/{name}").endswith(os.sep + LOCK):
+                os.close(int(name))
+        except OSError:
+            pass
+
+
 def _worker_init(_: int) -> None:
     # Ctrl-C reaches the whole process group: the main process stops at a step boundary (SignalStop)
     # and still needs its workers for that; one thread each, as decoding is their only work.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    _close_run_locks()
 
 
 def read_batches(dataloader, sampler: _PlannedBatches, batches: list[torch.Tensor]):
