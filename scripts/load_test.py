@@ -3,7 +3,8 @@
 For each backend it starts `python -m trainkit serve RUN_DIR` on 127.0.0.1 (a free port), POSTs
 real MNIST test images to /predict from 1, 8 and 32 concurrent clients, then soaks it with 10,000
 more at 32 clients, and prints predictions per second, p50/p99 latency, non-200 and 5xx answers,
-the share predicted right, CPU milliseconds per request (server and client) and the server's RSS.
+the share predicted right, CPU milliseconds per request (the server's, of it its event loop's
+thread, and the client's) and the server's RSS.
 Every level is bounded by a request count and a time limit; the exit status is 1 on any 5xx, any
 failed request or a soak that did not finish.
 
@@ -41,10 +42,13 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (from /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU time of a process's main thread (the server's event loop) and of all
+    its threads (from /proc/PID/task/PID/stat and /proc/PID/stat)."""
+    def read(path: str) -> float:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
 
 
 def cpu_model() -> str:
@@ -145,7 +149,8 @@ async def level(port: int, requests: list[tuple[bytes, str]], clients: int, coun
             "p50_ms": pick(0.50), "p99_ms": pick(0.99), "codes": codes,
             "5xx": sum(n for c, n in codes.items() if isinstance(c, int) and c >= 500),
             "errors": sum(n for c, n in codes.items() if c != 200), "right": right / max(1, codes.get(200, 0)),
-            "server_cpu_ms": (cpu_seconds(server_pid) - cpu_server) * 1000 / done,
+            "loop_cpu_ms": (cpu_seconds(server_pid)[0] - cpu_server[0]) * 1000 / done,
+            "server_cpu_ms": (cpu_seconds(server_pid)[1] - cpu_server[1]) * 1000 / done,
             "client_cpu_ms": (time.process_time() - cpu_client) * 1000 / done,
             "rss_before": rss_before, "rss_after": rss_mib(server_pid), "rss": rss}
 
@@ -159,12 +164,11 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def start_server(run_dir: str, backend: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, int]:
+def start_server(run_dir: str, backend: str, options: list[str]) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "trainkit", "serve", run_dir, "--port", str(port), "--backend", backend,
-               "--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
+    command = [sys.executable, "-m", "trainkit", "serve", run_dir, "--port", str(port), "--backend", backend, *options]
     server = subprocess.Popen(command, cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -183,13 +187,15 @@ def start_server(run_dir: str, backend: str, max_batch: int, threads: int | None
 
 def row(name: str, r: dict) -> str:
     return (f"| {name} | {r['requests']:,} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-            f"{r['5xx']} | {r['right']:.1%} | {r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} | "
-            f"{r['rss_before']:.0f} -> {r['rss_after']:.0f} |")
+            f"{r['5xx']} | {r['right']:.1%} | {r['server_cpu_ms']:.2f} ({r['loop_cpu_ms']:.2f}) | "
+            f"{r['client_cpu_ms']:.2f} | {r['rss_before']:.0f} -> {r['rss_after']:.0f} |")
 
 
 def run_backend(args, backend: str, images: list[tuple[bytes, str]]) -> bool:
     """One server, every level; True when nothing failed."""
-    server, port = start_server(args.run_dir, backend, args.max_batch, args.threads)
+    options = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("max_batch", "threads", "workers")
+               if getattr(args, name) is not None]
+    server, port = start_server(args.run_dir, backend, options)
     raw = [(encode_request(port, image, False), label) for image, label in images]
     form = [(encode_request(port, image, True), label) for image, label in images]
     plan = [(f"{c}", raw, c, args.requests, args.max_seconds) for c in args.clients]
@@ -198,9 +204,9 @@ def run_backend(args, backend: str, images: list[tuple[bytes, str]]) -> bool:
     ok = True
     try:
         run(level(port, raw, 8, 500, 30, server.pid))   # warm-up, not reported
-        print(f"\nbackend {backend}, --max-batch {args.max_batch}, server threads: "
+        print(f"\nbackend {backend}, {' '.join(options) or 'default options'}, server threads: "
               f"{len(os.listdir(f'/proc/{server.pid}/task'))}; load average {load_average()}")
-        print("| clients | requests | predictions/s | p50 ms | p99 ms | non-200 | 5xx | right | server CPU ms/req "
+        print("| clients | requests | predictions/s | p50 ms | p99 ms | non-200 | 5xx | right | server CPU ms/req (event loop) "
               "| client CPU ms/req | server RSS MiB before -> after |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
         for name, requests, clients, count, seconds in plan:
@@ -242,8 +248,9 @@ def main() -> int:
     ap.add_argument("--soak", type=int, default=10000,
                     help="then this many requests at the last client count, RSS sampled (default: 10000; 0: none)")
     ap.add_argument("--soak-seconds", type=float, default=300, help="time limit of the soak (default: 300)")
-    ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (1: no batching)")
+    ap.add_argument("--max-batch", type=int, help="the server's --max-batch (default: its own; 1: no batching)")
     ap.add_argument("--threads", type=int, help="the server's --threads (default: its own)")
+    ap.add_argument("--workers", type=int, help="the server's --workers (default: its own)")
     ap.add_argument("--data-dir", default=os.environ.get("TRAINKIT_DATA_DIR", "data"))
     args = ap.parse_args()
 

@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -131,6 +132,12 @@ def test_predict_health_info_and_docs(server, digits, served_run):
 BAD_INPUTS = {
     "not an image": (400, {"files": {"file": ("notes.txt", b"hello, not a picture\n" * 20)}}, "not a readable"),
     "empty body": (400, {"content": b"", "headers": {"content-type": "image/png"}}, "empty"),
+    "raw body not an image": (400, {"content": b"hello, not a picture\n" * 20, "headers": {"content-type": "image/png"}},
+                              "not a readable"),
+    "raw body, damaged PNG": (400, {"content": png(np.zeros((28, 28), np.uint8))[:40],
+                                    "headers": {"content-type": "image/jpeg"}}, "not a readable"),
+    "raw body bomb": (413, {"content": png_bomb(20_000), "headers": {"content-type": "application/octet-stream"}},
+                      "decompression bomb"),
     "empty file": (400, {"files": {"file": ("x.png", b"")}}, "empty"),
     "form without a file": (400, {"content": b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--b--\r\n',
                                   "headers": {"content-type": "multipart/form-data; boundary=b"}}, "no file"),
@@ -179,6 +186,12 @@ def test_a_damaged_run_folder_is_one_line(served_run, tmp_path):
     assert_one_line_error(run_cli("serve", damaged), "config.json")
 
 
+@pytest.mark.slow
+def test_bad_serve_flags_are_one_line(served_run):
+    assert_one_line_error(run_cli("serve", served_run, "--workers", "0"), "--workers must be at least 1")
+    assert_one_line_error(run_cli("serve", served_run, "--max-batch", "0"), "--max-batch must be at least 1")
+
+
 def test_create_app_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(TrainkitError, match="not a trainkit run directory"):
         create_app(tmp_path)
@@ -216,6 +229,44 @@ def test_the_batcher_answers_each_request_with_its_own_row_and_batches_concurren
     calls.clear()
     assert asyncio.run(go(1)) == [float(i) for i in range(40)]
     assert calls == [1] * 40                            # --max-batch 1: one forward each
+
+
+def test_the_batcher_runs_at_most_workers_forwards_at_once_and_hands_on_a_failure():
+    running, most, sizes = [0], [0], []
+    lock = threading.Lock()
+
+    def predict(images):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            sizes.append(len(images))
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        if (images == 255).any():
+            raise RuntimeError("the model failed")
+        return images.float().mean(dim=(1, 2, 3)).unsqueeze(1).numpy()
+
+    async def go(workers, values):
+        batcher = Batcher(predict, 4, workers)
+        task = asyncio.create_task(batcher.run())
+        await asyncio.sleep(0)
+        out = await asyncio.gather(*(batcher(torch.full((1, 2, 2), v, dtype=torch.uint8)) for v in values),
+                                   return_exceptions=True)
+        task.cancel()
+        return out
+
+    out = asyncio.run(go(2, range(40)))
+    assert [float(o[0]) for o in out] == [float(i) for i in range(40)]
+    assert most[0] == 2 and max(sizes) == 4            # two forwards overlapped, none above max_batch
+    most[0] = 0
+    asyncio.run(go(1, range(12)))
+    assert most[0] == 1
+    # a forward that fails fails its own requests only, and the batcher goes on
+    out = asyncio.run(go(2, [1, 255, 2, 3, 4, 5, 6, 7, 8, 9]))
+    failed = [i for i, o in enumerate(out) if isinstance(o, RuntimeError)]
+    assert 1 in failed and len(failed) <= 4 and all(float(out[i][0]) == [1, 255, 2, 3, 4, 5, 6, 7, 8, 9][i]
+                                                    for i in range(10) if i not in failed)
 
 
 @pytest.mark.slow

@@ -67,32 +67,45 @@ class Predictor:
 
 
 class Batcher:
-    """One forward at a time, in its own thread. Images that arrive while it runs wait in a queue,
-    and the next forward takes them all (up to `max_batch`): one client alone waits for nothing,
-    32 clients share forwards. `max_batch=1` is one forward per request."""
+    """Forwards of queued images, each in a thread of its own, at most `workers` at once. Images
+    that arrive while every worker is busy wait in a queue, and the next free worker takes them all
+    (up to `max_batch`): one client alone waits for nothing, 32 clients share forwards.
+    `max_batch=1` is one forward per request."""
 
-    def __init__(self, predict, max_batch: int = 16):
-        self.predict, self.max_batch = predict, max_batch
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="trainkit-model")
+    def __init__(self, predict, max_batch: int = 16, workers: int = 1):
+        self.predict, self.max_batch, self.workers = predict, max_batch, workers
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="trainkit-model")
         self.queue: asyncio.Queue | None = None
+
+    def forward(self, images: list[torch.Tensor]) -> np.ndarray:
+        return self.predict(torch.stack(images))       # (N, C, H, W) -> (N, classes); in the worker's thread
 
     async def run(self) -> None:
         self.queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.workers)
         while True:
+            await free.acquire()        # a worker first, then the batch: it takes what queued meanwhile
             items = [await self.queue.get()]
             while len(items) < self.max_batch and not self.queue.empty():
                 items.append(self.queue.get_nowait())
-            try:
-                probs = await loop.run_in_executor(self.executor, self.predict, torch.stack([i for i, _ in items]))
-            except Exception as exc:  # noqa: BLE001 - handed to each waiting request (a 500 there)
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(exc)
+            done = loop.run_in_executor(self.executor, self.forward, [image for image, _ in items])
+
+            def finished(done, items=items):
+                free.release()
+                self.answer(items, done)
+            done.add_done_callback(finished)
+
+    @staticmethod
+    def answer(items: list, done: asyncio.Future) -> None:
+        """Each waiting request gets its row, or the forward's exception (a 500 there)."""
+        for i, (_, future) in enumerate(items):
+            if future.done():           # a client that went away has cancelled its future
                 continue
-            for (_, future), p in zip(items, probs):
-                if not future.done():          # a client that went away has cancelled its future
-                    future.set_result(p)
+            if done.exception() is not None:
+                future.set_exception(done.exception())
+            else:
+                future.set_result(done.result()[i])
 
     async def __call__(self, image: torch.Tensor) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
@@ -171,6 +184,7 @@ def default_threads() -> int:
 
 
 def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 16, threads: int | None = None,
+               workers: int = 1,
                max_upload: int = MAX_UPLOAD_MB << 20, max_pixels: int = MAX_PIXELS):
     """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
     from contextlib import asynccontextmanager
@@ -194,10 +208,10 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         predictor(torch.zeros(1, c, h, w, dtype=torch.uint8))   # a model that cannot run is refused now
     except Exception as exc:  # noqa: BLE001 - any failure of the model is the run's fault
         raise TrainkitError(f"{run_dir}'s model fails on an image of its own shape: {exc}".splitlines()[0]) from None
-    info = {**run_summary(run_dir, trained), "backend": backend, "max_batch": max_batch,
+    info = {**run_summary(run_dir, trained), "backend": backend, "max_batch": max_batch, "workers": workers,
             "threads": torch.get_num_threads() if backend == "torch" else threads or default_threads(),
             "max_upload_bytes": max_upload, "max_pixels": max_pixels}
-    batcher = Batcher(predictor, max_batch)
+    batcher = Batcher(predictor, max_batch, workers)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -253,11 +267,12 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
                 image = await asyncio.to_thread(decode_image, data, c, (h, w), name=name, max_pixels=max_pixels)
         except TrainkitError as exc:
             raise Refused(413 if "was refused" in str(exc) else 400, str(exc)) from None
-        probs = await batcher(image)
-        order = np.argsort(-probs)[:top]
-        return {"predicted": trained.classes[int(order[0])],
-                "top": [{"class": trained.classes[int(i)], "probability": float(probs[i])} for i in order],
-                "probabilities": {cls: float(p) for cls, p in zip(trained.classes, probs)}}
+        probs = (await batcher(image)).tolist()
+        order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:top]
+        # a JSONResponse returned as it is: FastAPI's jsonable_encoder walk is skipped (plain floats and str)
+        return JSONResponse({"predicted": trained.classes[order[0]],
+                             "top": [{"class": trained.classes[i], "probability": probs[i]} for i in order],
+                             "probabilities": dict(zip(trained.classes, probs))})
 
     return app
 
@@ -274,7 +289,10 @@ def cmd_serve(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise TrainkitError(f"--threads must be at least 1, got {args.threads}")
+    if args.workers < 1:
+        raise TrainkitError(f"--workers must be at least 1, got {args.workers}")
     app = create_app(args.run_dir, backend=args.backend, max_batch=args.max_batch, threads=args.threads,
+                     workers=args.workers,
                      max_upload=int(args.max_upload_mb * (1 << 20)))
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -301,6 +319,8 @@ def add_command(sub) -> None:
     sv.add_argument("--max-batch", type=int, default=16,
                     help="most requests answered by one forward (default: 16; 1 turns batching off)")
     sv.add_argument("--threads", type=int, help="the model's CPU threads (default: the cores but one, at least 1)")
+    sv.add_argument("--workers", type=int, default=1,
+                    help="forwards run at once, each on its own batch in its own thread (default: 1)")
     sv.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                     help=f"largest request body accepted, in MiB (default: {MAX_UPLOAD_MB})")
     sv.set_defaults(func=cmd_serve)
