@@ -279,6 +279,32 @@ def test_onnx_runtime_gives_the_same_probabilities_as_pytorch(served_run, mnist)
     assert a.shape == (64, 10) and np.allclose(a, b, atol=1e-4)
 
 
+def test_the_torch_backend_runs_channels_last_only_when_the_model_gives_the_same_answer(served_run, mnist):
+    from trainkit import TrainConfig
+    from trainkit.inference import TrainedModel, load_run
+    trained = load_run(served_run)
+    images = mnist.test_images[:64]
+    expected = trained.probabilities(images).numpy()
+    predictor = Predictor(trained, "torch")
+    assert predictor.channels_last                      # S5Net: convolutions, the same numbers
+    assert np.allclose(predictor(images), expected, atol=1e-5)
+    assert np.allclose(predictor(images[:1]), expected[:1], atol=1e-5)
+
+    class Flattens(torch.nn.Module):                    # .view of a channels-last activation fails
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 26 * 26, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(x.size(0), -1))
+
+    plain = TrainedModel(Flattens().eval(), TrainConfig(), list("0123456789"), (0.5,), (0.5,), (1, 28, 28), "logits")
+    expected = plain.probabilities(images).numpy()
+    predictor = Predictor(plain, "torch")
+    assert not predictor.channels_last
+    assert np.allclose(predictor(images), expected, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # The page, in a real headless Chromium
 
