@@ -3,9 +3,8 @@
 For each backend it starts `python -m trainkit serve RUN_DIR` on 127.0.0.1 (a free port), POSTs
 real MNIST test images to /predict from 1, 8 and 32 concurrent clients, then soaks it with 10,000
 more at 32 clients, and prints predictions per second, p50/p99 latency, non-200 and 5xx answers,
-the share predicted right, CPU milliseconds per request (the server's, of it its event loop's
-thread, and the client's) and the server's RSS.
-Every level is bounded by a request count and a time limit; the exit status is 1 on any 5xx, any
+the share predicted right, CPU milliseconds per request (the server's, in brackets its event
+loop's thread, and the client's) and the server's RSS. Every level is bounded by a request count and a time limit; the exit status is 1 on any 5xx, any
 failed request or a soak that did not finish.
 
 The client runs on the same cores as the server, so it is kept cheap: one asyncio task per client
@@ -13,8 +12,8 @@ on uvloop (when installed), one keep-alive connection each, and every request pr
 bytes it is sent as (the PNG as the body, `Content-Type: image/png`; `--multipart` rows send the
 form that the page and `curl -F` send). Responses are read by Content-Length.
 
-    python scripts/load_test.py RUN_DIR                       # the issue's figures, both backends (~1-3 min)
-    python scripts/load_test.py RUN_DIR --backends onnx --soak 0 --clients 32 --max-batch 1
+    python scripts/load_test.py RUN_DIR        # the issue's figures: both backends, then ONNX with --workers 2
+    python scripts/load_test.py RUN_DIR --backends onnx --soak 0 --compare-workers 0 --clients 32 --max-batch 1
 """
 from __future__ import annotations
 
@@ -191,23 +190,24 @@ def row(name: str, r: dict) -> str:
             f"{r['client_cpu_ms']:.2f} | {r['rss_before']:.0f} -> {r['rss_after']:.0f} |")
 
 
-def run_backend(args, backend: str, images: list[tuple[bytes, str]]) -> bool:
-    """One server, every level; True when nothing failed."""
-    options = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("max_batch", "threads", "workers")
-               if getattr(args, name) is not None]
+def run_backend(args, backend: str, images: list[tuple[bytes, str]], workers: int | None = None,
+                full: bool = True) -> bool:
+    """One server, every level (`full`: also the multipart row and the soak); True when nothing failed."""
+    settings = {"max_batch": args.max_batch, "threads": args.threads, "workers": workers or args.workers}
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items() if value is not None]
     server, port = start_server(args.run_dir, backend, options)
     raw = [(encode_request(port, image, False), label) for image, label in images]
     form = [(encode_request(port, image, True), label) for image, label in images]
     plan = [(f"{c}", raw, c, args.requests, args.max_seconds) for c in args.clients]
-    if args.multipart:
+    if args.multipart and full:
         plan.append((f"{args.clients[-1]}, multipart", form, args.clients[-1], args.requests, args.max_seconds))
     ok = True
     try:
         run(level(port, raw, 8, 500, 30, server.pid))   # warm-up, not reported
         print(f"\nbackend {backend}, {' '.join(options) or 'default options'}, server threads: "
               f"{len(os.listdir(f'/proc/{server.pid}/task'))}; load average {load_average()}")
-        print("| clients | requests | predictions/s | p50 ms | p99 ms | non-200 | 5xx | right | server CPU ms/req (event loop) "
-              "| client CPU ms/req | server RSS MiB before -> after |")
+        print("| clients | requests | predictions/s | p50 ms | p99 ms | non-200 | 5xx | right "
+              "| server CPU ms/req (event loop) | client CPU ms/req | server RSS MiB before -> after |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
         for name, requests, clients, count, seconds in plan:
             r = run(level(port, requests, clients, count, seconds, server.pid))
@@ -215,10 +215,10 @@ def run_backend(args, backend: str, images: list[tuple[bytes, str]]) -> bool:
             ok &= not r["errors"]
             if r["errors"]:
                 print(f"  answers: {r['codes']}")
-        if args.soak:
+        if args.soak and full:
             clients = args.clients[-1]
             r = run(level(port, raw, clients, args.soak, args.soak_seconds, server.pid,
-                                  rss_every=max(1, args.soak // 10)))
+                          rss_every=max(1, args.soak // 10)))
             print(row(f"{clients}, soak", r), flush=True)
             print("  server RSS MiB after N soak requests: "
                   + ", ".join(f"{n:,}: {m:.1f}" for n, m in r["rss"]), flush=True)
@@ -251,6 +251,8 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, help="the server's --max-batch (default: its own; 1: no batching)")
     ap.add_argument("--threads", type=int, help="the server's --threads (default: its own)")
     ap.add_argument("--workers", type=int, help="the server's --workers (default: its own)")
+    ap.add_argument("--compare-workers", type=int, default=2,
+                    help="then the first backend again with this many --workers, levels only (default: 2; 0: not)")
     ap.add_argument("--data-dir", default=os.environ.get("TRAINKIT_DATA_DIR", "data"))
     args = ap.parse_args()
 
@@ -259,6 +261,8 @@ def main() -> int:
           f"({'uvloop' if importlib.util.find_spec('uvloop') else 'asyncio'}) and server on this machine; "
           f"load average {load_average()}", flush=True)
     ok = all([run_backend(args, backend, images) for backend in args.backends])
+    if args.compare_workers:
+        ok &= run_backend(args, args.backends[0], images, workers=args.compare_workers, full=False)
     print(f"\nload average at the end: {load_average()}")
     return 0 if ok else 1
 

@@ -132,8 +132,8 @@ def test_predict_health_info_and_docs(server, digits, served_run):
 BAD_INPUTS = {
     "not an image": (400, {"files": {"file": ("notes.txt", b"hello, not a picture\n" * 20)}}, "not a readable"),
     "empty body": (400, {"content": b"", "headers": {"content-type": "image/png"}}, "empty"),
-    "raw body not an image": (400, {"content": b"hello, not a picture\n" * 20, "headers": {"content-type": "image/png"}},
-                              "not a readable"),
+    "raw body not an image": (400, {"content": b"hello, not a picture\n" * 20,
+                                    "headers": {"content-type": "image/png"}}, "not a readable"),
     "raw body, damaged PNG": (400, {"content": png(np.zeros((28, 28), np.uint8))[:40],
                                     "headers": {"content-type": "image/jpeg"}}, "not a readable"),
     "raw body bomb": (413, {"content": png_bomb(20_000), "headers": {"content-type": "application/octet-stream"}},
