@@ -4,8 +4,9 @@ For each backend it starts `python -m trainkit serve RUN_DIR` on 127.0.0.1 (a fr
 real MNIST test images to /predict from 1, 8 and 32 concurrent clients, then soaks it with 10,000
 more at 32 clients, and prints predictions per second, p50/p99 latency, non-200 and 5xx answers,
 the share predicted right, CPU milliseconds per request (the server's, in brackets its event
-loop's thread, and the client's) and the server's RSS. Every level is bounded by a request count and a time limit; the exit status is 1 on any 5xx, any
-failed request or a soak that did not finish.
+loop's thread's, and the client's) and the server's RSS. Every level is bounded by a request
+count and a time limit; the exit status is 1 on any 5xx, any failed request or a soak that did
+not finish.
 
 The client runs on the same cores as the server, so it is kept cheap: one asyncio task per client
 on uvloop (when installed), one keep-alive connection each, and every request pre-encoded as the

@@ -143,6 +143,9 @@ BAD_INPUTS = {
                                   "headers": {"content-type": "multipart/form-data; boundary=b"}}, "no file"),
     "50 MB upload": (413, {"content": b"\0" * (50 << 20), "headers": {"content-type": "image/png"}}, "limit"),
     "decompression bomb": (413, {"files": {"file": ("bomb.png", png_bomb(20_000))}}, "decompression bomb"),
+    "top not a number": (422, {"params": {"top": "abc"},
+                               "files": {"file": ("d.png", png(np.zeros((28, 28), np.uint8)))}},
+                         "top: Input should be a valid integer"),
     "wrong content type": (415, {"content": b"{}", "headers": {"content-type": "application/json"}}, "content type"),
     "damaged PNG": (400, {"files": {"file": ("cut.png", png(np.zeros((28, 28), np.uint8))[:40])}}, "not a readable"),
 }

@@ -209,6 +209,7 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     from .datasets import decode_image
@@ -245,6 +246,13 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
     @app.exception_handler(Refused)
     async def refused(request, exc: Refused):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):   # ?top=abc: one line, not FastAPI's list
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "the request"
+        return JSONResponse({"detail": f"{where}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"},
+                            status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
