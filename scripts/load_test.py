@@ -36,9 +36,12 @@ BOUNDARY = b"trainkit-load-test-boundary"
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:                     # the server has exited (the rows say how requests failed)
+        pass
     return float("nan")
 
 
@@ -46,7 +49,10 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU time of a process's main thread (the server's event loop) and of all
     its threads (from /proc/PID/task/PID/stat and /proc/PID/stat)."""
     def read(path: str) -> float:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
 
@@ -140,12 +146,15 @@ async def level(port: int, requests: list[tuple[bytes, str]], clients: int, coun
     cpu_server, cpu_client = cpu_seconds(server_pid), time.process_time()
     rss_before = rss_mib(server_pid)
     start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), max_seconds + 60)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), max_seconds + 60)
+    except TimeoutError:                # requests still unanswered a minute after the time limit
+        codes["no answer"] = sent - len(latencies)
     wall = time.perf_counter() - start
-    done = len(latencies)
+    done = max(1, len(latencies))
     latencies.sort()
-    pick = lambda q: latencies[min(done - 1, int(q * done))] * 1000  # noqa: E731
-    return {"clients": clients, "requests": done, "seconds": wall, "rps": done / wall,
+    pick = lambda q: latencies[min(done - 1, int(q * done))] * 1000 if latencies else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(latencies), "seconds": wall, "rps": len(latencies) / wall,
             "p50_ms": pick(0.50), "p99_ms": pick(0.99), "codes": codes,
             "5xx": sum(n for c, n in codes.items() if isinstance(c, int) and c >= 500),
             "errors": sum(n for c, n in codes.items() if c != 200), "right": right / max(1, codes.get(200, 0)),
