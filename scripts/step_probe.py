@@ -2,13 +2,74 @@
 without channels_last: the measurement behind --precision auto. Then the fp32 channels_last step
 at other batch sizes (time per image), a plain matrix product in fp32 and bf16, which shows
 what the CPU's bf16 instructions give, and one evaluation of 10,000 images at several test batch
-sizes (the recipes' --test-batch-size). python scripts/step_probe.py"""
+sizes (the recipes' --test-batch-size). bf16 is timed only where the CPU computes it natively
+(AVX512-BF16 or AMX): emulated bf16 is many times slower and --precision auto never picks it.
+python scripts/step_probe.py"""
+import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from trainkit.devices import bf16_native
+from trainkit.engine import train_one_epoch
 from trainkit.models import S5Net, build_model
+
+
+def read_every_step(model, batches, optimizer):
+    """The loop before the sums stayed on the device: a NaN check and two reads every step."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for x, y in batches:
+        out = model(x)
+        loss = F.nll_loss(out, y)
+        if not torch.isfinite(loss):
+            raise RuntimeError("non-finite loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = y.shape[0]
+        sums += torch.tensor([loss.item() * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
+    return sums
+
+
+def sync_ab(device: torch.device, name: str, batch: int, steps: int = 60, rounds: int = 5) -> None:
+    """Milliseconds per training step with a host read every step (A) and with the engine's
+    on-device sums, read once at the end (B), alternated `rounds` times; medians."""
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=1, num_classes=10).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = [(torch.randn(batch, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last),
+                torch.randint(0, 10, (batch,), device=device)) for _ in range(steps)]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timed = {"A: read every step": lambda: read_every_step(model, batches, optimizer),
+             "B: on-device sums": lambda: train_one_epoch(model, batches, optimizer, F.nll_loss, device=device)}
+    for run in timed.values():
+        run()                                                   # warm-up
+    seconds = {label: [] for label in timed}
+    for _ in range(rounds):
+        for label, run in timed.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            seconds[label].append((time.perf_counter() - start) / steps * 1e3)
+    a, b = (statistics.median(v) for v in seconds.values())
+    print(f"{device.type} {name} batch {batch}: A {a:.3f} ms/step, B {b:.3f} ms/step, "
+          f"B saves {100 * (a - b) / a:.1f}% (A rounds {[round(v, 3) for v in seconds['A: read every step']]}, "
+          f"B rounds {[round(v, 3) for v in seconds['B: on-device sums']]})", flush=True)
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "sync":
+    # python scripts/step_probe.py sync [cpu|cuda]: the gain of keeping the sums on the device
+    device = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda" if torch.cuda.is_available() else "cpu")
+    for name, batch in (("speednet", 128), ("s5net", 64), ("s5net", 512)):
+        sync_ab(device, name, batch, steps=60 if device.type == "cuda" else 10, rounds=5 if device.type == "cuda" else 3)
+    sys.exit(0)
+
+BF16 = bf16_native(torch.device("cpu"))
+if not BF16:
+    print("bf16: emulated on this CPU (no avx512_bf16 or amx_bf16), so not timed")
 
 
 
@@ -37,7 +98,7 @@ def seconds_per_step(batch: int, channels_last: bool, dtype: torch.dtype | None,
 
 
 for channels_last in (False, True):
-    for dtype in (None, torch.bfloat16):
+    for dtype in (None, torch.bfloat16) if BF16 else (None,):
         print(f"batch 512 channels_last={channels_last} bf16={dtype is not None}: "
               f"{seconds_per_step(512, channels_last, dtype):.3f} s per step")
 for batch in (64, 128, 256, 512):
@@ -46,7 +107,7 @@ for batch in (64, 128, 256, 512):
           f"{seconds_per_step(batch, True, None, steps) / batch * 1e3:.2f} ms per image")
 
 n = 2048
-for dtype in (torch.float32, torch.bfloat16):
+for dtype in (torch.float32, torch.bfloat16) if BF16 else (torch.float32,):
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b

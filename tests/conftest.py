@@ -1,8 +1,11 @@
+import atexit
 import functools
 import http.server
 import os
 import subprocess
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -31,6 +34,11 @@ def data_dir() -> Path:
 # Tests change folders, so a relative TRAINKIT_DATA_DIR is made absolute; when it is not set, the
 # cache folder is used, by this process and by the trainkit processes the tests start.
 os.environ["TRAINKIT_DATA_DIR"] = str(data_dir().resolve())
+
+# --precision / --channels-last auto keep their measurements in a cache: for the tests, and the
+# trainkit processes they start, one of their own (removed at the end), never the user's.
+os.environ["TRAINKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="trainkit-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TRAINKIT_CACHE_DIR"], ignore_errors=True)
 
 
 # trainkit.datasets.MNIST's files, named here so that finding them needs no torch import.

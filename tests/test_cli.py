@@ -18,11 +18,11 @@ def test_help_lists_every_setting(capsys):
 
 
 def test_flags_override_the_recipe():
-    args = build_parser().parse_args(["train", "--recipe", "fast", "--epochs", "7", "--no-channels-last"])
+    args = build_parser().parse_args(["train", "--recipe", "fast", "--epochs", "7", "--channels-last", "off"])
     cfg, flags = config_from_args(args)
-    assert cfg.epochs == 7 and cfg.channels_last is False
+    assert cfg.epochs == 7 and cfg.channels_last == "off"
     assert cfg.scheduler == "onecycle"                 # from the recipe
-    assert flags == {"epochs": 7, "channels_last": False}
+    assert flags == {"epochs": 7, "channels_last": "off"}
     default, _ = config_from_args(build_parser().parse_args(["train"]))
     assert default == TrainConfig()                     # no flags: the seed recipe
 

@@ -1,5 +1,7 @@
 """The engine's callback protocol, the built-in callbacks, exact resume with callbacks that keep
 state, and the registries of optimizers, schedulers and datasets."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -283,3 +285,126 @@ def test_every_registered_dataset_loads_and_trains(name, tmp_path, mnist_dir, mo
     assert len(data.classes) >= 2 and int(data.train_labels.max()) < len(data.classes)
     assert all(0 < s for s in data.std) and all(0 <= m <= 1 for m in data.mean)
     assert result.history[0].train_seen == 8 and torch.isfinite(torch.tensor(result.history[0].train_loss))
+
+
+# -- no host sync per step: the sums stay on the device, read when shown and at the epoch's end ------
+
+def previous_loop_epoch(exp):
+    """The loop as it was: the loss checked before the step, and loss.item() and a host-side sum
+    every batch. The reference that the on-device sums must match bit for bit."""
+    from trainkit.engine import evaluate
+    from trainkit.devices import autocast
+    sums = torch.zeros(3, dtype=torch.float64)
+    exp.train_model.train()
+    for x, y in exp.train_loader:
+        with autocast(exp.device, exp.amp_dtype):
+            out = exp.train_model(x)
+            loss = exp.loss_fn(out, y)
+        assert torch.isfinite(loss)
+        exp.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        exp.optimizer.step()
+        if exp.scheduler_per_batch:
+            exp.scheduler.step()
+        value, n = loss.item(), y.shape[0]
+        sums += torch.tensor([value * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
+    test = evaluate(exp.train_model, exp.test_loader, device=exp.device, amp_dtype=exp.amp_dtype)
+    return (sums[0].item() / sums[2].item(), 100.0 * sums[1].item() / sums[2].item(), int(sums[2].item())), test
+
+
+@pytest.mark.parametrize("recipe", ["seed", "fast"])
+def test_on_device_sums_are_bit_identical_to_per_batch_reads(recipe, mnist):
+    from trainkit.config import RECIPES
+    from trainkit.experiment import build_experiment
+    data = mnist.limit(640, 200)
+    cfg = TrainConfig(epochs=1, batch_size=128, progress=False, precision="fp32", channels_last="on",
+                      **{k: v for k, v in RECIPES[recipe].items() if k not in ("epochs", "batch_size")})
+    first = train(cfg, data=data, write=False).history[0]
+    (loss, acc, seen), (test_loss, correct, total) = previous_loop_epoch(build_experiment(cfg, data=data))
+    assert (first.train_loss, first.train_acc, first.train_seen) == (loss, acc, seen)     # exactly
+    assert (first.test_loss, first.test_correct, first.test_total) == (test_loss, correct, total)
+
+
+class Reads(Callback):
+    """What is still unread after each batch; reads the loss lazily on the batches in `read_at`."""
+
+    def __init__(self, read_at=()):
+        self.read_at, self.unread, self.losses = set(read_at), [], {}
+
+    def on_batch_end(self, state):
+        self.unread.append(len(state.unread))
+        if state.batch in self.read_at:
+            self.losses[state.batch] = state.loss
+
+
+def test_nothing_is_read_per_batch_unless_asked(mnist):
+    train_loader, test_loader = tiny_loaders(mnist, n=512)           # 8 batches of 64
+    model = linear()
+    reads = Reads(read_at={2, 5})
+    history = fit(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1),
+                  epochs=1, callbacks=[reads])
+    assert reads.unread == [1, 2, 3, 1, 2, 3, 1, 2]                 # read only at batches 2 and 5 (and the end)
+    assert all(math.isfinite(v) and v > 0 for v in reads.losses.values())
+    assert history[0].train_seen == 512
+
+
+def test_the_lazy_loss_gives_the_epoch_figures(mnist):
+    train_loader, test_loader = tiny_loaders(mnist, n=512)
+    model = linear()
+    reads = Reads(read_at=range(8))
+    history = fit(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1),
+                  epochs=1, callbacks=[reads])
+    total = 0.0
+    for batch in range(8):
+        total += reads.losses[batch] * 64
+    assert total / 512 == history[0].train_loss                      # the same numbers, summed in the same order
+
+
+class PoisonedAt(nn.Module):
+    """A linear model whose output is NaN from training step `at` on."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.inner, self.at, self.calls = linear(), at, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.at:
+                return out * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("read_at, found", [((), 7), ({5}, 5)])
+def test_nan_is_found_at_the_next_read_and_names_its_batch(mnist, read_at, found):
+    from trainkit.engine import NonFiniteLoss
+    train_loader, test_loader = tiny_loaders(mnist, n=512)
+    model = PoisonedAt(11)                                           # epoch 2, batch 3
+    reads, ends = Reads(read_at=read_at), []
+    ends_cb = type("Ends", (Callback,), {"on_epoch_end": lambda self, s: ends.append(s.epoch)})()
+    with pytest.raises(NonFiniteLoss, match="the training loss became nan in epoch 2, batch 3$") as caught:
+        fit(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1), epochs=3,
+            callbacks=[reads, ends_cb])
+    assert caught.value.exit_code == 3
+    assert ends == [1]                                               # epoch 2 never ends (nothing is written)
+    assert len(reads.unread) == 8 + found + 1                        # found at the first read after it
+
+
+def test_console_reads_as_often_as_the_bar_redraws(mnist, monkeypatch):
+    from trainkit.reports import ConsoleLogger
+    train_loader, test_loader = tiny_loaders(mnist, n=512)
+    model = linear()
+    logger = ConsoleLogger(progress=True, print_fn=lambda *a: None)
+    reads = Reads()
+    seen = []
+    original = ConsoleLogger.on_epoch_start
+
+    def slow_bar(self, state):
+        original(self, state)
+        self.bar.mininterval = 3600.0                                # one redraw an hour: only the first and last batch
+    monkeypatch.setattr(ConsoleLogger, "on_epoch_start", slow_bar)
+    after = type("After", (Callback,), {"on_batch_end": lambda self, s: seen.append(len(s.unread))})()
+    fit(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1,
+        callbacks=[reads, logger, after])
+    assert seen == [0, 1, 2, 3, 4, 5, 6, 0]

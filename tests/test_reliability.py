@@ -110,13 +110,14 @@ import torch, torch.nn as nn
 from trainkit.models import CompactNet
 
 class Poisoned(CompactNet):
-    """Returns NaN from the 20th training step on (epoch 2 with 16 steps an epoch)."""
+    """Returns NaN from the 20th training step on (epoch 2 with 16 steps an epoch). The count is the
+    model's own: --precision auto times steps on a copy, which counts its own."""
     calls = 0
     def forward(self, x):
         out = super().forward(x)
         if self.training:
-            Poisoned.calls += 1
-            if Poisoned.calls >= 20:
+            self.calls += 1
+            if self.calls >= 20:
                 return out * float("nan")
         return out
 

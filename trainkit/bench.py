@@ -20,7 +20,7 @@ import torch
 
 from .config import RECIPES, TrainConfig, validate
 from .datasets import ImageData
-from .devices import autocast_dtype, bf16_supported, resolve_device
+from .devices import autocast_dtype, bf16_native, resolve_device
 from .engine import Callback, TrainState, train_one_epoch, train_step
 from .experiment import build_experiment, get_data
 from .flags import add_config_flags, config_from_args, number, positive
@@ -33,7 +33,7 @@ PROCESS_START = time.perf_counter()
 def sides(device: str) -> dict[str, TrainConfig]:
     """The two sides: the seed's recipe on the seed's pipeline (fp32), and trainkit's fast path."""
     seed = TrainConfig(device=device, progress=False, pipeline="torchvision", precision="fp32",
-                       channels_last=False)
+                       channels_last="off")
     fast = TrainConfig(device=device, progress=False).replace(**RECIPES["fast"])
     return {"seed pipeline": seed, "trainkit fast path": fast}
 
@@ -72,8 +72,9 @@ class _Steps:
             yield batch
 
 
-def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -> float:
-    """Images per second over `steps` training steps, after `warmup` untimed ones."""
+def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -> tuple[float, TrainConfig]:
+    """(images per second over `steps` training steps after `warmup` untimed ones, the config with
+    --precision and --channels-last auto resolved as the experiment resolved them)."""
     exp = build_experiment(cfg, data=data)
     loader = exp.train_loader
     run = lambda n: train_one_epoch(exp.train_model, _Steps(loader, n), exp.optimizer, exp.loss_fn,
@@ -83,18 +84,20 @@ def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -
     start = time.perf_counter()
     _, _, seen = run(steps)
     _sync(exp.device)
-    return seen / (time.perf_counter() - start)
+    return seen / (time.perf_counter() - start), exp.cfg
 
 
-def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> dict:
-    """Throughput of both sides on S5Net at the same batch size."""
-    results = {}
+def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> tuple[dict, dict]:
+    """Throughput of both sides on S5Net at the same batch size: ({side: images/s}, {side: config
+    as run}). The fast path's auto precision and memory format are chosen (timed) before its timer."""
+    results, configs = {}, {}
     for name, cfg in sides(device).items():
-        cfg = cfg.replace(batch_size=batch_size)
-        results[name] = time_steps(cfg, data, steps)
-        print(f"{name}: {results[name]:.0f} images/s ({cfg.pipeline} pipeline, "
-              f"{cfg.precision} precision, channels_last={cfg.channels_last})", flush=True)
-    return results
+        results[name], configs[name] = time_steps(cfg.replace(batch_size=batch_size), data, steps)
+        ran = configs[name]
+        asked = f" (auto: {cfg.precision}, {cfg.channels_last})" if "auto" in (cfg.precision, cfg.channels_last) else ""
+        print(f"{name}: {results[name]:.0f} images/s ({ran.pipeline} pipeline, "
+              f"{ran.precision} precision, channels_last {ran.channels_last}{asked})", flush=True)
+    return results, configs
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
@@ -117,7 +120,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seco
 def peaks(device: torch.device) -> dict[str, float]:
     """This machine's matmul peak in fp32, and in bf16 where the hardware has it (not emulated)."""
     found = {"fp32": matmul_peak(device, torch.float32)}
-    if bf16_supported(device):
+    if bf16_native(device):
         found["bf16"] = matmul_peak(device, torch.bfloat16)
     return found
 
@@ -268,8 +271,8 @@ def cmd_bench(args) -> int:
     if args.speedrun:
         speedrun(device, data, args.seeds, Path(args.out))
     elif args.quick:
-        results = quick(device, data, args.steps)
-        fast = sides(device)["trainkit fast path"].replace(batch_size=512)
+        results, configs = quick(device, data, args.steps)
+        fast = configs["trainkit fast path"]
         achieved, fraction, found = roofline(fast, data, results["trainkit fast path"])
         print("peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in found.items())
               + f" (matrix products, {environment(resolve_device(device))['device_name']})")

@@ -85,9 +85,11 @@ class TrainConfig:
                                  "torchvision (the seed's); auto: stream an image folder whose decoded images "
                                  "would pass half the available memory ($TRAINKIT_MEMORY_BUDGET), else tensor",
                          choices=["auto", "tensor", "stream", "torchvision"])
-    precision: str = _opt("auto", "fp32, bf16 autocast, or auto (bf16 where the device supports it)",
+    precision: str = _opt("auto", "fp32, bf16 autocast, or auto (the faster on this device, timed on the run's "
+                                  "model and batch; bf16 only where it is native)",
                           choices=["auto", "fp32", "bf16"])
-    channels_last: bool = _opt(True, "channels_last memory format for 4-D activations")
+    channels_last: str = _opt("auto", "channels_last memory format for 4-D activations: on, off, or auto "
+                                      "(the faster, timed with --precision)", choices=["auto", "on", "off"])
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(1, "random seed", nonneg=True, maximum=INT64_MAX)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -213,6 +215,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if value is None:
         return None
     kind = kind_of(f)
+    if kind == "str" and isinstance(value, bool) and "on" in (f.metadata.get("choices") or ()):
+        return "on" if value else "off"     # --channels-last was true/false before it had auto
     if not isinstance(value, (str, int, float)):  # bool is an int
         # A list, a mapping, a date: named, never printed (see `show`).
         raise TrainkitError(f"setting {f.name!r} must be {_KIND_NAMES[kind]}, got {show(value)}")

@@ -103,8 +103,9 @@ class TrainState:
     num_batches: int = 0
     first_batch: int = 0                   # where this epoch started (> 0 when resumed part way)
     lrs: list[float] = field(default_factory=list)   # each group's rate at the epoch's start
-    loss: float = math.nan                 # the last batch's loss
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss*n, correct, n
+    # This epoch's running sums (loss*n, correct, n), kept on the device: the loop never waits for
+    # them. They reach the host only when read (`loss`, `train_acc`, `read`) and at the epoch's end.
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
     evaluation: Evaluation | None = None   # the latest evaluation
     result: EpochResult | None = None      # the latest finished epoch
     eval_model: nn.Module | None = None    # what is evaluated; the trained model unless a callback says
@@ -112,6 +113,9 @@ class TrainState:
     stop_requested: bool = False
     interrupted: bool = False
     partial: dict | None = None            # an interrupted epoch's progress, to continue it exactly
+    # The losses (batch index, 0-d device tensor) not yet read, and what the last read found.
+    unread: list = field(default_factory=list, repr=False)
+    _seen: tuple = field(default=(math.nan, (0.0, 0.0, 0.0)), repr=False)
 
     @property
     def module(self) -> nn.Module:
@@ -119,8 +123,42 @@ class TrainState:
         return unwrap(self.model)
 
     @property
+    def loss(self) -> float:
+        """The last batch's loss. Reading it waits for the device (and checks every loss since the
+        last read), so a callback that reads it on every batch costs the speed the loop avoids."""
+        return self.read()[0]
+
+    @property
     def train_acc(self) -> float:
-        return 100.0 * self.sums[1].item() / max(self.sums[2].item(), 1)
+        """This epoch's training accuracy so far, in percent (a read, as `loss`)."""
+        _, (_, correct, seen) = self.read()
+        return 100.0 * correct / max(seen, 1)
+
+    def add_batch(self, batch: int, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        """Count a finished batch on the device, without waiting for it."""
+        loss = loss.detach()
+        self.sums[0] += loss.to(self.sums.dtype) * n     # float64: exactly float(loss) * n on the host
+        self.sums[1] += correct
+        self.sums[2] += n
+        self.unread.append((batch, loss))
+
+    def reset_sums(self, values=(0.0, 0.0, 0.0)) -> None:
+        self.sums = torch.tensor(values, dtype=_sum_dtype(self.device), device=self.device)
+        self.unread.clear()
+        self._seen = (math.nan, tuple(values))
+
+    def read(self) -> tuple[float, tuple[float, float, float]]:
+        """(last loss, (loss*n, correct, n) summed this epoch), brought to the host in one transfer.
+        Raises NonFiniteLoss, naming the first batch, if any loss since the last read was NaN or inf."""
+        if self.unread:
+            losses = torch.stack([loss for _, loss in self.unread]).to(self.sums.dtype)
+            values = torch.cat([self.sums, losses]).tolist()
+            for (batch, _), value in zip(self.unread, values[3:]):
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(self.epoch, batch, value)
+            self.unread.clear()
+            self._seen = (values[-1], tuple(values[:3]))
+        return self._seen
 
     def stop(self) -> None:
         """End the run: after this batch (the epoch is evaluated and recorded), or after this epoch."""
@@ -155,8 +193,9 @@ class Callback:
 
 
 class NonFiniteLoss(TrainkitError):
-    def __init__(self, epoch: int, batch: int, value: float):
-        super().__init__(f"the training loss became {value} in epoch {epoch}, batch {batch}", exit_code=3)
+    def __init__(self, epoch: int, batch: int | None, value: float):
+        where = f"batch {batch}" if batch is not None else "a batch of another process"
+        super().__init__(f"the training loss became {value} in epoch {epoch}, {where}", exit_code=3)
         self.epoch, self.batch = epoch, batch
 
 
@@ -191,16 +230,19 @@ def _emit(callbacks: Sequence[Callback], hook: str, state: TrainState) -> None:
         getattr(callback, hook)(state)
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64     # MPS has no float64
+
+
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                loss_fn: Callable, *, amp_dtype: torch.dtype | None = None,
                after_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch; returns (loss, model output). The loss is checked
-    for NaN/inf before the weights change."""
+    """One optimisation step on a batch; returns (loss, model output). Nothing here waits for the
+    device: the caller checks the loss when it reads it (a NaN steps the weights to NaN too, so
+    the run stops at that read and keeps its last checkpoint)."""
     with autocast(x.device, amp_dtype):
         out = model(x)
         loss = loss_fn(out, y)
-    if not torch.isfinite(loss):
-        return loss, out
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if after_backward is not None:
@@ -256,27 +298,27 @@ def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_
     ended at, if a callback stopped it there."""
     cbs = state.callbacks
     state.first_batch = resume_from["batches"] if resume_from else 0
-    state.sums = torch.tensor(resume_from["sums"] if resume_from else [0.0, 0.0, 0.0], dtype=torch.float64)
+    state.reset_sums(resume_from["sums"] if resume_from else (0.0, 0.0, 0.0))
     state.model.train()
     after_backward = (lambda: _emit(cbs, "on_after_backward", state)) if cbs else None
     for batch_id, (x, y) in enumerate(state.train_loader, start=state.first_batch):
         x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
         loss, out = train_step(state.model, x, y, state.optimizer, loss_fn, amp_dtype=state.amp_dtype,
                                after_backward=after_backward)
-        state.loss = loss.item()
-        if not math.isfinite(state.loss):
-            raise NonFiniteLoss(state.epoch, batch_id, state.loss)
         if per_batch_scheduler is not None:
             per_batch_scheduler.step()
-        n = y.shape[0]
-        state.sums += torch.tensor([state.loss * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
+        state.add_batch(batch_id, loss, (out.argmax(1) == y).sum(), y.shape[0])
         state.batch = batch_id
         _emit(cbs, "on_batch_end", state)
-        checked = _evaluate_now(state, batch_id + 1) if batch_id in check_after else None
+        checked = None
+        if batch_id in check_after:
+            state.read()                # no evaluation (nor a stop it decides) of NaN weights
+            checked = _evaluate_now(state, batch_id + 1)
         if state.stop_requested:
             return checked
         if state.interrupted and batch_id + 1 < state.num_batches:
-            state.partial = {"epoch": state.epoch, "batches": batch_id + 1, "sums": state.sums.tolist()}
+            _, sums = state.read()      # a checkpoint of the unfinished epoch only when its losses are finite
+            state.partial = {"epoch": state.epoch, "batches": batch_id + 1, "sums": list(sums)}
             return None
     return None
 
@@ -337,9 +379,17 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
 
 
 def _reduced_train_sums(state: TrainState) -> tuple[float, float, int]:
-    """(mean loss, accuracy in percent, images) of this epoch's training, summed over ranks."""
-    sums = _all_reduce(state.sums.to(state.device)).cpu()
-    return sums[0].item() / sums[2].item(), 100.0 * sums[1].item() / sums[2].item(), int(sums[2].item())
+    """(mean loss, accuracy in percent, images) of this epoch's training, summed over ranks. Raises
+    NonFiniteLoss if a loss was not finite, on every rank (the summed loss is then not finite)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed:
+        _, sums = state.read()
+    else:
+        sums = _all_reduce(state.sums.clone()).tolist()
+        if not math.isfinite(sums[0]):
+            state.read()                # names the batch on the rank where it happened
+            raise NonFiniteLoss(state.epoch, None, sums[0])
+    return sums[0] / sums[2], 100.0 * sums[1] / sums[2], int(sums[2])
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,

@@ -18,7 +18,7 @@ from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .datasets import DATASETS, ImageData, dataset_loader, load_dataset
 from .distributed import Rank
-from .devices import autocast_dtype, resolve_device
+from .devices import autocast_dtype, choose, resolve_device
 from .engine import Callback
 from .errors import TrainkitError
 from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
@@ -46,6 +46,7 @@ class Experiment:
     amp_dtype: torch.dtype | None
     rank: Rank = Rank()
     outputs: str = "log_probs"     # what the model returns: "log_probs" or "logits"
+    tuning: dict | None = None     # how --precision / --channels-last auto were resolved (devices.choose)
 
     def rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "train_loader": self.train_loader.state_dict()}
@@ -118,10 +119,10 @@ def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int
     """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size.
     An image folder is a StreamData (file lists) when --pipeline says to stream it (stream.py)."""
     channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
-    items = folder_to_stream(cfg.dataset, cfg.pipeline, channels, size, device)
-    if items is not None:
+    files = folder_to_stream(cfg.dataset, cfg.pipeline, channels, size, device)
+    if files is not None:
         folder = Path(cfg.dataset.partition(":")[2])
-        return load_stream_folder(folder, channels, size, items).limit(cfg.limit_train, cfg.limit_test)
+        return load_stream_folder(folder, channels, size, files).limit(cfg.limit_train, cfg.limit_test)
     return load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
                         limit_train=cfg.limit_train, limit_test=cfg.limit_test)
 
@@ -157,7 +158,7 @@ def make_loaders(cfg: TrainConfig, data: ImageData | StreamData, device: torch.d
         first = lambda: data.images(data.train, range(min(1024, len(data.train))))   # what seed_augment looks at
         augment = {"seed": lambda: seed_augment(first()), "flip-crop": FlipCrop, "none": lambda: None}[kind]()
         common = dict(channels=data.channels, size=data.size, mean=data.mean, std=data.std, device=device,
-                      channels_last=cfg.channels_last, rank=rank, world=world)
+                      channels_last=cfg.channels_last == "on", rank=rank, world=world)
         train = StreamLoader(data.train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                              persistent=True, **common)
         test = StreamLoader(data.test, cfg.test_batch_size, **common)
@@ -166,7 +167,7 @@ def make_loaders(cfg: TrainConfig, data: ImageData | StreamData, device: torch.d
     if cfg.pipeline in ("tensor", "auto"):
         augment = {"seed": lambda: seed_augment(data.train_images), "flip-crop": FlipCrop,
                    "none": lambda: None}[kind]()
-        common = dict(mean=data.mean, std=data.std, device=device, channels_last=cfg.channels_last,
+        common = dict(mean=data.mean, std=data.std, device=device, channels_last=cfg.channels_last == "on",
                       rank=rank, world=world)
         train = TensorLoader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True,
                              augment=augment, seed=cfg.seed, **common)
@@ -235,7 +236,9 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
         load_initial_weights(model, Path(cfg.init_from))
     model = model.to(device)
     outputs = output_kind(model, data.image_shape, data.num_classes, cfg.model, device)
-    if cfg.channels_last:
+    tuning = choose_settings(cfg, model, data, make_loss(cfg, outputs), device, ranks.world)
+    cfg = cfg.replace(**tuning["choice"])     # what ran is what config.json and the checkpoints record
+    if cfg.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
     train_model = model
     if ranks.world > 1:  # DDP starts every rank from rank 0's weights and averages gradients
@@ -245,11 +248,23 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     train_loader, test_loader, val_loader = make_loaders(cfg, data, device, ranks.rank, ranks.world)
     optimizer = build_optimizer(model.parameters(), cfg)
     schedule = build_schedule(optimizer, cfg, len(train_loader))
-    precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
     return Experiment(cfg, data, model, train_model, train_loader, test_loader, val_loader, optimizer,
                       schedule.scheduler,
-                      schedule.per_batch, make_loss(cfg, outputs), device, autocast_dtype(precision, device), ranks,
-                      outputs)
+                      schedule.per_batch, make_loss(cfg, outputs), device, autocast_dtype(cfg.precision, device), ranks,
+                      outputs, tuning)
+
+
+def choose_settings(cfg: TrainConfig, model: nn.Module, data: ImageData, loss_fn: Callable,
+                    device: torch.device, world: int = 1) -> dict:
+    """--precision and --channels-last with `auto` resolved by timing a few steps (devices.choose)
+    of a copy of `model` on a batch of this run's shape. The seed's pipeline stays in fp32."""
+    precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
+    batch = cfg.batch_size // world
+    generator = torch.Generator().manual_seed(0)     # the run's own generators are not touched
+    x = torch.randn(batch, *data.image_shape, generator=generator).to(device)
+    y = torch.randint(0, data.num_classes, (batch,), generator=generator).to(device)
+    return choose(model, lambda params: build_optimizer(params, cfg), loss_fn, x, y, precision=precision,
+                  channels_last=cfg.channels_last, name=cfg.model)
 
 
 def training_callbacks(cfg: TrainConfig) -> list[Callback]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ class ConsoleLogger(Callback):
     def __init__(self, progress: bool = True, print_fn=print):
         self.progress, self.print = progress, print_fn
         self.bar = None
+        self._next_read = 0.0
 
     def on_epoch_start(self, state: TrainState) -> None:
         from tqdm.auto import tqdm
@@ -36,12 +38,19 @@ class ConsoleLogger(Callback):
         self.print(f"Epoch {state.epoch}")
         self.bar = tqdm(total=state.num_batches, initial=state.first_batch, disable=not self.progress,
                         dynamic_ncols=True)
+        self._next_read = 0.0
 
     def on_batch_end(self, state: TrainState) -> None:
-        if self.progress:
+        if not self.progress:
+            return
+        # The loss and accuracy are read from the device (a wait) only as often as the bar redraws
+        # (tqdm's mininterval), and on the epoch's last batch, which the closed bar shows.
+        now = time.monotonic()
+        if now >= self._next_read or state.batch + 1 == state.num_batches:
+            self._next_read = now + self.bar.mininterval
             self.bar.set_description(f"Train: Loss={state.loss:0.4f} Batch_id={state.batch} "
                                      f"Accuracy={state.train_acc:0.2f}", refresh=False)
-            self.bar.update(1)
+        self.bar.update(1)
 
     def on_evaluate(self, state: TrainState) -> None:
         from tqdm.auto import tqdm

@@ -205,6 +205,9 @@ def load_resume_config(run_dir: Path, overrides: dict) -> TrainConfig:
                       f"again with --out {run_dir}") if _is_run_config(run_dir / "config.json") else ""
         raise TrainkitError(f"{run_dir} holds no checkpoint (last.pt) to resume from{unfinished}")
     saved = from_mapping(load_config_file(run_dir / "config.json"))
+    if saved.precision == "auto":   # a run from before auto was measured: what it trained in
+        autocast = json.loads((run_dir / "config.json").read_text()).get("environment", {}).get("autocast")
+        saved = saved.replace(precision="bf16" if autocast == "bfloat16" else "fp32")
     given = canonical(saved.replace(**overrides))     # paths compared as absolute paths
     for name in overrides:
         if name == "epochs" and given.epochs != saved.epochs:
@@ -248,7 +251,8 @@ class RunDirectory(Callback):
         """config.json and samples.png of a new run."""
         exp = self.exp
         saved = {"config": exp.cfg.to_dict(), "environment": reports.environment(exp.device, exp.amp_dtype),
-                 "data": data_info(exp.data), "model": model_info(exp), "parameters": count_parameters(exp.model)}
+                 "data": data_info(exp.data), "model": model_info(exp), "parameters": count_parameters(exp.model),
+                 "tuning": exp.tuning}
         self._guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
         loader = exp.train_loader
         position = loader.state_dict()  # drawing the samples must not change what training sees
