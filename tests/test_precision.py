@@ -66,6 +66,18 @@ def test_the_fastest_finite_candidate_is_chosen(monkeypatch):
         {"precision": "fp32", "channels_last": "on"}
 
 
+def test_a_candidate_that_fails_is_left_out(monkeypatch):
+    def fails_in_bf16(*args, **kwargs):
+        if args[5].precision == "bf16":
+            raise RuntimeError("no bf16 kernel for this operation\nmore")
+        return [0.2], True
+    monkeypatch.setattr(devices, "time_choice", fails_in_bf16)
+    found = measure(small_net(), sgd, F.cross_entropy, *batch(), [Choice("bf16", "on"), Choice("fp32", "on")])
+    assert found["choice"] == {"precision": "fp32", "channels_last": "on"}
+    assert found["timings"]["bf16, channels_last on"] == {"seconds": None, "finite": False,
+                                                         "error": "no bf16 kernel for this operation"}
+
+
 def test_measuring_leaves_the_model_and_random_state_alone():
     model, (x, y) = small_net(), batch()
     before = {k: v.clone() for k, v in model.state_dict().items()}

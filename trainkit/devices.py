@@ -174,7 +174,13 @@ def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: to
     timings = {}
     try:
         for option in options:
-            steps, finite = time_choice(model, make_optimizer, loss_fn, x, y, option, seconds / len(options))
+            try:
+                steps, finite = time_choice(model, make_optimizer, loss_fn, x, y, option, seconds / len(options))
+            except Exception as exc:    # an operation without bf16 kernels, out of memory, ...: not a candidate
+                timings[option.label] = {"seconds": None, "finite": False, "error": str(exc).split("\n")[0][:200]}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             timings[option.label] = {"seconds": min(steps), "steps": [round(s, 6) for s in steps], "finite": finite}
     finally:
         torch.set_rng_state(rng)
