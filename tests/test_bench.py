@@ -19,11 +19,16 @@ def test_quick_mode_prints_both_rates_and_their_ratio():
     last = re.fullmatch(r"speedup: (\d+\.\d\d)", lines[-1])
     assert last, lines[-1]
     # The roofline: the step's achieved rate and its share of the measured matmul peak.
-    step = re.fullmatch(r"step: (\d+) GFLOP/s, (\d+)% of this machine's peak", lines[-2])
-    peak = re.match(r"peak: fp32 (\d+) GFLOP/s", lines[-3])
-    assert step and peak, lines[-3:]
-    assert int(peak[1]) > 0 and 0 < int(step[2]) <= 150
-    assert abs(int(step[1]) / int(peak[1]) * 100 - int(step[2])) <= 2
+    # The peak is that of the precision the fast path ran in (--precision auto: measured, bf16 where native).
+    step = re.fullmatch(r"step: (\d+) GFLOP/s, (\d+)% of this machine's peak \((fp32|bf16), as the step ran\)",
+                        lines[-2])
+    peaks = dict(re.findall(r"(fp32|bf16) (\d+) GFLOP/s", lines[-3]))
+    assert step and lines[-3].startswith("peak: fp32 "), lines[-3:]
+    peak = int(peaks[step[3]])
+    assert peak > 0 and 0 < int(step[2]) <= 150
+    assert abs(int(step[1]) / peak * 100 - int(step[2])) <= 2
+    fast = next(line for line in lines if line.startswith("trainkit fast path:"))
+    assert re.search(rf"{step[3]} precision, channels_last (on|off) \(auto: auto, auto\)", fast), fast
     ratio = rates["trainkit fast path"] / rates["seed pipeline"]
     assert abs(float(last[1]) - ratio) < 0.01 * ratio + 0.01
 

@@ -276,7 +276,8 @@ def cmd_bench(args) -> int:
         achieved, fraction, found = roofline(fast, data, results["trainkit fast path"])
         print("peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in found.items())
               + f" (matrix products, {environment(resolve_device(device))['device_name']})")
-        print(f"step: {achieved:.0f} GFLOP/s, {100 * fraction:.0f}% of this machine's peak")
+        print(f"step: {achieved:.0f} GFLOP/s, {100 * fraction:.0f}% of this machine's peak "
+              f"({'bf16' if fast.precision == 'bf16' and 'bf16' in found else 'fp32'}, as the step ran)")
         print(f"speedup: {results['trainkit fast path'] / results['seed pipeline']:.2f}")
     else:
         full(device, data, args.target_acc, Path(args.out))

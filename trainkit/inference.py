@@ -136,6 +136,7 @@ def _load_from_args(args) -> TrainedModel:
 
 
 def cmd_eval(args) -> int:
+    from .devices import bf16_supported
     from .engine import evaluate
     from .experiment import evaluation_loader, get_data
     from .reports import test_line
@@ -152,7 +153,10 @@ def cmd_eval(args) -> int:
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "
                             f"{len(trained.classes)} classes)")
     loader = evaluation_loader(data, cfg.test_batch_size, trained.mean, trained.std)
-    loss, correct, total = evaluate(trained.model, loader, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    # Evaluated in the precision the run trained (and evaluated) in, so that its test line comes back.
+    amp_dtype = torch.bfloat16 if trained.cfg.precision == "bf16" and bf16_supported(cpu) else None
+    loss, correct, total = evaluate(trained.model, loader, device=cpu, amp_dtype=amp_dtype)
     print(test_line(loss, correct, total))
     return 0
 
