@@ -18,7 +18,7 @@ from trainkit.errors import TrainkitError
 from trainkit.experiment import build_experiment, get_data, held_out, make_loaders
 from trainkit.loaders import FlipCrop, TensorLoader
 from trainkit.run import train
-from trainkit.stream import FileList, StreamData, StreamLoader, parse_bytes
+from trainkit.stream import FileList, StreamData, StreamLoader, folder_to_stream, parse_bytes
 
 ONE_WORKER = {"TRAINKIT_STREAM_WORKERS": "1"}   # 2 shared cores: one decoding process is enough here
 
@@ -71,8 +71,8 @@ def test_stream_and_memory_read_the_same_images(folder):
     assert streamed.image_shape == memory.image_shape == (3, 16, 16) and streamed.classes == memory.classes
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(streamed, f"{split}_labels"), getattr(memory, f"{split}_labels")), split
-    # 72 training images, all in the stats sample: the same mean and std up to float rounding
-    assert np.allclose(streamed.mean, memory.mean, atol=1e-5) and np.allclose(streamed.std, memory.std, atol=1e-5)
+    # 72 training images, all in the stats sample: the same mean and std
+    assert streamed.mean == memory.mean and streamed.std == memory.std
 
     stats = dict(mean=memory.mean, std=memory.std)
     for split in ("train", "val", "test"):            # no augmentation, no shuffle: the files' pixels
@@ -96,6 +96,9 @@ def test_a_streamed_run_resumes_in_the_middle_of_an_epoch(folder, tmp_path):
     cfg = TrainConfig(dataset=f"imagefolder:{folder}", image_size="16", pipeline="stream", model="speednet",
                       epochs=2, batch_size=16, lr=0.05, progress=False, device="cpu")
     whole = train(cfg, out=tmp_path / "whole")
+    held = train(cfg.replace(pipeline="tensor"), write=False)          # the same run, in memory
+    assert [r.train_loss for r in held.history] == [r.train_loss for r in whole.history]
+    assert [r.test_loss for r in held.history] == [r.test_loss for r in whole.history]
 
     class InterruptAt(Callback):
         def on_batch_end(self, state):
@@ -124,9 +127,13 @@ def test_train_with_pipeline_stream_through_the_cli_and_eval_reproduces(folder, 
     assert saved["config"]["pipeline"] == "stream" and saved["data"]["image_shape"] == [3, 16, 16]
     last_test_line = [line for line in proc.stdout.splitlines() if line.startswith("Test set:")][-1]
     accuracy = float(last_test_line.rsplit("(", 1)[1].rstrip("%)"))
-    assert accuracy > 60, last_test_line              # 3 colours: learnable in 2 epochs of 5 steps
-    evaluated = cli_ok("eval", out, env=ONE_WORKER)
-    assert evaluated.stdout.strip().splitlines()[-1] == last_test_line
+    assert accuracy > 45, last_test_line              # 3 colours (chance: 33%), 2 epochs of 5 steps
+    evaluated = cli_ok("eval", out, env=ONE_WORKER).stdout.strip().splitlines()[-1]
+    # the same images and labels: the same count; the loss nearly (the run's model was channels_last,
+    # eval's is not: their convolutions round differently, which shows in the large losses of 10 steps)
+    assert evaluated.split("Accuracy:")[1] == last_test_line.split("Accuracy:")[1], (evaluated, last_test_line)
+    loss = lambda line: float(line.split("Average loss:")[1].split(",")[0])
+    assert loss(evaluated) == pytest.approx(loss(last_test_line), rel=0.02, abs=1e-3)
 
 
 def test_auto_streams_a_folder_over_the_memory_budget(folder, monkeypatch):
@@ -139,8 +146,8 @@ def test_auto_streams_a_folder_over_the_memory_budget(folder, monkeypatch):
     assert isinstance(exp.data, StreamData) and isinstance(exp.train_loader, StreamLoader)
     assert exp.cfg.pipeline == "stream"           # what config.json records, so --resume and eval agree
     monkeypatch.setenv("TRAINKIT_MEMORY_BUDGET", "2G")
-    assert build_experiment(cfg).cfg.pipeline == "tensor"
-    assert build_experiment(cfg.replace(dataset="mnist", image_size=None, limit_train=64)).cfg.pipeline == "tensor"
+    assert isinstance(get_data(cfg), ImageData)
+    assert folder_to_stream("mnist", "auto", None, None) is None     # other datasets: always in memory
     assert parse_bytes("1.5G", "x") == 3 * 2**29 and parse_bytes("500M", "x") == 500 * 2**20
     monkeypatch.setenv("TRAINKIT_MEMORY_BUDGET", "lots")
     with pytest.raises(TrainkitError, match="TRAINKIT_MEMORY_BUDGET must be a size"):

@@ -7,7 +7,7 @@ with `datasets.load_image`, the conversion that the in-memory path and `predict`
 run sees the same pixels, in the same order, augmented the same way, and resumes mid-epoch the same
 way (a state_dict of the generator at the epoch's start and the batches done).
 
-Mean and std come from a bounded sample of the training files (`STATS_SAMPLE`), not from every image.
+Mean and std come from a bounded sample of the training files (`sample_stats`), not from every image.
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import ImageData, _scan, folder_format, load_image
+from .datasets import ImageData, _scan, channel_stats, folder_format, load_image
 from .errors import TrainkitError
 from .loaders import epoch_batches, model_input, normalize
 
-STATS_SAMPLE = 2048          # training images that mean and std are computed from
+STATS_SAMPLE = 2048          # training images that mean and std are computed from, at most,
+STATS_BYTES = 16 * 2**20     # and at most this many bytes of them (at least 256 images)
 FORMAT_SAMPLE = 256          # headers read to estimate an image folder's size when channels/size are not given
 MAX_WORKERS = 8
 PREFETCH = 2                 # batches each worker reads ahead
@@ -111,9 +112,10 @@ class FileList:
         return FileList(self.paths[indices.numpy()], self.labels[indices])
 
 
-def folder_files(root: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list, list[str]]:
-    """(train items, test items, classes) of an image folder: the split `load_image_folder` makes
-    (root/train and root/test if both exist, else a seeded random 20% for test)."""
+def folder_files(root: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[FileList, FileList, list[str]]:
+    """(train files, test files, classes) of an image folder: the split `load_image_folder` makes
+    (root/train and root/test if both exist, else a seeded random 20% for test). Its scan's Path
+    objects (hundreds of bytes each) are gone when this returns, before any worker is forked."""
     if not root.is_dir():
         raise TrainkitError(f"image folder {root} does not exist")
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -128,22 +130,23 @@ def folder_files(root: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple
     if len(classes) < 2 or not train or not test:
         raise TrainkitError(f"image folder {root} needs at least two class subfolders of PNG/JPEG "
                             f"images (found {len(classes)} classes, {len(train) + len(test)} images)")
-    return train, test, classes
+    index = {c: i for i, c in enumerate(classes)}
+    return FileList.of(train, index), FileList.of(test, index), classes
 
 
-def decoded_bytes(items: list[tuple[Path, str]], channels: int | None, size: tuple[int, int] | None) -> int:
-    """Bytes that `items` take decoded as uint8 (N*C*H*W); the folder's own channels and size are
-    estimated from a few headers when not given."""
+def decoded_bytes(train: FileList, test: FileList, channels: int | None, size: tuple[int, int] | None) -> int:
+    """Bytes that the files take decoded as uint8 (N*C*H*W); the folder's own channels and size are
+    estimated from a few training files' headers when not given."""
     if channels is None or size is None:
-        step = max(1, len(items) // FORMAT_SAMPLE)
-        found_channels, found_size = folder_format([p for p, _ in items[::step]])
+        step = max(1, len(train) // FORMAT_SAMPLE)
+        found_channels, found_size = folder_format([train.path(i) for i in range(0, len(train), step)])
         channels, size = channels or found_channels, size or found_size
-    return len(items) * channels * size[0] * size[1]
+    return (len(train) + len(test)) * channels * size[0] * size[1]
 
 
 def folder_to_stream(dataset: str, pipeline: str, channels: int | None, size: tuple[int, int] | None,
                      device: torch.device | None = None) -> tuple | None:
-    """The (train, test, classes) of the image folder `dataset` when the run should stream it:
+    """The (train files, test files, classes) of the image folder `dataset` when the run should stream it:
     --pipeline stream, or auto with decoded images larger than `memory_budget`. None: hold it."""
     key, _, arg = dataset.partition(":")
     if pipeline not in ("auto", "stream") or (key == "imagefolder" and not arg):
@@ -153,10 +156,10 @@ def folder_to_stream(dataset: str, pipeline: str, channels: int | None, size: tu
             raise TrainkitError(f"--pipeline stream reads image folders (--dataset imagefolder:PATH); {dataset} "
                                 f"is read into memory: leave --pipeline at auto or tensor")
         return None
-    items = folder_files(Path(arg))
-    if pipeline == "auto" and decoded_bytes(items[0] + items[1], channels, size) <= memory_budget(device):
+    files = folder_files(Path(arg))
+    if pipeline == "auto" and decoded_bytes(*files[:2], channels, size) <= memory_budget(device):
         return None
-    return items
+    return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,28 +240,22 @@ def make_dataloader(files: FileList, channels: int, size: tuple[int, int], worke
     loader = torch.utils.data.DataLoader(
         _BatchFiles(files, channels, size), sampler=sampler, batch_size=None, num_workers=workers,
         persistent_workers=persistent and workers > 0, prefetch_factor=PREFETCH if workers else None,
-        pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None)
+        pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
+        # its own generator: a DataLoader draws its workers' seeds from the global one otherwise,
+        # which would change the model's initial weights and dropout against the in-memory path
+        generator=torch.Generator().manual_seed(0))
     return loader, sampler
 
 
-def sample_stats(files: FileList, channels: int, size: tuple[int, int], count: int = STATS_SAMPLE,
-                 seed: int = 0, batch: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std, in [0, 1] units, of up to `count` training images chosen at random
-    with a fixed seed (all of them when there are fewer): sums in float64, batch by batch, so
-    memory stays at one batch whatever the sample."""
+def sample_stats(files: FileList, channels: int, size: tuple[int, int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std, in [0, 1] units, of a sample of the training images chosen at random
+    with a fixed seed: STATS_SAMPLE images, fewer when larger than STATS_BYTES. A training set
+    that small is taken whole, so its numbers are exactly the in-memory path's (`channel_stats`)."""
     n = len(files)
-    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    count = min(n, STATS_SAMPLE, max(256, STATS_BYTES // (channels * size[0] * size[1])))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
     loader, sampler = make_dataloader(files, channels, size, min(stream_workers(), 4), persistent=False)
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    for images in read_batches(loader, sampler, list(chosen.split(batch))):
-        x = images.to(torch.float64).div_(255).transpose(0, 1).reshape(channels, -1)   # (C, B*H*W)
-        total += x.sum(1)
-        squares += x.square().sum(1)
-    pixels = len(chosen) * size[0] * size[1]
-    mean = total / pixels
-    var = (squares - pixels * mean.square()) / max(pixels - 1, 1)
-    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
+    return channel_stats(torch.cat(list(read_batches(loader, sampler, list(chosen.split(256))))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,18 +317,15 @@ class StreamData:
 
 
 def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
-                       items: tuple | None = None) -> StreamData:
+                       files: tuple | None = None) -> StreamData:
     """An image folder as a StreamData: the file list of the split `load_image_folder` makes, at
     `channels` and `size` (default: the folder's own, from every file's header, as in memory)."""
-    train, test, classes = items or folder_files(root)
-    if channels is None or size is None:
-        found_channels, found_size = folder_format([p for p, _ in train + test])
+    train, test, classes = files or folder_files(root)
+    if channels is None or size is None:     # every header, as the in-memory path reads them
+        found_channels, found_size = folder_format([f.path(i) for f in (train, test) for i in range(len(f))])
         channels, size = channels or found_channels, size or found_size
-    index = {c: i for i, c in enumerate(classes)}
-    train_files, test_files = FileList.of(train, index), FileList.of(test, index)
-    del train, test, items      # the Path objects: only the bytes arrays are kept
-    mean, std = sample_stats(train_files, channels, size)
-    return StreamData(f"imagefolder:{root}", train_files, test_files, classes, mean, std, channels, tuple(size))
+    mean, std = sample_stats(train, channels, size)
+    return StreamData(f"imagefolder:{root}", train, test, classes, mean, std, channels, tuple(size))
 
 
 class StreamLoader:

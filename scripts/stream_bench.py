@@ -1,0 +1,173 @@
+"""Peak memory and training throughput of --pipeline stream against the in-memory path.
+
+    python scripts/make_image_folder.py /data/big --count 200000 --size 64
+    python scripts/make_image_folder.py /data/small --count 20000 --size 64
+    python scripts/stream_bench.py --big /data/big --small /data/small [--steps 60] [--out bench.json]
+
+Three cases, each in a fresh process: stream on the big folder, then stream and memory (tensor) on
+the small one. Each builds the run as `trainkit train` does (build_experiment: scan, stats, loaders)
+and trains --steps steps of a small model after a few warm-up steps, then reads --steps batches
+without the model. Throughput is training images per second over the timed steps, and the
+loader's own rate; setup is the time to build the run (for memory: reading
+every image). Peak memory is sampled every 0.1 s over the whole case, summed over the process
+and its DataLoader workers: PSS (shared pages counted once, split between the processes that
+share them: the real footprint) and RSS (shared pages counted in every process: an upper bound).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MB = 2**20
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc/*/stat."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return found
+
+
+def memory(pids: list[int]) -> tuple[list[int], int]:
+    """(PSS of each pid, RSS summed) in bytes."""
+    each, rss = [], 0
+    for pid in pids:
+        pss = 0
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss = int(line.split()[1]) * 1024
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        each.append(pss)
+    return each, rss
+
+
+def run_case(args, name: str, folder: str, pipeline: str) -> dict:
+    """One case in a child process, its process tree's memory sampled meanwhile."""
+    command = [sys.executable, __file__, "--case", folder, pipeline, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--model", args.model, "--device", args.device]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    peak = {"pss": 0, "rss": 0, "processes": 0, "each": []}
+
+    def watch():
+        while child.poll() is None:
+            pids = tree(child.pid)
+            each, rss = memory(pids)
+            if sum(each) > peak["pss"]:
+                peak.update(pss=sum(each), each=[round(m / MB) for m in each])
+            peak.update(rss=max(peak["rss"], rss), processes=max(peak["processes"], len(pids)))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out, _ = child.communicate()
+    watcher.join()
+    if child.returncode:
+        raise SystemExit(f"stream_bench: the case {name} failed (exit {child.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(case=name, peak_pss_mb=round(peak["pss"] / MB), peak_rss_sum_mb=round(peak["rss"] / MB),
+                  processes=peak["processes"], peak_pss_mb_each=peak["each"])
+    print(f"{name:<28} {result['images']:>7} images  setup {result['setup_s']:6.1f} s  "
+          f"train {result['images_per_s']:6.0f} images/s  loader alone {result['loader_images_per_s']:6.0f} images/s  peak PSS {result['peak_pss_mb']:5d} MB  "
+          f"(main process, then workers: {result['peak_pss_mb_each']} MB; RSS summed {result['peak_rss_sum_mb']} MB)",
+          flush=True)
+    return result
+
+
+def one_case(folder: str, pipeline: str, steps: int, batch_size: int, model: str, device: str) -> dict:
+    """Build the run and time `steps` training steps; runs in the child process."""
+    import torch
+
+    from trainkit import TrainConfig
+    from trainkit.engine import train_step
+    from trainkit.experiment import build_experiment
+
+    cfg = TrainConfig(dataset=f"imagefolder:{folder}", pipeline=pipeline, model=model, image_size="64",
+                      channels=3, batch_size=batch_size, lr=0.05, epochs=1, progress=False, device=device)
+    start = time.perf_counter()
+    exp = build_experiment(cfg)
+    setup = time.perf_counter() - start
+
+    def batches():
+        while True:
+            yield from exp.train_loader
+
+    warmup, seen = 5, 0
+    stream = batches()
+    for step in range(warmup + steps):
+        if step == warmup:
+            if exp.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        x, y = next(stream)
+        loss, _ = train_step(exp.train_model, x.to(exp.device), y.to(exp.device), exp.optimizer, exp.loss_fn,
+                             amp_dtype=exp.amp_dtype)
+        seen += len(y) if step >= warmup else 0
+    final_loss = loss.item()
+    seconds = time.perf_counter() - start
+    # the loader alone, without the model: how fast this path can deliver batches
+    start, read = time.perf_counter(), 0
+    for _ in range(steps):
+        x, y = next(stream)
+        read += len(y)
+    if exp.device.type == "cuda":
+        torch.cuda.synchronize()
+    read_rate = read / (time.perf_counter() - start)
+    return {"pipeline": exp.cfg.pipeline, "images": len(exp.data.train_labels) + len(exp.data.test_labels),
+            "setup_s": round(setup, 2), "steps": steps, "batch_size": batch_size, "seconds": round(seconds, 2),
+            "images_per_s": round(seen / seconds, 1), "loader_images_per_s": round(read_rate, 1),
+            "final_loss": round(final_loss, 4),
+            "device": str(exp.device), "workers": os.environ.get("TRAINKIT_STREAM_WORKERS", "auto")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", help="a folder larger than memory should take (e.g. 200,000 images)")
+    parser.add_argument("--small", help="a folder that fits in memory (e.g. 20,000 images)")
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps per case (default 60)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", default="speednet")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="also write the results to this JSON file")
+    parser.add_argument("--case", nargs=2, metavar=("FOLDER", "PIPELINE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(one_case(*args.case, args.steps, args.batch_size, args.model, args.device)))
+        return 0
+    if not (args.big or args.small):
+        parser.error("give --big and/or --small")
+    cases = ([("stream, big folder", args.big, "stream")] if args.big else []) + \
+            ([("stream, small folder", args.small, "stream"), ("memory, small folder", args.small, "tensor")]
+             if args.small else [])
+    results = [run_case(args, *case) for case in cases]
+    if args.small:
+        ratio = results[-2]["images_per_s"] / results[-1]["images_per_s"]
+        print(f"stream / memory throughput on the small folder: {ratio:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"cpus": len(os.sched_getaffinity(0)), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
