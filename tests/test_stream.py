@@ -2,7 +2,6 @@
 small folders of real PNG and JPEG files: the same batches as the in-memory path, a run through the
 CLI that eval reproduces, auto's choice, a corrupt file, and a resume in the middle of an epoch."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,10 @@ from trainkit import TrainConfig
 from trainkit.datasets import ImageData
 from trainkit.engine import Callback, StopRequested
 from trainkit.errors import TrainkitError
-from trainkit.experiment import build_experiment, get_data, held_out, make_loaders
+from trainkit.experiment import build_experiment, get_data, held_out
 from trainkit.loaders import FlipCrop, TensorLoader
 from trainkit.run import train
-from trainkit.stream import FileList, StreamData, StreamLoader, folder_to_stream, parse_bytes
+from trainkit.stream import StreamData, StreamLoader, folder_files, folder_to_stream, parse_bytes
 
 ONE_WORKER = {"TRAINKIT_STREAM_WORKERS": "1"}   # 2 shared cores: one decoding process is enough here
 
@@ -154,20 +153,20 @@ def test_auto_streams_a_folder_over_the_memory_budget(folder, monkeypatch):
         get_data(cfg)
 
 
-def test_a_corrupt_file_is_one_line_naming_it(folder, tmp_path):
-    bad_folder = tmp_path / "images"
-    write_folder(bad_folder, per_class=8)
-    bad = bad_folder / "class1" / "003.png"
+def test_a_corrupt_file_is_one_line_naming_it(tmp_path):
+    bad_folder = write_folder(tmp_path / "images", per_class=8)
+    _, test, _ = folder_files(bad_folder)
+    bad = Path(test.path(0))        # a test file: the run trains an epoch before a worker meets it
     bad.write_bytes(bad.read_bytes()[:60])           # its header survives, its pixels do not
-    # in a batch read by a worker, in the middle of an epoch
-    files = FileList(np.array([os.fsencode(p) for p in sorted(bad_folder.glob("*/*"))]), torch.zeros(24, dtype=torch.int64))
-    loader = StreamLoader(files, 4, channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+    # in a batch read by a worker
+    loader = StreamLoader(test, 4, channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
     with pytest.raises(TrainkitError) as error:
         batches(loader)
     assert str(error.value) == f"{bad} is not a readable PNG or JPEG image"
-    # through the CLI: one line, exit 2
+    # through the CLI, at the first evaluation: one line, exit 2
     proc = run_cli("train", "--dataset", f"imagefolder:{bad_folder}", "--pipeline", "stream", "--image-size", "16",
-                   "--epochs", "1", "--no-progress", "--out", tmp_path / "run", env=ONE_WORKER)
+                   "--model", "speednet", "--epochs", "1", "--no-progress", "--out", tmp_path / "run", env=ONE_WORKER)
+    assert "Epoch 1" in proc.stdout
     assert_one_line_error(proc, str(bad), "not a readable PNG or JPEG image")
 
 
