@@ -66,7 +66,8 @@ def memory(pids: list[int]) -> tuple[list[int], int]:
 def run_case(args, name: str, folder: str, pipeline: str) -> dict:
     """One case in a child process, its process tree's memory sampled meanwhile."""
     command = [sys.executable, __file__, "--case", folder, pipeline, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--model", args.model, "--device", args.device]
+               "--batch-size", str(args.batch_size), "--model", args.model, "--device", args.device,
+               "--precision", args.precision, "--channels-last", args.channels_last]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = {"pss": 0, "rss": 0, "processes": 0, "each": []}
 
@@ -95,7 +96,8 @@ def run_case(args, name: str, folder: str, pipeline: str) -> dict:
     return result
 
 
-def one_case(folder: str, pipeline: str, steps: int, batch_size: int, model: str, device: str) -> dict:
+def one_case(folder: str, pipeline: str, steps: int, batch_size: int, model: str, device: str, precision: str,
+             channels_last: str) -> dict:
     """Build the run and time `steps` training steps; runs in the child process."""
     import torch
 
@@ -104,7 +106,8 @@ def one_case(folder: str, pipeline: str, steps: int, batch_size: int, model: str
     from trainkit.experiment import build_experiment
 
     cfg = TrainConfig(dataset=f"imagefolder:{folder}", pipeline=pipeline, model=model, image_size="64",
-                      channels=3, batch_size=batch_size, lr=0.05, epochs=1, progress=False, device=device)
+                      channels=3, batch_size=batch_size, lr=0.05, epochs=1, progress=False, device=device,
+                      precision=precision, channels_last=channels_last)
     start = time.perf_counter()
     exp = build_experiment(cfg)
     setup = time.perf_counter() - start
@@ -138,7 +141,8 @@ def one_case(folder: str, pipeline: str, steps: int, batch_size: int, model: str
             "setup_s": round(setup, 2), "steps": steps, "batch_size": batch_size, "seconds": round(seconds, 2),
             "images_per_s": round(seen / seconds, 1), "loader_images_per_s": round(read_rate, 1),
             "final_loss": round(final_loss, 4),
-            "device": str(exp.device), "workers": os.environ.get("TRAINKIT_STREAM_WORKERS", "auto")}
+            "device": str(exp.device), "precision": exp.cfg.precision, "channels_last": exp.cfg.channels_last,
+            "workers": os.environ.get("TRAINKIT_STREAM_WORKERS", "auto")}
 
 
 def main(argv=None) -> int:
@@ -149,11 +153,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default="speednet")
     parser.add_argument("--device", default="cpu")
+    # fixed, so that every case runs the same kernels (auto would time candidates in each case)
+    parser.add_argument("--precision", default="fp32", help="fp32 (default) or bf16 (on a GPU)")
+    parser.add_argument("--channels-last", default="off", help="off (default) or on")
     parser.add_argument("--out", help="also write the results to this JSON file")
     parser.add_argument("--case", nargs=2, metavar=("FOLDER", "PIPELINE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(one_case(*args.case, args.steps, args.batch_size, args.model, args.device)))
+        print(json.dumps(one_case(*args.case, args.steps, args.batch_size, args.model, args.device, args.precision,
+                                  args.channels_last)))
         return 0
     if not (args.big or args.small):
         parser.error("give --big and/or --small")
