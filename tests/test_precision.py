@@ -144,3 +144,13 @@ def test_a_measured_run_trains_exactly_as_one_given_its_choice(mnist, tmp_path):
         assert torch.equal(a, b), name
     cached = train(cfg, data=data, write=False)
     assert cached.experiment.tuning["cached"] is True and strip(cached.history) == strip(measured.history)
+
+
+@pytest.mark.parametrize("autocast, precision", [("fp32", "fp32"), ("bfloat16", "bf16")])
+def test_a_run_from_before_auto_resumes_in_what_it_trained_in(tmp_path, autocast, precision):
+    from trainkit.rundir import load_resume_config
+    (tmp_path / "last.pt").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"precision": "auto", "channels_last": True},
+                                                      "environment": {"autocast": autocast}}))
+    cfg = load_resume_config(tmp_path, {})
+    assert (cfg.precision, cfg.channels_last) == (precision, "on")     # nothing measured again on resume
