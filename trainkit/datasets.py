@@ -683,9 +683,19 @@ def _scan(folder: Path) -> list[tuple[Path, str]]:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 (N, C, H, W) images, in [0, 1] units."""
-    pixels = images.float().div(255).transpose(0, 1).reshape(images.shape[1], -1)
-    return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist())
+    """Per-channel mean and (sample) std of uint8 (N, C, H, W) images, in [0, 1] units. The sums
+    are taken in float64 over chunks of about 16M pixels, so they are exact and a large dataset is
+    never held as floats whole."""
+    c = images.shape[1]
+    total, squares = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    for chunk in images.split(max(1, (1 << 24) // max(images[0].numel(), 1))):
+        x = chunk.transpose(0, 1).reshape(c, -1).double()
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    n = max(images.numel() // max(c, 1), 1)
+    mean = total / n
+    var = (squares - n * mean.square()).clamp_min(0) / max(n - 1, 1)
+    return tuple((mean / 255).tolist()), tuple((var.sqrt() / 255).clamp_min(1e-3).tolist())
 
 
 def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
@@ -712,7 +722,9 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
     index = {c: i for i, c in enumerate(classes)}
 
     def stack(items):
-        images = torch.stack([load_image(p, channels, size) for p, _ in items])
+        images = torch.empty((len(items), channels, *size), dtype=torch.uint8)   # filled in place: no copy
+        for i, (path, _) in enumerate(items):
+            images[i] = load_image(path, channels, size)
         return images, torch.tensor([index[c] for _, c in items], dtype=torch.int64)
 
     train_x, train_y = stack(train)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import DATASETS, ImageData, IdxFile, _gunzip, download_file, parse_idx
+from .datasets import DATASETS, ImageData, IdxFile, _gunzip, channel_stats, download_file, parse_idx
 from .errors import TrainkitError
 
 ARCHIVE = IdxFile("gzip.zip", "58c8d27c78d21e728a6bc7b3cc06412e", None, ())   # torchvision's MD5 of it
@@ -152,17 +152,6 @@ def _read(spec: EmnistSplit, path: Path, part: str, kind: str) -> np.ndarray:
     return array
 
 
-def _mean_std(images: np.ndarray) -> tuple[float, float]:
-    """Mean and std of uint8 pixels in [0, 1] units, a chunk at a time (byclass is 547 MB)."""
-    total = total_sq = 0.0
-    for start in range(0, len(images), 50_000):
-        chunk = images[start:start + 50_000].astype(np.float64) / 255
-        total, total_sq = total + chunk.sum(), total_sq + np.square(chunk).sum()
-    n = max(images.size, 1)
-    mean = total / n
-    return mean, max(float(np.sqrt(max(total_sq / n - mean * mean, 0.0))), 1e-3)
-
-
 def load_emnist(spec: EmnistSplit, root: str | Path, download: bool = True, progress: bool = True) -> ImageData:
     raw = Path(root) / spec.folder / "raw"
     files = {(part, kind): None for part in ("train", "test") for kind in ("images-idx3", "labels-idx1")}
@@ -181,10 +170,11 @@ def load_emnist(spec: EmnistSplit, root: str | Path, download: bool = True, prog
     arrays = {key: _read(spec, path, *key) for key, path in files.items()}
     upright = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1))).unsqueeze(1)
     labels = lambda a: torch.from_numpy(a.astype(np.int64) - spec.label_offset)
-    mean, std = _mean_std(arrays["train", "images-idx3"])
-    return ImageData(spec.name, upright(arrays["train", "images-idx3"]), labels(arrays["train", "labels-idx1"]),
+    train = upright(arrays["train", "images-idx3"])
+    mean, std = channel_stats(train)
+    return ImageData(spec.name, train, labels(arrays["train", "labels-idx1"]),
                      upright(arrays["test", "images-idx3"]), labels(arrays["test", "labels-idx1"]),
-                     list(spec.classes), (mean,), (std,))
+                     list(spec.classes), mean, std)
 
 
 def _register(spec: EmnistSplit) -> None:
