@@ -87,4 +87,5 @@ def test_full_mode_runs_the_headline_over_seeds(mnist, tmp_path, monkeypatch):
         assert side["epochs_run"] == 2 and side["second_epochs_trained"] == seen
     count = sum(s["second_epochs_trained"] is not None for s in list(sides.values())[1:])
     assert head["second_reached_within_2_epochs"] == count
+    assert all(side["ran_in"] == {"precision": "fp32", "channels_last": "off"} for side in sides.values())
     assert f"15.0% within 2 epochs: {count} of 2 seed(s)." in (tmp_path / "bench.md").read_text()

@@ -173,8 +173,9 @@ def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None, *, r
     cfg = validate(cfg.replace(target_acc=None if run_on else target))
     start = time.perf_counter()
     evaluations = _Evaluations(start)
-    history = train(cfg, data=data, write=False, callbacks=[evaluations]).history
-    total = time.perf_counter() - start
+    result = train(cfg, data=data, write=False, callbacks=[evaluations])
+    total, history = time.perf_counter() - start, result.history
+    ran = result.experiment.cfg
     reached, later = _first(evaluations.seen, target), _first(evaluations.seen, second)
     return {"reached": reached is not None, "epoch": reached and reached["epoch"],
             "seconds": reached and reached["seconds"], "best_acc": history.best_acc,
@@ -182,6 +183,7 @@ def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None, *, r
             "evals_per_epoch": cfg.evals_per_epoch, "total_seconds": total,
             "second_target": second, "second_epochs_trained": later and later["epochs_trained"],
             "evaluations": evaluations.seen, "accuracy_by_epoch": [round(r.test_acc, 2) for r in history],
+            "ran_in": {"precision": ran.precision, "channels_last": ran.channels_last},   # what auto chose
             "config": cfg.to_dict()}
 
 
@@ -258,6 +260,10 @@ def full_table(report: dict, device: str) -> str:
                     f"{r['epochs_trained']:.2f} | {r['seconds'] and round(r['seconds'], 1) or '-'} | "
                     f"{f'{gain:.2f}x' if gain else '-'} | {later} | {accs} |")
     head, speedup = report["headline"], report["speedup"]
+    ran = {}
+    for name, r in report["sides"].items():
+        if "ran_in" in r:
+            ran.setdefault(f"{r['ran_in']['precision']}, channels_last {r['ran_in']['channels_last']}", []).append(name)
     verdict = (f"Speedup: {speedup:.2f}x (the seed recipe's time over the mean of the {head['name']}'s "
                f"{head['seeds']} seed(s), {head['mean_seconds']:.1f} s; the slowest seed {head['min_speedup']:.2f}x)"
                if speedup else "Speedup: not measured (a side did not reach the target)")
@@ -267,6 +273,9 @@ def full_table(report: dict, device: str) -> str:
             f"when each reaches {second}%.\n\n"
             + "\n".join(rows) + f"\n\n{verdict}\n"
             + f"{second}% within 2 epochs: {head['second_reached_within_2_epochs']} of {head['seeds']} seed(s).\n"
+            + "Ran in (precision, memory format): "
+            + "; ".join(f"{how} ({len(names)} side(s): {names[0]}{', ...' if len(names) > 1 else ''})"
+                        for how, names in ran.items()) + "\n"
             + f"Whole process wall time: {report['process_wall_seconds']:.0f} s\n")
 
 
