@@ -266,7 +266,7 @@ def emnist_files(spec, arrays) -> dict[str, bytes]:
 
 
 def small_emnist(monkeypatch, split: str = "balanced", n_train: int = 30, n_test: int = 12):
-    from trainkit import emnist
+    from trainkit.data import emnist
     spec = dataclasses.replace(emnist.SPLITS[split], train=n_train, test=n_test)
     monkeypatch.setitem(emnist.SPLITS, split, spec)
     return spec
@@ -318,7 +318,7 @@ def test_emnist_letters_are_numbered_from_zero(tmp_path, monkeypatch):
 
 
 def test_emnist_split_is_taken_out_of_the_checked_archive(tmp_path, monkeypatch):
-    from trainkit import emnist
+    from trainkit.data import emnist
     spec = small_emnist(monkeypatch, "digits")
     other = small_emnist(monkeypatch, "letters", 26, 26)
     raw = tmp_path / "EMNIST" / "raw"
@@ -337,7 +337,7 @@ def test_emnist_split_is_taken_out_of_the_checked_archive(tmp_path, monkeypatch)
 
 
 def test_emnist_downloads_the_archive(tmp_path, monkeypatch):
-    from trainkit import emnist
+    from trainkit.data import emnist
     spec = small_emnist(monkeypatch, "mnist")
     served = tmp_path / "mirror"
     digest = write_emnist_zip(served / "gzip.zip", [spec])

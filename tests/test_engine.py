@@ -218,73 +218,27 @@ def test_every_registered_scheduler_steps_as_declared(name, mnist):
         assert final < 0.1 * 0.3                                                # and ends lower
 
 
-def _mnist_example(tmp_path, mnist_dir):
-    return "mnist", mnist_dir
-
-
-def _fashion_example(tmp_path, mnist_dir):
-    from trainkit.datasets import FASHION_MNIST
-    if not any(__import__("pathlib").Path(d).is_dir() for d in FASHION_MNIST.system_dirs):
-        pytest.skip("Fashion-MNIST needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-    return "fashion-mnist", tmp_path
-
-
-def _imagefolder_example(tmp_path, mnist_dir):
-    from PIL import Image
-    for label, value in (("dark", 40), ("light", 220)):
-        (tmp_path / "pics" / label).mkdir(parents=True)
-        for i in range(6):
-            Image.new("L", (30, 30), value + i).save(tmp_path / "pics" / label / f"{i}.png")
-    return f"imagefolder:{tmp_path / 'pics'}", tmp_path
-
-
-def _kmnist_example(tmp_path, mnist_dir, monkeypatch):
-    from test_data_formats import write_kmnist
-    from trainkit import datasets
-    monkeypatch.setitem(datasets.IDX_DATASETS, "kmnist", write_kmnist(tmp_path)[0])
-    return "kmnist", tmp_path
-
-
-def _cifar_example(name):
-    def example(tmp_path, mnist_dir, monkeypatch):
-        from test_data_formats import write_cifar
-        from trainkit import datasets
-        monkeypatch.setitem(datasets.CIFAR_DATASETS, name, write_cifar(tmp_path, name, n_train=16, n_test=8)[0])
-        return name, tmp_path
-    return example
-
-
-def _emnist_example(split):
-    def example(tmp_path, mnist_dir, monkeypatch):
-        from test_data_formats import small_emnist, write_emnist
-        write_emnist(tmp_path, small_emnist(monkeypatch, split, n_train=52, n_test=26))
-        return f"emnist-{split}", tmp_path
-    return example
-
-
-# How to get a small copy of each registered dataset; a dataset registered without one fails here.
-EXAMPLES = {"mnist": _mnist_example, "fashion-mnist": _fashion_example, "imagefolder": _imagefolder_example,
-            "kmnist": _kmnist_example, "cifar10": _cifar_example("cifar10"), "cifar100": _cifar_example("cifar100"),
-            **{f"emnist-{split}": _emnist_example(split)
-               for split in ("balanced", "byclass", "bymerge", "letters", "digits", "mnist")}}
-# Each example's image shape (channels, height, width), as the dataset gives it.
-SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagefolder": (1, 30, 30)}
-
-
 @pytest.mark.parametrize("name", list(DATASETS))
-def test_every_registered_dataset_loads_and_trains(name, tmp_path, mnist_dir, monkeypatch):
-    assert name in EXAMPLES, f"dataset {name!r} is registered but this test has no example of it"
-    example = EXAMPLES[name]
-    spec, data_dir = example(tmp_path, mnist_dir, *([monkeypatch] if example.__code__.co_argcount == 3 else []))
-    cfg = TrainConfig(dataset=spec, data_dir=str(data_dir), model="compact", epochs=1, batch_size=4,
-                      limit_train=8, limit_test=4, progress=False)
+def test_every_registered_dataset_loads_and_trains(name, tmp_path, monkeypatch):
+    """Each source's small example, from its registry entry, read and trained one step."""
+    entry = DATASETS[name]
+    example = entry.example(tmp_path)
+    for table, key, value in example.swap:       # the example's own files' checksums
+        monkeypatch.setitem(table, key, value)
+    cfg = TrainConfig(dataset=example.dataset, data_dir=str(example.data_dir), model="compact", epochs=1,
+                      batch_size=4, limit_train=8, limit_test=4, progress=False, device="cpu",
+                      precision="fp32", channels_last="off")
     result = train(cfg, write=False)
     data = result.experiment.data
-    assert data.train_images.dtype == torch.uint8 and data.train_images.shape[1:] == SHAPES.get(name, (1, 28, 28))
+    assert data.train_images.dtype == torch.uint8 and data.train_images.shape[1:] == example.shape
     assert len(data.mean) == len(data.std) == data.image_shape[0]
     assert len(data.classes) >= 2 and int(data.train_labels.max()) < len(data.classes)
     assert all(0 < s for s in data.std) and all(0 <= m <= 1 for m in data.mean)
     assert result.history[0].train_seen == 8 and torch.isfinite(torch.tensor(result.history[0].train_loss))
+    if entry.streams:                             # the entry says it streams: the streamed path reads it
+        from trainkit.experiment import get_data
+        streamed = get_data(cfg.replace(pipeline="stream"))
+        assert streamed.image_shape == example.shape and streamed.classes == data.classes
 
 
 # -- no host sync per step: the sums stay on the device, read when shown and at the epoch's end ------

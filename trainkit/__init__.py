@@ -2,7 +2,7 @@
 from . import callbacks, reports
 from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import RECIPES, TrainConfig
-from .datasets import DATASETS, ImageData, load_dataset
+from .data import DATASETS, ImageData, load_dataset
 from .engine import Callback, EpochResult, Evaluation, History, TrainState, evaluate, fit, train_one_epoch
 from .errors import TrainkitError
 from .experiment import build_experiment

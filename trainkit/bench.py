@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import RECIPES, TrainConfig, validate
-from .datasets import ImageData
+from .data.dataset import ImageData
 from .devices import autocast_dtype, bf16_native, resolve_device
 from .engine import Callback, TrainState, train_one_epoch, train_step
 from .experiment import build_experiment, get_data

@@ -22,6 +22,9 @@ FORMAT = "trainkit-checkpoint-v1"
 # `.tmp-<name>.<random>`; those are recognised by the names trainkit writes (remove_stale_temporaries).
 TMP_PREFIX = ".tmp-trainkit-"
 OLD_TMP_PREFIX = ".tmp-"
+# A run folder's lock file (rundir.lock_run holds a flock on it). Named here, below both the run
+# folder and the streamed loader, whose forked workers close their copies of it (stream.py).
+LOCK = ".trainkit.lock"
 
 # For the tests only: kill the process (as SIGKILL would, exit status 137) once this many atomic
 # writes have been renamed into place, or, with TRAINKIT_FAULT_TORN=1, with the next one's temporary

@@ -16,7 +16,8 @@ from . import checkpoint as ckpt
 from . import distributed
 from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
-from .datasets import DATASETS, ImageData, dataset_loader, load_dataset
+from .data.dataset import ImageData
+from .data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
 from .distributed import Rank
 from .devices import autocast_dtype, choose, resolve_device
 from .engine import Callback
@@ -72,7 +73,7 @@ def check_names(cfg: TrainConfig, own_model: bool = False) -> None:
     validate(cfg)
     if not own_model:
         check_model_name(cfg.model)
-    dataset_loader(cfg.dataset)
+    parse_dataset(cfg.dataset).entry
     OPTIMIZERS.get(cfg.optimizer)
     SCHEDULERS.get(cfg.scheduler)
 
@@ -83,9 +84,7 @@ def canonical(cfg: TrainConfig) -> TrainConfig:
     changes = {"data_dir": str(resolve_data_dir(cfg).resolve())}
     if cfg.init_from:
         changes["init_from"] = str(Path(cfg.init_from).resolve())
-    key, _, arg = cfg.dataset.partition(":")
-    if key == "imagefolder" and arg:
-        changes["dataset"] = f"imagefolder:{Path(arg).resolve()}"
+    changes["dataset"] = str(canonical_dataset(parse_dataset(cfg.dataset)))
     if is_code(cfg.model) and cfg.model.rpartition(":")[0].endswith(".py"):
         target, _, attr = cfg.model.rpartition(":")
         changes["model"] = f"{Path(target).resolve()}:{attr}"
@@ -99,7 +98,7 @@ def describe(cfg: TrainConfig, data: ImageData | None, model: nn.Module | None) 
     if model is not None:
         cfg = cfg.replace(model=f"python:{type(model).__name__}")
     if data is not None:
-        loadable = data.name.partition(":")[0] in DATASETS
+        loadable = parse_dataset(data.name).source in DATASETS
         cfg = cfg.replace(dataset=data.name if loadable else f"python:{data.name}")
     return cfg
 
@@ -119,11 +118,11 @@ def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int
     """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size.
     An image folder is a StreamData (file lists) when --pipeline says to stream it (stream.py)."""
     channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
-    files = folder_to_stream(cfg.dataset, cfg.pipeline, channels, size, device)
+    spec = parse_dataset(cfg.dataset)
+    files = folder_to_stream(spec, cfg.pipeline, channels, size, device)
     if files is not None:
-        folder = Path(cfg.dataset.partition(":")[2])
-        return load_stream_folder(folder, channels, size, files).limit(cfg.limit_train, cfg.limit_test)
-    return load_dataset(cfg.dataset, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
+        return load_stream_folder(Path(spec.arg), channels, size, files).limit(cfg.limit_train, cfg.limit_test)
+    return load_dataset(spec, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
                         limit_train=cfg.limit_train, limit_test=cfg.limit_test)
 
 

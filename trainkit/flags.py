@@ -42,7 +42,7 @@ def positive(kind, flag: str):
 
 
 def _registered_names(kind: str) -> str:
-    from .datasets import DATASETS
+    from .data import DATASETS
     from .models import MODELS
     from .optim import OPTIMIZERS, SCHEDULERS
 

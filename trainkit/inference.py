@@ -164,7 +164,7 @@ def cmd_eval(args) -> int:
 @torch.no_grad()
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
-    from .datasets import load_image
+    from .data.formats import load_image
 
     c, h, w = trained.image_shape
     return trained.probabilities(torch.stack([load_image(Path(p), c, (h, w)) for p in paths]))

@@ -16,7 +16,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .callbacks import TensorBoardLogger
 from .config import TrainConfig
-from .datasets import ImageData
+from .data.dataset import ImageData
 from .engine import Callback, History, fit
 from .experiment import Experiment, build_experiment, training_callbacks
 from .rundir import OWN_NAMES, RunDirectory, default_run_dir, lock_run, prepare, restore

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from . import checkpoint as ckpt
 from . import reports
 from .config import TrainConfig, flag_name, from_mapping, load_config_file
-from .datasets import ImageData
+from .data.dataset import ImageData
 from .engine import Callback, History, TrainState, unwrap
 from .errors import TrainkitError
 from . import stream
@@ -33,7 +33,7 @@ from .models import count_parameters, model_source
 
 FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
-LOCK = ".trainkit.lock"          # held (flock) by the one process that writes the run
+LOCK = ckpt.LOCK                 # held (flock) by the one process that writes the run
 # What a run holds before its first checkpoint: such a folder may be used again as a new run.
 BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", "samples.png", "tensorboard"}
 # Names whose temporaries an older trainkit (prefix `.tmp-`) may have left.

@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import ImageData, _scan, channel_stats, folder_format, load_image
+from .checkpoint import LOCK
+from .data.dataset import channel_stats, validation_indices
+from .data.folders import folder_format, split_folder
+from .data.formats import load_image
+from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
 from .loaders import epoch_batches, model_input, normalize
 
@@ -112,24 +116,11 @@ class FileList:
         return FileList(self.paths[indices.numpy()], self.labels[indices])
 
 
-def folder_files(root: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[FileList, FileList, list[str]]:
-    """(train files, test files, classes) of an image folder: the split `load_image_folder` makes
-    (root/train and root/test if both exist, else a seeded random 20% for test). Its scan's Path
-    objects (hundreds of bytes each) are gone when this returns, before any worker is forked."""
-    if not root.is_dir():
-        raise TrainkitError(f"image folder {root} does not exist")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = _scan(root / "train"), _scan(root / "test")
-    else:
-        items = _scan(root)
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_test = max(1, int(round(len(items) * test_fraction))) if len(items) > 1 else 0
-        test = [items[i] for i in order[:n_test]]
-        train = [items[i] for i in order[n_test:]]
-    classes = sorted({label for _, label in train + test})
-    if len(classes) < 2 or not train or not test:
-        raise TrainkitError(f"image folder {root} needs at least two class subfolders of PNG/JPEG "
-                            f"images (found {len(classes)} classes, {len(train) + len(test)} images)")
+def folder_files(root: Path, seed: int = 0) -> tuple[FileList, FileList, list[str]]:
+    """(train files, test files, classes) of an image folder: the split that `data.folders.split_folder`
+    makes for the in-memory path too. Its scan's Path objects (hundreds of bytes each) are gone
+    when this returns, before any worker is forked."""
+    train, test, classes = split_folder(root, seed)
     index = {c: i for i, c in enumerate(classes)}
     return FileList.of(train, index), FileList.of(test, index), classes
 
@@ -144,19 +135,20 @@ def decoded_bytes(train: FileList, test: FileList, channels: int | None, size: t
     return (len(train) + len(test)) * channels * size[0] * size[1]
 
 
-def folder_to_stream(dataset: str, pipeline: str, channels: int | None, size: tuple[int, int] | None,
+def folder_to_stream(dataset: "DatasetSpec | str", pipeline: str, channels: int | None, size: tuple[int, int] | None,
                      device: torch.device | None = None) -> tuple | None:
     """The (train files, test files, classes) of the image folder `dataset` when the run should stream it:
     --pipeline stream, or auto with decoded images larger than `memory_budget`. None: hold it."""
-    key, _, arg = dataset.partition(":")
-    if pipeline not in ("auto", "stream") or (key == "imagefolder" and not arg):
+    spec = parse_dataset(dataset)
+    streams = spec.source in DATASETS and DATASETS[spec.source].streams    # a fact on the registry entry
+    if pipeline not in ("auto", "stream") or (streams and not spec.arg):
         return None     # (no folder given: the dataset's own error says so)
-    if key != "imagefolder":
+    if not streams:
         if pipeline == "stream":
-            raise TrainkitError(f"--pipeline stream reads image folders (--dataset imagefolder:PATH); {dataset} "
+            raise TrainkitError(f"--pipeline stream reads image folders (--dataset imagefolder:PATH); {spec} "
                                 f"is read into memory: leave --pipeline at auto or tensor")
         return None
-    files = folder_files(Path(arg))
+    files = folder_files(Path(spec.arg))
     if pipeline == "auto" and decoded_bytes(*files[:2], channels, size) <= memory_budget(device):
         return None
     return files
@@ -199,8 +191,6 @@ def _close_run_locks() -> None:
     """Close this (forked) process's copies of a run folder's lock descriptor: a flock lasts while
     any process holds one, so a worker that outlives its run (in a notebook, or for the seconds
     it takes to notice that a killed run is gone) would otherwise keep `--resume` out."""
-    from .rundir import LOCK   # (imported by the parent already)
-
     folder = "/proc/self/fd"
     if not os.path.isdir(folder):
         return                 # not Linux: workers are spawned there, and inherit no descriptor
@@ -302,13 +292,10 @@ class StreamData:
                           self.std, self.channels, self.size, self.val)
 
     def split_validation(self, size: float, seed: int = 0) -> "StreamData":
-        """The same held-out files as ImageData.split_validation would hold out (its code, run on the
-        indices of the files in place of their images)."""
-        n = len(self.train)
-        indices = ImageData(self.name, torch.arange(n), self.train.labels, torch.arange(0), torch.arange(0),
-                            self.classes, self.mean, self.std).split_validation(size, seed)
-        return StreamData(self.name, self.train.subset(indices.train_images), self.test, self.classes, self.mean,
-                          self.std, self.channels, self.size, self.train.subset(indices.val_images))
+        """The same held-out files as ImageData.split_validation holds out (data.dataset.validation_indices)."""
+        val, train = validation_indices(len(self.train), size, seed)
+        return StreamData(self.name, self.train.subset(train), self.test, self.classes, self.mean,
+                          self.std, self.channels, self.size, self.train.subset(val))
 
     def images(self, files: FileList, indices) -> torch.Tensor:
         """uint8 (B, C, H, W) of some files, read in this process."""

@@ -1,0 +1,24 @@
+"""The data floor: every dataset trainkit reads, as uint8 images with int64 labels.
+
+    fetch.py     find, download, check MD5s, take files out of archives (knows no format)
+    formats.py   IDX, the CIFAR pickle, image files: bytes -> arrays (knows no download)
+    dataset.py   ImageData, the one in-memory dataset type; statistics; channel and size conversion
+    registry.py  DATASETS (each source's entry and facts), DatasetSpec (a name parsed once), load_dataset
+    idx.py, cifar.py, emnist.py, folders.py ...   one module per source, each registering itself
+
+A source is one module in this folder: every module here is imported with the package, so its
+`@register_dataset` runs. Nothing here imports the config, the engine, the run folder or a command.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .dataset import ImageData, channel_stats, convert_images  # noqa: E402
+from .registry import DATASETS, DatasetSpec, ReadOptions, load_dataset, parse_dataset  # noqa: E402
+
+__all__ = ["DATASETS", "DatasetSpec", "ImageData", "ReadOptions", "channel_stats", "convert_images",
+           "load_dataset", "parse_dataset"]

@@ -1,0 +1,174 @@
+"""Reading data formats from bytes: IDX (MNIST's), the CIFAR pickle (through an unpickler that
+builds only numpy arrays), and image files. Knows no URL, no download, no dataset's checksums:
+each reader checks the structure of what it is given, and can be tested on bytes alone.
+"""
+from __future__ import annotations
+
+import codecs
+import io
+import math
+import pickle
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import TrainkitError
+
+# ---------------------------------------------------------------------------------------------
+# IDX
+
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
+    """Decode an IDX byte string; a wrong header or size raises TrainkitError."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or not 1 <= raw[3] <= 4:
+        raise TrainkitError(f"{name} is not an IDX file (bad header)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise TrainkitError(f"{name} is truncated (header cut short)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "too long"
+        raise TrainkitError(f"{name} is {what}: {len(raw)} bytes, its header says {expected}")
+    return np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=header).reshape(dims)
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """The IDX bytes of a uint8 array (what parse_idx reads back)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def idx_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes of a uint8 IDX file of `shape`: its header (4 + 4 per dimension) and one byte per value."""
+    return 4 + 4 * len(shape) + math.prod(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CIFAR pickle ("python version")
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]   # numpy's own array rebuilder, under any numpy version
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, bytes, numbers and numpy arrays; any other class is refused, so a
+    hostile pickle cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _RECONSTRUCT
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if module == "_codecs" and name == "encode":   # how Python 3's protocol 2 writes bytes
+            return codecs.encode
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR file")
+
+
+def unpickle_cifar(raw: bytes, name: str, what: str, hint: str) -> dict:
+    """One CIFAR pickle as a dict with str keys; anything else (`what`: "a cifar10 file") is one
+    line ending in `hint`."""
+    try:
+        # The published files were pickled by Python 2: their strings are bytes.
+        content = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in content.items()}
+    except Exception as exc:  # unpickling fails in many ways; none may become a traceback
+        raise TrainkitError(f"{name} is not {what} ({type(exc).__name__}); " + hint) from None
+
+
+def cifar_arrays(content: dict, label_key: str, count: int | None, name: str,
+                 hint: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one unpickled batch, its structure
+    checked: `data` uint8 of (N, 3072) and `label_key` a list of N ints (N = `count` when given)."""
+    data, labels = content.get("data"), content.get(label_key)
+    ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072 \
+        and (count is None or len(data) == count) and isinstance(labels, list) and len(labels) == len(data) \
+        and all(isinstance(v, int) for v in labels)
+    if not ok:
+        many = "" if count is None else f"{count} "
+        raise TrainkitError(f"{name} does not hold {many}images of 3x32x32 with their {label_key}; " + hint)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
+
+
+def cifar_class_names(content: dict, names_key: str, name: str, hint: str) -> list[str]:
+    names = content.get(names_key)
+    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise TrainkitError(f"{name} holds no list {names_key}; " + hint)
+    return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files (until trainkit.data.images replaces this decoder)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _open_image(path, name=None):
+    """A PIL image opened lazily (header only), or one line for a file Pillow cannot read.
+    `path` may be a file object; `name` is what the errors call it (default: the path)."""
+    from PIL import Image
+
+    source, path = path, path if name is None else name
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error):  # UnidentifiedImageError is an OSError
+        raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
+
+
+def decode_image(data, channels: int, size: tuple[int, int], name: str | None = None,
+                 max_pixels: int | None = None) -> torch.Tensor:
+    """An image file's bytes (or its path) as a (C, H, W) uint8 tensor, converted and resized
+    (bilinear): the one conversion that `predict`, `serve` and image folders share. `max_pixels`
+    refuses a larger image from its header, before decoding."""
+    from PIL import Image
+
+    path = name or ("the image" if isinstance(data, (bytes, bytearray)) else data)
+    try:
+        with warnings.catch_warnings(), _open_image(io.BytesIO(data) if isinstance(data, (bytes, bytearray))
+                                                    else data, path) as img:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise Image.DecompressionBombError(f"Image size ({img.width * img.height} pixels) exceeds limit "
+                                                   f"of {max_pixels} pixels")
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != size[::-1]:
+                img = img.resize(size[::-1], Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error):
+        # Pillow reports damaged files with any of these, depending on the format and the damage.
+        raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
+    return torch.from_numpy(array.copy()).reshape(size[0], size[1], channels).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """One image file as a (C, H, W) uint8 tensor, converted and resized like training data."""
+    return decode_image(path, channels, size)
+
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def _is_gray(img) -> bool:
+    """From the header: a grayscale mode, or a palette whose every colour is a gray."""
+    if img.mode == "P":
+        palette = img.getpalette() or []
+        return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+    return img.mode in _GRAY_MODES
+
+
+def image_info(path) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) of an image file from its header only: 1 for gray, else 3."""
+    with _open_image(path) as img:
+        return (1 if _is_gray(img) else 3), (img.height, img.width)

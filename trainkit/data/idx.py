@@ -1,0 +1,195 @@
+"""MNIST, Fashion-MNIST and KMNIST: four IDX files each, where torchvision puts them
+(<data_dir>/<folder>/raw/, extracted or .gz), checked by MD5 and shape, downloaded when absent."""
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import TrainkitError
+from . import fetch
+from .dataset import ImageData
+from .formats import encode_idx, idx_bytes, parse_idx
+from .registry import Example, ReadOptions, register_dataset
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    stem: str            # e.g. "train-images-idx3-ubyte"
+    gz_md5: str          # md5 of the published .gz
+    raw_md5: str | None  # md5 of the decompressed bytes (None: unpublished, so only the .gz is read)
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    name: str
+    folder: str                       # torchvision's folder name: <data_dir>/<folder>/raw/
+    mirrors: tuple[str, ...]
+    files: dict[str, IdxFile]         # keys: train_images, train_labels, test_images, test_labels
+    classes: tuple[str, ...]
+    mean: float
+    std: float
+    system_dirs: tuple[str, ...] = ()  # where a system package puts the files
+
+
+MNIST = IdxDataset(
+    name="mnist",
+    folder="MNIST",
+    mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+    files={
+        "train_images": IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                                "6bbc9ace898e44ae57da46a324031adb", (60000, 28, 28)),
+        "train_labels": IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432",
+                                "a25bea736e30d166cdddb491f175f624", (60000,)),
+        "test_images": IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3",
+                               "2646ac647ad5339dbf082846283269ea", (10000, 28, 28)),
+        "test_labels": IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c",
+                               "27ae3e4e09519cfbb04c329615203637", (10000,)),
+    },
+    classes=tuple(str(i) for i in range(10)),
+    mean=0.1307,
+    std=0.3081,
+)
+
+FASHION_MNIST = IdxDataset(
+    name="fashion-mnist",
+    folder="FashionMNIST",
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    files={
+        "train_images": IdxFile("train-images-idx3-ubyte", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                                "f4a8712d7a061bf5bd6d2ca38dc4d50a", (60000, 28, 28)),
+        "train_labels": IdxFile("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe",
+                                "9018921c3c673c538a1fc5bad174d6f9", (60000,)),
+        "test_images": IdxFile("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79",
+                               "8181f5470baa50b63fa0f6fddb340f0a", (10000, 28, 28)),
+        "test_labels": IdxFile("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310",
+                               "15d484375f8d13e6eb1aabb0c3f46965", (10000,)),
+    },
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+             "Bag", "Ankle boot"),
+    # Computed over the 60,000 training images.
+    mean=0.2860,
+    std=0.3530,
+    system_dirs=("/usr/share/datasets/fashion-mnist",),
+)
+
+KMNIST = IdxDataset(
+    name="kmnist",
+    folder="KMNIST",
+    mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+    # torchvision's checksums of the published .gz files; no checksum of the extracted files is
+    # published, so only the .gz files are read (torchvision keeps them beside what it extracts).
+    files={
+        "train_images": IdxFile("train-images-idx3-ubyte", "bdb82020997e1d708af4cf47b453dcf7", None, (60000, 28, 28)),
+        "train_labels": IdxFile("train-labels-idx1-ubyte", "e144d726b3acfaa3e44228e80efcd344", None, (60000,)),
+        "test_images": IdxFile("t10k-images-idx3-ubyte", "5c965bf0a639b31b8f53240b1b52f4d7", None, (10000, 28, 28)),
+        "test_labels": IdxFile("t10k-labels-idx1-ubyte", "7320c461ea6c1c855c0b718fb2a4b134", None, (10000,)),
+    },
+    classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    # The values commonly used for KMNIST's 60,000 training images.
+    mean=0.1918,
+    std=0.3483,
+)
+
+IDX_DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST, KMNIST)}
+
+
+def idx_size(item: IdxFile) -> int:
+    """Bytes of the extracted IDX file: its header (4 + 4 per dimension) and one byte per value."""
+    return idx_bytes(item.shape)
+
+
+def _fix_hint(spec: IdxDataset, path: Path) -> str:
+    return (f"delete it and run again to download a fresh copy, or put a good copy of the "
+            f"{spec.name} files in {path.parent}")
+
+
+def read_idx_file(path: Path, spec: IdxDataset, item: IdxFile) -> np.ndarray:
+    """Read one .gz or extracted IDX file and check it: size, md5, header and shape."""
+    expected = idx_size(item)
+    # A .gz is at most a little larger than what it holds (stored blocks); either kind of file
+    # larger than that is refused before it is read into memory.
+    limit = expected if path.suffix != ".gz" else expected + expected // 100 + (1 << 16)
+    data = fetch.read_limited(path, limit, f"; the {spec.name} file holds {expected} bytes of data); "
+                              + _fix_hint(spec, path))
+    if path.suffix == ".gz":
+        # The published .gz, or a repacked one (Debian's) whose content is the original.
+        gz_ok = fetch.md5(data) == item.gz_md5
+        try:
+            data = fetch.gunzip(data, expected)
+        except (OSError, EOFError, zlib.error):  # gzip.BadGzipFile is an OSError
+            raise TrainkitError(f"{path} is truncated or corrupt (not a valid gzip file); "
+                                + _fix_hint(spec, path)) from None
+        if len(data) > expected:
+            raise TrainkitError(f"{path} is corrupt or not the {spec.name} file: it decompresses to more than "
+                                f"the {expected} bytes of {item.stem}; " + _fix_hint(spec, path))
+        if not gz_ok and (item.raw_md5 is None or fetch.md5(data) != item.raw_md5):
+            raise TrainkitError(f"{path} has the wrong MD5 ({fetch.md5(data)} after decompression; the "
+                                f"published file's is {item.gz_md5}); " + _fix_hint(spec, path))
+    array = parse_idx(data, str(path))
+    if array.shape != item.shape:
+        raise TrainkitError(f"{path} holds an array of shape {array.shape}, expected {item.shape}; "
+                            + _fix_hint(spec, path))
+    if path.suffix != ".gz" and fetch.md5(data) != item.raw_md5:
+        raise TrainkitError(f"{path} is corrupt (MD5 {fetch.md5(data)}, expected {item.raw_md5}); "
+                            + _fix_hint(spec, path))
+    return array
+
+
+def _candidates(spec: IdxDataset, root: Path, item: IdxFile):
+    for folder in (root / spec.folder / "raw", *map(Path, spec.system_dirs)):
+        for name in (item.stem, item.stem + ".gz") if item.raw_md5 else (item.stem + ".gz",):
+            yield folder / name
+
+
+def load_idx_dataset(spec: IdxDataset, root: str | Path, download: bool = True, progress: bool = True) -> ImageData:
+    root = Path(root)
+    arrays = {}
+    for key, item in spec.files.items():
+        path = fetch.find(_candidates(spec, root, item))
+        if path is None:
+            if not download:
+                raise TrainkitError(f"{spec.name} file {item.stem}{'' if item.raw_md5 else '.gz'} not found in "
+                                    f"{root / spec.folder / 'raw'}")
+            path = fetch.download(spec.name, spec.mirrors, item.stem + ".gz", item.gz_md5, root / spec.folder / "raw",
+                                  progress, holds=spec.folder + "/raw/")
+        arrays[key] = read_idx_file(path, spec, item)
+    to_images = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
+    to_labels = lambda a: torch.from_numpy(a.astype(np.int64))
+    return ImageData(spec.name, to_images(arrays["train_images"]), to_labels(arrays["train_labels"]),
+                     to_images(arrays["test_images"]), to_labels(arrays["test_labels"]),
+                     list(spec.classes), (spec.mean,), (spec.std,))
+
+
+def _example(name: str):
+    def example(folder: Path) -> Example:
+        """24 training and 12 test images of noise as .gz IDX files, and the spec with their MD5s."""
+        spec, rng = IDX_DATASETS[name], np.random.default_rng(1)
+        raw = folder / spec.folder / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        arrays = {"train_images": rng.integers(0, 256, (24, 28, 28)), "train_labels": np.arange(24) % 10,
+                  "test_images": rng.integers(0, 256, (12, 28, 28)), "test_labels": np.arange(12) % 10}
+        files = {}
+        for key, item in spec.files.items():
+            data = gzip.compress(encode_idx(arrays[key]), mtime=0)
+            (raw / (item.stem + ".gz")).write_bytes(data)
+            files[key] = IdxFile(item.stem, fetch.md5(data), None, arrays[key].shape)
+        small = replace(spec, files=files, system_dirs=())
+        return Example(name, folder, (1, 28, 28), swap=((IDX_DATASETS, name, small),))
+    return example
+
+
+def _register(name: str) -> None:
+    @register_dataset(name, example=_example(name))
+    def load(arg: str | None, data_dir: Path, options: ReadOptions) -> ImageData:
+        # looked up when called: the registry test swaps in a spec for its own small files
+        return load_idx_dataset(IDX_DATASETS[name], data_dir, progress=options.progress)
+
+
+for _name in IDX_DATASETS:
+    _register(_name)
