@@ -1,0 +1,209 @@
+"""A folder's images decoded once into one uint8 file, read back memory-mapped (FFCV's .beton idea).
+
+A streamed folder decodes every file again each epoch; with the cache, the first build decodes each
+file once (in a pool of processes, with the one decoder, `images.decode_image`) and every later
+epoch and run reads raw bytes: an (N, C, H, W) uint8 array behind a small header.
+
+The file is `<cache_dir>/<name>.tkcache`: a header (a magic line and one JSON line saying the
+fingerprint of the files it was made from, the shape, dtype, resize mode and decoder version,
+padded to 4 KiB), then the pixels. It is written under a temporary name and renamed into place
+only when complete, so a build that is killed leaves no file that `open_cache` would take; a
+cache made from other files (another fingerprint) or with other settings is stale: `open_cache`
+says None and the caller builds again, over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import TrainkitError
+from .images import decode_image
+
+MAGIC = b"TRAINKIT IMAGE CACHE\n"
+FORMAT = 1
+# Raised whenever decode_image's pixels change, so caches made by an older decoder are stale.
+DECODER_VERSION = 1
+_ALIGN = 4096                   # the pixels start on a page boundary
+_CHUNK = 64                     # images per task at most: enough to amortise a task, few to hold
+_SUFFIX = ".tkcache"
+_TEMPORARY = ".tmp-"
+
+
+def cache_file(cache_dir: str | os.PathLike, name: str = "images") -> Path:
+    """Where `build_cache` puts the cache called `name` in `cache_dir`."""
+    return Path(cache_dir) / f"{name}{_SUFFIX}"
+
+
+def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[int, int], resize: str,
+                fingerprint: str, cache_dir: str | os.PathLike, workers: int, name: str = "images",
+                progress: Callable[[int], None] | None = None) -> Path:
+    """Decode every file of `paths` once, in order, into `cache_file(cache_dir, name)` and return
+    its path. `workers` processes decode (1: this process); `progress(n)` is called with the number
+    of images written so far. A file that cannot be decoded stops the build with its one line, and
+    nothing is left behind; an existing cache of that name is replaced only by a complete one."""
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise TrainkitError("an image cache needs the fingerprint of the files it is made from")
+    decode_image(_PROBE_PNG, channels, size, resize)           # bad settings: one line before any work
+    size = (int(size[0]), int(size[1]))
+    target = cache_file(cache_dir, name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainkitError(f"cannot make the image cache folder {target.parent}: {exc.strerror or exc}") from None
+    _remove_dead_temporaries(target)
+    shape = (len(paths), channels, *size)
+    header = _header(fingerprint, shape, resize)
+    temporary = target.with_name(f".{target.name}{_TEMPORARY}{os.getpid()}-{secrets.token_hex(4)}-{_host()}")
+    try:
+        blocks = _decoded_blocks([os.fspath(p) for p in paths], channels, size, resize, workers)
+        with open(temporary, "wb") as f, contextlib.closing(blocks):     # closing: the pool ends here
+            f.write(header)
+            written = 0
+            for block in blocks:
+                f.write(block)
+                written += len(block) // math.prod(shape[1:])
+                if progress is not None:
+                    progress(written)
+            f.flush()
+            os.fsync(f.fileno())                # the rename below must not publish unwritten pages
+        os.replace(temporary, target)
+    except BaseException as exc:
+        temporary.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise TrainkitError(f"cannot write the image cache {target}: {exc.strerror or exc}") from None
+        raise
+    return target
+
+
+def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence[int], resize: str | None = None,
+               name: str = "images") -> np.memmap | None:
+    """The cache's pixels, an (N, C, H, W) uint8 read-only memory map, or None when there is no
+    complete cache there for these files: absent, made from files of another fingerprint, of
+    another shape (or resize mode, when given), by another decoder version, or cut short."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = cache_file(path, name)
+    meta = read_header(path)
+    shape = tuple(int(s) for s in shape)
+    if (meta is None or meta.get("fingerprint") != fingerprint or tuple(meta.get("shape", ())) != shape
+            or meta.get("dtype") != "uint8" or meta.get("decoder") != DECODER_VERSION
+            or (resize is not None and meta.get("resize") != resize)):
+        return None
+    offset = meta["data_offset"]
+    try:
+        if path.stat().st_size != offset + math.prod(shape):
+            return None
+        if math.prod(shape) == 0:
+            return np.zeros(shape, np.uint8)   # numpy cannot map zero bytes
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError):
+        return None
+
+
+def images(memmap: np.ndarray, indices) -> torch.Tensor:
+    """The images at `indices` (a sequence, array or tensor of ints) as a (B, C, H, W) uint8 tensor."""
+    index = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).reshape(-1)
+    # read in file order (pages in sequence), then put back in the order asked
+    order = np.argsort(index, kind="stable")
+    batch = np.empty((len(index), *memmap.shape[1:]), np.uint8)
+    batch[order] = memmap[index[order]]
+    return torch.from_numpy(batch)
+
+
+def read_header(path: str | os.PathLike) -> dict | None:
+    """A cache file's header as a dict (fingerprint, shape, dtype, resize, decoder, data_offset),
+    or None when `path` is not a complete trainkit image cache header."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return None
+            meta = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("data_offset"), int)
+            or not isinstance(meta.get("shape"), list) or len(meta["shape"]) != 4):
+        return None
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _header(fingerprint: str, shape: tuple[int, ...], resize: str) -> bytes:
+    meta = {"format": FORMAT, "decoder": DECODER_VERSION, "fingerprint": fingerprint, "shape": list(shape),
+            "dtype": "uint8", "resize": resize, "data_offset": 0}
+    length = len(MAGIC) + len(json.dumps(meta)) + 1
+    meta["data_offset"] = -(-(length + 32) // _ALIGN) * _ALIGN           # room for the offset's own digits
+    line = json.dumps(meta).encode() + b"\n"
+    return MAGIC + line + b" " * (meta["data_offset"] - len(MAGIC) - len(line))
+
+
+def _decode_block(paths: list[str], channels: int, size: tuple[int, int], resize: str) -> bytes:
+    """(n, C, H, W) uint8 bytes of `paths`; top level so a pool can run it."""
+    return b"".join(decode_image(p, channels, size, resize).numpy().tobytes() for p in paths)
+
+
+def _decoded_blocks(paths: list[str], channels: int, size: tuple[int, int], resize: str, workers: int):
+    chunk = max(1, min(_CHUNK, -(-len(paths) // (max(workers, 1) * 4))))    # >= 4 tasks per worker
+    blocks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    if workers <= 1 or len(blocks) <= 1:
+        for block in blocks:
+            yield _decode_block(block, channels, size, resize)
+        return
+    import functools
+    import multiprocessing
+
+    # Not fork: the caller may hold threads (progress bars, a server) or an initialised accelerator.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    decode = functools.partial(_decode_block, channels=channels, size=size, resize=resize)
+    with multiprocessing.get_context(method).Pool(min(workers, len(blocks))) as pool:
+        yield from pool.imap(decode, blocks)                # in order; a worker's TrainkitError comes back here
+
+
+def _remove_dead_temporaries(target: Path) -> None:
+    """Temporaries of `target` left by a build that was killed: made on this machine (a shared
+    folder may hold another's) by a process that is gone."""
+    for leftover in target.parent.glob(f".{target.name}{_TEMPORARY}*"):
+        parts = leftover.name[len(f".{target.name}{_TEMPORARY}"):].split("-", 2)     # pid, random, host
+        if len(parts) == 3 and parts[0].isdigit() and parts[2] == _host() and not _alive(int(parts[0])):
+            leftover.unlink(missing_ok=True)
+
+
+def _host() -> str:
+    """This machine's name, as a file name may hold it."""
+    import socket
+
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True                             # someone else's process: alive
+    return True
+
+
+def _probe_png() -> bytes:
+    """A 1 x 1 PNG: decoding it checks channels, size and resize before a build starts."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0\0")) + chunk(b"IEND", b""))
+
+
+_PROBE_PNG = _probe_png()
