@@ -157,20 +157,20 @@ def test_auto_streams_a_folder_over_the_memory_budget(folder, monkeypatch):
 
 def test_a_corrupt_file_is_one_line_naming_it(tmp_path):
     bad_folder = write_folder(tmp_path / "images", per_class=8)
-    _, test, _ = folder_files(bad_folder)
+    test = folder_files(bad_folder).test
     bad = Path(test.path(0))        # a test file: the run trains an epoch before a worker meets it
     bad.write_bytes(bad.read_bytes()[:60])           # its header survives, its pixels do not
     # in a batch read by a worker
     loader = StreamLoader(test, 4, channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
     with pytest.raises(TrainkitError) as error:
         batches(loader)
-    assert str(error.value) == f"{bad} is not a readable PNG or JPEG image"
+    assert str(error.value).startswith(f"{bad} is not a readable image")
     # through the CLI, at the first evaluation: one line, exit 2
     proc = run_cli("train", "--dataset", f"imagefolder:{bad_folder}", "--pipeline", "stream", "--image-size", "16",
                    "--model", "speednet", "--epochs", "1", "--no-progress", *FIXED_FLAGS, "--out", tmp_path / "run",
                    env=ONE_WORKER)
     assert "Epoch 1" in proc.stdout
-    assert_one_line_error(proc, str(bad), "not a readable PNG or JPEG image")
+    assert_one_line_error(proc, str(bad), "not a readable image")
 
 
 def test_pipeline_stream_needs_an_image_folder():

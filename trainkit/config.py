@@ -77,6 +77,11 @@ class TrainConfig:
                                       "(an image folder is RGB if any image is in colour)", choices=[1, 3])
     image_size: str | None = _opt(None, "image size, N or HxW (e.g. 32 or 48x64); default: the dataset's own "
                                         "(an image folder's most common size)")
+    resize: str = _opt("fit", "image files of another shape than --image-size (image folders, predict, serve): "
+                              "fit (the shorter side to the size, the centre cropped: the aspect ratio kept) or "
+                              "stretch", choices=["fit", "stretch"])
+    bad_files: str = _opt("skip", "image folders: files that are not images or cannot be read are left out and "
+                                  "reported in one line (skip), or refused (error)", choices=["skip", "error"])
     augment: str = _opt("auto", "training augmentation: seed (zoom and rotation, as the seed), flip-crop "
                                 "(horizontal flips, 4-pixel padded crops), none; auto: seed for 1-channel "
                                 "images, flip-crop for 3-channel ones", choices=["auto", "seed", "flip-crop", "none"])

@@ -9,10 +9,23 @@ from .data.cifar import CIFAR10, CIFAR100, CIFAR_DATASETS, CifarDataset, CifarFi
 from .data.dataset import ImageData, channel_stats, convert_images
 from .data.fetch import DOWNLOAD_TIMEOUT, SOCKET_TIMEOUT, download_timeout
 from .data.folders import folder_format, load_image_folder
-from .data.formats import IMAGE_SUFFIXES, decode_image, load_image, parse_idx
+from .data import images
+from .data.formats import parse_idx
+from .data.images import IMAGE_SUFFIXES
 from .data.idx import (FASHION_MNIST, IDX_DATASETS, KMNIST, MNIST, IdxDataset, IdxFile, idx_size, load_idx_dataset,
                        read_idx_file)
 from .data.registry import DATASETS, DatasetSpec, load_dataset, parse_dataset
+
+
+def decode_image(data, channels: int, size: tuple[int, int], name: str | None = None,
+                 max_pixels: int | None = None, resize: str = "fit"):
+    """images.decode_image, with this module's old order of arguments."""
+    return images.decode_image(data, channels, size, resize, name=name, max_pixels=max_pixels)
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int], resize: str = "fit"):
+    """One image file as a (C, H, W) uint8 tensor (images.decode_image)."""
+    return images.decode_image(path, channels, size, resize)
 
 
 def download_file(spec: IdxDataset, item: IdxFile, dest_dir: Path, progress: bool = True,

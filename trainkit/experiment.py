@@ -121,9 +121,11 @@ def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int
     spec = parse_dataset(cfg.dataset)
     files = folder_to_stream(spec, cfg.pipeline, channels, size, device)
     if files is not None:
-        return load_stream_folder(Path(spec.arg), channels, size, files).limit(cfg.limit_train, cfg.limit_test)
+        return load_stream_folder(Path(spec.arg), channels, size, files, cfg.bad_files,
+                                  cfg.resize).limit(cfg.limit_train, cfg.limit_test)
     return load_dataset(spec, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
-                        limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+                        limit_train=cfg.limit_train, limit_test=cfg.limit_test, bad_files=cfg.bad_files,
+                        resize=cfg.resize)
 
 
 def augmentation(cfg: TrainConfig, data: ImageData) -> str:
@@ -157,7 +159,7 @@ def make_loaders(cfg: TrainConfig, data: ImageData | StreamData, device: torch.d
         first = lambda: data.images(data.train, range(min(1024, len(data.train))))   # what seed_augment looks at
         augment = {"seed": lambda: seed_augment(first()), "flip-crop": FlipCrop, "none": lambda: None}[kind]()
         common = dict(channels=data.channels, size=data.size, mean=data.mean, std=data.std, device=device,
-                      channels_last=cfg.channels_last == "on", rank=rank, world=world)
+                      channels_last=cfg.channels_last == "on", rank=rank, world=world, resize=data.resize)
         train = StreamLoader(data.train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                              persistent=True, **common)
         test = StreamLoader(data.test, cfg.test_batch_size, **common)
@@ -198,7 +200,7 @@ def evaluation_loader(data: ImageData | StreamData, batch_size: int, mean, std, 
     """The whole test set in batches, held or streamed as the data is."""
     if isinstance(data, StreamData):
         return StreamLoader(data.test, batch_size, channels=data.channels, size=data.size, mean=mean, std=std,
-                            device=device)
+                            device=device, resize=data.resize)
     return TensorLoader(data.test_images, data.test_labels, batch_size, mean=mean, std=std, device=device)
 
 

@@ -164,10 +164,10 @@ def cmd_eval(args) -> int:
 @torch.no_grad()
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
-    from .data.formats import load_image
+    from .data.images import decode_image
 
     c, h, w = trained.image_shape
-    return trained.probabilities(torch.stack([load_image(Path(p), c, (h, w)) for p in paths]))
+    return trained.probabilities(torch.stack([decode_image(Path(p), c, (h, w), trained.cfg.resize) for p in paths]))
 
 
 def cmd_predict(args) -> int:

@@ -2,7 +2,7 @@
 
 FastAPI + uvicorn (the `serve` extra), imported only when the command runs. The model is loaded
 once (`load_run`, weights_only) and every image goes through the same two steps as `trainkit
-predict` and the exported ONNX model: `data.formats.decode_image` (convert and resize) and
+predict` and the exported ONNX model: `data.images.decode_image` (convert and resize) and
 `TrainedModel.preprocess` (normalize). Requests that arrive while the model is busy are batched
 into its next forward (`Batcher`). Bad input is a 4xx answer with one line in "detail".
 """
@@ -212,7 +212,7 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-    from .data.formats import decode_image
+    from .data.images import decode_image
     from .inference import load_run
     from .serve_page import PAGE
 
@@ -289,9 +289,10 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         data, name = await image_bytes(request, max_upload)
         try:
             if len(data) <= INLINE_DECODE:
-                image = decode_image(data, c, (h, w), name=name, max_pixels=max_pixels)
+                image = decode_image(data, c, (h, w), trained.cfg.resize, name=name, max_pixels=max_pixels)
             else:
-                image = await asyncio.to_thread(decode_image, data, c, (h, w), name=name, max_pixels=max_pixels)
+                image = await asyncio.to_thread(decode_image, data, c, (h, w), trained.cfg.resize, name=name,
+                                                  max_pixels=max_pixels)
         except TrainkitError as exc:
             raise Refused(413 if "was refused" in str(exc) else 400, str(exc)) from None
         probs = (await batcher(image)).tolist()

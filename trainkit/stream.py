@@ -3,7 +3,7 @@
 Only the file list (paths as bytes, labels as int64) stays in memory. The main process plans each
 epoch exactly as `TensorLoader` does (`loaders.epoch_batches`: the permutation and the augmentation
 draws from the run's seeded generator); the workers only decode the files of each planned batch
-with `datasets.load_image`, the conversion that the in-memory path and `predict` use. So a streamed
+with `data.images.decode_image`, the conversion that the in-memory path and `predict` use. So a streamed
 run sees the same pixels, in the same order, augmented the same way, and resumes mid-epoch the same
 way (a state_dict of the generator at the epoch's start and the batches done).
 
@@ -22,8 +22,8 @@ import torch
 
 from .checkpoint import LOCK
 from .data.dataset import channel_stats, validation_indices
-from .data.folders import folder_format, split_folder
-from .data.formats import load_image
+from .data.folders import announce, choose_format, folder_format, report_skipped, split_folder
+from .data.images import decode_image
 from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
 from .loaders import epoch_batches, model_input, normalize
@@ -116,28 +116,48 @@ class FileList:
         return FileList(self.paths[indices.numpy()], self.labels[indices])
 
 
-def folder_files(root: Path, seed: int = 0) -> tuple[FileList, FileList, list[str]]:
-    """(train files, test files, classes) of an image folder: the split that `data.folders.split_folder`
-    makes for the in-memory path too. Its scan's Path objects (hundreds of bytes each) are gone
-    when this returns, before any worker is forked."""
-    train, test, classes = split_folder(root, seed)
-    index = {c: i for i, c in enumerate(classes)}
-    return FileList.of(train, index), FileList.of(test, index), classes
+@dataclass
+class FolderFiles:
+    """An image folder's split as file lists (data.folders.split_folder's, which the in-memory
+    path reads too), with the files it left out."""
+
+    root: Path
+    layout: str
+    train: FileList
+    test: FileList
+    val: FileList | None
+    classes: list[str]
+    skipped: list[tuple[Path, str]]
+
+    def splits(self) -> dict[str, FileList]:
+        return {"training": self.train, "validation": self.val, "test": self.test}
 
 
-def decoded_bytes(train: FileList, test: FileList, channels: int | None, size: tuple[int, int] | None) -> int:
+def folder_files(root: Path, seed: int = 0) -> FolderFiles:
+    """The file lists of an image folder. Its scan's Path objects (hundreds of bytes each) are
+    gone when this returns, before any worker is forked."""
+    split = split_folder(root, seed)
+    index = split.index()
+    val = FileList.of(split.val, index) if split.val is not None else None
+    return FolderFiles(root, split.layout, FileList.of(split.train, index), FileList.of(split.test, index), val,
+                       split.classes, split.skipped)
+
+
+def decoded_bytes(files: FolderFiles, channels: int | None, size: tuple[int, int] | None) -> int:
     """Bytes that the files take decoded as uint8 (N*C*H*W); the folder's own channels and size are
     estimated from a few training files' headers when not given."""
     if channels is None or size is None:
-        step = max(1, len(train) // FORMAT_SAMPLE)
-        found_channels, found_size = folder_format([train.path(i) for i in range(0, len(train), step)])
+        step = max(1, len(files.train) // FORMAT_SAMPLE)
+        found, _ = folder_format([files.train.path(i) for i in range(0, len(files.train), step)])
+        found_channels, found_size = found or (3, (1, 1))
         channels, size = channels or found_channels, size or found_size
-    return (len(train) + len(test)) * channels * size[0] * size[1]
+    count = sum(len(f) for f in files.splits().values() if f is not None)
+    return count * channels * size[0] * size[1]
 
 
 def folder_to_stream(dataset: "DatasetSpec | str", pipeline: str, channels: int | None, size: tuple[int, int] | None,
-                     device: torch.device | None = None) -> tuple | None:
-    """The (train files, test files, classes) of the image folder `dataset` when the run should stream it:
+                     device: torch.device | None = None) -> FolderFiles | None:
+    """The FolderFiles of the image folder `dataset` when the run should stream it:
     --pipeline stream, or auto with decoded images larger than `memory_budget`. None: hold it."""
     spec = parse_dataset(dataset)
     streams = spec.source in DATASETS and DATASETS[spec.source].streams    # a fact on the registry entry
@@ -149,7 +169,7 @@ def folder_to_stream(dataset: "DatasetSpec | str", pipeline: str, channels: int 
                                 f"is read into memory: leave --pipeline at auto or tensor")
         return None
     files = folder_files(Path(spec.arg))
-    if pipeline == "auto" and decoded_bytes(*files[:2], channels, size) <= memory_budget(device):
+    if pipeline == "auto" and decoded_bytes(files, channels, size) <= memory_budget(device):
         return None
     return files
 
@@ -161,15 +181,16 @@ class _BatchFiles(torch.utils.data.Dataset):
     """dataset[list of indices] -> (B, C, H, W) uint8, or the error line of the first bad file (a
     string: an exception raised in a worker would reach the main process as a traceback)."""
 
-    def __init__(self, files: FileList, channels: int, size: tuple[int, int]):
-        self.paths, self.channels, self.size = files.paths, channels, size
+    def __init__(self, files: FileList, channels: int, size: tuple[int, int], resize: str = "fit"):
+        self.paths, self.channels, self.size, self.resize = files.paths, channels, size, resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, indices):
         try:
-            return torch.stack([load_image(os.fsdecode(self.paths[i]), self.channels, self.size) for i in indices])
+            return torch.stack([decode_image(os.fsdecode(self.paths[i]), self.channels, self.size, self.resize)
+                                for i in indices])
         except TrainkitError as exc:
             return str(exc)
 
@@ -225,10 +246,10 @@ def read_batches(dataloader, sampler: _PlannedBatches, batches: list[torch.Tenso
 
 
 def make_dataloader(files: FileList, channels: int, size: tuple[int, int], workers: int, persistent: bool,
-                    pin_memory: bool = False):
+                    pin_memory: bool = False, resize: str = "fit"):
     sampler = _PlannedBatches()
     loader = torch.utils.data.DataLoader(
-        _BatchFiles(files, channels, size), sampler=sampler, batch_size=None, num_workers=workers,
+        _BatchFiles(files, channels, size, resize), sampler=sampler, batch_size=None, num_workers=workers,
         persistent_workers=persistent and workers > 0, prefetch_factor=PREFETCH if workers else None,
         pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
         # its own generator: a DataLoader draws its workers' seeds from the global one otherwise,
@@ -237,14 +258,16 @@ def make_dataloader(files: FileList, channels: int, size: tuple[int, int], worke
     return loader, sampler
 
 
-def sample_stats(files: FileList, channels: int, size: tuple[int, int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def sample_stats(files: FileList, channels: int, size: tuple[int, int],
+                 resize: str = "fit") -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std, in [0, 1] units, of a sample of the training images chosen at random
     with a fixed seed: STATS_SAMPLE images, fewer when larger than STATS_BYTES. A training set
     that small is taken whole, so its numbers are exactly the in-memory path's (`channel_stats`)."""
     n = len(files)
     count = min(n, STATS_SAMPLE, max(256, STATS_BYTES // (channels * size[0] * size[1])))
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
-    loader, sampler = make_dataloader(files, channels, size, min(stream_workers(), 4), persistent=False)
+    loader, sampler = make_dataloader(files, channels, size, min(stream_workers(), 4), persistent=False,
+                                      resize=resize)
     return channel_stats(torch.cat(list(read_batches(loader, sampler, list(chosen.split(256))))))
 
 
@@ -265,6 +288,7 @@ class StreamData:
     channels: int
     size: tuple[int, int]
     val: FileList | None = None
+    resize: str = "fit"
 
     @property
     def num_classes(self) -> int:
@@ -289,30 +313,39 @@ class StreamData:
     def limit(self, train: int | None = None, test: int | None = None) -> "StreamData":
         cut = lambda files, n: files if n is None else files.subset(range(min(n, len(files))))
         return StreamData(self.name, cut(self.train, train), cut(self.test, test), self.classes, self.mean,
-                          self.std, self.channels, self.size, self.val)
+                          self.std, self.channels, self.size, self.val, self.resize)
 
     def split_validation(self, size: float, seed: int = 0) -> "StreamData":
         """The same held-out files as ImageData.split_validation holds out (data.dataset.validation_indices)."""
         val, train = validation_indices(len(self.train), size, seed)
         return StreamData(self.name, self.train.subset(train), self.test, self.classes, self.mean,
-                          self.std, self.channels, self.size, self.train.subset(val))
+                          self.std, self.channels, self.size, self.train.subset(val), self.resize)
 
     def images(self, files: FileList, indices) -> torch.Tensor:
         """uint8 (B, C, H, W) of some files, read in this process."""
-        return torch.stack([load_image(files.path(int(i)), self.channels, self.size) for i in indices]) \
+        return torch.stack([decode_image(files.path(int(i)), self.channels, self.size, self.resize) for i in indices]) \
             if len(indices) else torch.zeros(0, *self.image_shape, dtype=torch.uint8)
 
 
 def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
-                       files: tuple | None = None) -> StreamData:
-    """An image folder as a StreamData: the file list of the split `load_image_folder` makes, at
-    `channels` and `size` (default: the folder's own, from every file's header, as in memory)."""
-    train, test, classes = files or folder_files(root)
-    if channels is None or size is None:     # every header, as the in-memory path reads them
-        found_channels, found_size = folder_format([f.path(i) for f in (train, test) for i in range(len(f))])
-        channels, size = channels or found_channels, size or found_size
-    mean, std = sample_stats(train, channels, size)
-    return StreamData(f"imagefolder:{root}", train, test, classes, mean, std, channels, tuple(size))
+                       files: FolderFiles | None = None, bad_files: str = "skip", resize: str = "fit") -> StreamData:
+    """An image folder as a StreamData: the file lists of the split `load_image_folder` reads, at
+    `channels` and `size` (default: the folder's own, from every file's header, as in memory). Files
+    whose header cannot be read are left out here; one whose pixels cannot be read stops the run
+    when a worker meets it (the epoch is planned: it cannot be left out then)."""
+    files = files or folder_files(root)
+    splits = {name: f for name, f in files.splits().items() if f is not None}
+    paths = [f.path(i) for f in splits.values() for i in range(len(f))]
+    channels, size, chosen, unreadable = choose_format(root, paths, channels, size)
+    if unreadable:
+        bad = {os.fsencode(p) for p, _ in unreadable}
+        splits = {name: f.subset([i for i in range(len(f)) if f.paths[i] not in bad]) for name, f in splits.items()}
+    report_skipped(root, files.skipped + unreadable, len(paths) + len(files.skipped), bad_files)
+    announce(root, files.layout, len(files.classes), {name: len(f) for name, f in splits.items()}, channels, size,
+             chosen, resize)
+    mean, std = sample_stats(splits["training"], channels, size, resize)
+    return StreamData(f"imagefolder:{root}", splits["training"], splits["test"], files.classes, mean, std, channels,
+                      tuple(size), splits.get("validation"), resize)
 
 
 class StreamLoader:
@@ -326,7 +359,7 @@ class StreamLoader:
     def __init__(self, files: FileList, batch_size: int, *, channels: int, size: tuple[int, int], mean, std,
                  device: torch.device | str = "cpu", shuffle: bool = False, augment=None, seed: int = 0,
                  channels_last: bool = False, rank: int = 0, world: int = 1, workers: int | None = None,
-                 persistent: bool = False):
+                 persistent: bool = False, resize: str = "fit"):
         self.files, self.batch_size = files, batch_size
         self.device = torch.device(device)
         self.shuffle, self.augment, self.channels_last = shuffle, augment, channels_last
@@ -335,7 +368,7 @@ class StreamLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_done, self._skip = 0, 0
         self._args = (files, channels, size, stream_workers() if workers is None else workers, persistent,
-                      self.device.type == "cuda")
+                      self.device.type == "cuda", resize)
         self._loader = None       # made at the first pass, so that building a run starts no process
 
     @property

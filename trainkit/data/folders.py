@@ -1,7 +1,20 @@
-"""Image folders: one subfolder per class. The scan and the train/test split are made here, once,
-for both the in-memory path (`load_image_folder`) and the streamed one (`trainkit.stream`)."""
+"""Image folders: one subfolder per class, images of any format Pillow reads, of any size.
+
+Layouts: `train/` and `test/` (and optionally `val/`), each holding the class folders; or the class
+folders themselves, of which a random 20% is held out for testing. Files and folders whose name
+starts with "." are never classes nor images (.git, .ipynb_checkpoints, .DS_Store); a class folder's
+subfolders are read too. Files that are not images (by suffix or content), or not regular files
+(a FIFO would block), are left out and reported in one line, or refused with `--bad-files error`.
+
+The scan and the split are made here, once, for both the in-memory path (`load_image_folder`) and
+the streamed one (`trainkit.stream`).
+"""
 from __future__ import annotations
 
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -9,69 +22,188 @@ import torch
 
 from ..errors import TrainkitError
 from .dataset import ImageData, channel_stats
-from .formats import IMAGE_SUFFIXES, image_info, load_image
+from .images import IMAGE_SUFFIXES, decode_image, image_info
 from .registry import Example, ReadOptions, register_dataset
 
 TEST_FRACTION = 0.2     # of a folder without train/ and test/, held out for testing
+SHOWN = 3               # bad files named in the one line that reports them
 
 
-def scan(folder: Path) -> list[tuple[Path, str]]:
-    """(file, class name) of every image in `folder`'s class subfolders, sorted."""
-    return sorted((p, p.parent.name) for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+@dataclass
+class FolderSplit:
+    """What an image folder holds: (file, class name) items per split, sorted, and the files left
+    out with the reason (`skipped`)."""
+
+    root: Path
+    train: list[tuple[Path, str]]
+    test: list[tuple[Path, str]]
+    val: list[tuple[Path, str]] | None
+    classes: list[str]
+    layout: str                                   # "train/test" or "flat"
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
 
 
-def split_folder(root: Path, seed: int = 0, test_fraction: float = TEST_FRACTION):
-    """(train items, test items, classes) of an image folder: root/train and root/test if both
-    exist, else a random `test_fraction` of the files, drawn from `seed`, for testing."""
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def scan(folder: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(items, skipped) of a folder of class folders: (file, class name) of every image file in
+    each class folder and its subfolders, sorted; (file, reason) of each file left out."""
+    items, skipped = [], []
+    try:
+        classes = sorted(e.name for e in os.scandir(folder) if not _hidden(e.name) and e.is_dir())
+    except OSError as exc:
+        raise TrainkitError(f"cannot read the image folder {folder}: {exc.strerror or exc}") from None
+    for label in classes:
+        for dirpath, dirnames, filenames in os.walk(folder / label):
+            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))     # walked in a fixed order
+            for name in filenames:
+                if _hidden(name):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    mode = os.stat(path).st_mode          # before any open(): a FIFO would block it
+                except OSError as exc:
+                    skipped.append((path, exc.strerror or "cannot be read"))
+                    continue
+                if not stat.S_ISREG(mode):
+                    skipped.append((path, "not a regular file"))
+                elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped.append((path, "not an image"))
+                else:
+                    items.append((path, label))
+    return sorted(items), skipped
+
+
+def split_folder(root: Path, seed: int = 0, test_fraction: float = TEST_FRACTION) -> FolderSplit:
+    """The split of an image folder: root/train and root/test (and root/val) if present, else a
+    random `test_fraction` of the files, drawn from `seed`, for testing."""
     if not root.is_dir():
         raise TrainkitError(f"image folder {root} does not exist")
+    val = None
     if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = scan(root / "train"), scan(root / "test")
+        (train, bad_train), (test, bad_test) = scan(root / "train"), scan(root / "test")
+        skipped = bad_train + bad_test
+        if (root / "val").is_dir():
+            val, bad_val = scan(root / "val")
+            skipped += bad_val
+        layout = "train/test"
     else:
-        items = scan(root)
+        items, skipped = scan(root)
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = max(1, int(round(len(items) * test_fraction))) if len(items) > 1 else 0
-        test = [items[i] for i in order[:n_test]]
-        train = [items[i] for i in order[n_test:]]
-    classes = sorted({label for _, label in train + test})
+        test = sorted(items[i] for i in order[:n_test])
+        train = sorted(items[i] for i in order[n_test:])
+        layout = "flat"
+    classes = sorted({label for _, label in train + test + (val or [])})
     if len(classes) < 2 or not train or not test:
-        raise TrainkitError(f"image folder {root} needs at least two class subfolders of PNG/JPEG "
-                            f"images (found {len(classes)} classes, {len(train) + len(test)} images)")
-    return train, test, classes
+        raise TrainkitError(f"image folder {root} needs at least two class subfolders of images "
+                            f"(found {len(classes)} classes, {len(train) + len(test)} images): "
+                            f"class folders, or train/ and test/ holding class folders")
+    return FolderSplit(root, train, test, val, classes, layout, skipped)
 
 
-def folder_format(paths: list[Path]) -> tuple[int, tuple[int, int]]:
-    """(channels, (H, W)) of a folder of images from their headers only: 3 if any image is in
-    colour, else 1; the most common size (the larger one on a tie)."""
-    sizes, colour = {}, False
+def report_skipped(root: Path, skipped: list[tuple[Path, str]], total: int, bad_files: str) -> None:
+    """Files left out, in one line: a warning on stderr (`bad_files` "skip") or a TrainkitError ("error")."""
+    if not skipped:
+        return
+    def shown(path, reason):
+        try:
+            path = path.relative_to(root)
+        except ValueError:
+            pass
+        return f"{path} ({reason[:60]})"
+    names = ", ".join(shown(p, r) for p, r in skipped[:SHOWN]) + (f" and {len(skipped) - SHOWN} more"
+                                                                  if len(skipped) > SHOWN else "")
+    what = f"{len(skipped)} of {total} files in {root} are not images or could not be read: {names}"
+    if bad_files == "error":
+        raise TrainkitError(f"{what}; remove them, or leave them out with --bad-files skip")
+    print(f"trainkit: warning: {what}; left out (--bad-files error refuses them)", file=sys.stderr, flush=True)
+
+
+def _reason(exc: TrainkitError, path: Path) -> str:
+    """The decoder's message without the file's name, which the report shows already."""
+    return str(exc).removeprefix(str(path)).strip(" :") or "cannot be read"
+
+
+def folder_format(paths: list[Path]) -> tuple[tuple[int, tuple[int, int]] | None, list[tuple[Path, str]]]:
+    """((channels, (H, W)), unreadable) of a folder of images from their headers only: 3 if any
+    image is in colour, else 1; the most common size (the larger one on a tie); and (file, reason)
+    of each file whose header cannot be read. None for the format when no header can."""
+    sizes, colour, unreadable = {}, False, []
     for path in paths:
-        channels, hw = image_info(path)
+        try:
+            channels, hw = image_info(path)
+        except TrainkitError as exc:
+            unreadable.append((Path(path), _reason(exc, Path(path))))
+            continue
         colour = colour or channels == 3
         sizes[hw] = sizes.get(hw, 0) + 1
-    size = max(sizes, key=lambda hw: (sizes[hw], hw))
-    return (3 if colour else 1), size
+    if not sizes:
+        return None, unreadable
+    return ((3 if colour else 1), max(sizes, key=lambda hw: (sizes[hw], hw))), unreadable
+
+
+def choose_format(root: Path, paths: list[Path], channels: int | None, size: tuple[int, int] | None):
+    """(channels, size, chosen, unreadable): the asked ones, or the folder's own from `paths`' headers."""
+    if channels is not None and size is not None:
+        return channels, tuple(size), False, []
+    found, unreadable = folder_format(paths)
+    if found is None:
+        raise TrainkitError(f"image folder {root}: none of its {len(paths)} image files can be read "
+                            f"(first: {unreadable[0][0]}: {unreadable[0][1]})")
+    return channels or found[0], tuple(size or found[1]), size is None, unreadable
+
+
+def announce(root: Path, layout: str, classes: int, counts: dict[str, int], channels: int, size: tuple[int, int],
+             chosen: bool, resize: str) -> None:
+    """One line saying what is read: how many images of each split, in what shape."""
+    parts = ", ".join(f"{n} {name}" for name, n in counts.items() if n or name != "validation")
+    how = " (the most common size; --image-size sets another)" if chosen else ""
+    print(f"Image folder {root} ({layout}): {parts} images, {classes} classes, read as "
+          f"{'RGB' if channels == 3 else 'grayscale'} {size[0]}x{size[1]}{how}, resized by {resize}", flush=True)
 
 
 def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
-                      test_fraction: float = TEST_FRACTION, seed: int = 0) -> ImageData:
-    """Read `root/<class>/*.png`; `root/train` and `root/test` (if present) are used as the split.
-    `channels` and `size` default to the folder's own (colour if any image is, the most common size)."""
-    train, test, classes = split_folder(root, seed, test_fraction)
-    if channels is None or size is None:
-        found_channels, found_size = folder_format([p for p, _ in train + test])
-        channels, size = channels or found_channels, size or found_size
-    index = {c: i for i, c in enumerate(classes)}
+                      test_fraction: float = TEST_FRACTION, seed: int = 0, bad_files: str = "skip",
+                      resize: str = "fit") -> ImageData:
+    """An image folder read whole into uint8 tensors, at `channels` and `size` (default: the
+    folder's own: colour if any image is, the most common size)."""
+    split = split_folder(root, seed, test_fraction)
+    parts = {"training": split.train, "validation": split.val or [], "test": split.test}
+    paths = [p for items in parts.values() for p, _ in items]
+    channels, size, chosen, unreadable = choose_format(root, paths, channels, size)
+    bad = {p for p, _ in unreadable}
+    index = split.index()
 
     def stack(items):
         images = torch.empty((len(items), channels, *size), dtype=torch.uint8)   # filled in place: no copy
+        keep = torch.zeros(len(items), dtype=torch.bool)
         for i, (path, _) in enumerate(items):
-            images[i] = load_image(path, channels, size)
-        return images, torch.tensor([index[c] for _, c in items], dtype=torch.int64)
+            if path in bad:
+                continue
+            try:
+                images[i] = decode_image(path, channels, size, resize)
+                keep[i] = True
+            except TrainkitError as exc:        # a header that reads, pixels that do not (a truncated JPEG)
+                unreadable.append((path, _reason(exc, path)))
+        labels = torch.tensor([index[c] for _, c in items], dtype=torch.int64)
+        return (images, labels) if bool(keep.all()) else (images[keep], labels[keep])
 
-    train_x, train_y = stack(train)
-    test_x, test_y = stack(test)
+    read = {name: stack(items) for name, items in parts.items()}
+    report_skipped(root, split.skipped + unreadable, len(paths) + len(split.skipped), bad_files)
+    if not len(read["training"][1]) or not len(read["test"][1]):
+        raise TrainkitError(f"image folder {root} has no readable {'training' if not len(read['training'][1]) else 'test'} images")
+    announce(root, split.layout, len(split.classes), {name: len(y) for name, (_, y) in read.items()}, channels, size,
+             chosen, resize)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = read["training"], read["validation"], read["test"]
     mean, std = channel_stats(train_x)
-    return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, classes, mean, std)
+    val = (val_x, val_y) if split.val is not None else (None, None)
+    return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, split.classes, mean, std, *val)
 
 
 def _example(folder: Path) -> Example:
@@ -89,4 +221,5 @@ def _example(folder: Path) -> Example:
 def imagefolder(arg: str | None, data_dir: Path, options: ReadOptions) -> ImageData:
     if not arg:
         raise TrainkitError("--dataset imagefolder needs a folder: imagefolder:PATH")
-    return load_image_folder(Path(arg), options.channels, options.size)
+    return load_image_folder(Path(arg), options.channels, options.size, bad_files=options.bad_files,
+                             resize=options.resize)

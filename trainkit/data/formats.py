@@ -1,6 +1,6 @@
-"""Reading data formats from bytes: IDX (MNIST's), the CIFAR pickle (through an unpickler that
-builds only numpy arrays), and image files. Knows no URL, no download, no dataset's checksums:
-each reader checks the structure of what it is given, and can be tested on bytes alone.
+"""Reading data formats from bytes: IDX (MNIST's) and the CIFAR pickle (through an unpickler that
+builds only numpy arrays); image files are images.py's. Knows no URL, no download, no dataset's
+checksums: each reader checks the structure of what it is given, and can be tested on bytes alone.
 """
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import codecs
 import io
 import math
 import pickle
-import warnings
-import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,75 +97,3 @@ def cifar_class_names(content: dict, names_key: str, name: str, hint: str) -> li
     if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
         raise TrainkitError(f"{name} holds no list {names_key}; " + hint)
     return [n.decode() if isinstance(n, bytes) else n for n in names]
-
-
-# ---------------------------------------------------------------------------------------------
-# Image files (until trainkit.data.images replaces this decoder)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def _open_image(path, name=None):
-    """A PIL image opened lazily (header only), or one line for a file Pillow cannot read.
-    `path` may be a file object; `name` is what the errors call it (default: the path)."""
-    from PIL import Image
-
-    source, path = path, path if name is None else name
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refused here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(source)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, zlib.error):  # UnidentifiedImageError is an OSError
-        raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
-
-
-def decode_image(data, channels: int, size: tuple[int, int], name: str | None = None,
-                 max_pixels: int | None = None) -> torch.Tensor:
-    """An image file's bytes (or its path) as a (C, H, W) uint8 tensor, converted and resized
-    (bilinear): the one conversion that `predict`, `serve` and image folders share. `max_pixels`
-    refuses a larger image from its header, before decoding."""
-    from PIL import Image
-
-    path = name or ("the image" if isinstance(data, (bytes, bytearray)) else data)
-    try:
-        with warnings.catch_warnings(), _open_image(io.BytesIO(data) if isinstance(data, (bytes, bytearray))
-                                                    else data, path) as img:
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise Image.DecompressionBombError(f"Image size ({img.width * img.height} pixels) exceeds limit "
-                                                   f"of {max_pixels} pixels")
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != size[::-1]:
-                img = img.resize(size[::-1], Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TrainkitError(f"{path} was refused: {str(exc).split(',')[0]} (a decompression bomb?)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, zlib.error):
-        # Pillow reports damaged files with any of these, depending on the format and the damage.
-        raise TrainkitError(f"{path} is not a readable PNG or JPEG image") from None
-    return torch.from_numpy(array.copy()).reshape(size[0], size[1], channels).permute(2, 0, 1).contiguous()
-
-
-def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """One image file as a (C, H, W) uint8 tensor, converted and resized like training data."""
-    return decode_image(path, channels, size)
-
-
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-
-
-def _is_gray(img) -> bool:
-    """From the header: a grayscale mode, or a palette whose every colour is a gray."""
-    if img.mode == "P":
-        palette = img.getpalette() or []
-        return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
-    return img.mode in _GRAY_MODES
-
-
-def image_info(path) -> tuple[int, tuple[int, int]]:
-    """(channels, (H, W)) of an image file from its header only: 1 for gray, else 3."""
-    with _open_image(path) as img:
-        return (1 if _is_gray(img) else 3), (img.height, img.width)
