@@ -95,7 +95,7 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(tmp_
     assert drive([(["train", *SMALL, "--out", ref], {"TRAINKIT_WRITE_LOG": str(log)})]) == [0]
     writes = log.read_text().split()
     epoch = ["last.pt", "best.pt", "metrics.csv"]       # last.pt first: the commit point
-    assert writes == ["config.json", "samples.png", *epoch, *epoch, "metrics.csv", "model.pt", "plot.png",
+    assert writes == ["config.json", "data.json", "samples.png", *epoch, *epoch, "metrics.csv", "model.pt", "plot.png",
                       "confusion.png", "mistakes.png", "summary.txt"], writes
     # Killed once k writes are on disk, for every k; "torn": killed with the next write's temporary
     # file complete but not yet renamed (before the first write, and before each checkpoint and model.pt).
@@ -115,7 +115,7 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(tmp_
         if (out / "last.pt").exists():
             resumes.append((["train", "--resume", out], {}))
         else:   # killed before its first checkpoint: nothing was trained, the folder is used again
-            assert writes[:k] == ["config.json", "samples.png"][:k]
+            assert writes[:k] == ["config.json", "data.json", "samples.png"][:k]
             resumes.append((["train", *SMALL, "--out", out], {}))
     assert drive(resumes) == [0] * len(points)
     for k, torn in points:

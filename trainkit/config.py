@@ -96,11 +96,14 @@ class TrainConfig:
     channels_last: str = _opt("auto", "channels_last memory format for 4-D activations: on, off, or auto "
                                       "(the faster, timed with --precision)", choices=["auto", "on", "off"])
     compile: bool = _opt(False, "torch.compile the model")
-    seed: int = _opt(1, "random seed", nonneg=True, maximum=INT64_MAX)
+    seed: int = _opt(1, "random seed (also of the --limit-train/--limit-test subsets and of a flat image folder's "
+                        "test split)", nonneg=True, maximum=INT64_MAX)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     workers: int = _opt(2, "DataLoader workers (torchvision pipeline only)", nonneg=True)
-    limit_train: int | None = _opt(None, "use only the first N training images", positive=True)
-    limit_test: int | None = _opt(None, "use only the first N test images", positive=True)
+    limit_train: int | None = _opt(None, "use only N training images, drawn from --seed class by class (as many of "
+                                         "each class as the data has)", positive=True)
+    limit_test: int | None = _opt(None, "use only N test images, drawn from --seed class by class; a class left "
+                                        "out is named in a warning", positive=True)
     val_split: float | None = _opt(None, "hold out this fraction (or, from 1 up, this many) of the training "
                                          "images for validation: checks, best.pt, --patience and --target-acc "
                                          "then use it, and the test set is evaluated once at the end", positive=True)

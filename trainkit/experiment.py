@@ -119,13 +119,13 @@ def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int
     An image folder is a StreamData (file lists) when --pipeline says to stream it (stream.py)."""
     channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
     spec = parse_dataset(cfg.dataset)
-    files = folder_to_stream(spec, cfg.pipeline, channels, size, device)
+    files = folder_to_stream(spec, cfg.pipeline, channels, size, device, cfg.seed)
     if files is not None:
         return load_stream_folder(Path(spec.arg), channels, size, files, cfg.bad_files,
-                                  cfg.resize).limit(cfg.limit_train, cfg.limit_test)
+                                  cfg.resize).subset(cfg.limit_train, cfg.limit_test, cfg.seed)
     return load_dataset(spec, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
-                        limit_train=cfg.limit_train, limit_test=cfg.limit_test, bad_files=cfg.bad_files,
-                        resize=cfg.resize)
+                        limit_train=cfg.limit_train, limit_test=cfg.limit_test, seed=cfg.seed,
+                        bad_files=cfg.bad_files, resize=cfg.resize)
 
 
 def augmentation(cfg: TrainConfig, data: ImageData) -> str:

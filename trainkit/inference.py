@@ -138,6 +138,7 @@ def _load_from_args(args) -> TrainedModel:
 def cmd_eval(args) -> int:
     from .devices import bf16_supported
     from .engine import evaluate
+    from .data.manifest import check_same_data
     from .experiment import evaluation_loader, get_data
     from .reports import test_line
 
@@ -152,6 +153,7 @@ def cmd_eval(args) -> int:
         raise TrainkitError(f"the data found for {cfg.dataset} ({list(data.image_shape)}, {len(data.classes)} classes) "
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "
                             f"{len(trained.classes)} classes)")
+    check_same_data(Path(args.run_dir), data.manifest(), ("test",), "eval")
     loader = evaluation_loader(data, cfg.test_batch_size, trained.mean, trained.std)
     cpu = torch.device("cpu")
     # Evaluated in the precision the run trained (and evaluated) in, so that its test line comes back.

@@ -17,6 +17,7 @@ from . import distributed
 from .callbacks import TensorBoardLogger
 from .config import TrainConfig
 from .data.dataset import ImageData
+from .data.manifest import check_same_data
 from .engine import Callback, History, fit
 from .experiment import Experiment, build_experiment, training_callbacks
 from .rundir import OWN_NAMES, RunDirectory, default_run_dir, lock_run, prepare, restore
@@ -58,6 +59,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
                 held = lock_run(run_dir)
                 ckpt.remove_stale_temporaries(run_dir, OWN_NAMES)
             saved = ckpt.load_checkpoint(saved_path)
+            check_same_data(run_dir, exp.data.manifest(), ("train", "val", "test"), "--resume")
             resume_state = restore(exp, saved, str(saved_path), everyone + tracker)
             if main:
                 RunDirectory(exp, run_dir).repair(saved)

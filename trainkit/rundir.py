@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 from . import checkpoint as ckpt
 from . import reports
 from .config import TrainConfig, flag_name, from_mapping, load_config_file
+from .data import manifest
 from .data.dataset import ImageData
 from .engine import Callback, History, TrainState, unwrap
 from .errors import TrainkitError
@@ -31,11 +32,11 @@ from . import stream
 from .experiment import Experiment, canonical, evaluation_loader
 from .models import count_parameters, model_source
 
-FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
+FILES = ("config.json", manifest.FILE, "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
 LOCK = ckpt.LOCK                 # held (flock) by the one process that writes the run
 # What a run holds before its first checkpoint: such a folder may be used again as a new run.
-BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", "samples.png", "tensorboard"}
+BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", manifest.FILE, "samples.png", "tensorboard"}
 # Names whose temporaries an older trainkit (prefix `.tmp-`) may have left.
 OWN_NAMES = FILES + (".write-test",)
 
@@ -254,6 +255,9 @@ class RunDirectory(Callback):
                  "data": data_info(exp.data), "model": model_info(exp), "parameters": count_parameters(exp.model),
                  "tuning": exp.tuning}
         self._guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
+        files = exp.data.manifest()      # what eval and --resume check the data against
+        if files is not None:
+            self._guard(manifest.FILE, lambda: ckpt.atomic_write_text(self.dir / manifest.FILE, json.dumps(files)))
         loader = exp.train_loader
         position = loader.state_dict()  # drawing the samples must not change what training sees
         self._guard("samples.png", lambda: self._figure(reports.plot_samples, loader, exp.data.classes, exp.data.mean,

@@ -14,15 +14,17 @@ from __future__ import annotations
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import LOCK
-from .data.dataset import channel_stats, validation_indices
-from .data.folders import announce, choose_format, folder_format, report_skipped, split_folder
+from .data.dataset import balanced_indices, channel_stats, validation_indices, warn_absent
+from .data.folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
+                           split_folder)
+from .data.manifest import make_manifest
 from .data.images import decode_image
 from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
@@ -156,9 +158,10 @@ def decoded_bytes(files: FolderFiles, channels: int | None, size: tuple[int, int
 
 
 def folder_to_stream(dataset: "DatasetSpec | str", pipeline: str, channels: int | None, size: tuple[int, int] | None,
-                     device: torch.device | None = None) -> FolderFiles | None:
-    """The FolderFiles of the image folder `dataset` when the run should stream it:
-    --pipeline stream, or auto with decoded images larger than `memory_budget`. None: hold it."""
+                     device: torch.device | None = None, seed: int = 0) -> FolderFiles | None:
+    """The FolderFiles of the image folder `dataset` (a flat folder split from `seed`) when the run
+    should stream it: --pipeline stream, or auto with decoded images larger than `memory_budget`.
+    None: hold it."""
     spec = parse_dataset(dataset)
     streams = spec.source in DATASETS and DATASETS[spec.source].streams    # a fact on the registry entry
     if pipeline not in ("auto", "stream") or (streams and not spec.arg):
@@ -168,7 +171,7 @@ def folder_to_stream(dataset: "DatasetSpec | str", pipeline: str, channels: int 
             raise TrainkitError(f"--pipeline stream reads image folders (--dataset imagefolder:PATH); {spec} "
                                 f"is read into memory: leave --pipeline at auto or tensor")
         return None
-    files = folder_files(Path(spec.arg))
+    files = folder_files(Path(spec.arg), seed)
     if pipeline == "auto" and decoded_bytes(files, channels, size) <= memory_budget(device):
         return None
     return files
@@ -289,6 +292,8 @@ class StreamData:
     size: tuple[int, int]
     val: FileList | None = None
     resize: str = "fit"
+    root: Path | None = None                              # the folder, for the manifest's names
+    sources: dict[str, tuple[int, str]] | None = None     # data/manifest.py: each file's size and digest
 
     @property
     def num_classes(self) -> int:
@@ -311,15 +316,31 @@ class StreamData:
         return None if self.val is None else self.val.labels
 
     def limit(self, train: int | None = None, test: int | None = None) -> "StreamData":
+        """The first `train` training and `test` test files."""
         cut = lambda files, n: files if n is None else files.subset(range(min(n, len(files))))
-        return StreamData(self.name, cut(self.train, train), cut(self.test, test), self.classes, self.mean,
-                          self.std, self.channels, self.size, self.val, self.resize)
+        return replace(self, train=cut(self.train, train), test=cut(self.test, test))
+
+    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> "StreamData":
+        """The files ImageData.subset keeps of the same data (data.dataset.balanced_indices)."""
+        pick = lambda files, n, s: (lambda i: files if i is None else files.subset(i))(balanced_indices(files.labels, n, s))
+        data = replace(self, train=pick(self.train, train, seed), test=pick(self.test, test, seed + 1))
+        if test is not None and test < len(self.test):
+            warn_absent(data.test.labels, self.test.labels, self.classes)
+        return data
 
     def split_validation(self, size: float, seed: int = 0) -> "StreamData":
         """The same held-out files as ImageData.split_validation holds out (data.dataset.validation_indices)."""
         val, train = validation_indices(len(self.train), size, seed)
-        return StreamData(self.name, self.train.subset(train), self.test, self.classes, self.mean,
-                          self.std, self.channels, self.size, self.train.subset(val), self.resize)
+        return replace(self, train=self.train.subset(train), val=self.train.subset(val))
+
+    def manifest(self) -> dict | None:
+        """What the data was read from (data/manifest.py), as ImageData.manifest says it."""
+        if self.sources is None:
+            return None
+        names = lambda files: [relative_name(files.path(i), self.root) for i in range(len(files))]
+        splits = {split: (len(files), names(files)) for split, files in (("train", self.train), ("val", self.val),
+                                                                          ("test", self.test)) if files is not None}
+        return make_manifest(self.name, self.sources, splits)
 
     def images(self, files: FileList, indices) -> torch.Tensor:
         """uint8 (B, C, H, W) of some files, read in this process."""
@@ -337,6 +358,9 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
     splits = {name: f for name, f in files.splits().items() if f is not None}
     paths = [f.path(i) for f in splits.values() for i in range(len(f))]
     channels, size, chosen, unreadable = choose_format(root, paths, channels, size)
+    bad = {p for p, _ in unreadable}
+    sources, missing = file_sources([p for p in paths if Path(p) not in bad], root)   # each file read once, here
+    unreadable += missing
     if unreadable:
         bad = {os.fsencode(p) for p, _ in unreadable}
         splits = {name: f.subset([i for i in range(len(f)) if f.paths[i] not in bad]) for name, f in splits.items()}
@@ -345,7 +369,7 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
              chosen, resize)
     mean, std = sample_stats(splits["training"], channels, size, resize)
     return StreamData(f"imagefolder:{root}", splits["training"], splits["test"], files.classes, mean, std, channels,
-                      tuple(size), splits.get("validation"), resize)
+                      tuple(size), splits.get("validation"), resize, root, sources)
 
 
 class StreamLoader:

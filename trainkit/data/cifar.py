@@ -117,7 +117,8 @@ def load_cifar(spec: CifarDataset, root: str | Path, download: bool = True, prog
         raise TrainkitError(f"{folder} holds labels outside the {len(classes)} classes of {spec.meta.name}; "
                             + _cifar_hint(spec, meta))
     return ImageData(spec.name, torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
-                     torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]), classes, spec.mean, spec.std)
+                     torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]), classes, spec.mean, spec.std,
+                     sources={f.name: (f.count, f.md5) for f in files})
 
 
 def write_cifar_files(folder: Path, spec: CifarDataset, n_train: int, n_test: int, seed: int = 0) -> CifarDataset:

@@ -2,12 +2,14 @@
 computed on it whatever its source: per-channel statistics, channel and size conversion."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ..errors import TrainkitError
+from .manifest import make_manifest
 
 
 @dataclass
@@ -24,6 +26,10 @@ class ImageData:
     std: tuple[float, ...]
     val_images: torch.Tensor | None = None   # a validation split held out of the training images
     val_labels: torch.Tensor | None = None
+    # What the data was read from, for the run's manifest (data/manifest.py): each source file's
+    # (size, digest) by name, and, where images are files, each split's file names in image order.
+    sources: dict[str, tuple[int, str]] | None = None
+    files: dict[str, list[str]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -55,19 +61,80 @@ class ImageData:
             mean, std = channel_stats(train_x)
         return cls(name, train_x, train_y, test_x, test_y, list(classes), tuple(mean), tuple(std))
 
+    def _take(self, train=None, test=None, val=None) -> "ImageData":
+        """The data with each split's images (and labels, and file names) taken at the given indices
+        or slice (None: the split as it is)."""
+        changes = {}
+        for split, index in (("train", train), ("test", test), ("val", val)):
+            if index is not None and getattr(self, f"{split}_images") is not None:
+                changes[f"{split}_images"] = getattr(self, f"{split}_images")[index]
+                changes[f"{split}_labels"] = getattr(self, f"{split}_labels")[index]
+        if self.files is not None:
+            picks = {"train": train, "test": test, "val": val}
+            pick = lambda names, index: names[index] if isinstance(index, slice) else [names[i] for i in index.tolist()]
+            changes["files"] = {split: names if picks.get(split) is None else pick(names, picks[split])
+                                for split, names in self.files.items()}
+        return replace(self, **changes)
+
     def limit(self, train: int | None = None, test: int | None = None) -> "ImageData":
-        """The first `train` training and `test` test images (for quick runs)."""
-        return ImageData(self.name, self.train_images[:train], self.train_labels[:train],
-                         self.test_images[:test], self.test_labels[:test],
-                         self.classes, self.mean, self.std, self.val_images, self.val_labels)
+        """The first `train` training and `test` test images (for quick runs from Python)."""
+        return self._take(slice(None, train), slice(None, test))
+
+    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> "ImageData":
+        """`train` training and `test` test images drawn at random from `seed`, as many of each class
+        as the data allows (--limit-train, --limit-test); None, or a count of all: the split whole."""
+        pick_train = balanced_indices(self.train_labels, train, seed)
+        pick_test = balanced_indices(self.test_labels, test, seed + 1)
+        data = self._take(pick_train, pick_test)
+        if pick_test is not None:
+            warn_absent(data.test_labels, self.test_labels, self.classes)
+        return data
 
     def split_validation(self, size: float, seed: int = 0) -> "ImageData":
         """Hold `size` training images out for validation: a fraction (0 < size < 1) or a count,
         chosen at random with a fixed seed, so the same run always holds out the same images."""
         val, train = validation_indices(len(self.train_labels), size, seed)
-        return ImageData(self.name, self.train_images[train], self.train_labels[train], self.test_images,
-                         self.test_labels, self.classes, self.mean, self.std,
-                         self.train_images[val], self.train_labels[val])
+        files = None if self.files is None else {**self.files, "val": [self.files["train"][i] for i in val.tolist()]}
+        held = replace(self, val_images=self.train_images[val], val_labels=self.train_labels[val], files=files)
+        return held._take(train)
+
+
+    def manifest(self) -> dict | None:
+        """What the data was read from (data/manifest.py), None for data given from Python."""
+        if self.sources is None:
+            return None
+        splits = {split: (len(labels), None if self.files is None else self.files.get(split))
+                  for split, labels in (("train", self.train_labels), ("val", self.val_labels),
+                                        ("test", self.test_labels)) if labels is not None}
+        return make_manifest(self.name, self.sources, splits)
+
+
+def balanced_indices(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor | None:
+    """`count` indices of `labels` (sorted), drawn at random from `seed`, class by class in turn:
+    every class's first draw, then every class's second... so each class has `count / classes`
+    where it has that many. None when `count` is None or takes everything (the order untouched)."""
+    n = len(labels)
+    if count is None or count >= n:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    drawn = labels[order]
+    grouped = torch.argsort(drawn, stable=True)                 # by class, in the drawn order within each
+    sizes = torch.bincount(drawn)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty(n, dtype=torch.int64)
+    rank[grouped] = torch.arange(n) - starts[drawn[grouped]]    # which draw of its class each one is
+    turn = torch.argsort(rank * n + torch.arange(n))            # round by round, in the drawn order
+    return order[turn[:count]].sort().values
+
+
+def warn_absent(subset_labels: torch.Tensor, all_labels: torch.Tensor, classes: list[str]) -> None:
+    """One line naming the classes that the test split has and its subset lacks (their accuracy is not measured)."""
+    present = set(subset_labels.tolist())
+    absent = [classes[c] for c in sorted(set(all_labels.tolist()) - present)]
+    if absent:
+        names = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        print(f"trainkit: warning: the {len(subset_labels)} test images of --limit-test hold no image of "
+              f"{len(absent)} classes ({names}): their accuracy is not measured", file=sys.stderr, flush=True)
 
 
 def validation_indices(n: int, size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,5 +186,5 @@ def convert_images(data: ImageData, channels: int | None = None, size: tuple[int
 
     train_x = fit(data.train_images)
     mean, std = channel_stats(train_x) if len(train_x) else (data.mean, data.std)
-    return ImageData(data.name, train_x, data.train_labels, fit(data.test_images), data.test_labels, data.classes,
-                     mean, std, fit(data.val_images), data.val_labels)
+    return replace(data, train_images=train_x, test_images=fit(data.test_images), val_images=fit(data.val_images),
+                   mean=mean, std=std)

@@ -107,7 +107,8 @@ def _extract(spec: EmnistSplit, archive: Path, raw: Path) -> None:
                             + _hint(spec, archive)) from None
 
 
-def _read(spec: EmnistSplit, path: Path, part: str, kind: str) -> np.ndarray:
+def _read(spec: EmnistSplit, path: Path, part: str, kind: str) -> tuple[np.ndarray, tuple[int, str]]:
+    """The file's array, checked, and the (size, MD5) of its IDX bytes (for the run's manifest)."""
     shape = spec.shape(part, kind)
     expected = idx_bytes(shape)
     limit = expected if path.suffix != ".gz" else expected + expected // 100 + (1 << 16)
@@ -127,7 +128,7 @@ def _read(spec: EmnistSplit, path: Path, part: str, kind: str) -> np.ndarray:
         if low < first or high > last:
             raise TrainkitError(f"{path} holds labels {low}-{high}; {spec.name}'s are {first}-{last}; "
                                 + _hint(spec, path))
-    return array
+    return array, (len(data), fetch.md5(data))
 
 
 def load_emnist(spec: EmnistSplit, root: str | Path, download: bool = True, progress: bool = True) -> ImageData:
@@ -143,14 +144,16 @@ def load_emnist(spec: EmnistSplit, root: str | Path, download: bool = True, prog
                                      holds=f"{spec.folder}/raw/ (the archive gzip.zip, or its emnist-{spec.split}-* files)")
         _extract(spec, archive, raw)
         files = {key: raw / spec.stem(*key) for key in files}
-    arrays = {key: _read(spec, path, *key) for key, path in files.items()}
+    read = {key: _read(spec, path, *key) for key, path in files.items()}
+    arrays = {key: array for key, (array, _) in read.items()}
     upright = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1))).unsqueeze(1)
     labels = lambda a: torch.from_numpy(a.astype(np.int64) - spec.label_offset)
     train = upright(arrays["train", "images-idx3"])
     mean, std = channel_stats(train)
     return ImageData(spec.name, train, labels(arrays["train", "labels-idx1"]),
                      upright(arrays["test", "images-idx3"]), labels(arrays["test", "labels-idx1"]),
-                     list(spec.classes), mean, std)
+                     list(spec.classes), mean, std,
+                     sources={spec.stem(*key): record for key, (_, record) in read.items()})
 
 
 def _register(split: str) -> None:

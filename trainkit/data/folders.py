@@ -23,6 +23,7 @@ import torch
 from ..errors import TrainkitError
 from .dataset import ImageData, channel_stats
 from .images import IMAGE_SUFFIXES, decode_image, image_info
+from .manifest import digest
 from .registry import Example, ReadOptions, register_dataset
 
 TEST_FRACTION = 0.2     # of a folder without train/ and test/, held out for testing
@@ -125,6 +126,24 @@ def report_skipped(root: Path, skipped: list[tuple[Path, str]], total: int, bad_
     print(f"trainkit: warning: {what}; left out (--bad-files error refuses them)", file=sys.stderr, flush=True)
 
 
+def relative_name(path, root: Path) -> str:
+    """A file's name in a manifest: its path under the image folder, with "/" between parts."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def file_sources(paths, root: Path) -> tuple[dict[str, tuple[int, str]], list[tuple[Path, str]]]:
+    """(name -> (size, digest), unreadable) of files, each read once (the streamed path's manifest)."""
+    sources, unreadable = {}, []
+    for path in paths:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            unreadable.append((Path(path), exc.strerror or "cannot be read"))
+            continue
+        sources[relative_name(path, root)] = (len(raw), digest(raw))
+    return sources, unreadable
+
+
 def _reason(exc: TrainkitError, path: Path) -> str:
     """The decoder's message without the file's name, which the report shows already."""
     return str(exc).removeprefix(str(path)).strip(" :") or "cannot be read"
@@ -179,31 +198,42 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
     channels, size, chosen, unreadable = choose_format(root, paths, channels, size)
     bad = {p for p, _ in unreadable}
     index = split.index()
+    sources = {}
 
     def stack(items):
         images = torch.empty((len(items), channels, *size), dtype=torch.uint8)   # filled in place: no copy
         keep = torch.zeros(len(items), dtype=torch.bool)
+        names = []
         for i, (path, _) in enumerate(items):
             if path in bad:
                 continue
             try:
-                images[i] = decode_image(path, channels, size, resize)
-                keep[i] = True
+                raw = path.read_bytes()         # read once: decoded, and its digest kept for the manifest
+                images[i] = decode_image(raw, channels, size, resize, name=str(path))
+            except OSError as exc:
+                unreadable.append((path, exc.strerror or "cannot be read"))
+                continue
             except TrainkitError as exc:        # a header that reads, pixels that do not (a truncated JPEG)
                 unreadable.append((path, _reason(exc, path)))
+                continue
+            keep[i] = True
+            names.append(relative_name(path, root))
+            sources[names[-1]] = (len(raw), digest(raw))
         labels = torch.tensor([index[c] for _, c in items], dtype=torch.int64)
-        return (images, labels) if bool(keep.all()) else (images[keep], labels[keep])
+        return (images, labels, names) if bool(keep.all()) else (images[keep], labels[keep], names)
 
     read = {name: stack(items) for name, items in parts.items()}
     report_skipped(root, split.skipped + unreadable, len(paths) + len(split.skipped), bad_files)
     if not len(read["training"][1]) or not len(read["test"][1]):
         raise TrainkitError(f"image folder {root} has no readable {'training' if not len(read['training'][1]) else 'test'} images")
-    announce(root, split.layout, len(split.classes), {name: len(y) for name, (_, y) in read.items()}, channels, size,
-             chosen, resize)
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = read["training"], read["validation"], read["test"]
+    announce(root, split.layout, len(split.classes), {name: len(y) for name, (_, y, _) in read.items()}, channels,
+             size, chosen, resize)
+    (train_x, train_y, train_n), (val_x, val_y, val_n), (test_x, test_y, test_n) = read.values()
     mean, std = channel_stats(train_x)
     val = (val_x, val_y) if split.val is not None else (None, None)
-    return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, split.classes, mean, std, *val)
+    files = {"train": train_n, "test": test_n, **({"val": val_n} if split.val is not None else {})}
+    return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, split.classes, mean, std, *val,
+                     sources=sources, files=files)
 
 
 def _example(folder: Path) -> Example:
@@ -221,5 +251,5 @@ def _example(folder: Path) -> Example:
 def imagefolder(arg: str | None, data_dir: Path, options: ReadOptions) -> ImageData:
     if not arg:
         raise TrainkitError("--dataset imagefolder needs a folder: imagefolder:PATH")
-    return load_image_folder(Path(arg), options.channels, options.size, bad_files=options.bad_files,
-                             resize=options.resize)
+    return load_image_folder(Path(arg), options.channels, options.size, seed=options.seed,
+                             bad_files=options.bad_files, resize=options.resize)

@@ -163,7 +163,8 @@ def load_idx_dataset(spec: IdxDataset, root: str | Path, download: bool = True, 
     to_labels = lambda a: torch.from_numpy(a.astype(np.int64))
     return ImageData(spec.name, to_images(arrays["train_images"]), to_labels(arrays["train_labels"]),
                      to_images(arrays["test_images"]), to_labels(arrays["test_labels"]),
-                     list(spec.classes), (spec.mean,), (spec.std,))
+                     list(spec.classes), (spec.mean,), (spec.std,),
+                     sources={item.stem: (idx_size(item), item.gz_md5) for item in spec.files.values()})
 
 
 def _example(name: str):

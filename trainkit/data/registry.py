@@ -101,9 +101,10 @@ def load_dataset(name: "str | DatasetSpec", data_dir: Path, channels: int | None
     """Build a dataset by its registered name (mnist, cifar10, imagefolder:PATH...), with `channels`
     and `size` (None: the dataset's own). A source that `reads_size` reads its files at that size
     (image folders: straight from each file, as `predict` does); the rest are converted after, only
-    the first `limit_train` / `limit_test` images (all by default). `options`: ReadOptions' others."""
+    `limit_train` / `limit_test` images drawn class by class from `seed` (all by default).
+    `options`: ReadOptions' others (seed: of the subsets and of a flat image folder's split)."""
     spec = parse_dataset(name)
     entry = spec.entry
     read = ReadOptions(channels, size, progress, **options)
     data = entry.load(spec.arg, Path(data_dir), read)
-    return convert_images(data.limit(limit_train, limit_test), channels, size)
+    return convert_images(data.subset(limit_train, limit_test, read.seed), channels, size)
