@@ -55,7 +55,8 @@ class TrainConfig:
     """Everything that decides what a run computes. Saved as config.json in every run."""
 
     model: str = _opt("s5net", "a registered model, or module:factory, or file.py:factory", registry="model")
-    dataset: str = _opt("mnist", "a registered dataset (imagefolder:PATH for a folder of images)", registry="dataset")
+    dataset: str = _opt("mnist", "a registered dataset; imagefolder:PATH for a folder of images, cifar10:DIR, "
+                                 "cifar100:DIR or idx:DIR for your own files in those formats", registry="dataset")
     data_dir: str | None = _opt(None, "data folder (default: $TRAINKIT_DATA_DIR, else ./data)")
     pretrained: bool = _opt(False, "start a torchvision:NAME or timm:NAME model from its published weights "
                                    "(downloaded, so not offline)")

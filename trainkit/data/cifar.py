@@ -1,6 +1,7 @@
 """CIFAR-10 / CIFAR-100: the "python version" that torchvision downloads
 (<data_dir>/cifar-10-batches-py/, <data_dir>/cifar-100-python/), checked by MD5 before it is
-unpickled (formats.unpickle_cifar builds only numpy arrays), downloaded when absent."""
+unpickled (formats.unpickle_cifar builds only numpy arrays), downloaded when absent; and a user's
+own files in that format (`cifar10:DIR`, `cifar100:DIR`), checked by their structure."""
 from __future__ import annotations
 
 import pickle
@@ -12,7 +13,7 @@ import torch
 
 from ..errors import TrainkitError
 from . import fetch
-from .dataset import ImageData
+from .dataset import ImageData, channel_stats
 from .formats import cifar_arrays, cifar_class_names, unpickle_cifar
 from .registry import Example, ReadOptions, register_dataset
 
@@ -76,8 +77,12 @@ CIFAR_DATASETS = {d.name: d for d in (CIFAR10, CIFAR100)}
 
 
 def _cifar_hint(spec: CifarDataset, path: Path) -> str:
-    return (f"delete {spec.folder} and run again to download a fresh copy, or put a good copy of "
-            f"torchvision's {spec.folder} folder in {path.parent.parent}")
+    # The files may be the user's own: never advise deleting them.
+    return (f"it is not the published {spec.name}; to read your own files in CIFAR's format, use "
+            f"--dataset {spec.name}:{path.parent}")
+
+
+OWN_FILE_BYTES = 1 << 30     # a user's CIFAR-format file larger than this is refused before it is read
 
 
 def read_cifar_file(path: Path, spec: CifarDataset, item: CifarFile) -> dict:
@@ -102,8 +107,9 @@ def load_cifar(spec: CifarDataset, root: str | Path, download: bool = True, prog
     if not all((folder / f.name).is_file() for f in files):
         if folder.exists() or not download:
             missing = [f.name for f in files if not (folder / f.name).is_file()]
-            raise TrainkitError(f"{spec.name} file {missing[0]} not found in {folder}; delete the folder to "
-                                f"download it again, or point --data-dir at a folder holding {spec.folder}/")
+            raise TrainkitError(f"{spec.name} file {missing[0]} not found in {folder}; to read your own files in "
+                                f"CIFAR's format use --dataset {spec.name}:{folder}, or point --data-dir at a folder "
+                                f"holding the published {spec.folder}/ (or none, to download it)")
         archive = fetch.download(spec.name, spec.mirrors, spec.archive.stem + ".gz", spec.archive.gz_md5, root,
                                  progress, holds=f"{spec.folder}/")
         fetch.extract_tar(archive, {f"{spec.folder}/{f.name}" for f in files}, folder)
@@ -119,6 +125,55 @@ def load_cifar(spec: CifarDataset, root: str | Path, download: bool = True, prog
     return ImageData(spec.name, torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
                      torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]), classes, spec.mean, spec.std,
                      sources={f.name: (f.count, f.md5) for f in files})
+
+
+def _own_files(spec: CifarDataset, folder: Path) -> tuple[list[Path], Path, Path]:
+    """(training batches, test batch, meta file) of a folder in CIFAR's layout: CIFAR-10's
+    data_batch_N (any number), test_batch and batches.meta; CIFAR-100's train, test and meta."""
+    if spec.label_key == "labels":
+        numbered = [p for p in folder.glob("data_batch_*") if p.name[len("data_batch_"):].isdigit()]
+        train = sorted(numbered, key=lambda p: int(p.name[len("data_batch_"):]))
+    else:
+        train = [folder / f.name for f in spec.train if (folder / f.name).is_file()]
+    test, meta = folder / spec.test[0].name, folder / spec.meta.name
+    missing = [p.name for p in (test, meta) if not p.is_file()] + ([] if train else [f"{spec.train[0].name}"])
+    if missing:
+        raise TrainkitError(f"{folder} holds no {missing[0]}: --dataset {spec.name}:DIR reads "
+                            f"{'data_batch_1, 2... ' if spec.label_key == 'labels' else 'train, '}"
+                            f"{spec.test[0].name} and {spec.meta.name} in CIFAR's python format")
+    return train, test, meta
+
+
+def load_own_cifar(spec: CifarDataset, folder: Path) -> ImageData:
+    """A user's files in CIFAR's format (`--dataset cifar10:DIR`): not the published ones, so no
+    MD5 to check; checked by structure instead (the keys, (N, 3072) uint8 images, N int labels
+    within the classes of the meta file), unpickled by the same unpickler. Mean and std are the
+    data's own; DIR may also be the folder that holds `cifar-10-batches-py/`."""
+    folder = folder / spec.folder if (folder / spec.folder).is_dir() else folder
+    if not folder.is_dir():
+        raise TrainkitError(f"--dataset {spec.name}:{folder}: no such folder")
+    train_paths, test_path, meta_path = _own_files(spec, folder)
+    hint = (f"--dataset {spec.name}:DIR reads pickled dicts with 'data' ((N, 3072) uint8) and "
+            f"'{spec.label_key}' (N ints), and '{spec.names_key}' in {spec.meta.name}")
+    sources = {}
+
+    def read(path: Path) -> dict:
+        raw = fetch.read_limited(path, OWN_FILE_BYTES, f"); {hint}")
+        sources[path.name] = (len(raw), fetch.md5(raw))
+        return unpickle_cifar(raw, str(path), f"a file in CIFAR's format", hint)
+
+    train = [cifar_arrays(read(p), spec.label_key, None, str(p), hint) for p in train_paths]
+    test_x, test_y = cifar_arrays(read(test_path), spec.label_key, None, str(test_path), hint)
+    classes = cifar_class_names(read(meta_path), spec.names_key, str(meta_path), hint)
+    train_x, train_y = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
+    for what, labels in (("training", train_y), ("test", test_y)):
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+            raise TrainkitError(f"{folder}'s {what} labels run {int(labels.min())}-{int(labels.max())}, outside the "
+                                f"{len(classes)} classes of {meta_path.name}")
+    if not len(train_y) or not len(test_y):
+        raise TrainkitError(f"{folder} holds no {'training' if not len(train_y) else 'test'} images")
+    mean, std = channel_stats(train_x)
+    return ImageData(f"{spec.name}:{folder}", train_x, train_y, test_x, test_y, classes, mean, std, sources=sources)
 
 
 def write_cifar_files(folder: Path, spec: CifarDataset, n_train: int, n_test: int, seed: int = 0) -> CifarDataset:
@@ -147,8 +202,10 @@ def _register(name: str) -> None:
         small = write_cifar_files(folder / CIFAR_DATASETS[name].folder, CIFAR_DATASETS[name], 16, 8)
         return Example(name, folder, (3, 32, 32), swap=((CIFAR_DATASETS, name, small),))
 
-    @register_dataset(name, example=example)
+    @register_dataset(name, example=example, arg_is_path=True)
     def load(arg: str | None, data_dir: Path, options: ReadOptions) -> ImageData:
+        if arg:                        # name:DIR, the user's own files in CIFAR's format
+            return load_own_cifar(CIFAR_DATASETS[name], Path(arg))
         return load_cifar(CIFAR_DATASETS[name], data_dir, progress=options.progress)
 
 

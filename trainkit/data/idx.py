@@ -1,5 +1,6 @@
 """MNIST, Fashion-MNIST and KMNIST: four IDX files each, where torchvision puts them
-(<data_dir>/<folder>/raw/, extracted or .gz), checked by MD5 and shape, downloaded when absent."""
+(<data_dir>/<folder>/raw/, extracted or .gz), checked by MD5 and shape, downloaded when absent;
+and `idx:DIR`, a user's own four IDX files in the same layout, checked by structure."""
 from __future__ import annotations
 
 import gzip
@@ -12,7 +13,7 @@ import torch
 
 from ..errors import TrainkitError
 from . import fetch
-from .dataset import ImageData
+from .dataset import ImageData, channel_stats
 from .formats import encode_idx, idx_bytes, parse_idx
 from .registry import Example, ReadOptions, register_dataset
 
@@ -165,6 +166,81 @@ def load_idx_dataset(spec: IdxDataset, root: str | Path, download: bool = True, 
                      to_images(arrays["test_images"]), to_labels(arrays["test_labels"]),
                      list(spec.classes), (spec.mean,), (spec.std,),
                      sources={item.stem: (idx_size(item), item.gz_md5) for item in spec.files.values()})
+
+
+OWN_FILE_BYTES = 1 << 30     # a user's IDX file (or what a .gz holds) larger than this is refused
+OWN_FILES = {"train_images": ("train", "images-idx3"), "train_labels": ("train", "labels-idx1"),
+             "test_images": ("t10k", "images-idx3"), "test_labels": ("t10k", "labels-idx1")}
+
+
+def _own_file(folder: Path, prefix: str, kind: str) -> Path:
+    names = [f"{prefix}-{kind}-ubyte", f"{prefix}.{kind}-ubyte"]        # torchvision's names, and Kaggle's
+    found = fetch.find(folder / n for name in names for n in (name, name + ".gz"))
+    if found is None:
+        raise TrainkitError(f"{folder} holds no {names[0]} (or .gz): --dataset idx:DIR reads four IDX files, "
+                            f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+                            f"t10k-labels-idx1-ubyte, each extracted or .gz")
+    return found
+
+
+def load_own_idx(folder: Path) -> ImageData:
+    """A user's four IDX files (`--dataset idx:DIR`): MNIST's layout, any image size and count,
+    checked by structure (uint8 images (N, H, W), N labels, as many as the images). The classes are
+    the labels 0 to the largest; mean and std are the data's own."""
+    if not folder.is_dir():
+        raise TrainkitError(f"--dataset idx:{folder}: no such folder")
+    arrays, sources = {}, {}
+    for key, (prefix, kind) in OWN_FILES.items():
+        path = _own_file(folder, prefix, kind)
+        raw = fetch.read_limited(path, OWN_FILE_BYTES, f"); --dataset idx:DIR reads files up to {OWN_FILE_BYTES} bytes")
+        if path.suffix == ".gz":
+            try:
+                raw = fetch.gunzip(raw, OWN_FILE_BYTES)
+            except (OSError, EOFError, zlib.error):
+                raise TrainkitError(f"{path} is truncated or corrupt (not a valid gzip file)") from None
+            if len(raw) > OWN_FILE_BYTES:
+                raise TrainkitError(f"{path} decompresses to more than {OWN_FILE_BYTES} bytes")
+        arrays[key] = parse_idx(raw, str(path))
+        sources[path.name] = (len(raw), fetch.md5(raw))
+    for part in ("train", "test"):
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or not len(labels):
+            raise TrainkitError(f"{folder}: the {part} files hold images of shape {images.shape} and labels of shape "
+                                f"{labels.shape}; idx:DIR needs (N, H, W) images and N labels, N > 0")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise TrainkitError(f"{folder}: the training images are {arrays['train_images'].shape[1:]}, the test images "
+                            f"{arrays['test_images'].shape[1:]}; both must have one size")
+    classes = [str(i) for i in range(int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1)]
+    to_images = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)
+    to_labels = lambda a: torch.from_numpy(a.astype(np.int64))
+    train = to_images(arrays["train_images"])
+    mean, std = channel_stats(train)
+    return ImageData(f"idx:{folder}", train, to_labels(arrays["train_labels"]), to_images(arrays["test_images"]),
+                     to_labels(arrays["test_labels"]), classes, mean, std, sources=sources)
+
+
+def write_own_idx(folder: Path, train: int = 24, test: int = 12, size: tuple[int, int] = (28, 28)) -> Path:
+    """Four IDX files of noise in MNIST's layout (the training ones .gz), 3 classes: what idx:DIR reads."""
+    rng = np.random.default_rng(4)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train_images": rng.integers(0, 256, (train, *size)), "train_labels": np.arange(train) % 3,
+              "test_images": rng.integers(0, 256, (test, *size)), "test_labels": np.arange(test) % 3}
+    for key, (prefix, kind) in OWN_FILES.items():
+        data = encode_idx(arrays[key])
+        name = f"{prefix}-{kind}-ubyte"
+        if prefix == "train":
+            (folder / (name + ".gz")).write_bytes(gzip.compress(data, mtime=0))
+        else:
+            (folder / name).write_bytes(data)
+    return folder
+
+
+@register_dataset("idx", example=lambda folder: Example(f"idx:{write_own_idx(folder / 'own')}", folder, (1, 28, 28)),
+                  arg_is_path=True)
+def own_idx(arg: str | None, data_dir: Path, options: ReadOptions) -> ImageData:
+    if not arg:
+        raise TrainkitError("--dataset idx needs the folder of your IDX files: idx:DIR")
+    return load_own_idx(Path(arg))
 
 
 def _example(name: str):

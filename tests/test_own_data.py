@@ -1,0 +1,133 @@
+"""Your own files in a known format: --dataset cifar10:DIR / cifar100:DIR (CIFAR's python pickles,
+checked by structure) and idx:DIR (four IDX files), written here in the real formats."""
+import gzip
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainkit import TrainConfig
+from trainkit.data import load_dataset
+from trainkit.data.cifar import CIFAR10, CIFAR100
+from trainkit.data.formats import encode_idx
+from trainkit.data.idx import write_own_idx
+from trainkit.errors import TrainkitError
+from trainkit.run import train
+
+
+def dump(path: Path, content: dict) -> None:
+    path.write_bytes(pickle.dumps(content, protocol=2))
+
+
+def own_cifar10(folder: Path, batches=(6, 5), test: int = 4, classes=("cat", "dog", "eel")) -> Path:
+    """A user's CIFAR-10-format folder: two data_batch files, test_batch, batches.meta, 3 classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i + 1}", n) for i, n in enumerate(batches)] + [("test_batch", test)]:
+        labels = (np.arange(n) % len(classes)).tolist()
+        images = (np.array(labels)[:, None] * 100 + rng.integers(0, 30, (n, 3072))).astype(np.uint8)
+        dump(folder / name, {b"data": images, b"labels": labels, b"batch_label": b"mine"})
+    dump(folder / "batches.meta", {b"label_names": [c.encode() for c in classes]})
+    return folder
+
+
+def test_own_cifar10_files_are_read_by_structure(tmp_path):
+    folder = own_cifar10(tmp_path / "mine")
+    data = load_dataset(f"cifar10:{folder}", tmp_path / "unused", progress=False)
+    assert data.classes == ["cat", "dog", "eel"] and data.image_shape == (3, 32, 32)
+    assert len(data.train_labels) == 11 and len(data.test_labels) == 4
+    assert data.mean != CIFAR10.mean and max(data.mean) < 0.5           # its own statistics
+    assert data.sources.keys() == {"data_batch_1", "data_batch_2", "test_batch", "batches.meta"}
+    (tmp_path / "up" / "cifar-10-batches-py").mkdir(parents=True)          # DIR may hold the usual folder
+    own_cifar10(tmp_path / "up" / "cifar-10-batches-py")
+    assert load_dataset(f"cifar10:{tmp_path / 'up'}", tmp_path, progress=False).classes == ["cat", "dog", "eel"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("shape", "does not hold images of 3x32x32 with their labels"),
+    ("labels", "labels run 0-7, outside the 3 classes of batches.meta"),
+    ("meta", "holds no list label_names"),
+    ("missing", "holds no test_batch"),
+])
+def test_own_cifar_files_that_break_the_format_are_one_line(tmp_path, damage, message):
+    folder = own_cifar10(tmp_path / "mine")
+    if damage == "shape":
+        dump(folder / "data_batch_2", {b"data": np.zeros((5, 3000), np.uint8), b"labels": [0] * 5})
+    elif damage == "labels":
+        dump(folder / "data_batch_2", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 7]})
+    elif damage == "meta":
+        dump(folder / "batches.meta", {b"names": [b"a"]})
+    else:
+        (folder / "test_batch").unlink()
+    with pytest.raises(TrainkitError) as info:
+        load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_own_cifar_is_unpickled_without_running_code(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = own_cifar10(tmp_path / "mine")
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2))
+    with pytest.raises(TrainkitError, match="test_batch is not a file in CIFAR's format"):
+        load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert not marker.exists()
+
+
+def test_plain_cifar10_names_cifar10_dir_instead_of_advising_deletion(tmp_path):
+    folder = own_cifar10(tmp_path / "data" / "cifar-10-batches-py", batches=(2, 2, 2, 2, 2))
+    with pytest.raises(TrainkitError) as info:
+        load_dataset("cifar10", tmp_path / "data", progress=False)      # the user's files, not the published ones
+    message = str(info.value)
+    assert "is corrupt (MD5" in message and f"--dataset cifar10:{folder}" in message
+    assert "delete" not in message.lower()
+    (folder / "data_batch_5").unlink()
+    with pytest.raises(TrainkitError) as info:
+        load_dataset("cifar10", tmp_path / "data", progress=False)
+    assert "--dataset cifar10:" in str(info.value) and "delete" not in str(info.value).lower()
+
+
+def test_own_cifar100_reads_fine_labels(tmp_path):
+    folder = tmp_path / "c100"
+    folder.mkdir()
+    labels = list(range(0, 100, 10))
+    dump(folder / "train", {b"data": np.zeros((10, 3072), np.uint8), b"fine_labels": labels, b"coarse_labels": [0] * 10})
+    dump(folder / "test", {b"data": np.ones((2, 3072), np.uint8), b"fine_labels": [5, 99]})
+    dump(folder / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
+    data = load_dataset(f"cifar100:{folder}", tmp_path, progress=False)
+    assert data.train_labels.tolist() == labels and data.classes[99] == "c99" and len(data.classes) == 100
+    assert data.mean != CIFAR100.mean
+
+
+def test_own_idx_files_are_read_gz_or_not(tmp_path):
+    folder = write_own_idx(tmp_path / "idx", train=30, test=9, size=(20, 24))
+    assert (folder / "train-images-idx3-ubyte.gz").is_file() and (folder / "t10k-images-idx3-ubyte").is_file()
+    data = load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert data.image_shape == (1, 20, 24) and data.classes == ["0", "1", "2"]
+    assert len(data.train_labels) == 30 and len(data.test_labels) == 9
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(encode_idx(np.zeros(8, np.uint8)))    # one label short
+    with pytest.raises(TrainkitError, match=r"the test files hold images of shape \(9, 20, 24\) and labels of shape \(8,\)"):
+        load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    (folder / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(TrainkitError, match="holds no t10k-labels-idx1-ubyte"):
+        load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(encode_idx(np.zeros(9, np.uint8)))[:20])
+    with pytest.raises(TrainkitError, match="truncated or corrupt"):
+        load_dataset(f"idx:{folder}", tmp_path, progress=False)
+
+
+def test_a_run_on_own_cifar_records_its_files(tmp_path):
+    folder = own_cifar10(tmp_path / "mine", batches=(8, 8), test=6)
+    cfg = TrainConfig(dataset=f"cifar10:{folder}", model="compact", epochs=1, batch_size=8, progress=False,
+                      device="cpu", precision="fp32", channels_last="off")
+    result = train(cfg, out=tmp_path / "run")
+    assert result.experiment.cfg.dataset == f"cifar10:{folder.resolve()}"
+    recorded = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert set(recorded["files"]) == {"data_batch_1", "data_batch_2", "test_batch", "batches.meta"}
