@@ -1,8 +1,10 @@
 """Batches for training and evaluation.
 
 Two paths produce the same kind of batches (normalized float images, int64 labels):
-- `TensorLoader`: trainkit's fast path. The whole dataset is one uint8 tensor on the training
-  device; each batch is gathered, augmented and normalized with batched tensor ops.
+- `PlannedLoader`: the one resumable loader, the epoch planned from one seeded generator. Its
+  `TensorLoader` is trainkit's fast path: the whole dataset is one uint8 tensor on the training
+  device; each batch is gathered, augmented and normalized with batched tensor ops
+  (`stream.StreamLoader` reads the same planned batches from files instead).
 - `torchvision_loader`: the seed's path. PIL transforms per image in DataLoader workers.
 """
 from __future__ import annotations
@@ -139,11 +141,13 @@ def model_input(images: torch.Tensor, draws, augment, mean, std, channels_last: 
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-class TensorLoader:
-    """Iterate over (images, labels) batches of a uint8 dataset kept on `device`.
+class PlannedLoader:
+    """The one resumable loader: (images, labels) batches of an epoch planned by `epoch_batches`.
 
     The order and the augmentation come from one CPU generator, so a run is the same on every
-    device and its state can be saved and restored (see state_dict).
+    device, wherever the images live, and its state can be saved and restored (see state_dict).
+    Subclasses only say where the uint8 images of each planned batch come from (`_read`): a
+    tensor (`TensorLoader`) or files decoded by workers (`stream.StreamLoader`).
 
     `batch_size` is the global batch. With `world` > 1 (data-parallel training) every rank
     walks the same permutation and draws the same augmentation for the whole global batch, then
@@ -151,13 +155,11 @@ class TensorLoader:
     once per epoch, augmented exactly as a single process with the same batch would.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 mean, std, device: torch.device | str = "cpu", shuffle: bool = False,
-                 augment: SeedAugment | FlipCrop | None = None, seed: int = 0, channels_last: bool = False,
-                 rank: int = 0, world: int = 1):
+    def __init__(self, labels: torch.Tensor, batch_size: int, *, mean, std, device: torch.device | str = "cpu",
+                 shuffle: bool = False, augment: SeedAugment | FlipCrop | None = None, seed: int = 0,
+                 channels_last: bool = False, rank: int = 0, world: int = 1):
         self.device = torch.device(device)
-        self.images = images.to(self.device)   # (N, C, H, W) uint8
-        self.labels = labels.to(self.device)
+        self.labels = labels
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
@@ -170,22 +172,31 @@ class TensorLoader:
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
+    def _plan(self, skip: int):
+        """This rank's (indices, draws) of each batch of the epoch; the first `skip` batches'
+        draws are made (so the generator is where it was) and their batches left out."""
+        mine = slice(self.rank, None, self.world)
+        for i, (idx, draws) in enumerate(epoch_batches(len(self.labels), self.batch_size, self.generator,
+                                                       self.shuffle, self.augment)):
+            if i >= skip:
+                yield idx[mine], None if draws is None else tuple(d[mine] for d in draws)
+
+    def _read(self, plan):
+        """(uint8 images (B, C, H, W), labels (B,)) on the device, for each (indices, draws) of `plan`."""
+        raise NotImplementedError
+
     def __iter__(self):
         self._epoch_start = self.generator.get_state()
-        self.batches_done, skip, self._skip = 0, self._skip, 0
-        mine = slice(self.rank, None, self.world)
-        for idx, draws in epoch_batches(len(self.labels), self.batch_size, self.generator, self.shuffle,
-                                        self.augment):
+        skip, self._skip = self._skip, 0
+        self.batches_done = skip      # resuming mid-epoch: the draws replayed, the work skipped
+        plan = self._plan(skip)
+        for (images, labels), draws in self._read(plan):
             self.batches_done += 1
-            if self.batches_done <= skip:   # resuming mid-epoch: the draws replayed, the work skipped
-                continue
-            idx = idx[mine].to(self.device)
-            draws = None if draws is None else tuple(d[mine] for d in draws)
-            yield model_input(self.images[idx], draws, self.augment, self.mean, self.std, self.channels_last), \
-                self.labels[idx]
+            yield model_input(images, draws, self.augment, self.mean, self.std, self.channels_last), labels
 
     def state_dict(self) -> dict:
-        """Where the loader is; saved in the middle of an epoch, it resumes at the next batch."""
+        """Where the loader is; saved in the middle of an epoch, it resumes at the next batch. Every
+        PlannedLoader reads every other's: a run may resume held in memory what it began streaming."""
         if 0 < self.batches_done < len(self):
             return {"generator": self._epoch_start, "skip": self.batches_done}
         return {"generator": self.generator.get_state(), "skip": 0}
@@ -193,6 +204,21 @@ class TensorLoader:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self._skip = state.get("skip", 0)
+
+
+class TensorLoader(PlannedLoader):
+    """Batches of a uint8 dataset kept whole on `device`: each one gathered by indexing, one batch
+    planned ahead of the one read (the plan is drawn lazily)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, **kwargs):
+        super().__init__(labels, batch_size, **kwargs)
+        self.images = images.to(self.device)   # (N, C, H, W) uint8
+        self.labels = labels.to(self.device)
+
+    def _read(self, plan):
+        for idx, draws in plan:
+            idx = idx.to(self.device)
+            yield (self.images[idx], self.labels[idx]), draws
 
 
 # ---------------------------------------------------------------------------------------------

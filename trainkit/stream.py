@@ -28,7 +28,7 @@ from .data.manifest import make_manifest
 from .data.images import decode_image
 from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
-from .loaders import epoch_batches, model_input, normalize
+from .loaders import PlannedLoader, normalize
 
 STATS_SAMPLE = 2048          # training images that mean and std are computed from, at most,
 STATS_BYTES = 16 * 2**20     # and at most this many bytes of them (at least 256 images)
@@ -372,61 +372,30 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
                       tuple(size), splits.get("validation"), resize, root, sources)
 
 
-class StreamLoader:
+class StreamLoader(PlannedLoader):
     """(images, labels) batches of a FileList, decoded by DataLoader workers: the same batches as a
-    TensorLoader over the decoded images with the same arguments (see the module's docstring).
+    TensorLoader over the decoded images with the same arguments (see the module's docstring); the
+    plan, the augmentation and the resume are PlannedLoader's.
 
     The workers start with the first epoch and stay (`persistent`: the training loader); each
     reads PREFETCH batches ahead, so memory holds a few batches, whatever the folder's size.
     """
 
-    def __init__(self, files: FileList, batch_size: int, *, channels: int, size: tuple[int, int], mean, std,
-                 device: torch.device | str = "cpu", shuffle: bool = False, augment=None, seed: int = 0,
-                 channels_last: bool = False, rank: int = 0, world: int = 1, workers: int | None = None,
-                 persistent: bool = False, resize: str = "fit"):
-        self.files, self.batch_size = files, batch_size
-        self.device = torch.device(device)
-        self.shuffle, self.augment, self.channels_last = shuffle, augment, channels_last
-        self.rank, self.world = rank, world
-        self.mean, self.std = mean, std
-        self.generator = torch.Generator().manual_seed(seed)
-        self.batches_done, self._skip = 0, 0
+    def __init__(self, files: FileList, batch_size: int, *, channels: int, size: tuple[int, int],
+                 workers: int | None = None, persistent: bool = False, resize: str = "fit", **kwargs):
+        super().__init__(files.labels, batch_size, **kwargs)
+        self.files = files
         self._args = (files, channels, size, stream_workers() if workers is None else workers, persistent,
                       self.device.type == "cuda", resize)
         self._loader = None       # made at the first pass, so that building a run starts no process
 
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.files.labels
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.files) / self.batch_size)
-
-    def __iter__(self):
-        self._epoch_start = self.generator.get_state()
-        self.batches_done, skip, self._skip = 0, self._skip, 0
-        plan = list(epoch_batches(len(self.files), self.batch_size, self.generator, self.shuffle, self.augment))
-        mine = slice(self.rank, None, self.world)
-        plan = [(idx[mine], None if draws is None else tuple(d[mine] for d in draws)) for idx, draws in plan]
-        self.batches_done = skip       # resuming mid-epoch: the draws replayed above, the files not read
+    def _read(self, plan):
+        plan = list(plan)         # the workers are handed the whole pass's index lists at once
         if self._loader is None:
             self._loader = make_dataloader(*self._args)
-        images = read_batches(*self._loader, [idx for idx, _ in plan[skip:]])
-        for (idx, draws), batch in zip(plan[skip:], images):
-            self.batches_done += 1
-            x = model_input(batch.to(self.device, non_blocking=True), draws, self.augment, self.mean, self.std,
-                            self.channels_last)
-            yield x, self.files.labels[idx].to(self.device, non_blocking=True)
-
-    def state_dict(self) -> dict:
-        """Where the loader is, in TensorLoader's form: the two resume each other's checkpoints."""
-        if 0 < self.batches_done < len(self):
-            return {"generator": self._epoch_start, "skip": self.batches_done}
-        return {"generator": self.generator.get_state(), "skip": 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self._skip = state.get("skip", 0)
+        images = read_batches(*self._loader, [idx for idx, _ in plan])
+        for (idx, draws), batch in zip(plan, images):
+            yield (batch.to(self.device, non_blocking=True), self.labels[idx].to(self.device, non_blocking=True)), draws
 
 
 @torch.no_grad()
