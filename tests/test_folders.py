@@ -13,7 +13,6 @@ from trainkit import TrainConfig
 from trainkit.data.folders import load_image_folder, split_folder
 from trainkit.errors import TrainkitError
 from trainkit.experiment import get_data
-from trainkit.stream import StreamData
 
 
 def square(path: Path, value: int, size=(12, 12), mode="L", fmt=None):
@@ -100,7 +99,7 @@ def test_train_test_and_val_folders_are_the_split(tmp_path):
     memory = get_data(cfg.replace(pipeline="tensor"))
     assert (len(memory.train_labels), len(memory.val_labels), len(memory.test_labels)) == (8, 6, 4)
     streamed = get_data(cfg.replace(pipeline="stream"))
-    assert isinstance(streamed, StreamData)
+    assert streamed.streamed
     assert torch.equal(streamed.val_labels, memory.val_labels) and torch.equal(streamed.test_labels, memory.test_labels)
 
 

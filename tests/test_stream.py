@@ -17,7 +17,8 @@ from trainkit.errors import TrainkitError
 from trainkit.experiment import build_experiment, get_data, held_out
 from trainkit.loaders import FlipCrop, TensorLoader
 from trainkit.run import train
-from trainkit.stream import StreamData, StreamLoader, folder_files, folder_to_stream, parse_bytes
+from trainkit.data.dataset import FileImages
+from trainkit.stream import StreamLoader, folder_files, folder_to_stream, parse_bytes
 
 ONE_WORKER = {"TRAINKIT_STREAM_WORKERS": "1"}   # 2 shared cores: one decoding process is enough here
 FIXED = dict(precision="fp32", channels_last="off")         # no timing of candidates (devices.choose)
@@ -68,7 +69,8 @@ def test_stream_and_memory_read_the_same_images(folder):
     cfg = TrainConfig(dataset=f"imagefolder:{folder}", image_size="16", progress=False, val_split=0.2)
     memory = held_out(cfg, get_data(cfg.replace(pipeline="tensor")))
     streamed = held_out(cfg, get_data(cfg.replace(pipeline="stream")))
-    assert isinstance(memory, ImageData) and isinstance(streamed, StreamData)
+    assert isinstance(memory, ImageData) and isinstance(streamed, ImageData)           # one dataset type
+    assert not memory.streamed and streamed.streamed and isinstance(streamed.train_images, FileImages)
     assert streamed.image_shape == memory.image_shape == (3, 16, 16) and streamed.classes == memory.classes
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(streamed, f"{split}_labels"), getattr(memory, f"{split}_labels")), split
@@ -78,7 +80,7 @@ def test_stream_and_memory_read_the_same_images(folder):
     stats = dict(mean=memory.mean, std=memory.std)
     for split in ("train", "val", "test"):            # no augmentation, no shuffle: the files' pixels
         held = TensorLoader(getattr(memory, f"{split}_images"), getattr(memory, f"{split}_labels"), 8, **stats)
-        read = StreamLoader(getattr(streamed, split), 8, channels=3, size=(16, 16), **stats)
+        read = StreamLoader(getattr(streamed, f"{split}_images"), getattr(streamed, f"{split}_labels"), 8, **stats)
         a, b = batches(held), batches(read)
         assert len(a) == len(b) == len(held) and len(a) > 1
         for (xa, ya), (xb, yb) in zip(a, b):
@@ -87,7 +89,7 @@ def test_stream_and_memory_read_the_same_images(folder):
     # shuffled and augmented from the same seed: the same batches too, epoch after epoch
     common = dict(shuffle=True, augment=FlipCrop(), seed=5, **stats)
     held = TensorLoader(memory.train_images, memory.train_labels, 16, **common)
-    read = StreamLoader(streamed.train, 16, channels=3, size=(16, 16), persistent=True, **common)
+    read = StreamLoader(streamed.train_images, streamed.train_labels, 16, persistent=True, **common)
     for _ in range(2):
         for (xa, ya), (xb, yb) in zip(batches(held), batches(read), strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -141,13 +143,13 @@ def test_auto_streams_a_folder_over_the_memory_budget(folder, monkeypatch):
     cfg = TrainConfig(dataset=f"imagefolder:{folder}", image_size="16", model="speednet", progress=False,
                       device="cpu", **FIXED)           # pipeline: auto
     monkeypatch.setenv("TRAINKIT_MEMORY_BUDGET", str(90 * 3 * 16 * 16))        # exactly fits: held
-    assert isinstance(get_data(cfg), ImageData)
+    assert not get_data(cfg).streamed
     monkeypatch.setenv("TRAINKIT_MEMORY_BUDGET", str(90 * 3 * 16 * 16 - 1))    # one byte short: streamed
     exp = build_experiment(cfg)
-    assert isinstance(exp.data, StreamData) and isinstance(exp.train_loader, StreamLoader)
+    assert exp.data.streamed and isinstance(exp.train_loader, StreamLoader)
     assert exp.cfg.pipeline == "stream"           # what config.json records, so --resume and eval agree
     monkeypatch.setenv("TRAINKIT_MEMORY_BUDGET", "2G")
-    assert isinstance(get_data(cfg), ImageData)
+    assert not get_data(cfg).streamed
     assert folder_to_stream("mnist", "auto", None, None) is None     # other datasets: always in memory
     assert parse_bytes("1.5G", "x") == 3 * 2**29 and parse_bytes("500M", "x") == 500 * 2**20
     monkeypatch.setenv("TRAINKIT_MEMORY_BUDGET", "lots")
@@ -159,9 +161,10 @@ def test_a_corrupt_file_is_one_line_naming_it(tmp_path):
     bad_folder = write_folder(tmp_path / "images", per_class=8)
     test = folder_files(bad_folder, seed=1).test     # the split of the run below (--seed 1)
     bad = Path(test.path(0))        # a test file: the run trains an epoch before a worker meets it
+    images = FileImages(test.paths, 3, (16, 16))
     bad.write_bytes(bad.read_bytes()[:60])           # its header survives, its pixels do not
     # in a batch read by a worker
-    loader = StreamLoader(test, 4, channels=3, size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+    loader = StreamLoader(images, test.labels, 4, mean=(0.5,) * 3, std=(0.25,) * 3)
     with pytest.raises(TrainkitError) as error:
         batches(loader)
     assert str(error.value).startswith(f"{bad} is not a readable image")

@@ -24,7 +24,7 @@ from .engine import Callback
 from .errors import TrainkitError
 from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
 from .models import build_model, check_model_name, is_code, output_kind
-from .stream import StreamData, StreamLoader, folder_to_stream, load_stream_folder
+from .stream import StreamLoader, folder_to_stream, load_stream_folder
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
 
 
@@ -33,7 +33,7 @@ class Experiment:
     """Everything a config builds: data, model, loaders, optimizer, schedule, loss, device."""
 
     cfg: TrainConfig
-    data: ImageData | StreamData   # StreamData: an image folder read in batches (--pipeline stream)
+    data: ImageData                # its images a tensor, or files read in batches (--pipeline stream)
     model: nn.Module               # the module whose weights are saved
     train_model: nn.Module         # what is trained (DDP and/or the compiled module around `model`)
     train_loader: object
@@ -114,9 +114,9 @@ def load_initial_weights(model: nn.Module, source: Path) -> None:
 
 
 def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int] | None = None,
-             device: torch.device | None = None) -> ImageData | StreamData:
+             device: torch.device | None = None) -> ImageData:
     """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size.
-    An image folder is a StreamData (file lists) when --pipeline says to stream it (stream.py)."""
+    An image folder's images are files (FileImages) when --pipeline says to stream it (stream.py)."""
     channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
     spec = parse_dataset(cfg.dataset)
     files = folder_to_stream(spec, cfg.pipeline, channels, size, device, cfg.seed)
@@ -150,29 +150,23 @@ def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
     return data.split_validation(cfg.val_split, seed=cfg.seed)
 
 
-def make_loaders(cfg: TrainConfig, data: ImageData | StreamData, device: torch.device, rank: int = 0,
+def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int = 0,
                  world: int = 1):
     """(train, test, validation or None) loaders: the fast path on the device, the seed's
-    torchvision pipeline, or files read in batches by workers (StreamData)."""
+    torchvision pipeline, or files read in batches by workers (streamed data): the same loader
+    type (a PlannedLoader) for a tensor and for files."""
     kind = augmentation(cfg, data)
-    if isinstance(data, StreamData):
-        first = lambda: data.images(data.train, range(min(1024, len(data.train))))   # what seed_augment looks at
+    if data.streamed or cfg.pipeline in ("tensor", "auto"):
+        # what seed_augment looks at: the first images (of files: the first 1,024, decoded here)
+        first = lambda: data.train_images.read(range(min(1024, len(data.train_images)))) if data.streamed \
+            else data.train_images
         augment = {"seed": lambda: seed_augment(first()), "flip-crop": FlipCrop, "none": lambda: None}[kind]()
-        common = dict(channels=data.channels, size=data.size, mean=data.mean, std=data.std, device=device,
-                      channels_last=cfg.channels_last == "on", rank=rank, world=world, resize=data.resize)
-        train = StreamLoader(data.train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
-                             persistent=True, **common)
-        test = StreamLoader(data.test, cfg.test_batch_size, **common)
-        val = StreamLoader(data.val, cfg.test_batch_size, **common) if data.val is not None else None
-        return train, test, val
-    if cfg.pipeline in ("tensor", "auto"):
-        augment = {"seed": lambda: seed_augment(data.train_images), "flip-crop": FlipCrop,
-                   "none": lambda: None}[kind]()
         common = dict(mean=data.mean, std=data.std, device=device, channels_last=cfg.channels_last == "on",
                       rank=rank, world=world)
-        train = TensorLoader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True,
-                             augment=augment, seed=cfg.seed, **common)
-        evaluation = lambda images, labels: TensorLoader(images, labels, cfg.test_batch_size, **common)
+        loader = StreamLoader if data.streamed else TensorLoader
+        train = loader(data.train_images, data.train_labels, cfg.batch_size, shuffle=True, augment=augment,
+                       seed=cfg.seed, **({"persistent": True} if data.streamed else {}), **common)
+        evaluation = lambda images, labels: loader(images, labels, cfg.test_batch_size, **common)
     else:
         common = dict(mean=data.mean, std=data.std, seed=cfg.seed, workers=cfg.workers,
                       pin_memory=device.type == "cuda", rank=rank, world=world)
@@ -184,24 +178,22 @@ def make_loaders(cfg: TrainConfig, data: ImageData | StreamData, device: torch.d
     return train, evaluation(data.test_images, data.test_labels), val
 
 
-def resolved_pipeline(cfg: TrainConfig, data: ImageData | StreamData) -> str:
+def resolved_pipeline(cfg: TrainConfig, data: ImageData) -> str:
     """--pipeline with auto resolved, as the run records it (so --resume and eval read the data the
-    same way): stream for StreamData, else tensor."""
-    streamed = isinstance(data, StreamData)
+    same way): stream for streamed data, else tensor."""
+    streamed = data.streamed
     if cfg.pipeline == "auto":
         return "stream" if streamed else "tensor"
     if streamed != (cfg.pipeline == "stream"):
-        raise TrainkitError(f"--pipeline {cfg.pipeline} cannot take {'a StreamData' if streamed else 'data held in memory'}; "
+        raise TrainkitError(f"--pipeline {cfg.pipeline} cannot take {'streamed data' if streamed else 'data held in memory'}; "
                             f"use --pipeline {'stream' if streamed else 'tensor'} (or auto)")
     return cfg.pipeline
 
 
-def evaluation_loader(data: ImageData | StreamData, batch_size: int, mean, std, device="cpu"):
+def evaluation_loader(data: ImageData, batch_size: int, mean, std, device="cpu"):
     """The whole test set in batches, held or streamed as the data is."""
-    if isinstance(data, StreamData):
-        return StreamLoader(data.test, batch_size, channels=data.channels, size=data.size, mean=mean, std=std,
-                            device=device, resize=data.resize)
-    return TensorLoader(data.test_images, data.test_labels, batch_size, mean=mean, std=std, device=device)
+    loader = StreamLoader if data.streamed else TensorLoader
+    return loader(data.test_images, data.test_labels, batch_size, mean=mean, std=std, device=device)
 
 
 def make_loss(cfg: TrainConfig, outputs: str) -> Callable:

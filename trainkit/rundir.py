@@ -322,8 +322,7 @@ class RunDirectory(Callback):
         exp, data = self.exp, self.exp.data
         # the whole test set, on every rank count
         loader = evaluation_loader(data, exp.cfg.test_batch_size, data.mean, data.std, exp.device)
-        out, labels, losses, images = (stream.predictions(model, loader, exp.device, data)
-                                       if isinstance(data, stream.StreamData) else
+        out, labels, losses, images = (stream.predictions(model, loader, exp.device) if data.streamed else
                                        reports.predictions(model, loader, exp.device))
         matrix = reports.confusion_matrix(out.argmax(1), labels, data.num_classes)
         summary = reports.run_summary(model, data, history, matrix)

@@ -1,11 +1,12 @@
 """Image folders read in batches by DataLoader workers instead of being held whole.
 
-Only the file list (paths as bytes, labels as int64) stays in memory. The main process plans each
-epoch exactly as `TensorLoader` does (`loaders.epoch_batches`: the permutation and the augmentation
+The dataset is the one ImageData type, its images FileImages (paths as one bytes array, labels
+int64) instead of a tensor. StreamLoader is a PlannedLoader, as TensorLoader is: the main process
+plans each epoch the same way (`loaders.epoch_batches`: the permutation and the augmentation
 draws from the run's seeded generator); the workers only decode the files of each planned batch
-with `data.images.decode_image`, the conversion that the in-memory path and `predict` use. So a streamed
-run sees the same pixels, in the same order, augmented the same way, and resumes mid-epoch the same
-way (a state_dict of the generator at the epoch's start and the batches done).
+with `data.images.decode_image`, the conversion that the in-memory path and `predict` use. So a
+streamed run sees the same pixels, in the same order, augmented the same way, and resumes
+mid-epoch the same way (PlannedLoader's state_dict).
 
 Mean and std come from a bounded sample of the training files (`sample_stats`), not from every image.
 """
@@ -14,18 +15,15 @@ from __future__ import annotations
 import math
 import os
 import signal
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import LOCK
-from .data.dataset import balanced_indices, channel_stats, validation_indices, warn_absent
-from .data.folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
-                           split_folder)
-from .data.manifest import make_manifest
-from .data.images import decode_image
+from .data.dataset import FileImages, ImageData, channel_stats
+from .data.folders import announce, choose_format, file_sources, folder_format, report_skipped, split_folder
 from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
 from .loaders import PlannedLoader, normalize
@@ -184,16 +182,15 @@ class _BatchFiles(torch.utils.data.Dataset):
     """dataset[list of indices] -> (B, C, H, W) uint8, or the error line of the first bad file (a
     string: an exception raised in a worker would reach the main process as a traceback)."""
 
-    def __init__(self, files: FileList, channels: int, size: tuple[int, int], resize: str = "fit"):
-        self.paths, self.channels, self.size, self.resize = files.paths, channels, size, resize
+    def __init__(self, images: FileImages):
+        self.images = images
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, indices):
         try:
-            return torch.stack([decode_image(os.fsdecode(self.paths[i]), self.channels, self.size, self.resize)
-                                for i in indices])
+            return self.images.read(indices)
         except TrainkitError as exc:
             return str(exc)
 
@@ -248,11 +245,10 @@ def read_batches(dataloader, sampler: _PlannedBatches, batches: list[torch.Tenso
         raise TrainkitError(f"reading the image files failed: {str(exc).splitlines()[0]}") from None
 
 
-def make_dataloader(files: FileList, channels: int, size: tuple[int, int], workers: int, persistent: bool,
-                    pin_memory: bool = False, resize: str = "fit"):
+def make_dataloader(images: FileImages, workers: int, persistent: bool, pin_memory: bool = False):
     sampler = _PlannedBatches()
     loader = torch.utils.data.DataLoader(
-        _BatchFiles(files, channels, size, resize), sampler=sampler, batch_size=None, num_workers=workers,
+        _BatchFiles(images), sampler=sampler, batch_size=None, num_workers=workers,
         persistent_workers=persistent and workers > 0, prefetch_factor=PREFETCH if workers else None,
         pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
         # its own generator: a DataLoader draws its workers' seeds from the global one otherwise,
@@ -261,99 +257,27 @@ def make_dataloader(files: FileList, channels: int, size: tuple[int, int], worke
     return loader, sampler
 
 
-def sample_stats(files: FileList, channels: int, size: tuple[int, int],
-                 resize: str = "fit") -> tuple[tuple[float, ...], tuple[float, ...]]:
+def sample_stats(images: FileImages) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std, in [0, 1] units, of a sample of the training images chosen at random
     with a fixed seed: STATS_SAMPLE images, fewer when larger than STATS_BYTES. A training set
     that small is taken whole, so its numbers are exactly the in-memory path's (`channel_stats`)."""
-    n = len(files)
-    count = min(n, STATS_SAMPLE, max(256, STATS_BYTES // (channels * size[0] * size[1])))
+    n = len(images)
+    count = min(n, STATS_SAMPLE, max(256, STATS_BYTES // math.prod(images.shape[1:])))
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
-    loader, sampler = make_dataloader(files, channels, size, min(stream_workers(), 4), persistent=False,
-                                      resize=resize)
+    loader, sampler = make_dataloader(images, min(stream_workers(), 4), persistent=False)
     return channel_stats(torch.cat(list(read_batches(loader, sampler, list(chosen.split(256))))))
 
 
 # ---------------------------------------------------------------------------------------------
-# A streamed dataset, and its loader
-
-@dataclass
-class StreamData:
-    """An image folder read as it is used: what `ImageData` is for data held in memory (the same
-    name, classes, mean, std, labels and image shape), with file lists in place of images."""
-
-    name: str
-    train: FileList
-    test: FileList
-    classes: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channels: int
-    size: tuple[int, int]
-    val: FileList | None = None
-    resize: str = "fit"
-    root: Path | None = None                              # the folder, for the manifest's names
-    sources: dict[str, tuple[int, str]] | None = None     # data/manifest.py: each file's size and digest
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.channels, *self.size)
-
-    @property
-    def train_labels(self) -> torch.Tensor:
-        return self.train.labels
-
-    @property
-    def test_labels(self) -> torch.Tensor:
-        return self.test.labels
-
-    @property
-    def val_labels(self) -> torch.Tensor | None:
-        return None if self.val is None else self.val.labels
-
-    def limit(self, train: int | None = None, test: int | None = None) -> "StreamData":
-        """The first `train` training and `test` test files."""
-        cut = lambda files, n: files if n is None else files.subset(range(min(n, len(files))))
-        return replace(self, train=cut(self.train, train), test=cut(self.test, test))
-
-    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> "StreamData":
-        """The files ImageData.subset keeps of the same data (data.dataset.balanced_indices)."""
-        pick = lambda files, n, s: (lambda i: files if i is None else files.subset(i))(balanced_indices(files.labels, n, s))
-        data = replace(self, train=pick(self.train, train, seed), test=pick(self.test, test, seed + 1))
-        if test is not None and test < len(self.test):
-            warn_absent(data.test.labels, self.test.labels, self.classes)
-        return data
-
-    def split_validation(self, size: float, seed: int = 0) -> "StreamData":
-        """The same held-out files as ImageData.split_validation holds out (data.dataset.validation_indices)."""
-        val, train = validation_indices(len(self.train), size, seed)
-        return replace(self, train=self.train.subset(train), val=self.train.subset(val))
-
-    def manifest(self) -> dict | None:
-        """What the data was read from (data/manifest.py), as ImageData.manifest says it."""
-        if self.sources is None:
-            return None
-        names = lambda files: [relative_name(files.path(i), self.root) for i in range(len(files))]
-        splits = {split: (len(files), names(files)) for split, files in (("train", self.train), ("val", self.val),
-                                                                          ("test", self.test)) if files is not None}
-        return make_manifest(self.name, self.sources, splits)
-
-    def images(self, files: FileList, indices) -> torch.Tensor:
-        """uint8 (B, C, H, W) of some files, read in this process."""
-        return torch.stack([decode_image(files.path(int(i)), self.channels, self.size, self.resize) for i in indices]) \
-            if len(indices) else torch.zeros(0, *self.image_shape, dtype=torch.uint8)
-
+# A folder as a dataset of files, and its loader
 
 def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
-                       files: FolderFiles | None = None, bad_files: str = "skip", resize: str = "fit") -> StreamData:
-    """An image folder as a StreamData: the file lists of the split `load_image_folder` reads, at
-    `channels` and `size` (default: the folder's own, from every file's header, as in memory). Files
-    whose header cannot be read are left out here; one whose pixels cannot be read stops the run
-    when a worker meets it (the epoch is planned: it cannot be left out then)."""
+                       files: FolderFiles | None = None, bad_files: str = "skip", resize: str = "fit") -> ImageData:
+    """An image folder as an ImageData whose images are files (FileImages): the split that
+    `load_image_folder` reads, at `channels` and `size` (default: the folder's own, from every
+    file's header, as in memory). Files whose header cannot be read are left out here; one whose
+    pixels cannot be read stops the run when a worker meets it (the epoch is planned: it cannot be
+    left out then)."""
     files = files or folder_files(root)
     splits = {name: f for name, f in files.splits().items() if f is not None}
     paths = [f.path(i) for f in splits.values() for i in range(len(f))]
@@ -367,13 +291,16 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
     report_skipped(root, files.skipped + unreadable, len(paths) + len(files.skipped), bad_files)
     announce(root, files.layout, len(files.classes), {name: len(f) for name, f in splits.items()}, channels, size,
              chosen, resize)
-    mean, std = sample_stats(splits["training"], channels, size, resize)
-    return StreamData(f"imagefolder:{root}", splits["training"], splits["test"], files.classes, mean, std, channels,
-                      tuple(size), splits.get("validation"), resize, root, sources)
+    images = {name: FileImages(f.paths, channels, tuple(size), resize, root) for name, f in splits.items()}
+    mean, std = sample_stats(images["training"])
+    val = splits.get("validation")
+    return ImageData(f"imagefolder:{root}", images["training"], splits["training"].labels, images["test"],
+                     splits["test"].labels, files.classes, mean, std, images.get("validation"),
+                     None if val is None else val.labels, sources=sources)
 
 
 class StreamLoader(PlannedLoader):
-    """(images, labels) batches of a FileList, decoded by DataLoader workers: the same batches as a
+    """(images, labels) batches of FileImages, decoded by DataLoader workers: the same batches as a
     TensorLoader over the decoded images with the same arguments (see the module's docstring); the
     plan, the augmentation and the resume are PlannedLoader's.
 
@@ -381,12 +308,12 @@ class StreamLoader(PlannedLoader):
     reads PREFETCH batches ahead, so memory holds a few batches, whatever the folder's size.
     """
 
-    def __init__(self, files: FileList, batch_size: int, *, channels: int, size: tuple[int, int],
-                 workers: int | None = None, persistent: bool = False, resize: str = "fit", **kwargs):
-        super().__init__(files.labels, batch_size, **kwargs)
-        self.files = files
-        self._args = (files, channels, size, stream_workers() if workers is None else workers, persistent,
-                      self.device.type == "cuda", resize)
+    def __init__(self, images: FileImages, labels: torch.Tensor, batch_size: int, *, workers: int | None = None,
+                 persistent: bool = False, **kwargs):
+        super().__init__(labels, batch_size, **kwargs)
+        self.images = images
+        self._args = (images, stream_workers() if workers is None else workers, persistent,
+                      self.device.type == "cuda")
         self._loader = None       # made at the first pass, so that building a run starts no process
 
     def _read(self, plan):
@@ -399,9 +326,9 @@ class StreamLoader(PlannedLoader):
 
 
 @torch.no_grad()
-def predictions(model, loader: StreamLoader, device, data: StreamData):
+def predictions(model, loader: StreamLoader, device):
     """reports.predictions for a streamed test set: (outputs, labels, per-image loss, images), the
-    images as FileImages, read again only for those a report shows."""
+    images read again only for those a report shows (_ReportImages)."""
     model.eval()
     outs, labels = [], []
     for x, y in loader:
@@ -409,18 +336,18 @@ def predictions(model, loader: StreamLoader, device, data: StreamData):
         labels.append(y.cpu())
     out, y = torch.cat(outs), torch.cat(labels)
     losses = torch.nn.functional.cross_entropy(out, y, reduction="none")
-    return out, y, losses, FileImages(data, loader.files, loader.mean, loader.std)
+    return out, y, losses, _ReportImages(loader.images, loader.mean, loader.std)
 
 
-class FileImages:
+class _ReportImages:
     """Files read on demand as the model's (normalized) input: `images[indices]`, for the few
     pictures a report shows (mistakes.png) where the whole set would not fit."""
 
-    def __init__(self, data: StreamData, files: FileList, mean, std):
-        self.data, self.files, self.mean, self.std = data, files, mean, std
+    def __init__(self, images: FileImages, mean, std):
+        self.images, self.mean, self.std = images, mean, std
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.images)
 
     def __getitem__(self, indices) -> torch.Tensor:
-        return normalize(self.data.images(self.files, torch.as_tensor(indices).reshape(-1)), self.mean, self.std)
+        return normalize(self.images.read(torch.as_tensor(indices).reshape(-1).tolist()), self.mean, self.std)

@@ -2,8 +2,10 @@
 computed on it whatever its source: per-channel statistics, channel and size conversion."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,8 +15,55 @@ from .manifest import make_manifest
 
 
 @dataclass
+class FileImages:
+    """Images that live in files, decoded when read: (N, C, H, W) uint8 like a tensor of them, but
+    only the paths are held, as one numpy bytes array (no Python object per file, so forked
+    workers do not copy it page by page). Indexing with a slice or indices gives the files taken."""
+
+    paths: np.ndarray
+    channels: int
+    size: tuple[int, int]
+    resize: str = "fit"
+    root: Path | None = None          # the folder, for the names in a manifest
+
+    dtype = torch.uint8
+
+    @classmethod
+    def of(cls, paths, channels: int, size: tuple[int, int], resize: str = "fit", root: Path | None = None):
+        return cls(np.array([os.fsencode(p) for p in paths], dtype=np.bytes_), channels, tuple(size), resize, root)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.channels, *self.size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index) -> "FileImages":
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        return replace(self, paths=self.paths[index])
+
+    def path(self, i: int) -> str:
+        return os.fsdecode(self.paths[i])
+
+    def names(self) -> list[str]:
+        return [Path(os.path.relpath(self.path(i), self.root)).as_posix() for i in range(len(self))]
+
+    def read(self, indices) -> torch.Tensor:
+        """The images at `indices`, decoded in this process: (B, C, H, W) uint8."""
+        from .images import decode_image
+
+        indices = [int(i) for i in indices]
+        if not indices:
+            return torch.zeros(0, self.channels, *self.size, dtype=torch.uint8)
+        return torch.stack([decode_image(self.path(i), self.channels, self.size, self.resize) for i in indices])
+
+
+@dataclass
 class ImageData:
-    """A dataset held in memory: images are (N, C, H, W) uint8, labels (N,) int64."""
+    """A dataset: labels (N,) int64, images (N, C, H, W) uint8, held in a tensor or, for a folder
+    larger than memory, in files decoded as they are read (FileImages: `streamed`)."""
 
     name: str
     train_images: torch.Tensor
@@ -38,6 +87,11 @@ class ImageData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
+
+    @property
+    def streamed(self) -> bool:
+        """Its images are files read in batches (--pipeline stream), not a tensor."""
+        return isinstance(self.train_images, FileImages)
 
     @classmethod
     def from_datasets(cls, train, test, classes: list[str], mean=None, std=None, name: str = "custom") -> "ImageData":
@@ -103,9 +157,12 @@ class ImageData:
         """What the data was read from (data/manifest.py), None for data given from Python."""
         if self.sources is None:
             return None
-        splits = {split: (len(labels), None if self.files is None else self.files.get(split))
-                  for split, labels in (("train", self.train_labels), ("val", self.val_labels),
-                                        ("test", self.test_labels)) if labels is not None}
+        def names(split):
+            images = getattr(self, f"{split}_images")
+            return images.names() if isinstance(images, FileImages) else (self.files or {}).get(split)
+
+        splits = {split: (len(labels), names(split)) for split, labels in (("train", self.train_labels),
+                  ("val", self.val_labels), ("test", self.test_labels)) if labels is not None}
         return make_manifest(self.name, self.sources, splits)
 
 
@@ -168,7 +225,7 @@ def convert_images(data: ImageData, channels: int | None = None, size: tuple[int
     """The data with `channels` (1: luminance, as PIL's "L"; 3: gray repeated) and `size` (bilinear,
     antialiased); the same object when nothing changes, so MNIST stays exactly the seed's."""
     c, h, w = data.image_shape
-    if channels in (None, c) and size in (None, (h, w)):
+    if channels in (None, c) and size in (None, (h, w)) or data.streamed:   # files: decoded at the asked size
         return data
 
     def fit(x):                                        # (N, c, h, w) uint8 -> (N, channels, H, W) uint8

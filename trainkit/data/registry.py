@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import TrainkitError
 from ..registry import Registry
 from .dataset import ImageData, convert_images
 
