@@ -98,3 +98,14 @@ def test_eval_of_a_changed_folder_is_one_line(tmp_path):
     assert cli_ok("eval", run).stdout.strip().splitlines()[-1].startswith("Test set:")
     (root / "square" / "003.png").unlink()
     assert_one_line_error(run_cli("eval", run), "is not what", "1 removed (square/003.png)", "eval refuses")
+
+
+def test_a_run_made_before_manifests_is_read_as_it_was_then(tmp_path):
+    """No data.json: the flat split of seed 0 and the first --limit images, as trainkit read them before."""
+    root = write_classes(tmp_path / "pics", 10)
+    cfg = TrainConfig(dataset=f"imagefolder:{root}", limit_test=4, **FIXED)
+    old = get_data(cfg, before_manifests=True)
+    from trainkit.data.folders import split_folder
+    split = split_folder(root, seed=0)
+    assert old.files["test"] == [p.relative_to(root).as_posix() for p, _ in split.test][:4]
+    assert old.files["test"] != get_data(cfg).files["test"]            # the new recipe: seed 1, class by class

@@ -114,17 +114,21 @@ def load_initial_weights(model: nn.Module, source: Path) -> None:
 
 
 def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int] | None = None,
-             device: torch.device | None = None) -> ImageData:
+             device: torch.device | None = None, before_manifests: bool = False) -> ImageData:
     """The configured data; `channels` and `size` (eval: the run's) override --channels / --image-size.
-    An image folder's images are files (FileImages) when --pipeline says to stream it (stream.py)."""
+    An image folder's images are files (FileImages) when --pipeline says to stream it (stream.py).
+    `before_manifests`: read as trainkit did before runs recorded data.json (a flat folder split
+    from seed 0, the first --limit images), so that eval and --resume of such a run see its data."""
     channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
     spec = parse_dataset(cfg.dataset)
-    files = folder_to_stream(spec, cfg.pipeline, channels, size, device, cfg.seed)
+    seed = 0 if before_manifests else cfg.seed
+    files = folder_to_stream(spec, cfg.pipeline, channels, size, device, seed)
     if files is not None:
-        return load_stream_folder(Path(spec.arg), channels, size, files, cfg.bad_files,
-                                  cfg.resize).subset(cfg.limit_train, cfg.limit_test, cfg.seed)
+        data = load_stream_folder(Path(spec.arg), channels, size, files, cfg.bad_files, cfg.resize)
+        return data.limit(cfg.limit_train, cfg.limit_test) if before_manifests else \
+            data.subset(cfg.limit_train, cfg.limit_test, seed)
     return load_dataset(spec, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
-                        limit_train=cfg.limit_train, limit_test=cfg.limit_test, seed=cfg.seed,
+                        limit_train=cfg.limit_train, limit_test=cfg.limit_test, first=before_manifests, seed=seed,
                         bad_files=cfg.bad_files, resize=cfg.resize)
 
 
@@ -206,8 +210,9 @@ def make_loss(cfg: TrainConfig, outputs: str) -> Callable:
 
 
 def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
-                     model: nn.Module | None = None) -> Experiment:
-    """Build every piece of a run from `cfg`; `data` and `model` replace the configured ones.
+                     model: nn.Module | None = None, before_manifests: bool = False) -> Experiment:
+    """Build every piece of a run from `cfg`; `data` and `model` replace the configured ones
+    (`before_manifests`: get_data's, for resuming a run made before data.json).
 
     Under torchrun this process joins the group and trains its share with DistributedDataParallel.
     """
@@ -220,7 +225,7 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     seed_everything(cfg.seed)
     if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    data = held_out(cfg, data if data is not None else get_data(cfg, device=device))
+    data = held_out(cfg, data if data is not None else get_data(cfg, device=device, before_manifests=before_manifests))
     cfg = cfg.replace(pipeline=resolved_pipeline(cfg, data))
     if model is None:
         model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,

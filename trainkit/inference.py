@@ -138,7 +138,7 @@ def _load_from_args(args) -> TrainedModel:
 def cmd_eval(args) -> int:
     from .devices import bf16_supported
     from .engine import evaluate
-    from .data.manifest import check_same_data
+    from .data.manifest import check_same_data, read_manifest
     from .experiment import evaluation_loader, get_data
     from .reports import test_line
 
@@ -148,7 +148,9 @@ def cmd_eval(args) -> int:
                             f"trainkit eval cannot load it again, and will not evaluate another dataset in its place")
     cfg = trained.cfg.replace(**{k: v for k, v in config_flags(args).items() if k != "model"}, limit_train=1)
     # The run's recorded channels and size, so that an RGB 64x64 run reads its data as it trained.
-    data = get_data(cfg, channels=trained.image_shape[0], size=trained.image_shape[1:])
+    # a run made before data.json: its data read as it was then (experiment.get_data), unchecked
+    before_manifests = read_manifest(Path(args.run_dir)) is None
+    data = get_data(cfg, channels=trained.image_shape[0], size=trained.image_shape[1:], before_manifests=before_manifests)
     if tuple(data.image_shape) != trained.image_shape or len(data.classes) != len(trained.classes):
         raise TrainkitError(f"the data found for {cfg.dataset} ({list(data.image_shape)}, {len(data.classes)} classes) "
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "

@@ -17,7 +17,7 @@ from . import distributed
 from .callbacks import TensorBoardLogger
 from .config import TrainConfig
 from .data.dataset import ImageData
-from .data.manifest import check_same_data
+from .data.manifest import check_same_data, read_manifest
 from .engine import Callback, History, fit
 from .experiment import Experiment, build_experiment, training_callbacks
 from .rundir import OWN_NAMES, RunDirectory, default_run_dir, lock_run, prepare, restore
@@ -40,7 +40,9 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     from its last checkpoint. Under torchrun only rank 0 shows progress and writes files; it holds
     the run folder's lock (rundir.lock_run) until this returns, so no other process writes there.
     """
-    exp = build_experiment(cfg, data=data, model=model)
+    # a run made before data.json is resumed on the data as it was read then (experiment.get_data)
+    before_manifests = resume is not None and (Path(resume) / "last.pt").is_file() and read_manifest(Path(resume)) is None
+    exp = build_experiment(cfg, data=data, model=model, before_manifests=before_manifests)
     main = exp.rank.is_main
     everyone = training_callbacks(cfg)
     own = [cb for cb in callbacks if main or not getattr(cb, "main_process_only", False)]

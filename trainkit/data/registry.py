@@ -96,14 +96,16 @@ def canonical_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 def load_dataset(name: "str | DatasetSpec", data_dir: Path, channels: int | None = None, progress: bool = True,
                  size: tuple[int, int] | None = None, limit_train: int | None = None,
-                 limit_test: int | None = None, **options) -> ImageData:
+                 limit_test: int | None = None, first: bool = False, **options) -> ImageData:
     """Build a dataset by its registered name (mnist, cifar10, imagefolder:PATH...), with `channels`
     and `size` (None: the dataset's own). A source that `reads_size` reads its files at that size
     (image folders: straight from each file, as `predict` does); the rest are converted after, only
     `limit_train` / `limit_test` images drawn class by class from `seed` (all by default).
-    `options`: ReadOptions' others (seed: of the subsets and of a flat image folder's split)."""
+    `options`: ReadOptions' others (seed: of the subsets and of a flat image folder's split).
+    `first`: the first images instead (how runs made before data.json were limited)."""
     spec = parse_dataset(name)
     entry = spec.entry
     read = ReadOptions(channels, size, progress, **options)
     data = entry.load(spec.arg, Path(data_dir), read)
-    return convert_images(data.subset(limit_train, limit_test, read.seed), channels, size)
+    data = data.limit(limit_train, limit_test) if first else data.subset(limit_train, limit_test, read.seed)
+    return convert_images(data, channels, size)
