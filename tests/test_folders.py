@@ -101,6 +101,9 @@ def test_train_test_and_val_folders_are_the_split(tmp_path):
     streamed = get_data(cfg.replace(pipeline="stream"))
     assert streamed.streamed
     assert torch.equal(streamed.val_labels, memory.val_labels) and torch.equal(streamed.test_labels, memory.test_labels)
+    from trainkit.experiment import held_out
+    with pytest.raises(TrainkitError, match="has its own validation split"):
+        held_out(cfg.replace(val_split=0.1), memory)
 
 
 def test_the_streamed_path_leaves_out_the_same_files(tmp_path, monkeypatch, capsys):

@@ -149,7 +149,10 @@ def seed_augment(images: torch.Tensor) -> SeedAugment:
 
 def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
     """The data with its validation split, when the config asks for one."""
-    if cfg.val_split is None or data.val_labels is not None:
+    if cfg.val_split is not None and data.val_labels is not None:
+        raise TrainkitError(f"--val-split {cfg.val_split}: {data.name} has its own validation split (a val/ folder); "
+                            f"leave --val-split out")
+    if cfg.val_split is None:
         return data
     return data.split_validation(cfg.val_split, seed=cfg.seed)
 
