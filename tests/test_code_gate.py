@@ -175,3 +175,19 @@ def test_registry_and_zoo_names_are_looked_up_never_imported(tmp_path):
         with pytest.raises(TrainkitError):
             gated_model_name("c.json", bad, {"kind": "registry", "name": bad})
     assert "s5net" in MODELS
+
+
+def test_tune_and_compare_read_hostile_run_folders_without_importing(file_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("optuna")
+    monkeypatch.chdir(tmp_path)
+    settings_model, record = variants(tmp_path)["file-with-its-own-sha256"]
+    run = hostile(file_run, tmp_path, settings_model, record)
+    compare_code, err = run_main(capsys, "compare", run, file_run)
+    assert compare_code in (0, 2) and "Traceback" not in err
+    # A study's folder whose first trial folder is someone's run: the trial is refused, nothing imported.
+    shutil.copytree(run, tmp_path / "study" / "trial-000")
+    (tmp_path / "space.yaml").write_text("lr: [0.01, 0.02]\n")
+    code, err = run_main(capsys, "tune", tmp_path / "space.yaml", "--out", tmp_path / "study", "--trials", "1",
+                         "--limit-train", "256", "--limit-test", "128", "--epochs", "1")
+    assert code == 2 and "already holds a run" in err, err
+    assert not (tmp_path / "marker").exists()
