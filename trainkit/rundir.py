@@ -307,6 +307,20 @@ class RunDirectory(Callback):
         if rows != [(str(r.epoch), str(r.seconds)) for r in history]:   # the epochs last.pt holds, and no other
             self._write_metrics(history)
 
+    def record_config(self) -> None:
+        """A resumed run's config.json says what runs now: an extended --epochs, say, so that
+        `--config RUN/config.json` trains the same run and `compare` sees one value. Atomic, and
+        only when something changed; the other sections (environment, data, model) are kept."""
+        path = self.dir / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or saved.get("config") == self.exp.cfg.to_dict():
+            return
+        saved["config"] = self.exp.cfg.to_dict()
+        self._guard("config.json", lambda: ckpt.atomic_write_text(path, json.dumps(saved, indent=2)))
+
     @staticmethod
     def _read(path: Path) -> bytes | None:
         try:
