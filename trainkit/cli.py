@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
             raise TrainkitError(f"--out {args.out} cannot be combined with --resume {args.resume}: "
                                 f"a resumed run stays in its own folder")
     if args.resume:
-        cfg = load_resume_config(Path(args.resume), flags)
+        cfg = load_resume_config(Path(args.resume), flags, trust_code=args.trust_code)
     run_dir = Path(args.resume or args.out or default_run_dir())
     stop = SignalStop()
     if not launched_by_torchrun():  # under torchrun the agent stops and restarts workers itself

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed
-from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
+from .callbacks import EMA, BestWeights, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .data.dataset import ImageData
 from .data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
@@ -279,4 +279,6 @@ def training_callbacks(cfg: TrainConfig) -> list[Callback]:
         callbacks.append(TargetAccuracy(cfg.target_acc))
     if cfg.patience is not None:
         callbacks.append(EarlyStopping(cfg.patience))
+    if cfg.final == "best":       # acts only with a validation split
+        callbacks.append(BestWeights())
     return callbacks
