@@ -66,14 +66,14 @@ class ImageData:
     larger than memory, in files decoded as they are read (FileImages: `streamed`)."""
 
     name: str
-    train_images: torch.Tensor
+    train_images: torch.Tensor | FileImages
     train_labels: torch.Tensor
-    test_images: torch.Tensor
+    test_images: torch.Tensor | FileImages
     test_labels: torch.Tensor
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    val_images: torch.Tensor | None = None   # a validation split held out of the training images
+    val_images: torch.Tensor | FileImages | None = None   # a validation split held out of the training images
     val_labels: torch.Tensor | None = None
     # What the data was read from, for the run's manifest (data/manifest.py): each source file's
     # (size, digest) by name, and, where images are files, each split's file names in image order.
