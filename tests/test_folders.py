@@ -126,3 +126,25 @@ def test_bad_files_error_through_the_cli_is_one_line(tmp_path):
     proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--bad-files", "error", "--epochs", "1",
                    "--no-progress", "--out", tmp_path / "run")
     assert_one_line_error(proc, "1 of 9 files", "notes.txt (not an image)", "--bad-files skip")
+
+
+def test_a_folder_reads_16_bit_exif_and_alpha_images_as_a_viewer_shows_them(tmp_path):
+    root = two_classes(tmp_path / "pics", per_class=3)
+    ramp = np.linspace(0, 65535, 12 * 12).reshape(12, 12).astype(np.uint16)
+    Image.fromarray(ramp).save(root / "dark" / "ramp16.png")                   # 16-bit greys
+    wide = np.zeros((12, 24), np.uint8)
+    wide[:, :12] = 255                                                         # stored landscape, left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                           # shown turned: top half white
+    Image.fromarray(wide).save(root / "dark" / "turned.jpg", exif=exif, quality=95)
+    rgba = np.zeros((12, 12, 4), np.uint8)
+    rgba[3:9, 3:9] = (0, 0, 0, 255)                                            # a black square on transparency
+    Image.fromarray(rgba, "RGBA").save(root / "light" / "alpha.png")
+    data = load_image_folder(root, channels=1, size=(24, 12), resize="stretch", test_fraction=0.01)
+    images = torch.cat([data.train_images, data.test_images])
+    names = data.files["train"] + data.files["test"]
+    ramp_read, turned, alpha = (images[names.index(f"{c}/{n}")][0] for c, n in
+                                (("dark", "ramp16.png"), ("dark", "turned.jpg"), ("light", "alpha.png")))
+    assert len(torch.unique(ramp_read)) > 100                                  # not binarised
+    assert turned[:12].float().mean() > 200 and turned[12:].float().mean() < 50
+    assert alpha[0, 0] == 255 and alpha[12, 6] < 30                           # white around a black square
