@@ -1,8 +1,11 @@
 """The data floor: every dataset trainkit reads, as uint8 images with int64 labels.
 
     fetch.py     find, download, check MD5s, take files out of archives (knows no format)
-    formats.py   IDX, the CIFAR pickle, image files: bytes -> arrays (knows no download)
-    dataset.py   ImageData, the one in-memory dataset type; statistics; channel and size conversion
+    formats.py   IDX and the CIFAR pickle: bytes -> arrays (knows no download)
+    images.py    image files -> uint8 tensors: the one decoder (folders, predict, serve)
+    dataset.py   ImageData, the one dataset type (images in a tensor, or FileImages); subsets, statistics
+    manifest.py  what a run's data was (data.json), and what changed since
+    cache.py     a folder's images decoded once into a memory-mapped file
     registry.py  DATASETS (each source's entry and facts), DatasetSpec (a name parsed once), load_dataset
     idx.py, cifar.py, emnist.py, folders.py ...   one module per source, each registering itself
 
