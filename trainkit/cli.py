@@ -69,8 +69,10 @@ def _resume_hint(run_dir: Path) -> str:
 
 def cmd_summary(args) -> int:
     from .models import build_model, output_kind
+    from .outputs import check_output, save_figure
     from .reports import model_summary, plot_architecture
 
+    png = check_output(args.png, "--png", picture=True) if args.png else None   # before the model is built
     cfg, _ = config_from_args(args)
     shape = (args.channels, args.size, args.size)
     model = build_model(cfg.model, in_channels=args.channels, num_classes=args.classes)
@@ -78,8 +80,8 @@ def cmd_summary(args) -> int:
     table = str(model_summary(model, shape)).splitlines()
     end = next(i for i, line in enumerate(table) if line.startswith("Total params"))
     print("\n".join(table[:end + 1]))  # the per-layer table, ending with the total
-    if args.png:
-        plot_architecture(model, shape, Path(args.png))
+    if png:
+        save_figure(plot_architecture(model, shape), png, "--png")
         print(f"Architecture picture saved to {args.png}")
     return 0
 

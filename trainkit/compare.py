@@ -63,8 +63,9 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> None:
-    """2x2: held-out accuracy and loss against epoch (top) and against wall time (bottom)."""
+def plot(runs: list[dict], path: Path | None = None):
+    """2x2: held-out accuracy and loss against epoch (top) and against wall time (bottom);
+    the figure, or saved to `path` (and closed)."""
     from .reports import _finish, _pyplot
 
     plt = _pyplot()
@@ -90,13 +91,16 @@ def plot(runs: list[dict], path: Path) -> None:
     axs[0, 0].legend(fontsize=8)
     fig.suptitle("held-out accuracy and loss: validation split where a run has one, else the test set")
     fig.tight_layout()
-    _finish(fig, path)
+    return _finish(fig, path)
 
 
 def cmd_compare(args) -> int:
+    from .outputs import check_output, save_figure
+
+    png = check_output(args.png, "--png", picture=True)   # before the runs are read
     runs = [load_run(Path(p)) for p in args.run_dirs]
     print(table(runs))
-    plot(runs, Path(args.png))
+    save_figure(plot(runs), png, "--png")
     print(f"Curves saved to {args.png}")
     return 0
 
