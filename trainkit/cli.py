@@ -22,6 +22,10 @@ def cmd_train(args) -> int:
     from .rundir import FILES, default_run_dir, load_resume_config
     from .run import train
 
+    from .outputs import check_folder
+
+    if args.out:
+        check_folder(args.out, "--out")    # a name too long or a file in the way: one line, before any work
     cfg, flags = config_from_args(args)
     restarted = restarted_by_torchrun() and args.out and (Path(args.out) / "last.pt").exists()
     if restarted:

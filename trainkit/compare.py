@@ -11,6 +11,7 @@ import csv
 import json
 from pathlib import Path
 
+from .config import load_config_file, show
 from .errors import TrainkitError
 
 IGNORED = {"progress", "workers", "data_dir"}   # settings that never change what a run computes
@@ -27,13 +28,22 @@ def load_run(path: Path) -> dict:
         if not (path / name).is_file():
             raise TrainkitError(f"{path} is not a finished run folder: it has no {name}")
     try:
-        config = json.loads((path / "config.json").read_text())["config"]
+        config = load_config_file(path / "config.json")    # one line for a file that is empty, not JSON, huge...
         with open(path / "metrics.csv", newline="") as f:
             rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TrainkitError(f"cannot read the run in {path}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise TrainkitError(f"cannot read the run in {path}: {type(exc).__name__}: {reason}") from None
     if not rows:
         raise TrainkitError(f"{path} has no finished epoch in metrics.csv")
+    if not isinstance(config, dict):
+        raise TrainkitError(f"{path / 'config.json'} is damaged: \"config\" holds {show(config)}, not a mapping "
+                            f"of settings")
+    split = "val" if rows[0].get("val_acc") is not None else "test"
+    for number, row in enumerate(rows, 1):
+        missing = [c for c in ("epoch", "seconds", f"{split}_acc", f"{split}_loss") if row.get(c) is None]
+        if missing:
+            raise TrainkitError(f"{path / 'metrics.csv'} is damaged: row {number} has no {', '.join(missing)}")
     return {"name": path.name or str(path), "path": path, "config": config, "rows": rows}
 
 

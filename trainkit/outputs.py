@@ -133,6 +133,50 @@ def _probe(folder: Path, where: str, path: Path) -> None:
     os.unlink(tmp)
 
 
+def check_folder(path: str | os.PathLike, flag: str) -> Path:
+    """A folder a command will create or write in (`train --out`, `tune --out`), checked without
+    creating it: every name short enough, the whole path too, nothing on the way a file."""
+    path = Path(path)
+    where = f"{flag} {_short(path)}"
+    if len(os.fsencode(str(path.absolute()))) >= _path_max():
+        raise TrainkitError(f"{where} cannot be used: the path is {len(os.fsencode(str(path.absolute())))} bytes "
+                            f"long, at most {_path_max() - 1} here")
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), Path("."))
+    limit = _name_max(existing)
+    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    if long is not None:
+        raise TrainkitError(f"{where} cannot be used: the name {_short(Path(long), 40)} is {len(os.fsencode(long))} "
+                            f"bytes long, at most {limit} here")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise TrainkitError(f"{where} cannot be used: {reason(exc, path)}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise TrainkitError(f"{where} is a file, not a folder; give a folder")
+    return path
+
+
+def make_folder(path: str | os.PathLike, flag: str) -> Path:
+    """check_folder, then create it (and its parents): one line for a read-only mount, a denied
+    permission or a full disk."""
+    path = check_folder(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _probe(path, f"{flag} {_short(path)} cannot be used", path / "x")
+    except OSError as exc:
+        raise TrainkitError(f"{flag} {_short(path)} cannot be created: {reason(exc, path / 'x')}") from None
+    return path
+
+
+def _path_max() -> int:
+    try:
+        return os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
+
+
 def write_output(path: Path, data: bytes, flag: str) -> None:
     """Write `data` to `path` (checked by check_output), whole or not at all."""
     path = Path(path)
@@ -163,4 +207,4 @@ def save_figure(fig, path: Path, flag: str) -> None:
 def _short(path: Path, limit: int = 120) -> str:
     """A path for a message: a 5,000-character path is cut, not printed whole."""
     text = str(path)
-    return text if len(text) <= limit else f"{text[:60]}...{text[-50:]} ({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 3:]} ({len(text)} characters)"
