@@ -693,3 +693,153 @@ def test_a_checkpoint_without_model_weights_is_one_line(run_copy, digit_png, cap
     ckpt.atomic_torch_save([torch.zeros(3)], run_copy / "model.pt")
     code, line = run_main(capsys, "predict", run_copy, digit_png)
     assert code == 2 and "model.pt does not hold model weights" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability III: the last tracebacks (tune's search space, storage and --out, compare of a
+# damaged run, a model with nothing to train, --out names too long), each one line
+
+TUNE_QUICK = ["--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--batch-size", "32", "--trials", "1"]
+
+
+def space_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("space, fragment", [
+    ("lr: {low: 0.01, high: 0.1, log: true, step: 0.01}", "cannot have both log: true and a step"),
+    ("lr: {low: 0.01, high: 0.1, step: abc}", "lr's step must be a number, got 'abc'"),
+    ("batch_size: {low: 32, high: 64, step: 0}", "batch_size's step must be greater than 0"),   # was silently 1
+    ("lr: {low: 0.01, high: 0.1, step: 0}", "lr's step must be greater than 0"),
+    ("lr: {low: 0.01, high: 0.1, step: -0.01}", "lr's step must be greater than 0"),
+    ("lr: {low: 0.01, high: 0.1, step: 5}", "at most high - low"),
+    ("batch_size: {low: 32, high: 64, step: 2.5}", "batch_size's step must be an integer"),
+    ("lr: {low: 0.01, high: 0.1, step: .nan}", "lr's step must be greater than 0"),
+    ("lr: {low: 0.01, high: 0.1, log: yes please}", "lr's log must be true or false"),
+    ("momentum: {low: 0, high: 0.9, log: true}", "with log: true needs low > 0"),
+])
+def test_tune_search_space_errors_are_one_line(tmp_path, capsys, space, fragment):
+    pytest.importorskip("optuna")
+    code = main(["tune", str(space_file(tmp_path, space)), "--out", str(tmp_path / "out"), *TUNE_QUICK])
+    assert code == 2 and fragment in one_line(capsys)
+    assert not (tmp_path / "out").exists()                       # refused before anything was made
+
+
+@pytest.mark.parametrize("storage, fragment", [
+    ("notaurl", "is not a database URL"),
+    ("redis://localhost:6379", "Can't load plugin: sqlalchemy.dialects:redis"),
+    ("sqlite:///{tmp}/text.db", "file is not a database"),
+    ("sqlite:///{tmp}/no/such/folder/s.db", "unable to open database file"),
+])
+def test_tune_storage_errors_are_one_line(tmp_path, capsys, storage, fragment):
+    pytest.importorskip("optuna")
+    (tmp_path / "text.db").write_text("plain text, not SQLite " * 10)
+    code = main(["tune", str(space_file(tmp_path, "lr: [0.05]")), "--out", str(tmp_path / "out"),
+                 "--storage", storage.format(tmp=tmp_path), *TUNE_QUICK])
+    assert code == 2 and fragment in one_line(capsys)
+    assert (tmp_path / "text.db").read_text().startswith("plain text")
+
+
+@pytest.mark.parametrize("out, fragment", [
+    ("afile", "is a file, not a folder"),
+    ("a" * 300, "is 300 bytes long, at most 255"),
+    ("/".join(["b" * 200] * 25), "the path is"),
+])
+@pytest.mark.parametrize("command", ["tune", "train"])
+def test_out_that_is_a_file_or_too_long_is_one_line(tmp_path, capsys, monkeypatch, out, fragment, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    args = ["tune", str(space_file(tmp_path, "lr: [0.05]"))] if command == "tune" else ["train"]
+    code = main([*args, "--out", out, *TUNE_QUICK[:-2]])
+    line = one_line(capsys)
+    assert code == 2 and fragment in line and len(line) < 400, line
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_tune_into_an_out_whose_study_was_deleted(tmp_path, capsys):
+    """The trial folders of an earlier study are there, its study.db is gone: a new study would number
+    its trials from 0 again and meet trial-000 (Optuna's warning then carried a whole traceback)."""
+    pytest.importorskip("optuna")
+    (tmp_path / "out" / "trial-000").mkdir(parents=True)
+    code = main(["tune", str(space_file(tmp_path, "lr: [0.05]")), "--out", str(tmp_path / "out"), *TUNE_QUICK])
+    assert code == 2 and "trial-000 already exists, but study 'space'" in one_line(capsys)
+
+
+def test_a_trial_that_fails_is_one_line_without_optunas_traceback(tmp_path):
+    pytest.importorskip("optuna")
+    space = space_file(tmp_path, "lr: [0.05]\nmodel: no-such-model\n")
+    proc = run_cli("tune", space, "--out", tmp_path / "out", *TUNE_QUICK, timeout=300)
+    assert_one_line_error(proc, "trial 0 (", "unknown model 'no-such-model'")
+
+
+def mount_tmpfs_and_run(target: Path, options: str, *argv, bind: bool = False) -> subprocess.CompletedProcess:
+    """`trainkit ARGV` with a real tmpfs (or, with `bind`, the folder itself read-only) on `target`,
+    in a mount namespace of its own."""
+    mount = (f'mount --bind "$1" "$1" && mount -o remount,bind,{options} "$1"' if bind
+             else f'mount -t tmpfs -o {options} tmpfs "$1"')
+    script = f'{mount} || exit 99; shift; exec "$@"'
+    cmd = [*mount_namespace(), "sh", "-c", script, "sh", str(target), sys.executable, "-m", "trainkit", *map(str, argv)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())})
+    assert proc.returncode != 99, proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_tune_with_a_read_only_study_database_or_out(tmp_path):
+    pytest.importorskip("optuna")
+    space = space_file(tmp_path, "lr: [0.05]")
+    (tmp_path / "db").mkdir()
+    sqlite3 = __import__("sqlite3")
+    sqlite3.connect(tmp_path / "db" / "study.db").execute("create table t (x)").connection.commit()
+    proc = mount_tmpfs_and_run(tmp_path / "db", "ro", "tune", space, "--out", tmp_path / "out",
+                               "--storage", f"sqlite:///{tmp_path / 'db' / 'study.db'}", *TUNE_QUICK, bind=True)
+    assert_one_line_error(proc, "cannot be used: attempt to write a readonly database")
+    (tmp_path / "ro").mkdir()
+    proc = mount_tmpfs_and_run(tmp_path / "ro", "ro", "tune", space, "--out", tmp_path / "ro" / "out", *TUNE_QUICK)
+    assert_one_line_error(proc, "is on a read-only file system")
+
+
+def write_run(folder: Path, config: str, metrics: str) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / "metrics.csv").write_text(metrics)
+    return folder
+
+
+GOOD_METRICS = "epoch,lr,train_loss,train_acc,test_loss,test_acc,seconds\n1,0.01,0.5,80,0.4,85,1.5\n"
+
+
+@pytest.mark.parametrize("config, metrics, fragment", [
+    ('{"config": {"lr": 0.01}}', "epoch,lr,train_loss,train_acc,test_loss,seconds\n1,0.01,0.5,80,0.4,1.5\n",
+     "row 1 has no test_acc"),
+    ('{"config": {"lr": 0.01}}', "epoch,lr,test_loss,test_acc\n1,0.01,0.4,85\n", "row 1 has no seconds"),
+    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80\n", "row 2 has no seconds, test_acc, test_loss"),
+    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80,0.4,abc,1\n", "could not convert string"),
+    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80,0.4,85,1,extra\n", "cannot read the run"),
+    ('{"config": [1, 2]}', GOOD_METRICS, "must hold a mapping of settings"),
+    ('{"config": "lr"}', GOOD_METRICS, "must hold a mapping of settings"),
+    ('[1, 2]', GOOD_METRICS, "must hold a mapping of settings"),
+    ('{"config": {"lr": 0.01}', GOOD_METRICS, "could not be parsed"),
+    ('', GOOD_METRICS, "is empty"),
+])
+def test_compare_of_a_damaged_run_is_one_line(tmp_path, capsys, config, metrics, fragment):
+    good = write_run(tmp_path / "good", '{"config": {"lr": 0.02}}', GOOD_METRICS)
+    bad = write_run(tmp_path / "bad", config, metrics)
+    code = main(["compare", str(good), str(bad), "--png", str(tmp_path / "c.png")])
+    assert code == 2 and fragment in one_line(capsys)
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.slow
+def test_a_model_with_no_trainable_parameters_is_one_line(tmp_path):
+    factory = tmp_path / "fixed.py"
+    factory.write_text("import torch.nn as nn\n\nclass Fixed(nn.Module):\n    def forward(self, x):\n"
+                       "        return x.flatten(1)[:, :10].log_softmax(1)\n\n\ndef factory(**kwargs):\n"
+                       "    return Fixed()\n")
+    for extra in ([], ["--optimizer", "adamw", "--precision", "fp32", "--channels-last", "off"]):
+        proc = run_cli("train", "--model", f"{factory}:factory", "--out", tmp_path / "run", *TUNE_QUICK[:-2], *extra)
+        assert_one_line_error(proc, "the model has no trainable parameters")
+        assert not (tmp_path / "run").exists()
