@@ -843,3 +843,78 @@ def test_a_model_with_no_trainable_parameters_is_one_line(tmp_path):
         proc = run_cli("train", "--model", f"{factory}:factory", "--out", tmp_path / "run", *TUNE_QUICK[:-2], *extra)
         assert_one_line_error(proc, "the model has no trainable parameters")
         assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability III: nothing silently accepted, nothing that waits on a network that is not there
+
+@pytest.mark.parametrize("value", ["1.5", "2.25", "100.5"])
+def test_a_val_split_that_is_neither_a_fraction_nor_a_count_is_refused(capsys, value):
+    """--val-split 1.5 was taken as a count of 1 image."""
+    code = main(["train", "--val-split", value, "--epochs", "1"])
+    assert code == 2 and f"--val-split must be a fraction between 0 and 1 (0.1) or a whole number of images (5000), got {float(value)}" in one_line(capsys)
+
+
+def test_whole_counts_and_fractions_are_still_val_splits():
+    for value in (0.1, 0.5, 1.0, 5000.0, 5000):
+        assert validate(TrainConfig(val_split=value)).val_split == value
+
+
+def no_network() -> list[str]:
+    """`unshare` with a network namespace of its own: no interface but a loopback that is down."""
+    cmd = ["unshare", "--map-root-user", "--net"]
+    if not shutil.which("unshare") or subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with user and network namespaces")
+    return cmd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, fragment", [
+    ("timm:resnet18", "timm:resnet18 could not be built with pretrained weights"),
+    ("torchvision:resnet18", "needs its weights from download.pytorch.org, which cannot be reached"),
+])
+def test_pretrained_weights_offline_fail_in_seconds(tmp_path, model, fragment):
+    """Without a network, timm's weights were retried for 51 s in 22 lines of Hugging Face output."""
+    pytest.importorskip(model.partition(":")[0])
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"), TRAINKIT_DATA_DIR=str(data_dir()))
+    start = time.monotonic()
+    proc = subprocess.run([*no_network(), sys.executable, "-m", "trainkit", "train", "--model", model, "--pretrained",
+                           "--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--out", tmp_path / "run"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parents[1])
+    assert_one_line_error(proc, fragment)
+    assert time.monotonic() - start < 40                        # imports included; the retries took 51 s
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_on_a_read_only_database_is_one_warning_at_once(tmp_path):
+    """MLflow retried a database it could not write for about 100 s in 36 lines."""
+    pytest.importorskip("mlflow")
+    (tmp_path / "ro").mkdir()
+    sqlite3 = __import__("sqlite3")
+    sqlite3.connect(tmp_path / "ro" / "mlflow.db").execute("create table t (x)").connection.commit()
+    start = time.monotonic()
+    proc = mount_tmpfs_and_run(tmp_path / "ro", "ro", "train", "--mlflow", f"sqlite:///{tmp_path / 'ro' / 'mlflow.db'}",
+                               "--out", tmp_path / "run", "--limit-train", "64", "--limit-test", "64", "--epochs", "1",
+                               "--no-progress", bind=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trainkit: warning: MLflow logging failed"), proc.stderr
+    assert "cannot write the SQLite database" in lines[0] and "read-only file system" in lines[0]
+    assert time.monotonic() - start < 90 and (tmp_path / "run" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("content, fragment", [(b"plain text, not a database" * 4, "is not an SQLite database"),
+                                               (None, "is not a regular file")])
+def test_mlflow_database_that_is_not_one_is_found_at_once(tmp_path, content, fragment):
+    from trainkit.tracking import sqlite_problem
+
+    path = tmp_path / "mlflow.db"
+    if content is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content)
+    assert fragment in sqlite_problem(f"sqlite:///{path}")
+    assert sqlite_problem(f"sqlite:///{tmp_path / 'new.db'}") is None
+    assert sqlite_problem("http://localhost:5000") is None

@@ -40,6 +40,9 @@ def cmd_train(args) -> int:
                                 f"a resumed run stays in its own folder")
     if args.resume:
         cfg = load_resume_config(Path(args.resume), flags)
+    if cfg.pretrained:
+        from .pretrained import prepare
+        prepare(cfg.model)         # offline: one line in seconds, not a minute of retries
     run_dir = Path(args.resume or args.out or default_run_dir())
     stop = SignalStop()
     if not launched_by_torchrun():  # under torchrun the agent stops and restarts workers itself

@@ -190,6 +190,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise TrainkitError(f"{flag} must be at most {meta['maximum']}, got {show(value)}")
         if meta.get("below") is not None and not value < meta["below"]:
             raise TrainkitError(f"{flag} must be less than {meta['below']}, got {show(value)}")
+    if cfg.val_split is not None and cfg.val_split >= 1 and not float(cfg.val_split).is_integer():
+        # 1.5 was taken as a count and became 1 image: a fraction must be below 1, a count whole.
+        raise TrainkitError(f"--val-split must be a fraction between 0 and 1 (0.1) or a whole number of images "
+                            f"(5000), got {show(cfg.val_split)}")
     parse_image_size(cfg.image_size)
     return cfg
 

@@ -318,6 +318,9 @@ def cmd_tune(args) -> int:
     out = Path(args.out or Path("runs") / f"tune-{space.stem}")
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     name = args.study_name or space.stem
+    if cfg.pretrained:
+        from .pretrained import prepare
+        prepare(cfg.model)         # offline: one line in seconds, not a minute of retries per trial
     study = run_study(space, cfg, args.trials, storage, name, out)
     with storage_errors(storage):
         best = write_results(study, out)
