@@ -918,3 +918,43 @@ def test_mlflow_database_that_is_not_one_is_found_at_once(tmp_path, content, fra
     assert fragment in sqlite_problem(f"sqlite:///{path}")
     assert sqlite_problem(f"sqlite:///{tmp_path / 'new.db'}") is None
     assert sqlite_problem("http://localhost:5000") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability III: only regular files are opened (a named pipe blocked `open` for ever)
+
+def special_files(tmp_path: Path) -> dict[str, Path]:
+    """A real named pipe, a folder, a character device and a Unix socket."""
+    import socket as sockets
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    sock_path = tmp_path / "sock.png"
+    server = sockets.socket(sockets.AF_UNIX)
+    server.bind(str(sock_path))
+    return {"a named pipe": fifo, "a folder": folder, "a character device": Path("/dev/zero"),
+            "a socket": sock_path}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["a named pipe", "a folder", "a character device", "a socket"])
+def test_predict_on_a_pipe_a_device_or_a_folder_is_one_line(finished_run, digit_png, tmp_path, kind):
+    path = special_files(tmp_path)[kind]
+    proc = run_cli("predict", finished_run, digit_png, path, timeout=120)     # a hang fails here
+    assert_one_line_error(proc, f"image {path} is {kind}, not a file; it is not opened")
+
+
+@pytest.mark.parametrize("kind", ["a named pipe", "a folder", "a character device", "a socket"])
+def test_a_config_file_that_is_a_pipe_a_device_or_a_folder_is_one_line(tmp_path, kind):
+    path = special_files(tmp_path)[kind]
+    with pytest.raises(TrainkitError, match=f"config file {path} is {kind}, not a file"):
+        load_config_file(path)
+
+
+@pytest.mark.slow
+def test_config_and_tune_space_fifos_do_not_block(tmp_path):
+    fifo = special_files(tmp_path)["a named pipe"]
+    for argv in (["train", "--config", fifo], ["tune", fifo], ["lr-find", "--config", fifo]):
+        proc = run_cli(*argv, timeout=120)
+        assert_one_line_error(proc, f"config file {fifo} is a named pipe")

@@ -263,9 +263,9 @@ def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read settings from a YAML, TOML or JSON file (a run's config.json included)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainkitError(f"config file {path} does not exist")
+    from .inputs import regular_file
+
+    path = regular_file(path, "config file")    # a named pipe would block the open for ever
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:  # settings take a few hundred bytes; this is another file

@@ -165,14 +165,20 @@ def cmd_eval(args) -> int:
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
     from .datasets import load_image
+    from .inputs import regular_file
 
     c, h, w = trained.image_shape
+    paths = [regular_file(p, "image") for p in paths]
     return trained.probabilities(torch.stack([load_image(Path(p), c, (h, w)) for p in paths]))
 
 
 def cmd_predict(args) -> int:
+    from .inputs import regular_file
+
     if args.top < 1:
         raise TrainkitError(f"--top must be at least 1, got {args.top}")
+    for path in args.images:           # before the model is loaded; a named pipe would block the open for ever
+        regular_file(path, "image")
     trained = _load_from_args(args)
     probs = predict_files(trained, args.images)
     k = min(args.top, len(trained.classes))
