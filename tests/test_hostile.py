@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -540,6 +541,7 @@ CLI_VALUES = {
     "target_acc": st.sampled_from([None, 10.0, 100.0, 101.0]),
     "test_batch_size": st.sampled_from([1, 32, 10**6, 0]),
     "gamma": st.sampled_from([0.1, 1e300, -1]),
+    "val_split": st.sampled_from([None, 0.2, 1.5, 16, 64.0]),
 }
 cli_mappings = st.dictionaries(st.sampled_from(sorted(CLI_VALUES)), st.just(None), min_size=1, max_size=5).flatmap(
     lambda keys: st.fixed_dictionaries({k: CLI_VALUES[k] for k in keys}))
@@ -715,6 +717,7 @@ def space_file(tmp_path: Path, text: str) -> Path:
     ("lr: {low: 0.01, high: 0.1, step: 0}", "lr's step must be greater than 0"),
     ("lr: {low: 0.01, high: 0.1, step: -0.01}", "lr's step must be greater than 0"),
     ("lr: {low: 0.01, high: 0.1, step: 5}", "at most high - low"),
+    ("batch_size: {low: 32, high: 100, step: 32}", "is not a whole number of steps of 32; make high 96"),
     ("batch_size: {low: 32, high: 64, step: 2.5}", "batch_size's step must be an integer"),
     ("lr: {low: 0.01, high: 0.1, step: .nan}", "lr's step must be greater than 0"),
     ("lr: {low: 0.01, high: 0.1, log: yes please}", "lr's log must be true or false"),
@@ -958,3 +961,72 @@ def test_config_and_tune_space_fifos_do_not_block(tmp_path):
     for argv in (["train", "--config", fifo], ["tune", fifo], ["lr-find", "--config", fifo]):
         proc = run_cli(*argv, timeout=120)
         assert_one_line_error(proc, f"config file {fifo} is a named pipe")
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (Reliability III): any output name, any search-space range
+
+output_parts = st.one_of(st.text(min_size=1, max_size=40).filter(lambda t: "/" not in t and "\0" not in t),
+                         st.sampled_from(["plot.png", "last.pt", "config.json", "link.png", "fifo.png", "x" * 300,
+                                          "..", ".", "run", "afile", "sub.svg", "a.PDF", "b.jpeg", "c.pt"]))
+output_paths = st.lists(output_parts, min_size=1, max_size=4).map("/".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(output_paths)
+def test_any_output_name_is_written_whole_or_one_short_line(tmp_path, name):
+    """Names in a folder holding a run, a link to its checkpoint, a named pipe and a file: check_output
+    accepts a name or says why in one line, and the run's files never change."""
+    from trainkit.outputs import check_output, write_output
+
+    root = tmp_path / "case"
+    if not root.exists():
+        (root / "run").mkdir(parents=True)
+        for file in ("config.json", "plot.png"):
+            (root / "run" / file).write_text(file)
+        ckpt.atomic_torch_save({"w": torch.zeros(2)}, root / "run" / "last.pt")
+        (root / "run" / "link.png").symlink_to(root / "run" / "last.pt")
+        (root / "link.png").symlink_to(root / "run" / "last.pt")
+        os.mkfifo(root / "fifo.png")
+        (root / "afile").write_text("a file")
+        (root / "sub.svg").mkdir()
+    before = snapshot(root / "run")
+    try:
+        path = check_output(root / name, "--png", picture=True)
+    except TrainkitError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 600, str(exc)
+    else:
+        write_output(path, b"picture bytes", "--png")
+        assert path.read_bytes() == b"picture bytes" and not path.is_symlink()
+        path.unlink()
+    assert snapshot(root / "run") == before and (root / "run" / "link.png").is_symlink()
+    assert (root / "afile").read_text() == "a file"
+
+
+range_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 600), st.floats(allow_nan=True),
+                         st.sampled_from(["abc", "", "1e-3", [1, 2], {"a": 1}]))
+range_specs = st.fixed_dictionaries({"low": range_values, "high": range_values},
+                                    optional={"log": range_values, "step": range_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["lr", "batch_size", "momentum", "epochs", "pct_start"]), range_specs)
+def test_any_search_space_range_samples_or_is_one_short_line(tmp_path, name, spec):
+    """A range accepted by load_space is sampled by Optuna without an error (an error there was a
+    traceback in the first trial); anything else is one line."""
+    optuna = pytest.importorskip("optuna")
+    from trainkit.tune import load_space, suggest
+
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({name: spec}))
+    try:
+        space = load_space(path, TrainConfig())
+    except TrainkitError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < MAX_MESSAGE + len(str(path)), str(exc)
+        return
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # Optuna's "high is not a multiple of step" would change the range
+        values = suggest(optuna.create_study().ask(), space)
+    kind, low, high = space[name][1], space[name][2], space[name][3]
+    assert low <= values[name] <= high and isinstance(values[name], int if kind == "int" else float)

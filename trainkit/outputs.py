@@ -54,7 +54,7 @@ def reason(exc: OSError, path: Path) -> str:
     text = _REASONS.get(exc.errno)
     if text is None:
         return exc.strerror or type(exc).__name__
-    return text.format(folder=path.parent)
+    return text.format(folder=_short(path.parent))
 
 
 def picture_formats() -> dict[str, str]:
@@ -79,7 +79,7 @@ def check_output(path: str | os.PathLike, flag: str, *, picture: bool = False) -
         formats = picture_formats()
         suffix = path.suffix.lower().lstrip(".")
         if suffix not in formats:
-            raise TrainkitError(f"{where}: {'.' + suffix if suffix else 'no'} file extension is not a picture format; "
+            raise TrainkitError(f"{where}: {_short(Path('.' + suffix), 20) if suffix else 'no'} file extension is not a picture format; "
                                 f"use one of {', '.join('.' + s for s in sorted(formats))}")
     try:
         info = os.lstat(path)
@@ -207,4 +207,6 @@ def save_figure(fig, path: Path, flag: str) -> None:
 def _short(path: Path, limit: int = 120) -> str:
     """A path for a message: a 5,000-character path is cut, not printed whole."""
     text = str(path)
+    if not text.isprintable():       # a newline in a name would make two lines of one message
+        text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 3:]} ({len(text)} characters)"

@@ -72,6 +72,9 @@ def load_space(path: str | Path, base: TrainConfig) -> dict:
             if kind not in ("int", "float"):
                 raise TrainkitError(f"search space {path}: {name} is a {kind} setting; give a list of choices")
             low, high = (getattr(from_mapping({name: spec[b]}, base), name) for b in ("low", "high"))
+            if low is None or high is None:
+                raise TrainkitError(f"search space {path}: {name} needs numbers for low and high, got "
+                                    f"{show(spec['low'])} and {show(spec['high'])}")
             if not low < high:
                 raise TrainkitError(f"search space {path}: {name} needs low < high, got {low} and {high}")
             log, step = _log_and_step(path, name, kind, spec, low, high)
@@ -110,6 +113,10 @@ def _log_and_step(path, name: str, kind: str, spec: dict, low, high) -> tuple[bo
     if not (step > 0 and step <= high - low):      # nan fails too
         raise TrainkitError(f"search space {path}: {name}'s step must be greater than 0 and at most "
                             f"high - low ({high - low:g}), got {show(step)}")
+    steps = (high - low) / step
+    if abs(steps - round(steps)) > 1e-9 * max(1.0, steps):   # Optuna would lower high with a warning
+        raise TrainkitError(f"search space {path}: {name}'s high - low ({high - low:g}) is not a whole number of "
+                            f"steps of {step:g}; make high {low + int(steps) * step:g} or change the step")
     return log, step
 
 
