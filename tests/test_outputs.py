@@ -70,8 +70,9 @@ def run(tmp_path):
     ("fifo.png", "not a regular file"),
     ("nowhere/x.png", "the folder {tmp}/nowhere does not exist"),
     ("afile/x.png", "a part of its path is not a folder"),
-    ("x.pt", ".pt file extension is not a picture format"),
-    ("noext", "no file extension is not a picture format"),
+    ("/proc/x.png", "files cannot be created in the folder /proc"),
+    ("x.pt", "the extension .pt is not a picture format"),
+    ("noext", "a name without an extension is not a picture format"),
     ("y" * 300 + ".png", "the name is too long"),
     ("y" * 240 + ".png", "at most"),                     # fits, but its temporary would not
     ("/".join(["z" * 200] * 25) + "/x.png", "the name is too long"),

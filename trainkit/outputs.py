@@ -79,7 +79,8 @@ def check_output(path: str | os.PathLike, flag: str, *, picture: bool = False) -
         formats = picture_formats()
         suffix = path.suffix.lower().lstrip(".")
         if suffix not in formats:
-            raise TrainkitError(f"{where}: {_short(Path('.' + suffix), 20) if suffix else 'no'} file extension is not a picture format; "
+            what = f"the extension {_short(Path('.' + suffix), 20)}" if suffix else "a name without an extension"
+            raise TrainkitError(f"{where}: {what} is not a picture format; "
                                 f"use one of {', '.join('.' + s for s in sorted(formats))}")
     try:
         info = os.lstat(path)
@@ -128,6 +129,8 @@ def _probe(folder: Path, where: str, path: Path) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=ckpt.TMP_PREFIX + "probe.")
     except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.isdir(folder):    # /proc, /sys: a folder that takes no files
+            raise TrainkitError(f"{where}: files cannot be created in the folder {_short(folder)}") from None
         raise TrainkitError(f"{where}: {reason(exc, path)}") from None
     os.close(fd)
     os.unlink(tmp)
