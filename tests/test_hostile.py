@@ -761,6 +761,12 @@ def test_out_that_is_a_file_or_too_long_is_one_line(tmp_path, capsys, monkeypatc
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_tune_out_where_no_folder_can_be_made_is_one_line(tmp_path, capsys):
+    pytest.importorskip("optuna")
+    code = main(["tune", str(space_file(tmp_path, "lr: [0.05]")), "--out", "/proc/trainkit-out", *TUNE_QUICK])
+    assert code == 2 and "folders cannot be created in /proc" in one_line(capsys)
+
+
 def test_tune_into_an_out_whose_study_was_deleted(tmp_path, capsys):
     """The trial folders of an earlier study are there, its study.db is gone: a new study would number
     its trials from 0 again and meet trial-000 (Optuna's warning then carried a whole traceback)."""
@@ -821,7 +827,7 @@ GOOD_METRICS = "epoch,lr,train_loss,train_acc,test_loss,test_acc,seconds\n1,0.01
     ('{"config": {"lr": 0.01}}', "epoch,lr,test_loss,test_acc\n1,0.01,0.4,85\n", "row 1 has no seconds"),
     ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80\n", "row 2 has no seconds, test_acc, test_loss"),
     ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80,0.4,abc,1\n", "could not convert string"),
-    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80,0.4,85,1,extra\n", "cannot read the run"),
+    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80,0.4,85,1,extra\n", "row 2 has more values than the header"),
     ('{"config": [1, 2]}', GOOD_METRICS, "must hold a mapping of settings"),
     ('{"config": "lr"}', GOOD_METRICS, "must hold a mapping of settings"),
     ('[1, 2]', GOOD_METRICS, "must hold a mapping of settings"),

@@ -30,7 +30,11 @@ def load_run(path: Path) -> dict:
     try:
         config = load_config_file(path / "config.json")    # one line for a file that is empty, not JSON, huge...
         with open(path / "metrics.csv", newline="") as f:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            raw = list(csv.DictReader(f))
+        long = next((i for i, row in enumerate(raw, 1) if None in row), None)
+        if long is not None:
+            raise TrainkitError(f"{path / 'metrics.csv'} is damaged: row {long} has more values than the header")
+        rows = [{k: _number(v) for k, v in row.items()} for row in raw]
     except (OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise TrainkitError(f"cannot read the run in {path}: {type(exc).__name__}: {reason}") from None

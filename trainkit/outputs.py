@@ -166,7 +166,12 @@ def make_folder(path: str | os.PathLike, flag: str) -> Path:
     permission or a full disk."""
     path = check_folder(path, flag)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:     # /proc, /sys: a folder that takes no new folders
+            parent = next(p for p in path.parents if p.is_dir())
+            raise TrainkitError(f"{flag} {_short(path)} cannot be created: folders cannot be created in "
+                                f"{_short(parent)}") from None
         _probe(path, f"{flag} {_short(path)} cannot be used", path / "x")
     except OSError as exc:
         raise TrainkitError(f"{flag} {_short(path)} cannot be created: {reason(exc, path / 'x')}") from None
