@@ -196,20 +196,20 @@ def write_output(path: Path, data: bytes, flag: str) -> None:
         raise TrainkitError(f"cannot write {flag} {_short(path)}: {reason(exc, path)}; nothing was written") from None
 
 
-def figure_bytes(fig, path: Path, dpi: int = 80) -> bytes:
+def figure_bytes(fig, path: Path, dpi: int = 80, **savefig) -> bytes:
     """The figure rendered in `path`'s format, in memory; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format=Path(path).suffix.lower().lstrip("."), dpi=dpi)
+        fig.savefig(buffer, format=Path(path).suffix.lower().lstrip("."), dpi=dpi, **savefig)
     finally:
         plt.close(fig)
     return buffer.getvalue()
 
 
-def save_figure(fig, path: Path, flag: str) -> None:
-    write_output(path, figure_bytes(fig, path), flag)
+def save_figure(fig, path: Path, flag: str, **savefig) -> None:
+    write_output(path, figure_bytes(fig, path, **savefig), flag)
 
 
 def _short(path: Path, limit: int = 120) -> str:

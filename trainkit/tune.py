@@ -29,7 +29,7 @@ from .config import TrainConfig, field_specs, from_mapping, kind_of, load_config
 from .engine import Callback, TrainState
 from .errors import TrainkitError
 from .flags import add_config_flags, add_recipe_flags, config_from_args, number
-from .outputs import make_folder
+from .outputs import make_folder, save_figure, write_output
 
 DEFAULT_VAL_SPLIT = 0.1
 
@@ -297,18 +297,17 @@ def write_results(study, out: Path) -> Path:
     config = dict(best.user_attrs["config"], progress=True)
     header = (f"# trainkit tune: the best trial of study {study.study_name!r} (trial {best.number}, "
               f"{best.value:.2f}% validation accuracy)\n# trainkit train --config {out / 'best.yaml'}\n")
-    (out / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    # Written as every file a command writes: whole or not at all, never through a link (outputs.py).
+    write_output(out / "best.yaml", (header + yaml.safe_dump(config, sort_keys=False)).encode(), "--out")
     from .reports import _pyplot
-    plt = _pyplot()
+    _pyplot()
     vis = optuna.visualization.matplotlib
     ax = vis.plot_optimization_history(study)
-    ax.figure.savefig(out / "history.png", dpi=80, bbox_inches="tight")
-    plt.close(ax.figure)
+    save_figure(ax.figure, out / "history.png", "--out", bbox_inches="tight")
     if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
         try:
             ax = vis.plot_param_importances(study)
-            ax.figure.savefig(out / "importances.png", dpi=80, bbox_inches="tight")
-            plt.close(ax.figure)
+            save_figure(ax.figure, out / "importances.png", "--out", bbox_inches="tight")
         except (RuntimeError, ValueError) as exc:  # e.g. every trial took the same values
             print(f"No parameter importances: {exc}", file=sys.stderr)
     print(f"Best: trial {best.number}, {best.value:.2f}% validation accuracy "
