@@ -199,7 +199,10 @@ def check_memory(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.
     free = available_memory(x.device)
     if free is None:
         return None
-    per_image = activation_bytes(model, loss_fn, x, y) / len(x)
+    try:
+        per_image = activation_bytes(model, loss_fn, x, y) / len(x)
+    except Exception:    # noqa: BLE001 - a model functional_call cannot run: no estimate, training will tell
+        return None
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     needed = int(per_image * batch + 4 * weights + x[:1].numel() * x.element_size() * batch)
     if needed > free:
