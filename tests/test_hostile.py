@@ -732,6 +732,8 @@ def test_tune_search_space_errors_are_one_line(tmp_path, capsys, space, fragment
 
 @pytest.mark.parametrize("storage, fragment", [
     ("notaurl", "is not a database URL"),
+    ("sqlite:///:memory:", "is an in-memory database"),
+    ("sqlite://", "is an in-memory database"),
     ("redis://localhost:6379", "Can't load plugin: sqlalchemy.dialects:redis"),
     ("sqlite:///{tmp}/text.db", "file is not a database"),
     ("sqlite:///{tmp}/no/such/folder/s.db", "unable to open database file"),

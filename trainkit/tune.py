@@ -231,10 +231,14 @@ def open_storage(storage: str):
     from sqlalchemy.exc import ArgumentError
 
     try:
-        make_url(storage)
+        url = make_url(storage)
     except (ArgumentError, ValueError):
         raise TrainkitError(f"--storage {show(storage)} is not a database URL; use sqlite:///FILE, "
                             f"postgresql://HOST/DB or mysql://HOST/DB") from None
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        # Each connection (the trials', the heartbeat thread's) would get an empty database of its own.
+        raise TrainkitError(f"--storage {show(storage)} is an in-memory database, which keeps nothing and which "
+                            f"the trials cannot share; give a file: sqlite:///FILE")
     return optuna.storages.RDBStorage(storage, heartbeat_interval=10, grace_period=30)
 
 
