@@ -19,10 +19,9 @@ def cmd_train(args) -> int:
     from .distributed import launched_by_torchrun, restarted_by_torchrun, teardown
     from .engine import NonFiniteLoss, StopRequested
     from .reports import ConsoleLogger
+    from .outputs import check_folder
     from .rundir import FILES, default_run_dir, load_resume_config
     from .run import train
-
-    from .outputs import check_folder
 
     if args.out:
         check_folder(args.out, "--out")    # a name too long or a file in the way: one line, before any work

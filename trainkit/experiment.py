@@ -268,12 +268,12 @@ def choose_settings(cfg: TrainConfig, model: nn.Module, data: ImageData, loss_fn
     build_schedule(build_optimizer(model.parameters(), cfg), cfg, math.ceil(train_size / cfg.batch_size))
     precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
     batch = max(1, min(cfg.batch_size, train_size) // world)
-    generator = torch.Generator().manual_seed(0)     # the run's own generators are not touched
-    sample = min(batch, 2)
-    x = torch.randn(sample, *data.image_shape, generator=generator).to(device)
-    y = torch.randint(0, data.num_classes, (sample,), generator=generator).to(device)
+    few = torch.Generator().manual_seed(0)           # the run's own generators are not touched
+    x = torch.randn(min(batch, 2), *data.image_shape, generator=few).to(device)
+    y = torch.randint(0, data.num_classes, (len(x),), generator=few).to(device)
     check_memory(model, loss_fn, x, y, batch, f"--batch-size {cfg.batch_size} with {cfg.model} on "
                                               f"{list(data.image_shape)} images")
+    generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *data.image_shape, generator=generator).to(device)
     y = torch.randint(0, data.num_classes, (batch,), generator=generator).to(device)
     return choose(model, lambda params: build_optimizer(params, cfg), loss_fn, x, y, precision=precision,

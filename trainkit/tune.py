@@ -184,7 +184,7 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
         study.set_user_attr("space", str(space_path))
         following = len(study.get_trials(deepcopy=False))
     if (out / f"trial-{following:03d}").exists():
-        raise TrainkitError(f"{out / f'trial-{following:03d}'} already exists, but study {study_name!r} in {storage} has "
+        raise TrainkitError(f"{out / f'trial-{following:03d}'} already exists, but study {show(study_name)} in {show(storage)} has "
                             f"{following} trials: its storage was deleted or another one was given; use another "
                             f"--out, or the --storage and --study-name that the trials in {out} belong to")
 
