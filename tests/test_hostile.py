@@ -23,7 +23,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import assert_one_line_error, data_dir, run_cli
+from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
 from trainkit import TrainConfig, train
 from trainkit import checkpoint as ckpt
 from trainkit.cli import main
@@ -613,14 +613,6 @@ def test_export_to_a_missing_folder_or_a_folder(run_copy, tmp_path, capsys, wher
     output = tmp_path / "no" / "such" / "m.onnx" if where == "missing" else tmp_path
     code, line = run_main(capsys, "export", run_copy, "--format", "onnx", "--output", output)
     assert code == 2 and fragment.format(output.parent) in line
-
-
-def mount_namespace() -> list[str]:
-    """`unshare` that gives a command its own mounts (user namespaces: no root needed), or a skip."""
-    cmd = ["unshare", "--map-root-user", "--mount"]
-    if not shutil.which("unshare") or subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare with user and mount namespaces, to mount a small or read-only tmpfs")
-    return cmd
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ docs/reliability.md lists each case with its test.
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, mount_namespace, run_cli
 from trainkit import checkpoint as ckpt
 from trainkit.cli import main
 from trainkit.errors import TrainkitError
@@ -141,14 +140,6 @@ def test_lr_find_refuses_its_output_before_the_sweep(tmp_path, run):
     """A whole sweep of MNIST would take seconds; the refusal comes first (no data is read)."""
     proc = run_cli("lr-find", "--output", run / "plot.png", "--data-dir", tmp_path / "no-data-here", timeout=120)
     assert_one_line_error(proc, "plot.png is a file of the run")
-
-
-def mount_namespace() -> list[str]:
-    """`unshare` that gives a command its own mounts (user namespaces: no root needed), or a skip."""
-    cmd = ["unshare", "--map-root-user", "--mount"]
-    if not shutil.which("unshare") or subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare with user and mount namespaces, to mount a small or read-only tmpfs")
-    return cmd
 
 
 def in_tmpfs(target: Path, options: str, *argv) -> tuple[subprocess.CompletedProcess, str]:
