@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from .config import load_config_file, show
+from .config import load_config_file
 from .errors import TrainkitError
 
 IGNORED = {"progress", "workers", "data_dir"}   # settings that never change what a run computes
@@ -40,9 +40,6 @@ def load_run(path: Path) -> dict:
         raise TrainkitError(f"cannot read the run in {path}: {type(exc).__name__}: {reason}") from None
     if not rows:
         raise TrainkitError(f"{path} has no finished epoch in metrics.csv")
-    if not isinstance(config, dict):
-        raise TrainkitError(f"{path / 'config.json'} is damaged: \"config\" holds {show(config)}, not a mapping "
-                            f"of settings")
     split = "val" if rows[0].get("val_acc") is not None else "test"
     for number, row in enumerate(rows, 1):
         missing = [c for c in ("epoch", "seconds", f"{split}_acc", f"{split}_loss") if row.get(c) is None]
