@@ -120,6 +120,14 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
                           text=True, env=full_env, cwd=cwd, timeout=timeout)
 
 
+def mount_namespace() -> list[str]:
+    """`unshare` that gives a command its own mounts (user namespaces: no root needed), or a skip."""
+    cmd = ["unshare", "--map-root-user", "--mount"]
+    if not shutil.which("unshare") or subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with user and mount namespaces, to mount a small or read-only tmpfs")
+    return cmd
+
+
 def cli_ok(*args, **kwargs):
     """run_cli that must succeed; a failure shows the end of stderr."""
     proc = run_cli(*args, **kwargs)

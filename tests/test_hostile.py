@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import assert_one_line_error, data_dir, run_cli
+from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
 from trainkit import TrainConfig, train
 from trainkit import checkpoint as ckpt
 from trainkit.cli import main
@@ -540,6 +541,7 @@ CLI_VALUES = {
     "target_acc": st.sampled_from([None, 10.0, 100.0, 101.0]),
     "test_batch_size": st.sampled_from([1, 32, 10**6, 0]),
     "gamma": st.sampled_from([0.1, 1e300, -1]),
+    "val_split": st.sampled_from([None, 0.2, 1.5, 16, 64.0]),
 }
 cli_mappings = st.dictionaries(st.sampled_from(sorted(CLI_VALUES)), st.just(None), min_size=1, max_size=5).flatmap(
     lambda keys: st.fixed_dictionaries({k: CLI_VALUES[k] for k in keys}))
@@ -613,19 +615,11 @@ def test_export_to_a_missing_folder_or_a_folder(run_copy, tmp_path, capsys, wher
     assert code == 2 and fragment.format(output.parent) in line
 
 
-def mount_namespace() -> list[str]:
-    """`unshare` that gives a command its own mounts (user namespaces: no root needed), or a skip."""
-    cmd = ["unshare", "--map-root-user", "--mount"]
-    if not shutil.which("unshare") or subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare with user and mount namespaces, to mount a small or read-only tmpfs")
-    return cmd
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, mount, error", [
-    ("onnx", "size=64k", "No space left on device"),
-    ("torchscript", "size=64k", "No space left on device"),
-    ("onnx", "ro", "Read-only file system"),
+    ("onnx", "size=64k", "the disk is full; nothing was written"),
+    ("torchscript", "size=64k", "the disk is full; nothing was written"),
+    ("onnx", "ro", "is on a read-only file system"),      # found before the model is loaded
 ])
 def test_export_to_a_full_or_read_only_disk_leaves_nothing(finished_run, tmp_path, fmt, mount, error):
     """A real tmpfs of 64 KiB (the model is 2.4 MB) or a read-only one, in a mount namespace."""
@@ -639,8 +633,8 @@ def test_export_to_a_full_or_read_only_disk_leaves_nothing(finished_run, tmp_pat
     assert "exit=" in proc.stdout, proc.stdout + proc.stderr
     exit_code, _, listing = proc.stdout.split("exit=", 1)[1].partition("\n")
     assert exit_code == "2", proc.stdout + proc.stderr
-    assert_one_line_error(subprocess.CompletedProcess(cmd, 2, "", proc.stderr), f"could not write {target / 'model.out'}",
-                          error, "nothing was written")
+    assert_one_line_error(subprocess.CompletedProcess(cmd, 2, "", proc.stderr),
+                          f"cannot write --output {target / 'model.out'}", error)
     assert listing.strip() == ""                               # no partial file, no temporary
 
 
@@ -693,3 +687,346 @@ def test_a_checkpoint_without_model_weights_is_one_line(run_copy, digit_png, cap
     ckpt.atomic_torch_save([torch.zeros(3)], run_copy / "model.pt")
     code, line = run_main(capsys, "predict", run_copy, digit_png)
     assert code == 2 and "model.pt does not hold model weights" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability III: the last tracebacks (tune's search space, storage and --out, compare of a
+# damaged run, a model with nothing to train, --out names too long), each one line
+
+TUNE_QUICK = ["--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--batch-size", "32", "--trials", "1"]
+
+
+def space_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("space, fragment", [
+    ("lr: {low: 0.01, high: 0.1, log: true, step: 0.01}", "cannot have both log: true and a step"),
+    ("lr: {low: 0.01, high: 0.1, step: abc}", "lr's step must be a number, got 'abc'"),
+    ("batch_size: {low: 32, high: 64, step: 0}", "batch_size's step must be greater than 0"),   # was silently 1
+    ("lr: {low: 0.01, high: 0.1, step: 0}", "lr's step must be greater than 0"),
+    ("lr: {low: 0.01, high: 0.1, step: -0.01}", "lr's step must be greater than 0"),
+    ("lr: {low: 0.01, high: 0.1, step: 5}", "at most high - low"),
+    ("batch_size: {low: 32, high: 100, step: 32}", "is not a whole number of steps of 32; make high 96"),
+    ("batch_size: {low: 32, high: 64, step: 2.5}", "batch_size's step must be an integer"),
+    ("lr: {low: 0.01, high: 0.1, step: .nan}", "lr's step must be greater than 0"),
+    ("lr: {low: 0.01, high: 0.1, log: yes please}", "lr's log must be true or false"),
+    ("momentum: {low: 0, high: 0.9, log: true}", "with log: true needs low > 0"),
+])
+def test_tune_search_space_errors_are_one_line(tmp_path, capsys, space, fragment):
+    pytest.importorskip("optuna")
+    code = main(["tune", str(space_file(tmp_path, space)), "--out", str(tmp_path / "out"), *TUNE_QUICK])
+    assert code == 2 and fragment in one_line(capsys)
+    assert not (tmp_path / "out").exists()                       # refused before anything was made
+
+
+@pytest.mark.parametrize("storage, fragment", [
+    ("notaurl", "is not a database URL"),
+    ("sqlite:///:memory:", "is an in-memory database"),
+    ("sqlite://", "is an in-memory database"),
+    ("redis://localhost:6379", "Can't load plugin: sqlalchemy.dialects:redis"),
+    ("sqlite:///{tmp}/text.db", "file is not a database"),
+    ("sqlite:///{tmp}/no/such/folder/s.db", "unable to open database file"),
+])
+def test_tune_storage_errors_are_one_line(tmp_path, capsys, storage, fragment):
+    pytest.importorskip("optuna")
+    (tmp_path / "text.db").write_text("plain text, not SQLite " * 10)
+    code = main(["tune", str(space_file(tmp_path, "lr: [0.05]")), "--out", str(tmp_path / "out"),
+                 "--storage", storage.format(tmp=tmp_path), *TUNE_QUICK])
+    assert code == 2 and fragment in one_line(capsys)
+    assert (tmp_path / "text.db").read_text().startswith("plain text")
+
+
+@pytest.mark.parametrize("out, fragment", [
+    ("afile", "is a file, not a folder"),
+    ("a" * 300, "is 300 bytes long, at most 255"),
+    ("/".join(["b" * 200] * 25), "the path is"),
+])
+@pytest.mark.parametrize("command", ["tune", "train"])
+def test_out_that_is_a_file_or_too_long_is_one_line(tmp_path, capsys, monkeypatch, out, fragment, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    args = ["tune", str(space_file(tmp_path, "lr: [0.05]"))] if command == "tune" else ["train"]
+    code = main([*args, "--out", out, *TUNE_QUICK[:-2]])
+    line = one_line(capsys)
+    assert code == 2 and fragment in line and len(line) < 400, line
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_tune_out_where_no_folder_can_be_made_is_one_line(tmp_path, capsys):
+    pytest.importorskip("optuna")
+    code = main(["tune", str(space_file(tmp_path, "lr: [0.05]")), "--out", "/proc/trainkit-out", *TUNE_QUICK])
+    assert code == 2 and "folders cannot be created in /proc" in one_line(capsys)
+
+
+def test_tune_into_an_out_whose_study_was_deleted(tmp_path, capsys):
+    """The trial folders of an earlier study are there, its study.db is gone: a new study would number
+    its trials from 0 again and meet trial-000 (Optuna's warning then carried a whole traceback)."""
+    pytest.importorskip("optuna")
+    (tmp_path / "out" / "trial-000").mkdir(parents=True)
+    code = main(["tune", str(space_file(tmp_path, "lr: [0.05]")), "--out", str(tmp_path / "out"), *TUNE_QUICK])
+    assert code == 2 and "trial-000 already exists, but study 'space'" in one_line(capsys)
+
+
+def test_a_trial_that_fails_is_one_line_without_optunas_traceback(tmp_path):
+    pytest.importorskip("optuna")
+    space = space_file(tmp_path, "lr: [0.05]\nmodel: no-such-model\n")
+    proc = run_cli("tune", space, "--out", tmp_path / "out", *TUNE_QUICK, timeout=300)
+    assert_one_line_error(proc, "trial 0 (", "unknown model 'no-such-model'")
+
+
+def mount_tmpfs_and_run(target: Path, options: str, *argv, bind: bool = False) -> subprocess.CompletedProcess:
+    """`trainkit ARGV` with a real tmpfs (or, with `bind`, the folder itself read-only) on `target`,
+    in a mount namespace of its own."""
+    mount = (f'mount --bind "$1" "$1" && mount -o remount,bind,{options} "$1"' if bind
+             else f'mount -t tmpfs -o {options} tmpfs "$1"')
+    script = f'{mount} || exit 99; shift; exec "$@"'
+    cmd = [*mount_namespace(), "sh", "-c", script, "sh", str(target), sys.executable, "-m", "trainkit", *map(str, argv)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())})
+    assert proc.returncode != 99, proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_tune_with_a_read_only_study_database_or_out(tmp_path):
+    pytest.importorskip("optuna")
+    space = space_file(tmp_path, "lr: [0.05]")
+    (tmp_path / "db").mkdir()
+    sqlite3 = __import__("sqlite3")
+    sqlite3.connect(tmp_path / "db" / "study.db").execute("create table t (x)").connection.commit()
+    proc = mount_tmpfs_and_run(tmp_path / "db", "ro", "tune", space, "--out", tmp_path / "out",
+                               "--storage", f"sqlite:///{tmp_path / 'db' / 'study.db'}", *TUNE_QUICK, bind=True)
+    assert_one_line_error(proc, "cannot be used: attempt to write a readonly database")
+    (tmp_path / "ro").mkdir()
+    proc = mount_tmpfs_and_run(tmp_path / "ro", "ro", "tune", space, "--out", tmp_path / "ro" / "out", *TUNE_QUICK)
+    assert_one_line_error(proc, "is on a read-only file system")
+
+
+def write_run(folder: Path, config: str, metrics: str) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / "metrics.csv").write_text(metrics)
+    return folder
+
+
+GOOD_METRICS = "epoch,lr,train_loss,train_acc,test_loss,test_acc,seconds\n1,0.01,0.5,80,0.4,85,1.5\n"
+
+
+@pytest.mark.parametrize("config, metrics, fragment", [
+    ('{"config": {"lr": 0.01}}', "epoch,lr,train_loss,train_acc,test_loss,seconds\n1,0.01,0.5,80,0.4,1.5\n",
+     "row 1 has no test_acc"),
+    ('{"config": {"lr": 0.01}}', "epoch,lr,test_loss,test_acc\n1,0.01,0.4,85\n", "row 1 has no seconds"),
+    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80\n", "row 2 has no seconds, test_acc, test_loss"),
+    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80,0.4,abc,1\n", "could not convert string"),
+    ('{"config": {"lr": 0.01}}', GOOD_METRICS + "2,0.01,0.5,80,0.4,85,1,extra\n", "row 2 has more values than the header"),
+    ('{"config": [1, 2]}', GOOD_METRICS, "must hold a mapping of settings"),
+    ('{"config": "lr"}', GOOD_METRICS, "must hold a mapping of settings"),
+    ('[1, 2]', GOOD_METRICS, "must hold a mapping of settings"),
+    ('{"config": {"lr": 0.01}', GOOD_METRICS, "could not be parsed"),
+    ('', GOOD_METRICS, "is empty"),
+])
+def test_compare_of_a_damaged_run_is_one_line(tmp_path, capsys, config, metrics, fragment):
+    good = write_run(tmp_path / "good", '{"config": {"lr": 0.02}}', GOOD_METRICS)
+    bad = write_run(tmp_path / "bad", config, metrics)
+    code = main(["compare", str(good), str(bad), "--png", str(tmp_path / "c.png")])
+    assert code == 2 and fragment in one_line(capsys)
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.slow
+def test_a_model_with_no_trainable_parameters_is_one_line(tmp_path):
+    factory = tmp_path / "fixed.py"
+    factory.write_text("import torch.nn as nn\n\nclass Fixed(nn.Module):\n    def forward(self, x):\n"
+                       "        return x.flatten(1)[:, :10].log_softmax(1)\n\n\ndef factory(**kwargs):\n"
+                       "    return Fixed()\n")
+    for extra in ([], ["--optimizer", "adamw", "--precision", "fp32", "--channels-last", "off"]):
+        proc = run_cli("train", "--model", f"{factory}:factory", "--out", tmp_path / "run", *TUNE_QUICK[:-2], *extra)
+        assert_one_line_error(proc, "the model has no trainable parameters")
+        assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability III: nothing silently accepted, nothing that waits on a network that is not there
+
+@pytest.mark.parametrize("value", ["1.5", "2.25", "100.5"])
+def test_a_val_split_that_is_neither_a_fraction_nor_a_count_is_refused(capsys, value):
+    """--val-split 1.5 was taken as a count of 1 image."""
+    code = main(["train", "--val-split", value, "--epochs", "1"])
+    assert code == 2 and f"--val-split must be a fraction between 0 and 1 (0.1) or a whole number of images (5000), got {float(value)}" in one_line(capsys)
+
+
+def test_whole_counts_and_fractions_are_still_val_splits():
+    for value in (0.1, 0.5, 1.0, 5000.0, 5000):
+        assert validate(TrainConfig(val_split=value)).val_split == value
+
+
+def no_network() -> list[str]:
+    """`unshare` with a network namespace of its own: no interface but a loopback that is down."""
+    cmd = ["unshare", "--map-root-user", "--net"]
+    if not shutil.which("unshare") or subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with user and network namespaces")
+    return cmd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, fragment", [
+    ("timm:resnet18", "timm:resnet18 could not be built with pretrained weights"),
+    ("torchvision:resnet18", "needs its weights from download.pytorch.org, which cannot be reached"),
+])
+def test_pretrained_weights_offline_fail_in_seconds(tmp_path, model, fragment):
+    """Without a network, timm's weights were retried for 51 s in 22 lines of Hugging Face output."""
+    pytest.importorskip(model.partition(":")[0])
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"), TRAINKIT_DATA_DIR=str(data_dir()))
+    start = time.monotonic()
+    proc = subprocess.run([*no_network(), sys.executable, "-m", "trainkit", "train", "--model", model, "--pretrained",
+                           "--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--out", tmp_path / "run"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parents[1])
+    assert_one_line_error(proc, fragment)
+    assert time.monotonic() - start < 40                        # imports included; the retries took 51 s
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_on_a_read_only_database_is_one_warning_at_once(tmp_path):
+    """MLflow retried a database it could not write for about 100 s in 36 lines."""
+    pytest.importorskip("mlflow")
+    (tmp_path / "ro").mkdir()
+    sqlite3 = __import__("sqlite3")
+    sqlite3.connect(tmp_path / "ro" / "mlflow.db").execute("create table t (x)").connection.commit()
+    start = time.monotonic()
+    proc = mount_tmpfs_and_run(tmp_path / "ro", "ro", "train", "--mlflow", f"sqlite:///{tmp_path / 'ro' / 'mlflow.db'}",
+                               "--out", tmp_path / "run", "--limit-train", "64", "--limit-test", "64", "--epochs", "1",
+                               "--no-progress", bind=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trainkit: warning: MLflow logging failed"), proc.stderr
+    assert "cannot write the SQLite database" in lines[0] and "read-only file system" in lines[0]
+    assert time.monotonic() - start < 90 and (tmp_path / "run" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("content, fragment", [(b"plain text, not a database" * 4, "is not an SQLite database"),
+                                               (None, "is not a regular file")])
+def test_mlflow_database_that_is_not_one_is_found_at_once(tmp_path, content, fragment):
+    from trainkit.tracking import sqlite_problem
+
+    path = tmp_path / "mlflow.db"
+    if content is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content)
+    assert fragment in sqlite_problem(f"sqlite:///{path}")
+    assert sqlite_problem(f"sqlite:///{tmp_path / 'new.db'}") is None
+    assert sqlite_problem("http://localhost:5000") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability III: only regular files are opened (a named pipe blocked `open` for ever)
+
+def special_files(tmp_path: Path) -> dict[str, Path]:
+    """A real named pipe, a folder, a character device and a Unix socket."""
+    import socket as sockets
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    sock_path = tmp_path / "sock.png"
+    server = sockets.socket(sockets.AF_UNIX)
+    server.bind(str(sock_path))
+    return {"a named pipe": fifo, "a folder": folder, "a character device": Path("/dev/zero"),
+            "a socket": sock_path}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["a named pipe", "a folder", "a character device", "a socket"])
+def test_predict_on_a_pipe_a_device_or_a_folder_is_one_line(finished_run, digit_png, tmp_path, kind):
+    path = special_files(tmp_path)[kind]
+    proc = run_cli("predict", finished_run, digit_png, path, timeout=120)     # a hang fails here
+    assert_one_line_error(proc, f"image {path} is {kind}, not a file; it is not opened")
+
+
+@pytest.mark.parametrize("kind", ["a named pipe", "a folder", "a character device", "a socket"])
+def test_a_config_file_that_is_a_pipe_a_device_or_a_folder_is_one_line(tmp_path, kind):
+    path = special_files(tmp_path)[kind]
+    with pytest.raises(TrainkitError, match=f"config file {path} is {kind}, not a file"):
+        load_config_file(path)
+
+
+@pytest.mark.slow
+def test_config_and_tune_space_fifos_do_not_block(tmp_path):
+    fifo = special_files(tmp_path)["a named pipe"]
+    for argv in (["train", "--config", fifo], ["tune", fifo], ["lr-find", "--config", fifo]):
+        proc = run_cli(*argv, timeout=120)
+        assert_one_line_error(proc, f"config file {fifo} is a named pipe")
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (Reliability III): any output name, any search-space range
+
+output_parts = st.one_of(st.text(min_size=1, max_size=40).filter(lambda t: "/" not in t and "\0" not in t),
+                         st.sampled_from(["plot.png", "last.pt", "config.json", "link.png", "fifo.png", "x" * 300,
+                                          "..", ".", "run", "afile", "sub.svg", "a.PDF", "b.jpeg", "c.pt"]))
+output_paths = st.lists(output_parts, min_size=1, max_size=4).map("/".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(output_paths)
+def test_any_output_name_is_written_whole_or_one_short_line(tmp_path, name):
+    """Names in a folder holding a run, a link to its checkpoint, a named pipe and a file: check_output
+    accepts a name or says why in one line, and the run's files never change."""
+    from trainkit.outputs import check_output, write_output
+
+    root = tmp_path / "case"
+    if not root.exists():
+        (root / "run").mkdir(parents=True)
+        for file in ("config.json", "plot.png"):
+            (root / "run" / file).write_text(file)
+        ckpt.atomic_torch_save({"w": torch.zeros(2)}, root / "run" / "last.pt")
+        (root / "run" / "link.png").symlink_to(root / "run" / "last.pt")
+        (root / "link.png").symlink_to(root / "run" / "last.pt")
+        os.mkfifo(root / "fifo.png")
+        (root / "afile").write_text("a file")
+        (root / "sub.svg").mkdir()
+    before = snapshot(root / "run")
+    try:
+        path = check_output(root / name, "--png", picture=True)
+    except TrainkitError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 600, str(exc)
+    else:
+        write_output(path, b"picture bytes", "--png")
+        assert path.read_bytes() == b"picture bytes" and not path.is_symlink()
+        path.unlink()
+    assert snapshot(root / "run") == before and (root / "run" / "link.png").is_symlink()
+    assert (root / "afile").read_text() == "a file"
+
+
+range_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 600), st.floats(allow_nan=True),
+                         st.sampled_from(["abc", "", "1e-3", [1, 2], {"a": 1}]))
+range_specs = st.fixed_dictionaries({"low": range_values, "high": range_values},
+                                    optional={"log": range_values, "step": range_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["lr", "batch_size", "momentum", "epochs", "pct_start"]), range_specs)
+def test_any_search_space_range_samples_or_is_one_short_line(tmp_path, name, spec):
+    """A range accepted by load_space is sampled by Optuna without an error (an error there was a
+    traceback in the first trial); anything else is one line."""
+    optuna = pytest.importorskip("optuna")
+    from trainkit.tune import load_space, suggest
+
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({name: spec}))
+    try:
+        space = load_space(path, TrainConfig())
+    except TrainkitError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < MAX_MESSAGE + len(str(path)), str(exc)
+        return
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # Optuna's "high is not a multiple of step" would change the range
+        values = suggest(optuna.create_study().ask(), space)
+    kind, low, high = space[name][1], space[name][2], space[name][3]
+    assert low <= values[name] <= high and isinstance(values[name], int if kind == "int" else float)

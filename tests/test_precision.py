@@ -154,3 +154,72 @@ def test_a_run_from_before_auto_resumes_in_what_it_trained_in(tmp_path, autocast
                                                       "environment": {"autocast": autocast}}))
     cfg = load_resume_config(tmp_path, {})
     assert (cfg.precision, cfg.channels_last) == (precision, "on")     # nothing measured again on resume
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements that cannot exhaust memory or take minutes (Reliability III)
+
+def test_activation_bytes_grow_with_the_batch_and_leave_the_model_alone():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(8 * 26 * 26, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    two, eight = (devices.activation_bytes(model, F.cross_entropy, *batch(n)) for n in (2, 8))
+    assert 3.5 < eight / two < 4.5                          # per image, the weights are not counted
+    assert 2 * 8 * 26 * 26 * 4 <= two < 2 * 1 << 20         # at least the conv's output, far below a MiB
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # batch norm's statistics too
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_in_one_line():
+    """Nothing of the batch's size is allocated: the estimate comes from two images."""
+    model, (x, y) = small_net(), batch(2)
+    free = devices.available_memory(CPU)
+    per_image = devices.activation_bytes(model, F.cross_entropy, x, y) / 2
+    assert devices.check_memory(model, F.cross_entropy, x, y, 64, "--batch-size 64") < free
+    huge = int(2 * free / per_image)
+    with pytest.raises(devices.TrainkitError, match=r"--batch-size \d+: one training step needs about .* GiB "
+                                                    r".* more than the .* GiB free on cpu; use a smaller --batch-size"):
+        devices.check_memory(model, F.cross_entropy, x, y, huge, f"--batch-size {huge}")
+
+
+def test_the_measurement_has_a_time_cap():
+    """With no time at all, the first candidate's one step stands as its timing; the rest are not timed."""
+    options = candidates("fp32", "auto", CPU)
+    found = measure(small_net(), sgd, F.cross_entropy, *batch(), options, seconds=0.0, cap=0.0)
+    first, second = (found["timings"][o.label] for o in options)
+    assert len(first["steps"]) == 1 and first["finite"]
+    assert second["seconds"] is None and "passed its cap" in second["error"]
+    assert found["choice"] == {"precision": "fp32", "channels_last": "on"}
+
+
+@pytest.mark.slow
+def test_a_batch_larger_than_the_data_times_only_the_data(tmp_path, own_cache):
+    """--batch-size 100000 of 2,048 images timed a batch of 100,000 (19.5 GB before it was killed)."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import data_dir
+
+    proc = subprocess.run([sys.executable, "-m", "trainkit", "train", "--batch-size", "100000", "--limit-train", "2048",
+                           "--limit-test", "128", "--epochs", "1", "--no-progress", "--out", tmp_path / "run"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "TRAINKIT_DATA_DIR": str(data_dir()),
+                               "TRAINKIT_CACHE_DIR": str(own_cache)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert peak_gib < 4, peak_gib
+    timed = json.loads((own_cache / "choices.json").read_text())
+    assert all(json.loads(key)["input"][0] == 2048 for key in timed)
+
+
+@pytest.mark.slow
+def test_cheap_refusals_come_before_the_measurement(tmp_path, own_cache):
+    """onecycle with too few steps was refused after 198 s of timing batches of 4,096."""
+    from conftest import assert_one_line_error, run_cli
+
+    proc = run_cli("train", "--batch-size", "4096", "--scheduler", "onecycle", "--limit-train", "2048", "--epochs", "2",
+                   "--out", tmp_path / "run", env={"TRAINKIT_CACHE_DIR": str(own_cache)}, timeout=300)
+    assert_one_line_error(proc, "--scheduler onecycle needs at least 3 training steps, this run has 2")
+    assert not (own_cache / "choices.json").exists()             # nothing was timed

@@ -63,6 +63,7 @@ def test_torchvision_and_timm_models_build_for_the_data():
     (["--model", "torchvision:no_such_net"], "torchvision has no model 'no_such_net'"),
     (["--model", "torchvision:mobilenet_v3_small", "--pretrained"], "could not be built with pretrained weights"),
     (["--model", "s5net", "--pretrained"], "--pretrained needs a model from torchvision:NAME or timm:NAME"),
+    (["--model", "torchvision:vit_b_16"], "needs 224x224 images, these are 28x28"),   # image_size is an int there
 ])
 def test_zoo_errors_are_one_line(args, fragment, tmp_path):
     proc = run_cli("train", "--limit-train", "64", "--limit-test", "64", "--epochs", "1", "--out", tmp_path / "r", *args)

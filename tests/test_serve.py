@@ -366,3 +366,39 @@ def test_the_page_classifies_a_drawn_one_and_an_uploaded_digit(server, browser, 
     expected = httpx.post(server + "/predict", files={"file": ("d.png", images[index])}).json()["predicted"]
     assert expected == labels[index]
     assert wait_for_text(browser, "predicted") == labels[index]
+
+
+@pytest.mark.slow
+def test_a_client_that_hangs_up_mid_upload_is_one_log_line(served_run, digits):
+    """A raw socket says Content-Length 100000, sends 1,000 bytes and closes: the server's log gets
+    one line (uvicorn printed a 30-line ClientDisconnect traceback) and it goes on answering."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "trainkit", "serve", served_run, "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                             b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" + bytes(996))
+                time.sleep(0.3)
+        time.sleep(0.5)
+        answer = httpx.post(url + "/predict", content=digits[0][0], headers={"content-type": "image/png"}, timeout=30)
+        assert answer.status_code == 200
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=20)[1]
+    lines = [line for line in err.splitlines() if "hung up" in line]
+    assert len(lines) == 3 and "after 1,000 of 100,000 bytes" in lines[0], err
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err

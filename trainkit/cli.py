@@ -19,9 +19,12 @@ def cmd_train(args) -> int:
     from .distributed import launched_by_torchrun, restarted_by_torchrun, teardown
     from .engine import NonFiniteLoss, StopRequested
     from .reports import ConsoleLogger
+    from .outputs import check_folder
     from .rundir import FILES, default_run_dir, load_resume_config
     from .run import train
 
+    if args.out:
+        check_folder(args.out, "--out")    # a name too long or a file in the way: one line, before any work
     cfg, flags = config_from_args(args)
     restarted = restarted_by_torchrun() and args.out and (Path(args.out) / "last.pt").exists()
     if restarted:
@@ -36,6 +39,9 @@ def cmd_train(args) -> int:
                                 f"a resumed run stays in its own folder")
     if args.resume:
         cfg = load_resume_config(Path(args.resume), flags, trust_code=args.trust_code)
+    if cfg.pretrained:
+        from .pretrained import prepare
+        prepare(cfg.model)         # offline: one line in seconds, not a minute of retries
     run_dir = Path(args.resume or args.out or default_run_dir())
     stop = SignalStop()
     if not launched_by_torchrun():  # under torchrun the agent stops and restarts workers itself
@@ -69,8 +75,10 @@ def _resume_hint(run_dir: Path) -> str:
 
 def cmd_summary(args) -> int:
     from .models import build_model, output_kind
+    from .outputs import check_output, save_figure
     from .reports import model_summary, plot_architecture
 
+    png = check_output(args.png, "--png", picture=True) if args.png else None   # before the model is built
     cfg, _ = config_from_args(args)
     shape = (args.channels, args.size, args.size)
     model = build_model(cfg.model, in_channels=args.channels, num_classes=args.classes)
@@ -78,8 +86,8 @@ def cmd_summary(args) -> int:
     table = str(model_summary(model, shape)).splitlines()
     end = next(i for i, line in enumerate(table) if line.startswith("Total params"))
     print("\n".join(table[:end + 1]))  # the per-layer table, ending with the total
-    if args.png:
-        plot_architecture(model, shape, Path(args.png))
+    if png:
+        save_figure(plot_architecture(model, shape), png, "--png")
         print(f"Architecture picture saved to {args.png}")
     return 0
 

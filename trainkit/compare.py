@@ -11,6 +11,7 @@ import csv
 import json
 from pathlib import Path
 
+from .config import load_config_file
 from .errors import TrainkitError
 
 IGNORED = {"progress", "workers", "data_dir"}   # settings that never change what a run computes
@@ -27,13 +28,23 @@ def load_run(path: Path) -> dict:
         if not (path / name).is_file():
             raise TrainkitError(f"{path} is not a finished run folder: it has no {name}")
     try:
-        config = json.loads((path / "config.json").read_text())["config"]
+        config = load_config_file(path / "config.json")    # one line for a file that is empty, not JSON, huge...
         with open(path / "metrics.csv", newline="") as f:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TrainkitError(f"cannot read the run in {path}: {exc}") from None
+            raw = list(csv.DictReader(f))
+        long = next((i for i, row in enumerate(raw, 1) if None in row), None)
+        if long is not None:
+            raise TrainkitError(f"{path / 'metrics.csv'} is damaged: row {long} has more values than the header")
+        rows = [{k: _number(v) for k, v in row.items()} for row in raw]
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise TrainkitError(f"cannot read the run in {path}: {type(exc).__name__}: {reason}") from None
     if not rows:
         raise TrainkitError(f"{path} has no finished epoch in metrics.csv")
+    split = "val" if rows[0].get("val_acc") is not None else "test"
+    for number, row in enumerate(rows, 1):
+        missing = [c for c in ("epoch", "seconds", f"{split}_acc", f"{split}_loss") if row.get(c) is None]
+        if missing:
+            raise TrainkitError(f"{path / 'metrics.csv'} is damaged: row {number} has no {', '.join(missing)}")
     return {"name": path.name or str(path), "path": path, "config": config, "rows": rows}
 
 
@@ -63,8 +74,9 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> None:
-    """2x2: held-out accuracy and loss against epoch (top) and against wall time (bottom)."""
+def plot(runs: list[dict], path: Path | None = None):
+    """2x2: held-out accuracy and loss against epoch (top) and against wall time (bottom);
+    the figure, or saved to `path` (and closed)."""
     from .reports import _finish, _pyplot
 
     plt = _pyplot()
@@ -90,13 +102,16 @@ def plot(runs: list[dict], path: Path) -> None:
     axs[0, 0].legend(fontsize=8)
     fig.suptitle("held-out accuracy and loss: validation split where a run has one, else the test set")
     fig.tight_layout()
-    _finish(fig, path)
+    return _finish(fig, path)
 
 
 def cmd_compare(args) -> int:
+    from .outputs import check_output, save_figure
+
+    png = check_output(args.png, "--png", picture=True)   # before the runs are read
     runs = [load_run(Path(p)) for p in args.run_dirs]
     print(table(runs))
-    plot(runs, Path(args.png))
+    save_figure(plot(runs), png, "--png")
     print(f"Curves saved to {args.png}")
     return 0
 

@@ -202,6 +202,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise TrainkitError(f"{flag} must be at most {meta['maximum']}, got {show(value)}")
         if meta.get("below") is not None and not value < meta["below"]:
             raise TrainkitError(f"{flag} must be less than {meta['below']}, got {show(value)}")
+    if cfg.val_split is not None and cfg.val_split >= 1 and not float(cfg.val_split).is_integer():
+        # 1.5 was taken as a count and became 1 image: a fraction must be below 1, a count whole.
+        raise TrainkitError(f"--val-split must be a fraction between 0 and 1 (0.1) or a whole number of images "
+                            f"(5000), got {show(cfg.val_split)}")
     parse_image_size(cfg.image_size)
     return cfg
 
@@ -271,9 +275,9 @@ def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read settings from a YAML, TOML or JSON file (a run's config.json included)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainkitError(f"config file {path} does not exist")
+    from .inputs import regular_file
+
+    path = regular_file(path, "config file")    # a named pipe would block the open for ever
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:  # settings take a few hundred bytes; this is another file

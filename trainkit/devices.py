@@ -69,6 +69,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 MEASURE_SECONDS = 4.0     # all candidates together; each still gets one warm-up and one timed step
 MAX_TIMED_STEPS = 3
+MEASURE_CAP_SECONDS = 30.0  # past this, the candidates not yet timed are left out (a step can take seconds)
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # CPU instructions that compute in bf16 (else emulated)
 CPU_KEY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 CACHE_FILE = "choices.json"
@@ -133,6 +134,84 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process may still allocate on `device`: free GPU memory, or the host's available
+    memory (less where a cgroup limits this process); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:   # cgroup v2: the limit, less what the group uses already
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def activation_bytes(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> int:
+    """The bytes that one training forward of the batch `x` keeps for its backward (the tensors
+    autograd saves, each storage counted once): the part of a step's memory that grows with the
+    batch. The model's weights, buffers (a copy: batch norm's statistics stay) and the random
+    number generators are left as they were."""
+    from torch.func import functional_call
+
+    seen: dict[tuple, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}   # saved too, but not per image
+
+    def pack(t: torch.Tensor):
+        try:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            seen[(id(t), t.device)] = t.numel() * t.element_size()
+        return t
+
+    state = {**dict(model.named_parameters()), **{k: v.clone() for k, v in model.named_buffers()}}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.train()
+            loss = loss_fn(functional_call(model, state, (x,)), y)
+        del loss
+    finally:
+        model.train(was_training)
+    return sum(seen.values())
+
+
+def check_memory(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, batch: int,
+                 what: str) -> int | None:
+    """Refuse, in one line, a batch whose training step cannot fit in the memory left on the device
+    (it would be killed, or swap for minutes): an estimate from one forward of the few images in `x`,
+    scaled to `batch`, plus the weights, their gradients and two optimizer states. Returns the
+    estimate in bytes (None where the memory left cannot be told)."""
+    free = available_memory(x.device)
+    if free is None:
+        return None
+    try:
+        per_image = activation_bytes(model, loss_fn, x, y) / len(x)
+    except Exception:    # noqa: BLE001 - a model functional_call cannot run: no estimate, training will tell
+        return None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = int(per_image * batch + 4 * weights + x[:1].numel() * x.element_size() * batch)
+    if needed > free:
+        raise TrainkitError(f"{what}: one training step needs about {needed / 2**30:.1f} GiB "
+                            f"({per_image / 2**20:.1f} MiB of activations per image), more than the "
+                            f"{free / 2**30:.1f} GiB free on {x.device}; use a smaller --batch-size")
+    return needed
+
+
 def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
                 choice: Choice, seconds: float, max_steps: int = MAX_TIMED_STEPS) -> tuple[list[float], bool]:
     """(seconds of each timed step, whether every loss was finite): one warm-up step, then timed
@@ -153,7 +232,11 @@ def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x
         optimizer.step()
         return loss.item()      # waits for the step
 
+    begin = time.perf_counter()
     finite = math.isfinite(step())
+    _sync(device)
+    if time.perf_counter() - begin > seconds:    # one step is already over the budget: it stands as the timing
+        return [time.perf_counter() - begin], finite
     times: list[float] = []
     begin = time.perf_counter()
     while not times or (len(times) < max_steps and time.perf_counter() - begin < seconds):
@@ -165,15 +248,20 @@ def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x
 
 
 def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-            options: list[Choice], seconds: float = MEASURE_SECONDS) -> dict:
+            options: list[Choice], seconds: float = MEASURE_SECONDS, cap: float = MEASURE_CAP_SECONDS) -> dict:
     """Time each option and pick the fastest whose loss stayed finite (the first when none did).
     The run's model, optimizer and random number generators are left as they were."""
     device = x.device
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     timings = {}
+    start = time.perf_counter()
     try:
         for option in options:
+            if timings and time.perf_counter() - start > cap:   # the time cap: the rest are not timed
+                timings[option.label] = {"seconds": None, "finite": False, "error": f"not timed: the measurement "
+                                         f"passed its cap of {cap:g} s"}
+                continue
             try:
                 steps, finite = time_choice(model, make_optimizer, loss_fn, x, y, option, seconds / len(options))
             except Exception as exc:    # an operation without bf16 kernels, out of memory, ...: not a candidate

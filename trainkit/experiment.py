@@ -2,6 +2,7 @@
 device, and the callbacks its settings ask for. Every choice is looked up in a registry."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .data.dataset import ImageData
 from .data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
 from .distributed import Rank
-from .devices import autocast_dtype, choose, resolve_device
+from .devices import autocast_dtype, check_memory, choose, resolve_device
 from .engine import Callback
 from .errors import TrainkitError
 from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
@@ -258,10 +259,22 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
 def choose_settings(cfg: TrainConfig, model: nn.Module, data: ImageData, loss_fn: Callable,
                     device: torch.device, world: int = 1) -> dict:
     """--precision and --channels-last with `auto` resolved by timing a few steps (devices.choose)
-    of a copy of `model` on a batch of this run's shape. The seed's pipeline stays in fp32."""
+    of a copy of `model` on a batch of this run's shape. The seed's pipeline stays in fp32.
+
+    Checked first, since each is one line and the timing may take a while: an optimizer with
+    nothing to train, a schedule the run is too short for, and a batch whose step cannot fit in
+    memory. The batch timed is at most the images there are (--batch-size 100000 of 2,048 images
+    trains batches of 2,048)."""
+    train_size = len(data.train_labels) if getattr(data, "train_labels", None) is not None else len(data.train)
+    build_schedule(build_optimizer(model.parameters(), cfg), cfg, math.ceil(train_size / cfg.batch_size))
     precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
-    batch = cfg.batch_size // world
-    generator = torch.Generator().manual_seed(0)     # the run's own generators are not touched
+    batch = max(1, min(cfg.batch_size, train_size) // world)
+    few = torch.Generator().manual_seed(0)           # the run's own generators are not touched
+    x = torch.randn(min(batch, 2), *data.image_shape, generator=few).to(device)
+    y = torch.randint(0, data.num_classes, (len(x),), generator=few).to(device)
+    check_memory(model, loss_fn, x, y, batch, f"--batch-size {cfg.batch_size} with {cfg.model} on "
+                                              f"{list(data.image_shape)} images")
+    generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *data.image_shape, generator=generator).to(device)
     y = torch.randint(0, data.num_classes, (batch,), generator=generator).to(device)
     return choose(model, lambda params: build_optimizer(params, cfg), loss_fn, x, y, precision=precision,

@@ -147,14 +147,20 @@ def cmd_eval(args) -> int:
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
     from .data.images import decode_image
+    from .inputs import regular_file
 
     c, h, w = trained.image_shape
+    paths = [regular_file(p, "image") for p in paths]
     return trained.probabilities(torch.stack([decode_image(Path(p), c, (h, w), trained.cfg.resize) for p in paths]))
 
 
 def cmd_predict(args) -> int:
+    from .inputs import regular_file
+
     if args.top < 1:
         raise TrainkitError(f"--top must be at least 1, got {args.top}")
+    for path in args.images:           # before the model is loaded; a named pipe would block the open for ever
+        regular_file(path, "image")
     trained = _load_from_args(args)
     probs = predict_files(trained, args.images)
     k = min(args.top, len(trained.classes))
@@ -184,15 +190,12 @@ def with_onnx_metadata(data: bytes, trained: TrainedModel) -> bytes:
     return proto.SerializeToString()
 
 
-def _check_output(output: Path) -> None:
-    """Refuse, before any work, an output that cannot be written or must not be overwritten."""
-    if output.is_dir():
-        raise TrainkitError(f"{output} is a folder; give the file to export to")
-    if not output.parent.is_dir():
-        raise TrainkitError(f"cannot export to {output}: the folder {output.parent} does not exist")
-    if output.exists() and ckpt.is_trainkit_file(output):
-        raise TrainkitError(f"{output} is a trainkit checkpoint or weights file; it is not overwritten, "
-                            f"choose another --output")
+def _check_output(output: Path) -> Path:
+    """Refuse, before any work, an output that cannot be written or must not be overwritten
+    (outputs.check_output: the rule every file a command writes follows)."""
+    from .outputs import check_output
+
+    return check_output(output, "--output")
 
 
 def export(trained: TrainedModel, fmt: str, output: Path) -> Path:
@@ -221,10 +224,9 @@ def export(trained: TrainedModel, fmt: str, output: Path) -> Path:
         torch.onnx.export(trained.model, (example,), buffer, input_names=["images"], output_names=[name],
                           dynamic_axes={"images": {0: "batch"}, name: {0: "batch"}}, dynamo=False)
         data = with_onnx_metadata(buffer.getvalue(), trained)
-    try:
-        ckpt.atomic_write_bytes(output, data)
-    except OSError as exc:  # read-only folder, full disk, quota: nothing is left behind
-        raise TrainkitError(f"could not write {output}: {exc.strerror or exc}; nothing was written") from None
+    from .outputs import write_output
+
+    write_output(output, data, "--output")   # read-only folder, full disk, quota: one line, nothing left behind
     return output
 
 
@@ -234,7 +236,7 @@ def cmd_export(args) -> int:
     output = Path(args.output) if args.output else run_dir / suffix
     if output.name in RUN_FILES and output.resolve().parent == run_dir.resolve():  # rundir.FILES
         raise TrainkitError(f"{output} is part of the run; it is not overwritten, choose another --output")
-    _check_output(output)  # before the model is loaded
+    _check_output(output)  # before the model is loaded: any run folder's files, links, read-only folders...
     trained = _load_from_args(args)
     export(trained, args.format, output)
     print(f"Exported {args.format} to {output}")

@@ -54,7 +54,7 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
     return lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
 
 
-def plot(lrs, losses, suggestion: float, path: Path):
+def plot(lrs, losses, suggestion: float, path: Path | None = None):
     from .reports import _finish, _pyplot
 
     plt = _pyplot()
@@ -74,9 +74,12 @@ def plot(lrs, losses, suggestion: float, path: Path):
 def cmd_lr_find(args) -> int:
     if not args.start_lr < args.end_lr:
         raise TrainkitError(f"--end-lr ({args.end_lr}) must be greater than --start-lr ({args.start_lr})")
+    from .outputs import check_output, save_figure
+
+    output = check_output(args.output, "--output", picture=True)   # before the sweep
     cfg, _ = config_from_args(args)
     lrs, losses, suggestion = lr_sweep(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
-    plot(lrs, losses, suggestion, Path(args.output))
+    save_figure(plot(lrs, losses, suggestion, None), output, "--output")
     print(f"Swept {len(lrs)} steps from lr {lrs[0]:.1e} to {lrs[-1]:.1e}; plot saved to {args.output}")
     print(f"Suggested lr: {suggestion:.2e}")
     return 0

@@ -236,6 +236,9 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 10, pretrain
     """A registered model by name, torchvision:NAME or timm:NAME, or a user factory given as
     module:factory or file.py:factory. Only the zoos download weights, and only with `pretrained`."""
     zoo, _, arch = name.partition(":")
+    if pretrained and zoo in ZOOS and arch:
+        from .pretrained import prepare
+        prepare(name)           # offline: one line in seconds, not a minute of retries (the Python API too)
     if zoo == "torchvision" and arch:
         return _torchvision_model(arch, in_channels, num_classes, pretrained)
     if zoo == "timm" and arch:
@@ -256,6 +259,8 @@ def output_kind(model: nn.Module, image_shape: tuple[int, ...], num_classes: int
     shape, is one line here, before any run folder is made. Returns "log_probs" when its outputs
     are log-probabilities (each row's exp sums to 1), else "logits"."""
     needs = getattr(model, "image_size", None)
+    if isinstance(needs, int):      # torchvision's VisionTransformer: one side of a square image
+        needs = (needs, needs)
     if needs is not None and tuple(image_shape[1:]) != tuple(needs):
         raise TrainkitError(f"model {name!r} ({type(model).__name__}) needs {needs[0]}x{needs[1]} images, "
                             f"these are {image_shape[1]}x{image_shape[2]}; use another model (compact, speednet, "

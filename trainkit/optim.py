@@ -69,6 +69,11 @@ def onecycle(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
 
 
 def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if not any(p.requires_grad for p in params if isinstance(p, torch.Tensor)) and \
+            not any(isinstance(p, dict) for p in params):      # torch: "optimizer got an empty parameter list"
+        raise TrainkitError(f"the model has no trainable parameters ({len(params)} parameters, none that "
+                            f"requires a gradient): there is nothing for --optimizer {cfg.optimizer} to train")
     return OPTIMIZERS.get(cfg.optimizer)(params, cfg)
 
 

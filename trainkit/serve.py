@@ -161,11 +161,22 @@ async def read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"the upload is {int(declared):,} bytes; the limit is {limit:,} bytes")
+    from starlette.requests import ClientDisconnect
+
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Refused(413, f"the upload is over the limit of {limit:,} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Refused(413, f"the upload is over the limit of {limit:,} bytes")
+    except ClientDisconnect:
+        # A client that hangs up mid-upload is no fault of the server: one line in its log, where
+        # uvicorn would print a 30-line traceback; the answer goes nowhere.
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        of = f" of {int(declared):,}" if declared.isdigit() else ""
+        print(f"trainkit serve: {client} hung up after {len(body):,}{of} bytes of its upload; its request was "
+              f"dropped", file=sys.stderr, flush=True)
+        raise Refused(400, "the client disconnected before the upload ended") from None
     return bytes(body)
 
 

@@ -42,6 +42,37 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
 
 
+def sqlite_problem(uri: str) -> str | None:
+    """Why a sqlite:/// tracking URI cannot be written, found at once (None when it can, or for
+    other URIs): MLflow itself retries a database it cannot open for about 100 s."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):].split("?")[0])
+    import errno
+    import stat
+    import tempfile
+
+    folder = path.parent
+    try:
+        if path.exists():
+            if not stat.S_ISREG(path.stat().st_mode):
+                return f"{path} is not a regular file"
+            with open(path, "r+b") as f:          # the database itself must be writable
+                head = f.read(16)
+            if head and head != b"SQLite format 3\0":
+                return f"{path} is not an SQLite database"
+        elif not folder.is_dir():
+            return None                            # MLflow makes the folders of a new database
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".trainkit-probe-")   # and its folder (the journal)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror)
+        return f"cannot write the SQLite database {path}: {reason}"
+    return None
+
+
 def code_version() -> str:
     """The git commit of trainkit's source (with `-dirty` for uncommitted changes), else its version."""
     try:
@@ -94,6 +125,9 @@ class MLflowLogger(Callback):
         from mlflow import MlflowClient
         from mlflow.entities import Param, RunTag
 
+        problem = sqlite_problem(self.uri)
+        if problem:       # MLflow would retry for about 100 s, logging each attempt
+            raise RuntimeError(problem)
         self.client = client = MlflowClient(self.uri)
         if self.run_id is not None:             # a resumed run: the same MLflow run goes on
             client.update_run(self.run_id, status="RUNNING")

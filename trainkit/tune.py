@@ -18,6 +18,8 @@ OUT/best.yaml` trains it again), OUT/history.png and OUT/importances.png.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
 import warnings
@@ -27,6 +29,7 @@ from .config import TrainConfig, field_specs, from_mapping, kind_of, load_config
 from .engine import Callback, TrainState
 from .errors import TrainkitError
 from .flags import add_config_flags, add_recipe_flags, config_from_args, number
+from .outputs import make_folder, save_figure, write_output
 
 DEFAULT_VAL_SPLIT = 0.1
 
@@ -69,9 +72,13 @@ def load_space(path: str | Path, base: TrainConfig) -> dict:
             if kind not in ("int", "float"):
                 raise TrainkitError(f"search space {path}: {name} is a {kind} setting; give a list of choices")
             low, high = (getattr(from_mapping({name: spec[b]}, base), name) for b in ("low", "high"))
+            if low is None or high is None:
+                raise TrainkitError(f"search space {path}: {name} needs numbers for low and high, got "
+                                    f"{show(spec['low'])} and {show(spec['high'])}")
             if not low < high:
                 raise TrainkitError(f"search space {path}: {name} needs low < high, got {low} and {high}")
-            space[name] = ("range", kind, low, high, bool(spec.get("log", False)), spec.get("step"))
+            log, step = _log_and_step(path, name, kind, spec, low, high)
+            space[name] = ("range", kind, low, high, log, step)
             checks = [low, high]
         else:
             value = getattr(from_mapping({name: spec}, base), name)
@@ -87,6 +94,32 @@ def load_space(path: str | Path, base: TrainConfig) -> dict:
     return space
 
 
+def _log_and_step(path, name: str, kind: str, spec: dict, low, high) -> tuple[bool, int | float | None]:
+    """A range's `log` and `step`, checked as Optuna would check them during the first trial (an
+    error there is a traceback after minutes of work), and never silently changed (`step: 0`)."""
+    log, step = spec.get("log", False), spec.get("step")
+    if not isinstance(log, bool):
+        raise TrainkitError(f"search space {path}: {name}'s log must be true or false, got {show(log)}")
+    if log and step is not None:
+        raise TrainkitError(f"search space {path}: {name} cannot have both log: true and a step "
+                            f"(Optuna samples a log range continuously)")
+    if log and not low > 0:
+        raise TrainkitError(f"search space {path}: {name} with log: true needs low > 0, got {low}")
+    if step is None:
+        return log, None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or (kind == "int" and not isinstance(step, int)):
+        raise TrainkitError(f"search space {path}: {name}'s step must be {'an integer' if kind == 'int' else 'a number'}, "
+                            f"got {show(step)}")
+    if not (step > 0 and step <= high - low):      # nan fails too
+        raise TrainkitError(f"search space {path}: {name}'s step must be greater than 0 and at most "
+                            f"high - low ({high - low:g}), got {show(step)}")
+    steps = (high - low) / step
+    if abs(steps - round(steps)) > 1e-9 * max(1.0, steps):   # Optuna would lower high with a warning
+        raise TrainkitError(f"search space {path}: {name}'s high - low ({high - low:g}) is not a whole number of "
+                            f"steps of {step:g}; make high {low + int(steps) * step:g} or change the step")
+    return log, step
+
+
 def suggest(trial, space: dict) -> dict:
     values = {}
     for name, spec in space.items():
@@ -97,7 +130,7 @@ def suggest(trial, space: dict) -> dict:
         else:
             _, kind, low, high, log, step = spec
             if kind == "int":
-                values[name] = trial.suggest_int(name, low, high, step=int(step or 1), log=log)
+                values[name] = trial.suggest_int(name, low, high, step=step or 1, log=log)
             else:
                 values[name] = trial.suggest_float(name, low, high, step=step, log=log)
     return values
@@ -142,14 +175,18 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
     from .run import train
 
     space = load_space(space_path, base)
-    out.mkdir(parents=True, exist_ok=True)
-    # A trial whose process was killed stays RUNNING; the heartbeat lets the next process fail it.
-    storage_obj = optuna.storages.RDBStorage(storage, heartbeat_interval=10, grace_period=30) \
-        if storage.startswith(("sqlite", "postgresql", "mysql")) else storage
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="maximize",
-                                pruner=pruner, load_if_exists=True)
-    study.set_user_attr("space", str(space_path))
+    make_folder(out, "--out")
+    with storage_errors(storage):
+        storage_obj = open_storage(storage)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="maximize",
+                                    pruner=pruner, load_if_exists=True)
+        study.set_user_attr("space", str(space_path))
+        following = len(study.get_trials(deepcopy=False))
+    if (out / f"trial-{following:03d}").exists():
+        raise TrainkitError(f"{out / f'trial-{following:03d}'} already exists, but study {show(study_name)} in {show(storage)} has "
+                            f"{following} trials: its storage was deleted or another one was given; use another "
+                            f"--out, or the --storage and --study-name that the trials in {out} belong to")
 
     def objective(trial):
         cfg = trial_config(base, suggest(trial, space))
@@ -157,7 +194,10 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         pruning = TrialPruning(trial)
         start = time.perf_counter()
-        result = train(cfg, out=run_dir, callbacks=[pruning])
+        try:
+            result = train(cfg, out=run_dir, callbacks=[pruning])
+        except TrainkitError as exc:    # one line, not Optuna's warning with the traceback (quiet_failures)
+            raise TrainkitError(f"trial {trial.number} ({run_dir}): {exc}", exc.exit_code) from None
         last = result.history[-1]
         trial.set_user_attr("config", cfg.to_dict())
         trial.set_user_attr("test_acc", last.test_acc)
@@ -178,8 +218,70 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
     remaining = trials - finished(study)
     if remaining > 0:
         print(f"Study {study_name!r} in {storage}: {finished(study)} of {trials} trials finished", flush=True)
-        study.optimize(objective, callbacks=[enough], catch=())
+        with storage_errors(storage), quiet_failures(optuna):
+            study.optimize(objective, callbacks=[enough], catch=())
     return study
+
+
+def open_storage(storage: str):
+    """--storage as an Optuna RDBStorage: a database URL (sqlite:///FILE, postgresql://..., mysql://...).
+    A trial whose process was killed stays RUNNING; the heartbeat lets the next process fail it."""
+    optuna = _optuna()
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except (ArgumentError, ValueError):
+        raise TrainkitError(f"--storage {show(storage)} is not a database URL; use sqlite:///FILE, "
+                            f"postgresql://HOST/DB or mysql://HOST/DB") from None
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        # Each connection (the trials', the heartbeat thread's) would get an empty database of its own.
+        raise TrainkitError(f"--storage {show(storage)} is an in-memory database, which keeps nothing and which "
+                            f"the trials cannot share; give a file: sqlite:///FILE")
+    return optuna.storages.RDBStorage(storage, heartbeat_interval=10, grace_period=30)
+
+
+@contextlib.contextmanager
+def storage_errors(storage: str):
+    """A database that cannot be opened or written (read-only, not a database, an unknown dialect,
+    a missing driver, a server that does not answer) is one line, not SQLAlchemy's traceback."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError) as exc:
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, SQLAlchemyError):
+            cause = cause.__cause__
+        text = getattr(cause, "orig", None) or cause
+        reason = (str(text).strip().splitlines() or [type(text).__name__])[0][:200]
+        raise TrainkitError(f"the study's storage {show(storage)} cannot be used: {reason}") from None
+
+
+@contextlib.contextmanager
+def quiet_failures(optuna):
+    """Optuna logs a failed trial's exception with its whole traceback before re-raising it; a
+    TrainkitError is the user's to fix and is said once, in one line, by the CLI."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            if isinstance(error, TrainkitError):
+                self.dropping = True
+                return False
+            return not (getattr(self, "dropping", False) and " failed with value " in record.getMessage())
+
+    # On the handlers: a logger's own filters do not see what its children (optuna.study...) log.
+    handlers = logging.getLogger("optuna").handlers
+    drop = Drop()
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
 
 
 def _short(value) -> str:
@@ -199,18 +301,17 @@ def write_results(study, out: Path) -> Path:
     config = dict(best.user_attrs["config"], progress=True)
     header = (f"# trainkit tune: the best trial of study {study.study_name!r} (trial {best.number}, "
               f"{best.value:.2f}% validation accuracy)\n# trainkit train --config {out / 'best.yaml'}\n")
-    (out / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    # Written as every file a command writes: whole or not at all, never through a link (outputs.py).
+    write_output(out / "best.yaml", (header + yaml.safe_dump(config, sort_keys=False)).encode(), "--out")
     from .reports import _pyplot
-    plt = _pyplot()
+    _pyplot()
     vis = optuna.visualization.matplotlib
     ax = vis.plot_optimization_history(study)
-    ax.figure.savefig(out / "history.png", dpi=80, bbox_inches="tight")
-    plt.close(ax.figure)
+    save_figure(ax.figure, out / "history.png", "--out", bbox_inches="tight")
     if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
         try:
             ax = vis.plot_param_importances(study)
-            ax.figure.savefig(out / "importances.png", dpi=80, bbox_inches="tight")
-            plt.close(ax.figure)
+            save_figure(ax.figure, out / "importances.png", "--out", bbox_inches="tight")
         except (RuntimeError, ValueError) as exc:  # e.g. every trial took the same values
             print(f"No parameter importances: {exc}", file=sys.stderr)
     print(f"Best: trial {best.number}, {best.value:.2f}% validation accuracy "
@@ -227,9 +328,12 @@ def cmd_tune(args) -> int:
     out = Path(args.out or Path("runs") / f"tune-{space.stem}")
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     name = args.study_name or space.stem
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.pretrained:
+        from .pretrained import prepare
+        prepare(cfg.model)         # offline: one line in seconds, not a minute of retries per trial
     study = run_study(space, cfg, args.trials, storage, name, out)
-    best = write_results(study, out)
+    with storage_errors(storage):
+        best = write_results(study, out)
     print(f"{finished(study)} trials in study {name!r}; runs, best.yaml, history.png and importances.png "
           f"in {out}/; train the best again with: trainkit train --config {best}")
     return 0
