@@ -18,6 +18,7 @@ from .callbacks import TensorBoardLogger
 from .config import TrainConfig
 from .datasets import ImageData
 from .engine import Callback, History, fit
+from .errors import TrainkitError
 from .experiment import Experiment, build_experiment, training_callbacks
 from .rundir import OWN_NAMES, RunDirectory, default_run_dir, lock_run, prepare, restore
 
@@ -39,6 +40,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     from its last checkpoint. Under torchrun only rank 0 shows progress and writes files; it holds
     the run folder's lock (rundir.lock_run) until this returns, so no other process writes there.
     """
+    if cfg.mlflow_register and not cfg.mlflow:
+        raise TrainkitError("--mlflow-register needs --mlflow (the tracking store whose registry it goes to)")
     exp = build_experiment(cfg, data=data, model=model)
     main = exp.rank.is_main
     everyone = training_callbacks(cfg)
@@ -49,7 +52,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     tracker: list[Callback] = []
     if cfg.mlflow and main:       # after the run directory's writers: it logs the files they wrote
         from .tracking import MLflowLogger
-        tracker.append(MLflowLogger(cfg.mlflow, run_dir))
+        tracker.append(MLflowLogger(cfg.mlflow, run_dir, register=cfg.mlflow_register))
     held = None     # the run folder's lock, held by the one process that writes it until train returns
     try:
         if resume is not None:

@@ -125,7 +125,7 @@ class TrialPruning(Callback):
 
 
 def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
-    cfg = base.replace(**values, progress=False, mlflow=None)
+    cfg = base.replace(**values, progress=False, mlflow=None, mlflow_register=None)
     if cfg.val_split is None:
         cfg = cfg.replace(val_split=DEFAULT_VAL_SPLIT)
     return validate(cfg)
