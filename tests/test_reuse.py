@@ -174,17 +174,35 @@ def test_torchscript_export(quick_run, tmp_path, mnist):
 
 
 @pytest.mark.slow
-def test_tensorboard_events(tmp_path):
+@pytest.mark.parametrize("progress", ["--progress", "--no-progress"])
+def test_tensorboard_events(tmp_path, progress):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
     out = tmp_path / "run"
     cli_ok("train", "--epochs", "2", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
-                   "--tensorboard", "--out", out, "--no-progress")
+           "--evals-per-epoch", "2", "--tensorboard", "--out", out, progress)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"step/train_loss", "step/lr", "check/test_loss", "check/test_acc", "train_loss", "test_acc"} <= tags
     accs = [e.value for e in events.Scalars("test_acc")]
     csv_accs = [float(r.split(",")[6]) for r in open(out / "metrics.csv").read().splitlines()[1:]]
     assert accs == pytest.approx(csv_accs)
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    # every check at the batches trained (4 an epoch: after 2 and 4), the epoch's own among them
+    checks = events.Scalars("check/test_acc")
+    assert [e.step for e in checks] == [2, 4, 6, 8] and checks[-1].value == pytest.approx(csv_accs[-1])
+    losses = events.Scalars("step/train_loss")
+    assert losses and all(1 <= e.step <= 8 and 0 < e.value < 10 for e in losses)
+    assert losses[-1].step == 8, "the epoch's last batch is read at its end"
+    assert {e.step for e in events.Scalars("step/lr")} == {e.step for e in losses}
+    # the HParams tab: the settings the run ran with, and the final numbers as its metrics
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["batch_size"].number_value == 64 and session.hparams["model"].string_value == "s5net"
+    assert session.hparams["precision"].string_value in ("fp32", "bf16")     # what auto chose
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"test_acc", "test_loss"}
 
 
 @pytest.mark.slow

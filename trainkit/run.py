@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
         if run_dir is not None and main:
             writers.append(RunDirectory(exp, run_dir))
             if cfg.tensorboard:
-                writers.append(TensorBoardLogger(run_dir / "tensorboard"))
+                writers.append(TensorBoardLogger(run_dir / "tensorboard", settings=exp.cfg.to_dict()))
         history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
                       loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
                       device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,
