@@ -143,8 +143,16 @@ def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
         top = re.search(r": (\S+) (\d+\.\d)%", line)
         assert top.group(1) == "1", line
         assert line.count("%") == 3
+    # a dark "1" on white paper, small in a corner: inverted (and said so), framed like MNIST
+    paper = Image.new("L", (300, 200), 235)
+    ImageDraw.Draw(paper).line([(250, 20), (246, 90)], fill=30, width=8)
+    paper.save(tmp_path / "paper.png")
+    proc = cli_ok("predict", out, tmp_path / "paper.png")
+    assert re.search(r": 1 \d+\.\d%", proc.stdout), proc.stdout
+    assert "note: inverted: a dark digit on a light background" in proc.stderr
     (tmp_path / "bad.png").write_bytes(b"not a png")
     assert_one_line_error(run_cli("predict", out, tmp_path / "bad.png"), "not a readable PNG or JPEG")
+    assert_one_line_error(run_cli("predict", out, tmp_path / "missing.png"), "missing.png does not exist")
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from .errors import TrainkitError
 from .flags import add_config_flags, config_flags
 from .loaders import normalize
 from .models import build_model, model_source, output_kind
+from .preprocess import NOTE_FRAMED
 from .rundir import FILES as RUN_FILES
 
 
@@ -161,25 +162,39 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tensor, list[list[str]]]:
+    """Image files as the run's model takes them (preprocess.prepare_image, as `serve` does), and
+    each one's notes (inverted, framed like MNIST, made grayscale, squashed)."""
+    from .preprocess import prepare_image
+
+    prepared = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise TrainkitError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+        prepared.append(prepare_image(path, trained.cfg.dataset, trained.image_shape))
+    return torch.stack([image for image, _ in prepared]), [notes for _, notes in prepared]
+
+
 @torch.no_grad()
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
-    from .datasets import load_image
-
-    c, h, w = trained.image_shape
-    return trained.probabilities(torch.stack([load_image(Path(p), c, (h, w)) for p in paths]))
+    return trained.probabilities(prepare_files(trained, paths)[0])
 
 
 def cmd_predict(args) -> int:
     if args.top < 1:
         raise TrainkitError(f"--top must be at least 1, got {args.top}")
     trained = _load_from_args(args)
-    probs = predict_files(trained, args.images)
+    images, notes = prepare_files(trained, args.images)
+    probs = trained.probabilities(images)
     k = min(args.top, len(trained.classes))
-    for path, p in zip(args.images, probs):
+    for path, p, said in zip(args.images, probs, notes):
         values, indices = p.topk(k)
         ranked = ", ".join(f"{trained.classes[i]} {v:.1%}" for v, i in zip(values.tolist(), indices.tolist()))
         print(f"{path}: {ranked}")
+        for note in said:
+            if note != NOTE_FRAMED:         # framing is what every digit gets; the rest is news
+                print(f"{path}: note: {note}", file=sys.stderr)
     return 0
 
 
