@@ -267,6 +267,29 @@ def test_compare_two_runs(tuned, tmp_path, capsys):
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_compare_labels_runs_by_their_paths_and_draws_the_checks(tmp_path, capsys):
+    from trainkit.compare import curve, load_run
+
+    for parent, epochs in (("a", 1), ("b", 2)):        # two folders named "run"; epochs differ
+        train(TrainConfig(**{**TINY, "epochs": epochs, "scheduler": "step"}), out=tmp_path / parent / "run")
+    runs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    assert main(["compare", *map(str, runs), "--png", str(tmp_path / "c.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header.count("epochs") == 1 and len(header) == len(set(header))    # one column per setting
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:4]]
+    assert [row[0] for row in cells] == ["a/run", "b/run"]
+    assert [row[header.index("epochs")] for row in cells] == ["1", "2"]
+    # the mid-epoch checks (after 2 of 4 batches: epoch 0.5, 1.5) on the curve, as checks.csv has them
+    ends, checks = curve(load_run(runs[1]))
+    assert [p[0] for p in ends] == [1, 2] and [p[0] for p in checks] == [0.5, 1.5]
+    with open(runs[1] / "checks.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["acc"]) for r in rows] == [p[2] for p in checks] and {r["split"] for r in rows} == {"val"}
+    assert ends[0][1] < checks[1][1] < ends[1][1]                 # wall time: inside the second epoch
+
+
 def test_compare_and_tune_refuse_bad_input_in_one_line(tmp_path, capsys):
     def one_line_error(*argv):
         assert main([str(a) for a in argv]) == 2

@@ -122,6 +122,32 @@ class SignalStop(Callback):
             state.interrupt()
 
 
+class CheckLog(Callback):
+    """Every mid-epoch check, one row appended to the run's checks.csv (for `trainkit compare`):
+    epoch, after_batch, batches, split, loss, acc, and seconds since the epoch began. A resumed
+    run appends; a check made again after a resume is a row again (readers keep the last)."""
+
+    COLUMNS = ("epoch", "after_batch", "batches", "split", "loss", "acc", "seconds")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._started = time.monotonic()
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        self._started = time.monotonic()
+
+    def on_evaluate(self, state: TrainState) -> None:
+        e = state.evaluation
+        if e.after_batch is None:          # the epoch's own evaluation is in metrics.csv
+            return
+        new = not self.path.is_file()
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(",".join(self.COLUMNS) + "\n")
+            f.write(f"{e.epoch},{e.after_batch},{state.num_batches},{e.split},{e.loss!r},{e.acc!r},"
+                    f"{time.monotonic() - self._started:.3f}\n")
+
+
 class TensorBoardLogger(Callback):
     """TensorBoard event files: the training loss and learning rate per step, every check's loss and
     accuracy, the per-epoch numbers, and the run's settings with its final numbers in the HParams tab.

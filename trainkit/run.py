@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed
-from .callbacks import TensorBoardLogger
+from .callbacks import CheckLog, TensorBoardLogger
 from .config import TrainConfig
 from .datasets import ImageData
 from .engine import Callback, History, fit
@@ -66,9 +66,12 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
                 RunDirectory(exp, run_dir).repair(saved)
         elif run_dir is not None and main:
             held = prepare(run_dir)
+            (run_dir / "checks.csv").unlink(missing_ok=True)    # a run stopped before its first checkpoint's
             RunDirectory(exp, run_dir).start()
         if run_dir is not None and main:
             writers.append(RunDirectory(exp, run_dir))
+            if cfg.evals_per_epoch > 1:
+                writers.append(CheckLog(run_dir / "checks.csv"))
             if cfg.tensorboard:
                 writers.append(TensorBoardLogger(run_dir / "tensorboard", settings=exp.cfg.to_dict()))
         history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,

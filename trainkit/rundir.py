@@ -35,7 +35,7 @@ FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png
          "summary.txt", "last.pt", "best.pt")
 LOCK = ".trainkit.lock"          # held (flock) by the one process that writes the run
 # What a run holds before its first checkpoint: such a folder may be used again as a new run.
-BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", "samples.png", "tensorboard"}
+BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", "samples.png", "tensorboard", "checks.csv"}
 # Names whose temporaries an older trainkit (prefix `.tmp-`) may have left.
 OWN_NAMES = FILES + (".write-test",)
 
