@@ -252,6 +252,84 @@ def test_the_best_config_reproduces_the_best_trial(tuned, tmp_path):
 
 
 @pytest.mark.slow
+def test_best_yaml_records_the_precision_and_memory_format_the_trial_ran_in(tuned):
+    import yaml
+    best = yaml.safe_load((tuned["root"] / "out" / "best.yaml").read_text())
+    ran = json.loads((Path(tuned["study"].best_trial.user_attrs["run_dir"]) / "config.json").read_text())["config"]
+    assert best["precision"] in ("fp32", "bf16") and best["channels_last"] in ("on", "off")
+    assert (best["precision"], best["channels_last"]) == (ran["precision"], ran["channels_last"])
+
+
+def test_pruning_compares_trials_at_the_same_epoch_fraction():
+    import torch
+    from trainkit.engine import Evaluation, TrainState, check_points
+    from trainkit.tune import PER_EPOCH, TrialPruning
+
+    class Trial:          # what the pruner sees: the reported (step, accuracy), and its answer
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append(step)
+
+        def should_prune(self):
+            return True
+
+    steps = {}
+    for batches in (4, 7, 9, 16):          # batch sizes differ: so do the batches an epoch
+        trial = Trial()
+        pruning = TrialPruning(trial, evals_per_epoch=3, batch_size=8, epochs=2)
+        state = TrainState(model=None, optimizer=None, scheduler=None, train_loader=None, test_loader=None,
+                           device=torch.device("cpu"), num_batches=batches)
+        for epoch in (1, 2):
+            state.epoch = epoch
+            for after in [*sorted(b + 1 for b in check_points(batches, 3)), None]:
+                state.evaluation = Evaluation(0.1, 1, 10, epoch, after, "val")
+                pruning.on_evaluate(state)
+        steps[batches] = trial.reports
+        assert pruning.pruned_at == pytest.approx(1.667, abs=1e-3)       # never at the last evaluation
+    assert all(s == [333, 667, 1000, 1333, 1667, 2000] for s in steps.values()), steps
+    assert PER_EPOCH == 1000
+
+
+def test_the_pruner_waits_for_a_trials_first_full_epoch():
+    optuna = pytest.importorskip("optuna")
+    from trainkit.tune import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner())
+    for _ in range(2):                      # two good trials, finished
+        trial = study.ask()
+        for step, acc in ((500, 60.0), (1000, 80.0), (1500, 85.0)):
+            trial.report(acc, step)
+        study.tell(trial, 86.0)
+    poor = study.ask()
+    poor.report(30.0, 500)
+    assert not poor.should_prune()          # its first check, half an epoch in: too early to judge
+    poor.report(40.0, 1000)
+    assert poor.should_prune()              # after its first full evaluation, below the median
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_search_in_one_line_and_it_continues(tmp_path):
+    pytest.importorskip("optuna")
+    (tmp_path / "space.yaml").write_text(SPACE)
+    command = [sys.executable, "-m", "trainkit", "tune", str(tmp_path / "space.yaml"), "--trials", "2",
+               "--out", str(tmp_path / "out"), *TINY_FLAGS, "--epochs", "2"]
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "trial-000" / "config.json").is_file():     # training has begun
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err
+    assert err.strip().splitlines() == ["trainkit: interrupted"], err
+    second = cli_ok(*command[3:])
+    assert "0 of 2 trials finished" in second.stdout and "Best: trial" in second.stdout
+
+
+@pytest.mark.slow
 def test_compare_two_runs(tuned, tmp_path, capsys):
     runs = sorted((tuned["root"] / "out").glob("trial-*"))[:2]
     png = tmp_path / "compare.png"
