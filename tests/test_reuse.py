@@ -130,6 +130,26 @@ def test_eval_reproduces_the_final_test_accuracy(quick_run):
 
 
 @pytest.mark.slow
+def test_eval_of_a_bf16_channels_last_run_prints_the_test_line_training_printed(tmp_path):
+    from trainkit.devices import bf16_supported
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("bf16 is not native on this CPU")
+    out = tmp_path / "run"
+    trained = cli_ok("train", "--model", "speednet", "--limit-train", "256", "--limit-test", "500", "--epochs", "1",
+                     "--batch-size", "64", "--precision", "bf16", "--channels-last", "on", "--out", out, "--no-progress")
+    line = [l for l in trained.stdout.splitlines() if l.startswith("Test set:")][-1]
+    assert cli_ok("eval", out).stdout.strip() == line.strip()
+    # to the last bit of the loss that metrics.csv holds (in fp32 or contiguous, it differs from 1e-5 on)
+    from trainkit.experiment import evaluation_loader, get_data
+    from trainkit.inference import evaluate_trained, load_run
+    run = load_run(out)
+    data = get_data(run.cfg.replace(limit_train=1), channels=1, size=(28, 28))
+    loss, correct, total = evaluate_trained(run, evaluation_loader(data, run.cfg.test_batch_size, run.mean, run.std))
+    recorded = open(out / "metrics.csv").read().splitlines()[-1].split(",")
+    assert loss == pytest.approx(float(recorded[5]), rel=1e-7, abs=0) and correct == int(recorded[7])
+
+
+@pytest.mark.slow
 def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
     out, _ = quick_run
     image = Image.new("RGB", (120, 160), "black")                 # any size, colour

@@ -1,6 +1,7 @@
 """Using a finished run: evaluate it, predict image files, export the model."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import io
@@ -137,8 +138,6 @@ def _load_from_args(args) -> TrainedModel:
 
 
 def cmd_eval(args) -> int:
-    from .devices import bf16_supported
-    from .engine import evaluate
     from .experiment import evaluation_loader, get_data
     from .reports import test_line
 
@@ -153,13 +152,25 @@ def cmd_eval(args) -> int:
         raise TrainkitError(f"the data found for {cfg.dataset} ({list(data.image_shape)}, {len(data.classes)} classes) "
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "
                             f"{len(trained.classes)} classes)")
-    loader = evaluation_loader(data, cfg.test_batch_size, trained.mean, trained.std)
-    cpu = torch.device("cpu")
-    # Evaluated in the precision the run trained (and evaluated) in, so that its test line comes back.
-    amp_dtype = torch.bfloat16 if trained.cfg.precision == "bf16" and bf16_supported(cpu) else None
-    loss, correct, total = evaluate(trained.model, loader, device=cpu, amp_dtype=amp_dtype)
+    loss, correct, total = evaluate_trained(trained, evaluation_loader(data, cfg.test_batch_size, trained.mean,
+                                                                       trained.std))
     print(test_line(loss, correct, total))
     return 0
+
+
+def evaluate_trained(trained: TrainedModel, loader) -> tuple[float, int, int]:
+    """(loss, correct, total) of the run's model on `loader`, on the CPU, in the precision and
+    memory format the run trained (and evaluated) in, so that its test line comes back: bf16 sums
+    and channels-last convolutions round differently."""
+    from .devices import bf16_supported
+    from .engine import evaluate
+
+    cpu = torch.device("cpu")
+    amp_dtype = torch.bfloat16 if trained.cfg.precision == "bf16" and bf16_supported(cpu) else None
+    if trained.cfg.channels_last == "on":
+        trained.model.to(memory_format=torch.channels_last)
+        loader.channels_last = True      # the batches too, as the run's loaders made them
+    return evaluate(trained.model, loader, device=cpu, amp_dtype=amp_dtype)
 
 
 def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tensor, list[list[str]]]:
@@ -275,7 +286,10 @@ def cmd_export(args) -> int:
 
 
 def _add_model_flags(parser) -> None:
-    add_config_flags(parser, only=("model",))
+    # not add_config_flags: its help would say "(default: s5net)", where the default is the run's own model
+    parser.add_argument("--model", default=argparse.SUPPRESS,
+                        help="build this model instead of the one the run's config.json names: a registered "
+                             "model, module:factory or file.py:factory (default: the run's own)")
     parser.add_argument("--trust-code", action="store_true",
                         help="import the model code that the run's config.json names (module:factory or file.py)")
 

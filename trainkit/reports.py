@@ -228,6 +228,17 @@ def model_summary(model: nn.Module, input_shape: tuple[int, ...]):
                    device="cpu", verbose=0, depth=4)
 
 
+def summary_table(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """model_summary as text, its units as torchinfo means them: "Total mult-adds (M)", where its
+    1.8 prints "(Units.MEGABYTES)" under Python 3.11+ (an enum formatted by name)."""
+    from torchinfo import Units
+
+    text = str(model_summary(model, input_shape))
+    for unit in Units:
+        text = text.replace(f"({unit})", f"({unit.value})")
+    return text
+
+
 def architecture_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, int]]:
     """(operation, output shape, parameters) for each step of the forward pass, traced with torch.fx
     so that functional calls (relu, max_pool2d, flatten) show too; torchinfo's leaf modules if the
@@ -329,7 +340,7 @@ def environment(device: torch.device, amp_dtype: torch.dtype | None = None) -> d
 
 def run_summary(model: nn.Module, data, history: History, matrix: torch.Tensor) -> str:
     """summary.txt: the layer table, the dataset, the final numbers and the per-class accuracy."""
-    lines = [str(model_summary(model, data.image_shape)), "",
+    lines = [summary_table(model, data.image_shape), "",
              f"Dataset: {data.name} ({len(data.train_labels)} train, {len(data.test_labels)} test images)", ""]
     if history:
         last = history[-1]

@@ -198,7 +198,8 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
         if pruning.pruned_at is not None:
             trial.set_user_attr("pruned_at_epochs", pruning.pruned_at)
             trial.set_user_attr("pruned_at_images", pruning.images)
-            print(f"Trial {trial.number}: pruned after {pruning.pruned_at:g} epochs ({pruning.images:,} training "
+            print(f"Trial {trial.number}: pruned after {pruning.pruned_at:g} epoch{'' if pruning.pruned_at == 1 else 's'} "
+                  f"({pruning.images:,} training "
                   f"images) at {last.val_acc:.2f}% validation ({chosen})", flush=True)
             raise optuna.TrialPruned()
         print(f"Trial {trial.number}: {last.val_acc:.2f}% validation in {time.perf_counter() - start:.0f} s "
