@@ -25,8 +25,9 @@ class ConsoleLogger(Callback):
 
     main_process_only = True     # under torchrun, rank 0 alone prints
 
-    def __init__(self, progress: bool = True, print_fn=print):
+    def __init__(self, progress: bool = True, print_fn=print, bar=None):
         self.progress, self.print = progress, print_fn
+        self.bar_class = bar        # tqdm.auto's: a widget in Jupyter (ipywidgets), else text
         self.bar = None
         self._next_read = 0.0
 
@@ -36,8 +37,8 @@ class ConsoleLogger(Callback):
         for i, lr in enumerate(state.lrs):
             self.print(f"Adjusting learning rate of group {i} to {lr:.4e}.")
         self.print(f"Epoch {state.epoch}")
-        self.bar = tqdm(total=state.num_batches, initial=state.first_batch, disable=not self.progress,
-                        dynamic_ncols=True)
+        self.bar = (self.bar_class or tqdm)(total=state.num_batches, initial=state.first_batch,
+                                            disable=not self.progress, dynamic_ncols=True)
         self._next_read = 0.0
 
     def on_batch_end(self, state: TrainState) -> None:
@@ -69,6 +70,10 @@ class ConsoleLogger(Callback):
             self.print(line)
 
     def on_epoch_end(self, state: TrainState) -> None:
+        if self.bar is not None and hasattr(self.bar, "container") and not self.bar.disable:
+            # a notebook widget: shown live in Jupyter, but an exported HTML or the notebook's text
+            # keeps only its first state ("0/128"); the finished bar as a line of text stays
+            self.print(self.bar.format_meter(**{**self.bar.format_dict, "ncols": 100, "ascii": True}))
         self._close_bar()
         r = state.result
         if not self.progress:
