@@ -77,9 +77,8 @@ def model_metadata(data: dict, dataset: str) -> dict:
             "dataset": dataset, "framework": "trainkit"}
 
 
-def onnx_bytes(model: nn.Module, mean, std, example: torch.Tensor) -> bytes:
+def onnx_bytes(wrapped: Probabilities, example: torch.Tensor) -> bytes:
     """The network with its normalisation and softmax, as ONNX with a variable batch size."""
-    wrapped = Probabilities(copy.deepcopy(model).cpu().float().eval(), mean, std).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -238,13 +237,13 @@ class MLflowLogger(Callback):
         x, _ = next(iter(loader))
         # the loader's batches are normalised; the model takes pixel / 255
         example = denormalize(x[:4].detach().cpu().float(), data["mean"], data["std"]).contiguous()
-        model = unwrap(state.eval_model or state.model)
-        proto = onnx.load_from_string(onnx_bytes(model, data["mean"], data["std"], example))
+        model = copy.deepcopy(unwrap(state.eval_model or state.model)).cpu().float().eval()
+        wrapped = Probabilities(model, data["mean"], data["std"]).eval()
+        proto = onnx.load_from_string(onnx_bytes(wrapped, example))
         metadata = model_metadata(data, saved.get("config", {}).get("dataset", ""))
         for key, value in metadata.items():      # also in the .onnx file, for onnxruntime users
             entry = proto.metadata_props.add()
             entry.key, entry.value = f"trainkit.{key}", json.dumps(value)
-        wrapped = Probabilities(copy.deepcopy(model).cpu().float().eval(), data["mean"], data["std"])
         with torch.no_grad():
             output = wrapped(example).numpy()
         signature = infer_signature(example.numpy(), {"probabilities": output})
