@@ -234,6 +234,20 @@ def test_tensorboard_events(tmp_path, progress):
 
 
 @pytest.mark.slow
+def test_tensorboard_with_a_validation_split_has_the_final_test(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    cli_ok("train", "--epochs", "1", "--limit-train", "384", "--val-split", "128", "--limit-test", "128",
+           "--batch-size", "64", "--evals-per-epoch", "2", "--tensorboard", "--out", out, "--no-progress")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("check/val_acc")] == [2, 4]
+    assert [e.step for e in events.Scalars("check/test_loss")] == [4]      # the test set, once, at the end
+    last = open(out / "metrics.csv").read().splitlines()[-1].split(",")
+    assert [(e.step, e.value) for e in events.Scalars("test_acc")] == [(1, pytest.approx(float(last[6])))]
+
+
+@pytest.mark.slow
 def test_lr_find(tmp_path):
     proc = cli_ok("lr-find", "--steps", "40", "--limit-train", "1024", "--batch-size", "32",
                    "--output", tmp_path / "lr.png")

@@ -206,7 +206,12 @@ class TensorBoardLogger(Callback):
         self.writer.flush()
 
     def on_fit_end(self, state: TrainState) -> None:
-        if state.history and self.settings:
+        last = state.history[-1] if state.history else None
+        if last is not None and last.val_acc is not None and last.test_acc is not None:
+            # with a validation split the test set is evaluated once, after the last epoch's end
+            self.writer.add_scalar("test_acc", last.test_acc, last.epoch)
+            self.writer.add_scalar("test_loss", last.test_loss, last.epoch)
+        if last is not None and self.settings:
             self._hparams(state)
         self.writer.close()
 
