@@ -77,6 +77,37 @@ def test_summary_prints_the_table(tmp_path):
         assert img.width > 300 and img.height > 300
 
 
+def test_summary_takes_an_image_size_and_says_its_units(capsys):
+    from trainkit.models import build_model
+    from trainkit.reports import summary_table
+
+    assert "Total mult-adds (M): " in summary_table(build_model("s5net"), (1, 28, 28))    # not (Units.MEGABYTES)
+    assert main(["summary", "--model", "compact", "--channels", "3", "--image-size", "32x48"]) == 0
+    out = capsys.readouterr().out
+    assert "[1, 8, 32, 48]" in out and "Total params" in out                  # height x width
+    assert main(["summary", "--model", "compact", "--size", "32"]) == 0        # its earlier name still works
+    assert "[1, 8, 32, 32]" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_summary_of_a_run_folder_and_the_model_help_of_run_commands(tmp_path, capsys):
+    from trainkit import TrainConfig, train
+    from trainkit.cli import build_parser
+
+    out = tmp_path / "run"
+    train(TrainConfig(model="speednet", limit_train=128, limit_test=64, epochs=1, batch_size=64, progress=False,
+                      channels=3, image_size="32", augment="none"), out=out)
+    assert main(["summary", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "[1, 10]" in table and "32, 32]" in table                  # its 3x32x32 input and 10 classes
+    assert (out / "summary.txt").read_text().count("Total mult-adds (M)") == 1
+    parser = build_parser()
+    for command in ("eval", "predict", "export"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        (model,) = [a for a in sub._actions if "--model" in a.option_strings]
+        assert "default: s5net" not in model.help and "the run's own" in model.help
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["lr-find", "--steps", "0"], "--steps must be greater than 0"),
     (["lr-find", "--start-lr", "-1"], "--start-lr must be greater than 0"),
@@ -84,6 +115,8 @@ def test_summary_prints_the_table(tmp_path):
     (["summary", "--channels", "0"], "--channels must be greater than 0"),
     (["summary", "--classes", "-1"], "--classes must be greater than 0"),
     (["summary", "--size", "3"], "needs 28x28 images, these are 3x3"),
+    (["summary", "--image-size", "3"], "needs 28x28 images, these are 3x3"),
+    (["summary", "--image-size", "big"], "--image-size must be N or HxW"),
     (["bench", "--quick", "--steps", "0"], "--steps must be greater than 0"),
     (["bench", "--speedrun", "--seeds", "0"], "--seeds must be greater than 0"),
 ])

@@ -89,6 +89,7 @@ COMMANDS = {
     "resume": lambda run, tmp: ("train", "--resume", run, "--epochs", "2"),
     "config": lambda run, tmp: ("train", "--config", run / "config.json", "--out", tmp / "new", "--epochs", "1"),
     "lr-find": lambda run, tmp: ("lr-find", "--config", run / "config.json", "--output", tmp / "lr.png"),
+    "summary": lambda run, tmp: ("summary", run),
 }
 
 
@@ -189,5 +190,5 @@ def test_tune_and_compare_read_hostile_run_folders_without_importing(file_run, t
     (tmp_path / "space.yaml").write_text("lr: [0.01, 0.02]\n")
     code, err = run_main(capsys, "tune", tmp_path / "space.yaml", "--out", tmp_path / "study", "--trials", "1",
                          "--limit-train", "256", "--limit-test", "128", "--epochs", "1")
-    assert code == 2 and "already holds a run" in err, err
+    assert code == 2 and "trial-000" in err, err         # refused before any trial runs
     assert not (tmp_path / "marker").exists()

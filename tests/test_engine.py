@@ -362,3 +362,29 @@ def test_console_reads_as_often_as_the_bar_redraws(mnist, monkeypatch):
     fit(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1,
         callbacks=[reads, logger, after])
     assert seen == [0, 1, 2, 3, 4, 5, 6, 0]
+
+
+def test_a_notebook_progress_bar_leaves_a_line_of_text_for_exported_notebooks(capsys):
+    """tqdm's notebook widget is invisible in an exported HTML and its saved text is its first
+    state ("0/4"); the finished bar is printed as text at the epoch's end."""
+    pytest.importorskip("ipywidgets")
+    from tqdm.notebook import tqdm as notebook_bar
+
+    from trainkit.engine import EpochResult, TrainState
+    from trainkit.reports import ConsoleLogger
+
+    state = TrainState(model=None, optimizer=None, scheduler=None, train_loader=None, test_loader=None,
+                       device=torch.device("cpu"), num_batches=4, epoch=1, lrs=[0.1])
+    state.reset_sums()
+    logger = ConsoleLogger(bar=notebook_bar)
+    logger.on_epoch_start(state)
+    for batch in range(4):
+        state.batch = batch
+        state.add_batch(batch, torch.tensor(0.5), torch.tensor(32), 64)
+        logger.on_batch_end(state)
+    state.result = EpochResult(1, 0.1, 0.5, 50.0, 256, 0.4, 60.0, 60, 100, 1.0)
+    logger.on_epoch_end(state)
+    lines = capsys.readouterr().out.splitlines()
+    finished = [line for line in lines if "4/4" in line]
+    assert len(finished) == 1 and "100%" in finished[0] and "Train: Loss=0.5000" in finished[0]
+    assert lines[-2].startswith("Test set: Average loss: 0.4000")

@@ -44,6 +44,8 @@ def test_notebook_runs_in_quick_mode_and_reaches_97_percent(tmp_path):
     # tqdm.auto drew notebook widgets (ipywidgets is installed), not a text line per batch.
     assert sum(WIDGET in o.get("data", {}) for o in outputs) >= 2         # one bar per epoch
     assert "IProgress not found" not in stderr and "Batch_id=" not in stderr
+    # and each epoch's finished bar as text, for an exported HTML (where widgets do not show)
+    assert len(re.findall(r"Train: Loss=\S+ Batch_id=\d+ Accuracy=\S+: 100%\|#+\| (\d+)/\1 ", stdout)) == 2
     final = re.search(r"Final test accuracy: (\d+\.\d\d)%", stdout)
     assert final, stdout[-2000:]
     assert float(final[1]) >= 97.0, stdout[-2000:]

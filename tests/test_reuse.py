@@ -130,6 +130,26 @@ def test_eval_reproduces_the_final_test_accuracy(quick_run):
 
 
 @pytest.mark.slow
+def test_eval_of_a_bf16_channels_last_run_prints_the_test_line_training_printed(tmp_path):
+    from trainkit.devices import bf16_supported
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("bf16 is not native on this CPU")
+    out = tmp_path / "run"
+    trained = cli_ok("train", "--model", "speednet", "--limit-train", "256", "--limit-test", "500", "--epochs", "1",
+                     "--batch-size", "64", "--precision", "bf16", "--channels-last", "on", "--out", out, "--no-progress")
+    line = [l for l in trained.stdout.splitlines() if l.startswith("Test set:")][-1]
+    assert cli_ok("eval", out).stdout.strip() == line.strip()
+    # to the last bit of the loss that metrics.csv holds (in fp32 or contiguous, it differs from 1e-5 on)
+    from trainkit.experiment import evaluation_loader, get_data
+    from trainkit.inference import evaluate_trained, load_run
+    run = load_run(out)
+    data = get_data(run.cfg.replace(limit_train=1), channels=1, size=(28, 28))
+    loss, correct, total = evaluate_trained(run, evaluation_loader(data, run.cfg.test_batch_size, run.mean, run.std))
+    recorded = open(out / "metrics.csv").read().splitlines()[-1].split(",")
+    assert loss == pytest.approx(float(recorded[5]), rel=1e-7, abs=0) and correct == int(recorded[7])
+
+
+@pytest.mark.slow
 def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
     out, _ = quick_run
     image = Image.new("RGB", (120, 160), "black")                 # any size, colour
@@ -143,8 +163,16 @@ def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
         top = re.search(r": (\S+) (\d+\.\d)%", line)
         assert top.group(1) == "1", line
         assert line.count("%") == 3
+    # a dark "1" on white paper, small in a corner: inverted (and said so), framed like MNIST
+    paper = Image.new("L", (300, 200), 235)
+    ImageDraw.Draw(paper).line([(250, 20), (246, 90)], fill=30, width=8)
+    paper.save(tmp_path / "paper.png")
+    proc = cli_ok("predict", out, tmp_path / "paper.png")
+    assert re.search(r": 1 \d+\.\d%", proc.stdout), proc.stdout
+    assert "note: inverted: a dark digit on a light background" in proc.stderr
     (tmp_path / "bad.png").write_bytes(b"not a png")
     assert_one_line_error(run_cli("predict", out, tmp_path / "bad.png"), "not a readable image")
+    assert_one_line_error(run_cli("predict", out, tmp_path / "missing.png"), "missing.png does not exist")
 
 
 @pytest.mark.slow
@@ -174,17 +202,49 @@ def test_torchscript_export(quick_run, tmp_path, mnist):
 
 
 @pytest.mark.slow
-def test_tensorboard_events(tmp_path):
+@pytest.mark.parametrize("progress", ["--progress", "--no-progress"])
+def test_tensorboard_events(tmp_path, progress):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
     out = tmp_path / "run"
     cli_ok("train", "--epochs", "2", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
-                   "--tensorboard", "--out", out, "--no-progress")
+           "--evals-per-epoch", "2", "--tensorboard", "--out", out, progress)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"step/train_loss", "step/lr", "check/test_loss", "check/test_acc", "train_loss", "test_acc"} <= tags
     accs = [e.value for e in events.Scalars("test_acc")]
     csv_accs = [float(r.split(",")[6]) for r in open(out / "metrics.csv").read().splitlines()[1:]]
     assert accs == pytest.approx(csv_accs)
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    # every check at the batches trained (4 an epoch: after 2 and 4), the epoch's own among them
+    checks = events.Scalars("check/test_acc")
+    assert [e.step for e in checks] == [2, 4, 6, 8] and checks[-1].value == pytest.approx(csv_accs[-1])
+    losses = events.Scalars("step/train_loss")
+    assert losses and all(1 <= e.step <= 8 and 0 < e.value < 10 for e in losses)
+    assert losses[-1].step == 8, "the epoch's last batch is read at its end"
+    assert {e.step for e in events.Scalars("step/lr")} == {e.step for e in losses}
+    # the HParams tab: the settings the run ran with, and the final numbers as its metrics
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["batch_size"].number_value == 64 and session.hparams["model"].string_value == "s5net"
+    assert session.hparams["precision"].string_value in ("fp32", "bf16")     # what auto chose
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"test_acc", "test_loss"}
+
+
+@pytest.mark.slow
+def test_tensorboard_with_a_validation_split_has_the_final_test(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    cli_ok("train", "--epochs", "1", "--limit-train", "384", "--val-split", "128", "--limit-test", "128",
+           "--batch-size", "64", "--evals-per-epoch", "2", "--tensorboard", "--out", out, "--no-progress")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("check/val_acc")] == [2, 4]
+    assert [e.step for e in events.Scalars("check/test_loss")] == [4]      # the test set, once, at the end
+    last = open(out / "metrics.csv").read().splitlines()[-1].split(",")
+    assert [(e.step, e.value) for e in events.Scalars("test_acc")] == [(1, pytest.approx(float(last[6])))]
 
 
 @pytest.mark.slow

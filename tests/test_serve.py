@@ -320,7 +320,9 @@ def browser():
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    # offline: every host name but the test server's fails to resolve (no CDN can be reached)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -402,3 +404,152 @@ def test_a_client_that_hangs_up_mid_upload_is_one_log_line(served_run, digits):
     lines = [line for line in err.splitlines() if "hung up" in line]
     assert len(lines) == 3 and "after 1,000 of 100,000 bytes" in lines[0], err
     assert "Traceback" not in err and "ClientDisconnect" not in err, err
+
+
+def test_the_api_docs_render_offline(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    html = httpx.get(server + "/docs").text
+    assert "cdn." not in html and "https://" not in html.replace("https://github.com", "")   # scripts from the server
+    browser.get(server + "/docs")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"))
+    assert "trainkit serve" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
+    paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/predict", "/info", "/health"} <= paths
+    if os.environ.get("TRAINKIT_DOCS_SCREENSHOT"):
+        browser.save_screenshot(os.environ["TRAINKIT_DOCS_SCREENSHOT"])
+    browser.get(server + "/redoc")
+    WebDriverWait(browser, 30).until(lambda d: "/predict" in d.find_element(By.TAG_NAME, "body").text)
+
+
+def page_settled(browser, timeout: float = 30) -> str:
+    """The page's prediction once no request is on its way (the last drawing's answer)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(browser, timeout).until(lambda d: d.execute_script("return !busy && !again"))
+    time.sleep(0.3)
+    WebDriverWait(browser, timeout).until(lambda d: d.execute_script("return !busy && !again"))
+    return browser.find_element("id", "predicted").text.strip()
+
+
+@pytest.mark.slow
+def test_page_state_resets_on_error_clear_drawing_and_the_same_file_again(server, browser, digits, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/")
+    wait_for_text(browser, "accuracy")
+    images, labels = digits
+    good, bad = tmp_path / "digit.png", tmp_path / "notes.png"
+    good.write_bytes(images[0])
+    bad.write_bytes(b"not a picture at all" * 10)
+    file_input = browser.find_element(By.ID, "file")
+    preview = browser.find_element(By.ID, "preview")
+    file_input.send_keys(str(good))
+    assert wait_for_text(browser, "predicted") == labels[0] and preview.is_displayed()
+    # a failed upload: the error alone, not the old prediction beside it
+    file_input.send_keys(str(bad))
+    assert "not a readable" in wait_for_text(browser, "error")
+    assert browser.find_element(By.ID, "predicted").text == "" and not browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    # the same file again is predicted again
+    file_input.send_keys(str(good))
+    assert wait_for_text(browser, "predicted") == labels[0] and browser.find_element(By.ID, "error").text == ""
+    # a drawing removes the upload's preview
+    pad = browser.find_element(By.ID, "pad")
+    chain = ActionChains(browser, duration=10).move_to_element_with_offset(pad, 0, -100).click_and_hold()
+    for dy in range(-80, 101, 20):
+        chain.move_to_element_with_offset(pad, 0, dy)
+    chain.release().perform()
+    assert page_settled(browser) == "1" and not preview.is_displayed()
+    # Clear empties the prediction, the file input and the preview
+    file_input.send_keys(str(good))
+    wait_for_text(browser, "predicted")
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "predicted").text == "" and file_input.get_attribute("value") == ""
+    assert not preview.is_displayed()
+    # the run's figures, full size on a click
+    figure = browser.find_element(By.CSS_SELECTOR, "#reports img")
+    figure.click()
+    full = browser.find_element(By.ID, "fullimg")
+    assert browser.find_element(By.ID, "full").is_displayed()
+    natural, shown = browser.execute_script("const i = arguments[0]; return [i.naturalWidth, i.clientWidth]", full)
+    assert natural > 500 and shown == natural
+    browser.find_element(By.ID, "full").click()
+    assert not browser.find_element(By.ID, "full").is_displayed()
+
+
+# Each digit as strokes in a unit box (x right, y down), the way a person draws it with a mouse.
+STROKES = {
+    "0": [[(0.5 + 0.38 * np.sin(t), 0.5 - 0.48 * np.cos(t)) for t in np.linspace(0, 2 * np.pi, 25)]],
+    "1": [[(0.55, 0.02), (0.5, 0.98)]],
+    "2": [[(0.12, 0.28), (0.25, 0.08), (0.5, 0.02), (0.75, 0.1), (0.82, 0.3), (0.7, 0.5), (0.4, 0.75),
+           (0.12, 0.97), (0.9, 0.97)]],
+    "3": [[(0.15, 0.1), (0.5, 0.02), (0.8, 0.15), (0.75, 0.38), (0.45, 0.48), (0.8, 0.6), (0.85, 0.8),
+           (0.55, 0.97), (0.15, 0.9)]],
+    "4": [[(0.65, 0.98), (0.65, 0.02), (0.1, 0.68), (0.92, 0.68)]],
+    "5": [[(0.85, 0.03), (0.22, 0.03), (0.17, 0.45), (0.5, 0.38), (0.8, 0.5), (0.85, 0.75), (0.6, 0.96),
+           (0.15, 0.9)]],
+    "6": [[(0.75, 0.03), (0.4, 0.25), (0.2, 0.55), (0.2, 0.8), (0.45, 0.97), (0.75, 0.85), (0.8, 0.62),
+           (0.55, 0.5), (0.22, 0.62)]],
+    "7": [[(0.1, 0.04), (0.9, 0.04), (0.45, 0.98)]],
+    "8": [[(0.5, 0.48), (0.22, 0.3), (0.26, 0.08), (0.5, 0.02), (0.74, 0.08), (0.78, 0.3), (0.5, 0.48),
+           (0.2, 0.7), (0.25, 0.92), (0.5, 0.98), (0.75, 0.92), (0.8, 0.7), (0.5, 0.48)]],
+    "9": [[(0.8, 0.3), (0.55, 0.45), (0.25, 0.38), (0.2, 0.15), (0.45, 0.02), (0.75, 0.1), (0.8, 0.3),
+           (0.78, 0.6), (0.7, 0.98)]],
+}
+
+
+def earlier_framings(canvas: np.ndarray) -> dict[str, np.ndarray]:
+    """What the page sent before: the whole canvas scaled to 28x28, and its bounding box scaled to 20
+    and centred by the box (not by the mass); each (28, 28) uint8."""
+    from PIL import Image
+    whole = np.asarray(Image.fromarray(canvas).resize((28, 28), Image.BILINEAR))
+    rows, cols = np.nonzero((canvas > 30).any(axis=1))[0], np.nonzero((canvas > 30).any(axis=0))[0]
+    crop = canvas[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    s = 20 / max(crop.shape)
+    w, h = max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))
+    boxed = np.zeros((28, 28), np.uint8)
+    top, left = (28 - h) // 2, (28 - w) // 2
+    boxed[top:top + h, left:left + w] = np.asarray(Image.fromarray(crop).resize((w, h), Image.LANCZOS))
+    return {"whole canvas": whole, "box centred": boxed}
+
+
+@pytest.mark.slow
+def test_drawn_digits_are_framed_like_mnist(server, browser, served_run):
+    """Each digit 0-9 drawn large and off-centre with scripted strokes; the page's answers (the
+    server frames the canvas like MNIST) against what the earlier page sent, with the same model."""
+    import base64
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from trainkit.inference import load_run
+
+    trained = load_run(served_run)
+    browser.get(server + "/")
+    wait_for_text(browser, "accuracy")
+    pad = browser.find_element(By.ID, "pad")
+    right = {"MNIST framing (page)": 0, "whole canvas": 0, "box centred": 0}
+    answers = {}
+    for digit, strokes in STROKES.items():
+        browser.find_element(By.ID, "clear").click()
+        for stroke in strokes:       # in the canvas's right part, 180 px tall: large and off-centre
+            at = lambda x, y: (int(-10 + 110 * x), int(-120 + 230 * y))    # offsets from the canvas's centre
+            chain = ActionChains(browser, duration=5).move_to_element_with_offset(pad, *at(*stroke[0])).click_and_hold()
+            for a, b in zip(stroke, stroke[1:]):
+                for t in np.linspace(0, 1, 6)[1:]:
+                    chain.move_to_element_with_offset(pad, *at(a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])))
+            chain.release().perform()
+        shown = page_settled(browser)
+        right["MNIST framing (page)"] += shown == digit
+        answers[digit] = shown
+        url = browser.execute_script("return document.getElementById('pad').toDataURL('image/png')")
+        canvas = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))).convert("L"))
+        for name, image in earlier_framings(canvas).items():
+            probs = trained.probabilities(torch.from_numpy(image.copy())[None, None])
+            right[name] += trained.classes[int(probs.argmax())] == digit
+        # the page shows what /predict answers for the same canvas
+        answer = httpx.post(server + "/predict", files={"file": ("c.png", base64.b64decode(url.split(",")[1]))}).json()
+        assert answer["predicted"] == shown
+    print(f"\ndrawn digits 0-9 right: {right}; the page answered {answers}")
+    assert right["MNIST framing (page)"] >= max(right["whole canvas"], right["box centred"])
+    assert right["MNIST framing (page)"] >= 6

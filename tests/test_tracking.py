@@ -1,6 +1,7 @@
 """Tracking, comparing and searching runs: MLflow (a real SQLite store, read back with MlflowClient),
 `trainkit compare`, and `trainkit tune` on a real Optuna SQLite study (killed and continued)."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -37,7 +38,7 @@ def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)              # MLflow keeps artifacts beside the database (./mlruns)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = TrainConfig(**TINY, mlflow=uri, scheduler="step")
+    cfg = TrainConfig(**TINY, mlflow=uri, mlflow_register="tiny-digits", scheduler="step")
     run_dir = tmp_path / "run"
     train(cfg, out=run_dir)
     train(cfg.replace(epochs=2), resume=run_dir)       # one more epoch, into the same MLflow run
@@ -62,18 +63,95 @@ def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypat
     assert [m.step for m in checks] == [2, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plot.png", "metrics.csv", "config.json", "confusion.png", "summary.txt"} <= artifacts
-    # the model, with its input signature, predicts as the run's own weights do
+    assert run.data.params["mlflow"] == uri, "the resolved tracking URI, not 'auto'"
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
+    # the model, as ONNX with its input signature and its preprocessing in the metadata
     models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
     assert len(models) == 2 and {m.source_run_id for m in models} == {run.info.run_id}   # one per train()
     latest = max(models, key=lambda m: m.creation_timestamp)
     info = mlflow.models.get_model_info(latest.model_uri)
+    assert "onnx" in info.flavors and "pytorch" not in info.flavors
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
-    logged = mlflow.pytorch.load_model(latest.model_uri)
-    from trainkit.models import build_model
-    own = build_model("speednet")
-    own.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
-    x = torch.randn(3, 1, 28, 28)
-    np.testing.assert_allclose(logged(x).detach().numpy(), own.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    saved = json.loads((run_dir / "config.json").read_text())["data"]
+    assert info.metadata["mean"] == pytest.approx(saved["mean"]) and info.metadata["std"] == pytest.approx(saved["std"])
+    assert info.metadata["classes"] == [str(c) for c in saved["classes"]] and info.metadata["output"] == "probabilities"
+    assert "[0, 1]" in info.metadata["input"] and info.saved_input_example_info is not None
+    # it predicts as the run's own model does, and the registry holds it under the asked name
+    from mlflow import MlflowClient as Client
+    versions = Client(uri).search_model_versions("name='tiny-digits'")
+    assert len(versions) == 2 and {v.run_id for v in versions} == {run.info.run_id}
+    probs = mlflow.pyfunc.load_model("models:/tiny-digits/2").predict(images_01())["probabilities"]
+    np.testing.assert_allclose(probs, own_probabilities(run_dir), rtol=1e-4, atol=1e-5)
+
+
+def images_01():
+    """Three real-looking digits as the MLflow model takes them: float32 (N, 1, 28, 28) in [0, 1]."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    images = np.zeros((3, 1, 28, 28), dtype=np.float32)
+    images[0, 0, 6:22, 13:16] = 1.0                                  # a "1"
+    images[1, 0, 6:9, 8:20] = images[1, 0, 6:22, 17:20] = 1.0        # a "7"
+    images[2] = rng.integers(0, 256, (1, 28, 28)) / np.float32(255)   # noise, in whole pixel values
+    return images
+
+
+def own_probabilities(run_dir):
+    """trainkit's own prediction for `images_01`, through load_run (uint8 images)."""
+    import torch
+    from trainkit.inference import load_run
+    uint8 = torch.from_numpy(images_01() * 255).round().to(torch.uint8)
+    return load_run(run_dir).probabilities(uint8).numpy()
+
+
+# A Python where `import trainkit` (and `import torch`) fails: the MLflow model must not need them.
+WITHOUT_TRAINKIT = """
+import json, sys
+import importlib.abc
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("trainkit", "torch"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Refuse())
+import numpy as np, mlflow.pyfunc
+images = np.load(sys.argv[2])
+out = mlflow.pyfunc.load_model(sys.argv[1]).predict(images)
+print(json.dumps({"probabilities": out["probabilities"].tolist(), "modules": sorted(
+    m for m in sys.modules if m.split(".")[0] in ("trainkit", "torch"))}))
+"""
+
+
+@pytest.mark.slow
+def test_the_mlflow_model_loads_and_predicts_without_trainkit_or_torch(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    import numpy as np
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    cli_ok("train", *TINY_FLAGS, "--no-progress", "--out", run_dir, "--mlflow", uri, cwd=tmp_path)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name("trainkit")
+    (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    np.save(tmp_path / "images.npy", images_01())
+    # MLflow resolves the model's artifacts itself: the child gets the URI and the store, nothing else
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = uri
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRAINKIT, logged.model_uri, str(tmp_path / "images.npy")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["modules"] == []
+    probs = np.array(out["probabilities"])
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, own_probabilities(run_dir), rtol=1e-4, atol=1e-5)
+
+
+def test_mlflow_register_needs_mlflow(tmp_path):
+    from trainkit.errors import TrainkitError
+    with pytest.raises(TrainkitError, match="--mlflow-register needs --mlflow"):
+        train(TrainConfig(**TINY, mlflow_register="digits"), out=tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -174,6 +252,84 @@ def test_the_best_config_reproduces_the_best_trial(tuned, tmp_path):
 
 
 @pytest.mark.slow
+def test_best_yaml_records_the_precision_and_memory_format_the_trial_ran_in(tuned):
+    import yaml
+    best = yaml.safe_load((tuned["root"] / "out" / "best.yaml").read_text())
+    ran = json.loads((Path(tuned["study"].best_trial.user_attrs["run_dir"]) / "config.json").read_text())["config"]
+    assert best["precision"] in ("fp32", "bf16") and best["channels_last"] in ("on", "off")
+    assert (best["precision"], best["channels_last"]) == (ran["precision"], ran["channels_last"])
+
+
+def test_pruning_compares_trials_at_the_same_epoch_fraction():
+    import torch
+    from trainkit.engine import Evaluation, TrainState, check_points
+    from trainkit.tune import PER_EPOCH, TrialPruning
+
+    class Trial:          # what the pruner sees: the reported (step, accuracy), and its answer
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append(step)
+
+        def should_prune(self):
+            return True
+
+    steps = {}
+    for batches in (4, 7, 9, 16):          # batch sizes differ: so do the batches an epoch
+        trial = Trial()
+        pruning = TrialPruning(trial, evals_per_epoch=3, batch_size=8, epochs=2)
+        state = TrainState(model=None, optimizer=None, scheduler=None, train_loader=None, test_loader=None,
+                           device=torch.device("cpu"), num_batches=batches)
+        for epoch in (1, 2):
+            state.epoch = epoch
+            for after in [*sorted(b + 1 for b in check_points(batches, 3)), None]:
+                state.evaluation = Evaluation(0.1, 1, 10, epoch, after, "val")
+                pruning.on_evaluate(state)
+        steps[batches] = trial.reports
+        assert pruning.pruned_at == pytest.approx(1.667, abs=1e-3)       # never at the last evaluation
+    assert all(s == [333, 667, 1000, 1333, 1667, 2000] for s in steps.values()), steps
+    assert PER_EPOCH == 1000
+
+
+def test_the_pruner_waits_for_a_trials_first_full_epoch():
+    optuna = pytest.importorskip("optuna")
+    from trainkit.tune import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner())
+    for _ in range(2):                      # two good trials, finished
+        trial = study.ask()
+        for step, acc in ((500, 60.0), (1000, 80.0), (1500, 85.0)):
+            trial.report(acc, step)
+        study.tell(trial, 86.0)
+    poor = study.ask()
+    poor.report(30.0, 500)
+    assert not poor.should_prune()          # its first check, half an epoch in: too early to judge
+    poor.report(40.0, 1000)
+    assert poor.should_prune()              # after its first full evaluation, below the median
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_search_in_one_line_and_it_continues(tmp_path):
+    pytest.importorskip("optuna")
+    (tmp_path / "space.yaml").write_text(SPACE)
+    command = [sys.executable, "-m", "trainkit", "tune", str(tmp_path / "space.yaml"), "--trials", "2",
+               "--out", str(tmp_path / "out"), *TINY_FLAGS, "--epochs", "2"]
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "trial-000" / "config.json").is_file():     # training has begun
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err
+    assert err.strip().splitlines() == ["trainkit: interrupted"], err
+    second = cli_ok(*command[3:])
+    assert "0 of 2 trials finished" in second.stdout and "Best: trial" in second.stdout
+
+
+@pytest.mark.slow
 def test_compare_two_runs(tuned, tmp_path, capsys):
     runs = sorted((tuned["root"] / "out").glob("trial-*"))[:2]
     png = tmp_path / "compare.png"
@@ -187,6 +343,29 @@ def test_compare_two_runs(tuned, tmp_path, capsys):
     for line, run in zip(rows, runs):
         assert f"{float(last_row(run)['val_acc']):.2f}" in line
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compare_labels_runs_by_their_paths_and_draws_the_checks(tmp_path, capsys):
+    from trainkit.compare import curve, load_run
+
+    for parent, epochs in (("a", 1), ("b", 2)):        # two folders named "run"; epochs differ
+        train(TrainConfig(**{**TINY, "epochs": epochs, "scheduler": "step"}), out=tmp_path / parent / "run")
+    runs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    assert main(["compare", *map(str, runs), "--png", str(tmp_path / "c.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header.count("epochs") == 1 and len(header) == len(set(header))    # one column per setting
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:4]]
+    assert [row[0] for row in cells] == ["a/run", "b/run"]
+    assert [row[header.index("epochs")] for row in cells] == ["1", "2"]
+    # the mid-epoch checks (after 2 of 4 batches: epoch 0.5, 1.5) on the curve, as checks.csv has them
+    ends, checks = curve(load_run(runs[1]))
+    assert [p[0] for p in ends] == [1, 2] and [p[0] for p in checks] == [0.5, 1.5]
+    with open(runs[1] / "checks.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["acc"]) for r in rows] == [p[2] for p in checks] and {r["split"] for r in rows} == {"val"}
+    assert ends[0][1] < checks[1][1] < ends[1][1]                 # wall time: inside the second epoch
 
 
 def test_compare_and_tune_refuse_bad_input_in_one_line(tmp_path, capsys):

@@ -9,6 +9,7 @@ callbacks too.
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -151,29 +152,107 @@ class SignalStop(Callback):
             state.interrupt()
 
 
+class CheckLog(Callback):
+    """Every mid-epoch check, one row appended to the run's checks.csv (for `trainkit compare`):
+    epoch, after_batch, batches, split, loss, acc, and seconds since the epoch began. A resumed
+    run appends; a check made again after a resume is a row again (readers keep the last)."""
+
+    COLUMNS = ("epoch", "after_batch", "batches", "split", "loss", "acc", "seconds")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._started = time.monotonic()
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        self._started = time.monotonic()
+
+    def on_evaluate(self, state: TrainState) -> None:
+        e = state.evaluation
+        if e.after_batch is None:          # the epoch's own evaluation is in metrics.csv
+            return
+        new = not self.path.is_file()
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(",".join(self.COLUMNS) + "\n")
+            f.write(f"{e.epoch},{e.after_batch},{state.num_batches},{e.split},{e.loss!r},{e.acc!r},"
+                    f"{time.monotonic() - self._started:.3f}\n")
+
+
 class TensorBoardLogger(Callback):
-    """The per-epoch numbers as TensorBoard scalars, and every mid-epoch check."""
+    """TensorBoard event files: the training loss and learning rate per step, every check's loss and
+    accuracy, the per-epoch numbers, and the run's settings with its final numbers in the HParams tab.
+
+    Tags: `step/train_loss`, `step/lr` (x: batches trained); `check/<split>_loss`, `check/<split>_acc`
+    (every evaluation, mid-epoch ones included, at the batches trained when it ran); the epoch's
+    `train_loss`, `test_acc`, ... (x: epoch). The step loss is logged when something else has already
+    brought it to the host (the progress bar, as often as it redraws), else read at most every
+    `read_every` seconds: the loop never waits for it per step."""
 
     KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "seconds")
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, settings: dict | None = None, read_every: float = 1.0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise TrainkitError("--tensorboard needs the tensorboard package: pip install trainkit[tensorboard]") from None
         self.writer = SummaryWriter(str(log_dir))
+        self.settings = settings or {}
+        self.read_every = read_every
+        self._logged = (0, -1)          # (epoch, batch) of the last loss written
+        self._next_read = 0.0
+
+    @staticmethod
+    def _step(state: TrainState, batches: int) -> int:
+        """Batches trained since the run began, `batches` of them in this epoch."""
+        return (state.epoch - 1) * state.num_batches + batches
+
+    def on_batch_end(self, state: TrainState) -> None:
+        now = time.monotonic()
+        fresh = lambda: state.read_batch >= 0 and (state.epoch, state.read_batch) != self._logged
+        if not fresh() and now >= self._next_read:
+            state.read()                # no one has read for a while (no progress bar): one wait
+        if fresh():
+            self._next_read = now + self.read_every
+            self._log_step(state)
+
+    def _log_step(self, state: TrainState) -> None:
+        self._logged = (state.epoch, state.read_batch)
+        step = self._step(state, state.read_batch + 1)
+        self.writer.add_scalar("step/train_loss", state.last_read_loss, step)
+        self.writer.add_scalar("step/lr", state.optimizer.param_groups[0]["lr"], step)
 
     def on_evaluate(self, state: TrainState) -> None:
         e = state.evaluation
-        if e.after_batch is not None:
-            step = (e.epoch - 1) * state.num_batches + e.after_batch
-            self.writer.add_scalar(f"check/{e.split}_acc", e.acc, step)
+        step = self._step(state, e.after_batch if e.after_batch is not None else state.num_batches)
+        self.writer.add_scalar(f"check/{e.split}_loss", e.loss, step)
+        self.writer.add_scalar(f"check/{e.split}_acc", e.acc, step)
 
     def on_epoch_end(self, state: TrainState) -> None:
+        if state.read_batch >= 0 and (state.epoch, state.read_batch) != self._logged:
+            self._log_step(state)       # the epoch's last loss, read at its end
         for key in self.KEYS:
             if getattr(state.result, key) is not None:
                 self.writer.add_scalar(key, getattr(state.result, key), state.result.epoch)
         self.writer.flush()
 
     def on_fit_end(self, state: TrainState) -> None:
+        last = state.history[-1] if state.history else None
+        if last is not None and last.val_acc is not None and last.test_acc is not None:
+            # with a validation split the test set is evaluated once, after the last epoch's end
+            self.writer.add_scalar("test_acc", last.test_acc, last.epoch)
+            self.writer.add_scalar("test_loss", last.test_loss, last.epoch)
+        if last is not None and self.settings:
+            self._hparams(state)
         self.writer.close()
+
+    def _hparams(self, state: TrainState) -> None:
+        """The settings and final numbers as one HParams session (this run's folder): the tab reads
+        each metric's latest value from the scalars of the same tag written above."""
+        from torch.utils.tensorboard.summary import hparams
+
+        last = state.history[-1]
+        metrics = {k: getattr(last, k) for k in ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss",
+                                                  "train_acc") if getattr(last, k) is not None}
+        settings = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.settings.items()}
+        for summary in hparams(settings, metrics):
+            self.writer.file_writer.add_summary(summary)

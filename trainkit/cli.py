@@ -74,16 +74,23 @@ def _resume_hint(run_dir: Path) -> str:
 
 
 def cmd_summary(args) -> int:
+    from .config import parse_image_size
     from .models import build_model, output_kind
     from .outputs import check_output, save_figure
-    from .reports import model_summary, plot_architecture
+    from .reports import plot_architecture, summary_table
 
     png = check_output(args.png, "--png", picture=True) if args.png else None   # before the model is built
-    cfg, _ = config_from_args(args)
-    shape = (args.channels, args.size, args.size)
-    model = build_model(cfg.model, in_channels=args.channels, num_classes=args.classes)
-    output_kind(model, shape, args.classes, cfg.model)      # a model that cannot take this shape: one line
-    table = str(model_summary(model, shape)).splitlines()
+    cfg, flags = config_from_args(args)
+    if args.run_dir:                # the run's own model, channels, image size and classes
+        from .inference import load_run
+        trained = load_run(args.run_dir, model_spec=flags.get("model"), trust_code=args.trust_code)
+        model, shape, classes, name = trained.model, trained.image_shape, len(trained.classes), trained.cfg.model
+    else:
+        h, w = parse_image_size(args.image_size)
+        shape, classes, name = (args.channels, h, w), args.classes, cfg.model
+        model = build_model(cfg.model, in_channels=args.channels, num_classes=classes)
+    output_kind(model, shape, classes, name)      # a model that cannot take this shape: one line
+    table = summary_table(model, shape).splitlines()
     end = next(i for i, line in enumerate(table) if line.startswith("Total params"))
     print("\n".join(table[:end + 1]))  # the per-layer table, ending with the total
     if png:
@@ -100,11 +107,17 @@ def add_command(sub) -> None:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    summary = sub.add_parser("summary", help="print the per-layer table of a model")
+    summary = sub.add_parser("summary", help="print the per-layer table of a model, or of a run's model")
+    summary.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
+                         help="a run folder: its model, image shape and classes (the flags below are then unused)")
     add_config_flags(summary, only=("model",))
-    summary.add_argument("--channels", type=positive(int, "--channels"), default=1)
-    summary.add_argument("--size", type=positive(int, "--size"), default=28)
-    summary.add_argument("--classes", type=positive(int, "--classes"), default=10)
+    summary.add_argument("--trust-code", action="store_true",
+                         help="with RUN_DIR: import the model code its config.json names (module:factory or file.py)")
+    summary.add_argument("--channels", type=positive(int, "--channels"), default=1, help="input channels (default: 1)")
+    # --size: its name before it was --image-size, as `train` calls it
+    summary.add_argument("--image-size", "--size", dest="image_size", default="28",
+                         help="input size, N or HxW (e.g. 32 or 48x64) (default: 28)")
+    summary.add_argument("--classes", type=positive(int, "--classes"), default=10, help="classes (default: 10)")
     summary.add_argument("--png", help="also save a picture of the network to this file")
     summary.set_defaults(func=cmd_summary)
 

@@ -1,9 +1,10 @@
 """`trainkit compare RUN_DIR...`: runs side by side, from their run folders (no MLflow needed).
 
 A table of each run's final and best accuracy, epochs and wall time, with only the settings
-that differ between them, and compare.png: held-out accuracy and loss against epoch and
-against wall time. Runs with a validation split are drawn on it (their test set is evaluated
-once, at the end); the others on the test set.
+that differ between them (one column each), and compare.png: held-out accuracy and loss against
+epoch and against wall time, mid-epoch checks (checks.csv) included as small points. Runs with a
+validation split are drawn on it (their test set is evaluated once, at the end); the others on the
+test set. Each run is named by the shortest end of its path that no other run's path shares.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .config import load_config_file
 from .errors import TrainkitError
 
 IGNORED = {"progress", "workers", "data_dir"}   # settings that never change what a run computes
+SHOWN = {"epochs"}      # settings the table shows in a result column of their own (epochs: "2 of 20")
 
 
 def _number(text: str) -> float | None:
@@ -45,7 +47,36 @@ def load_run(path: Path) -> dict:
         missing = [c for c in ("epoch", "seconds", f"{split}_acc", f"{split}_loss") if row.get(c) is None]
         if missing:
             raise TrainkitError(f"{path / 'metrics.csv'} is damaged: row {number} has no {', '.join(missing)}")
-    return {"name": path.name or str(path), "path": path, "config": config, "rows": rows}
+    return {"name": path.name or str(path), "path": path, "config": config, "rows": rows, "checks": _checks(path)}
+
+
+def _checks(path: Path) -> list[dict]:
+    """The run's mid-epoch checks (checks.csv), one per (epoch, batch): a check made again after a
+    resume replaces the first. None recorded, or an unreadable file: no checks drawn."""
+    if not (path / "checks.csv").is_file():
+        return []
+    try:
+        with open(path / "checks.csv", newline="") as f:
+            found = {(int(r["epoch"]), int(r["after_batch"])): {
+                "epoch": int(r["epoch"]), "after_batch": int(r["after_batch"]), "batches": int(r["batches"]),
+                "split": r["split"], "loss": float(r["loss"]), "acc": float(r["acc"]),
+                "seconds": float(r["seconds"])} for r in csv.DictReader(f)}
+    except (OSError, ValueError, KeyError, TypeError, csv.Error):
+        return []
+    return [found[k] for k in sorted(found)]
+
+
+def labels(paths: list[Path]) -> list[str]:
+    """Each run's name: the shortest end of its path (`run`, `a/run`) that no other run's ends in."""
+    parts = [Path(p).resolve().parts for p in paths]
+    names = []
+    for i, mine in enumerate(parts):
+        others = [theirs for j, theirs in enumerate(parts) if j != i and theirs != mine]
+        k = 1
+        while k < len(mine) and any(theirs[-k:] == mine[-k:] for theirs in others):
+            k += 1
+        names.append(str(Path(*mine[-k:])))
+    return names
 
 
 def held_out(run: dict) -> str:
@@ -54,7 +85,7 @@ def held_out(run: dict) -> str:
 
 
 def differing_settings(runs: list[dict]) -> list[str]:
-    names = sorted({k for run in runs for k in run["config"]} - IGNORED)
+    names = sorted({k for run in runs for k in run["config"]} - IGNORED - SHOWN)
     return [k for k in names if len({json.dumps(run["config"].get(k)) for run in runs}) > 1]
 
 
@@ -67,11 +98,28 @@ def table(runs: list[dict]) -> str:
     for run in runs:
         rows, split = run["rows"], held_out(run)
         accs = [r[f"{split}_acc"] for r in rows if r.get(f"{split}_acc") is not None]
-        cells = [run["name"], rows[-1].get("test_acc"), rows[-1].get("val_acc"), max(accs), split, len(rows),
+        planned = run["config"].get("epochs")
+        epochs = str(len(rows)) if planned in (None, len(rows)) else f"{len(rows)} of {planned}"
+        cells = [run["name"], rows[-1].get("test_acc"), rows[-1].get("val_acc"), max(accs), split, epochs,
                  sum(r["seconds"] for r in rows)]
         settings = [f"{v:.4g}" if isinstance(v, float) else show(v) for v in (run["config"].get(k) for k in differ)]
         lines.append("| " + " | ".join([*(show(c) for c in cells), *settings]) + " |")
     return "\n".join(lines)
+
+
+def curve(run: dict) -> tuple[list[tuple], list[tuple]]:
+    """The run's held-out points (epoch, wall seconds, accuracy, loss): at the epochs' ends, and at
+    its mid-epoch checks (epoch 1.5: half-way through the second)."""
+    split, rows = held_out(run), run["rows"]
+    started, total = {}, 0.0            # wall time at each epoch's start
+    for r in rows:
+        started[int(r["epoch"])] = total
+        total += r["seconds"]
+    ends = [(r["epoch"], started[int(r["epoch"])] + r["seconds"], r[f"{split}_acc"], r[f"{split}_loss"])
+            for r in rows]
+    checks = [(c["epoch"] - 1 + c["after_batch"] / c["batches"], started.get(c["epoch"], total) + c["seconds"],
+               c["acc"], c["loss"]) for c in run["checks"] if c["split"] == split]
+    return ends, checks
 
 
 def plot(runs: list[dict], path: Path | None = None):
@@ -82,17 +130,17 @@ def plot(runs: list[dict], path: Path | None = None):
     plt = _pyplot()
     fig, axs = plt.subplots(2, 2, figsize=(14, 9))
     for run in runs:
-        split, rows = held_out(run), run["rows"]
-        epochs = [r["epoch"] for r in rows]
-        wall, total = [], 0.0
-        for r in rows:
-            total += r["seconds"]
-            wall.append(total)
+        split = held_out(run)
+        ends, checks = curve(run)
+        points = sorted(ends + checks)     # one curve through the checks and the epochs' ends
         label = f"{run['name']} ({split})"
         for col, key in enumerate(("acc", "loss")):
-            values = [r[f"{split}_{key}"] for r in rows]
-            axs[0, col].plot(epochs, values, marker="o", label=label)
-            axs[1, col].plot(wall, values, marker="o", label=label)
+            for row, x in enumerate(("epoch", "wall")):
+                pick = lambda pts: ([p[row] for p in pts], [p[2 + col] for p in pts])
+                line, = axs[row, col].plot(*pick(points), label=label)
+                axs[row, col].plot(*pick(ends), "o", color=line.get_color())
+                if checks:
+                    axs[row, col].plot(*pick(checks), ".", color=line.get_color(), markersize=5)
     for col, key in enumerate(("accuracy %", "loss")):
         axs[0, col].set_xlabel("epoch")
         axs[1, col].set_xlabel("wall time (s)")
@@ -100,7 +148,8 @@ def plot(runs: list[dict], path: Path | None = None):
             axs[row, col].set_ylabel(f"held-out {key}")
             axs[row, col].grid(alpha=0.3)
     axs[0, 0].legend(fontsize=8)
-    fig.suptitle("held-out accuracy and loss: validation split where a run has one, else the test set")
+    fig.suptitle("held-out accuracy and loss: validation split where a run has one, else the test set\n"
+                 "(large points: the epochs' ends; small: mid-epoch checks)")
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -110,6 +159,8 @@ def cmd_compare(args) -> int:
 
     png = check_output(args.png, "--png", picture=True)   # before the runs are read
     runs = [load_run(Path(p)) for p in args.run_dirs]
+    for run, name in zip(runs, labels([run["path"] for run in runs])):
+        run["name"] = name
     print(table(runs))
     save_figure(plot(runs), png, "--png")
     print(f"Curves saved to {args.png}")

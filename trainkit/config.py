@@ -122,6 +122,8 @@ class TrainConfig:
     tensorboard: bool = _opt(False, "also write TensorBoard event files")
     mlflow: str | None = _opt(None, "log the run to MLflow at this tracking URI; --mlflow alone: "
                                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder")
+    mlflow_register: str | None = _opt(None, "with --mlflow: also register the logged model under this name in "
+                                             "MLflow's model registry (a new version each run)")
     progress: bool = _opt(True, "show progress bars")
 
     def replace(self, **changes: Any) -> "TrainConfig":

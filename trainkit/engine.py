@@ -119,6 +119,7 @@ class TrainState:
     # The losses (batch index, 0-d device tensor) not yet read, and what the last read found.
     unread: list = field(default_factory=list, repr=False)
     _seen: tuple = field(default=(math.nan, (0.0, 0.0, 0.0)), repr=False)
+    read_batch: int = -1                   # the batch whose loss the latest read brought to the host
 
     @property
     def module(self) -> nn.Module:
@@ -149,6 +150,7 @@ class TrainState:
         self.sums = torch.tensor(values, dtype=_sum_dtype(self.device), device=self.device)
         self.unread.clear()
         self._seen = (math.nan, tuple(values))
+        self.read_batch = -1
 
     def read(self) -> tuple[float, tuple[float, float, float]]:
         """(last loss, (loss*n, correct, n) summed this epoch), brought to the host in one transfer.
@@ -159,9 +161,15 @@ class TrainState:
             for (batch, _), value in zip(self.unread, values[3:]):
                 if not math.isfinite(value):
                     raise NonFiniteLoss(self.epoch, batch, value)
+            self.read_batch = self.unread[-1][0]
             self.unread.clear()
             self._seen = (values[-1], tuple(values[:3]))
         return self._seen
+
+    @property
+    def last_read_loss(self) -> float:
+        """The loss of batch `read_batch`, as the latest read found it: no wait (NaN before any read)."""
+        return self._seen[0]
 
     def stop(self) -> None:
         """End the run: after this batch (the epoch is evaluated and recorded), or after this epoch."""

@@ -1,10 +1,12 @@
 """Using a finished run: evaluate it, predict image files, export the model."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from .errors import TrainkitError
 from .flags import add_config_flags, config_flags
 from .loaders import normalize
 from .models import build_model, gated_model_name, output_kind
+from .preprocess import NOTE_FRAMED
 from .rundir import FILES as RUN_FILES
 
 
@@ -114,8 +117,6 @@ def _load_from_args(args) -> TrainedModel:
 
 
 def cmd_eval(args) -> int:
-    from .devices import bf16_supported
-    from .engine import evaluate
     from .data.manifest import check_same_data, read_manifest
     from .experiment import evaluation_loader, get_data
     from .reports import test_line
@@ -134,24 +135,45 @@ def cmd_eval(args) -> int:
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "
                             f"{len(trained.classes)} classes)")
     check_same_data(Path(args.run_dir), data.manifest(), ("test",), "eval")
-    loader = evaluation_loader(data, cfg.test_batch_size, trained.mean, trained.std)
-    cpu = torch.device("cpu")
-    # Evaluated in the precision the run trained (and evaluated) in, so that its test line comes back.
-    amp_dtype = torch.bfloat16 if trained.cfg.precision == "bf16" and bf16_supported(cpu) else None
-    loss, correct, total = evaluate(trained.model, loader, device=cpu, amp_dtype=amp_dtype)
+    loss, correct, total = evaluate_trained(trained, evaluation_loader(data, cfg.test_batch_size, trained.mean,
+                                                                       trained.std))
     print(test_line(loss, correct, total))
     return 0
+
+
+def evaluate_trained(trained: TrainedModel, loader) -> tuple[float, int, int]:
+    """(loss, correct, total) of the run's model on `loader`, on the CPU, in the precision and
+    memory format the run trained (and evaluated) in, so that its test line comes back: bf16 sums
+    and channels-last convolutions round differently."""
+    from .devices import bf16_supported
+    from .engine import evaluate
+
+    cpu = torch.device("cpu")
+    amp_dtype = torch.bfloat16 if trained.cfg.precision == "bf16" and bf16_supported(cpu) else None
+    if trained.cfg.channels_last == "on":
+        trained.model.to(memory_format=torch.channels_last)
+        loader.channels_last = True      # the batches too, as the run's loaders made them
+    return evaluate(trained.model, loader, device=cpu, amp_dtype=amp_dtype)
+
+
+def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tensor, list[list[str]]]:
+    """Image files as the run's model takes them (preprocess.prepare_image, as `serve` does), and
+    each one's notes (inverted, framed like MNIST, made grayscale, squashed)."""
+    from .preprocess import prepare_image
+
+    from .inputs import regular_file
+
+    prepared = []
+    for path in paths:
+        path = regular_file(path, "image")     # a pipe or a device is one line, never a hang
+        prepared.append(prepare_image(path, trained.cfg.dataset, trained.image_shape, resize=trained.cfg.resize))
+    return torch.stack([image for image, _ in prepared]), [notes for _, notes in prepared]
 
 
 @torch.no_grad()
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
-    from .data.images import decode_image
-    from .inputs import regular_file
-
-    c, h, w = trained.image_shape
-    paths = [regular_file(p, "image") for p in paths]
-    return trained.probabilities(torch.stack([decode_image(Path(p), c, (h, w), trained.cfg.resize) for p in paths]))
+    return trained.probabilities(prepare_files(trained, paths)[0])
 
 
 def cmd_predict(args) -> int:
@@ -162,12 +184,16 @@ def cmd_predict(args) -> int:
     for path in args.images:           # before the model is loaded; a named pipe would block the open for ever
         regular_file(path, "image")
     trained = _load_from_args(args)
-    probs = predict_files(trained, args.images)
+    images, notes = prepare_files(trained, args.images)
+    probs = trained.probabilities(images)
     k = min(args.top, len(trained.classes))
-    for path, p in zip(args.images, probs):
+    for path, p, said in zip(args.images, probs, notes):
         values, indices = p.topk(k)
         ranked = ", ".join(f"{trained.classes[i]} {v:.1%}" for v, i in zip(values.tolist(), indices.tolist()))
         print(f"{path}: {ranked}")
+        for note in said:
+            if note != NOTE_FRAMED:         # framing is what every digit gets; the rest is news
+                print(f"{path}: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -244,7 +270,10 @@ def cmd_export(args) -> int:
 
 
 def _add_model_flags(parser) -> None:
-    add_config_flags(parser, only=("model",))
+    # not add_config_flags: its help would say "(default: s5net)", where the default is the run's own model
+    parser.add_argument("--model", default=argparse.SUPPRESS,
+                        help="build this model instead of the one the run's config.json names: a registered "
+                             "model, module:factory or file.py:factory (default: the run's own)")
     parser.add_argument("--trust-code", action="store_true",
                         help="import the model code that the run's config.json names (module:factory or file.py)")
 

@@ -25,8 +25,9 @@ class ConsoleLogger(Callback):
 
     main_process_only = True     # under torchrun, rank 0 alone prints
 
-    def __init__(self, progress: bool = True, print_fn=print):
+    def __init__(self, progress: bool = True, print_fn=print, bar=None):
         self.progress, self.print = progress, print_fn
+        self.bar_class = bar        # tqdm.auto's: a widget in Jupyter (ipywidgets), else text
         self.bar = None
         self._next_read = 0.0
 
@@ -36,8 +37,8 @@ class ConsoleLogger(Callback):
         for i, lr in enumerate(state.lrs):
             self.print(f"Adjusting learning rate of group {i} to {lr:.4e}.")
         self.print(f"Epoch {state.epoch}")
-        self.bar = tqdm(total=state.num_batches, initial=state.first_batch, disable=not self.progress,
-                        dynamic_ncols=True)
+        self.bar = (self.bar_class or tqdm)(total=state.num_batches, initial=state.first_batch,
+                                            disable=not self.progress, dynamic_ncols=True)
         self._next_read = 0.0
 
     def on_batch_end(self, state: TrainState) -> None:
@@ -71,6 +72,10 @@ class ConsoleLogger(Callback):
             self.print(line)
 
     def on_epoch_end(self, state: TrainState) -> None:
+        if self.bar is not None and hasattr(self.bar, "container") and not self.bar.disable:
+            # a notebook widget: shown live in Jupyter, but an exported HTML or the notebook's text
+            # keeps only its first state ("0/128"); the finished bar as a line of text stays
+            self.print(self.bar.format_meter(**{**self.bar.format_dict, "ncols": 100, "ascii": True}))
         self._close_bar()
         r = state.result
         if not self.progress:
@@ -230,6 +235,17 @@ def model_summary(model: nn.Module, input_shape: tuple[int, ...]):
                    device="cpu", verbose=0, depth=4)
 
 
+def summary_table(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """model_summary as text, its units as torchinfo means them: "Total mult-adds (M)", where its
+    1.8 prints "(Units.MEGABYTES)" under Python 3.11+ (an enum formatted by name)."""
+    from torchinfo import Units
+
+    text = str(model_summary(model, input_shape))
+    for unit in Units:
+        text = text.replace(f"({unit})", f"({unit.value})")
+    return text
+
+
 def architecture_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, int]]:
     """(operation, output shape, parameters) for each step of the forward pass, traced with torch.fx
     so that functional calls (relu, max_pool2d, flatten) show too; torchinfo's leaf modules if the
@@ -331,7 +347,7 @@ def environment(device: torch.device, amp_dtype: torch.dtype | None = None) -> d
 
 def run_summary(model: nn.Module, data, history: History, matrix: torch.Tensor) -> str:
     """summary.txt: the layer table, the dataset, the final numbers and the per-class accuracy."""
-    lines = [str(model_summary(model, data.image_shape)), "",
+    lines = [summary_table(model, data.image_shape), "",
              f"Dataset: {data.name} ({len(data.train_labels)} train, {len(data.test_labels)} test images)", ""]
     if history:
         last = history[-1]

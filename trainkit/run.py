@@ -14,11 +14,12 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed
-from .callbacks import TensorBoardLogger
+from .callbacks import CheckLog, TensorBoardLogger
 from .config import TrainConfig
 from .data.dataset import ImageData
 from .data.manifest import check_same_data, read_manifest
 from .engine import Callback, History, fit
+from .errors import TrainkitError
 from .experiment import Experiment, build_experiment, training_callbacks
 from .rundir import OWN_NAMES, RunDirectory, default_run_dir, lock_run, prepare, restore
 
@@ -40,6 +41,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     from its last checkpoint. Under torchrun only rank 0 shows progress and writes files; it holds
     the run folder's lock (rundir.lock_run) until this returns, so no other process writes there.
     """
+    if cfg.mlflow_register and not cfg.mlflow:
+        raise TrainkitError("--mlflow-register needs --mlflow (the tracking store whose registry it goes to)")
     # a run made before data.json is resumed on the data as it was read then (experiment.get_data)
     before_manifests = resume is not None and (Path(resume) / "last.pt").is_file() and read_manifest(Path(resume)) is None
     exp = build_experiment(cfg, data=data, model=model, before_manifests=before_manifests)
@@ -52,7 +55,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     tracker: list[Callback] = []
     if cfg.mlflow and main:       # after the run directory's writers: it logs the files they wrote
         from .tracking import MLflowLogger
-        tracker.append(MLflowLogger(cfg.mlflow, run_dir))
+        tracker.append(MLflowLogger(cfg.mlflow, run_dir, register=cfg.mlflow_register))
     held = None     # the run folder's lock, held by the one process that writes it until train returns
     try:
         if resume is not None:
@@ -68,11 +71,14 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
                 RunDirectory(exp, run_dir).record_config()
         elif run_dir is not None and main:
             held = prepare(run_dir)
+            (run_dir / "checks.csv").unlink(missing_ok=True)    # a run stopped before its first checkpoint's
             RunDirectory(exp, run_dir).start()
         if run_dir is not None and main:
             writers.append(RunDirectory(exp, run_dir))
+            if cfg.evals_per_epoch > 1:
+                writers.append(CheckLog(run_dir / "checks.csv"))
             if cfg.tensorboard:
-                writers.append(TensorBoardLogger(run_dir / "tensorboard"))
+                writers.append(TensorBoardLogger(run_dir / "tensorboard", settings=exp.cfg.to_dict()))
         history = fit(exp.train_model, exp.train_loader, exp.test_loader, exp.optimizer, epochs=cfg.epochs,
                       loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
                       device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,

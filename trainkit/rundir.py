@@ -36,7 +36,7 @@ FILES = ("config.json", manifest.FILE, "metrics.csv", "plot.png", "samples.png",
          "summary.txt", "last.pt", "best.pt")
 LOCK = ckpt.LOCK                 # held (flock) by the one process that writes the run
 # What a run holds before its first checkpoint: such a folder may be used again as a new run.
-BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", manifest.FILE, "samples.png", "tensorboard"}
+BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", manifest.FILE, "samples.png", "tensorboard", "checks.csv"}
 # Names whose temporaries an older trainkit (prefix `.tmp-`) may have left.
 OWN_NAMES = FILES + (".write-test",)
 

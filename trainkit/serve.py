@@ -2,8 +2,9 @@
 
 FastAPI + uvicorn (the `serve` extra), imported only when the command runs. The model is loaded
 once (`load_run`, weights_only) and every image goes through the same two steps as `trainkit
-predict` and the exported ONNX model: `data.images.decode_image` (convert and resize) and
-`TrainedModel.preprocess` (normalize). Requests that arrive while the model is busy are batched
+predict` and the exported ONNX model: `preprocess.prepare_image` (convert and resize; digits framed
+as MNIST's for a run on them) and `TrainedModel.preprocess` (normalize). /docs is Swagger UI
+served from the fastapi-offline package's files, so it works offline. Requests that arrive while the model is busy are batched
 into its next forward (`Batcher`). Bad input is a 4xx answer with one line in "detail".
 """
 
@@ -219,12 +220,12 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
     """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-    from .data.images import decode_image
     from .inference import load_run
+    from .preprocess import prepare_image, reads_digits
     from .serve_page import PAGE
 
     run_dir = Path(run_dir)
@@ -235,13 +236,15 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         backend = "onnx" if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")) else "torch"
     predictor = Predictor(trained, backend, threads or default_threads())
     c, h, w = trained.image_shape
+    dataset = trained.cfg.dataset
     try:
         predictor(torch.zeros(1, c, h, w, dtype=torch.uint8))   # a model that cannot run is refused now
     except Exception as exc:  # noqa: BLE001 - any failure of the model is the run's fault
         raise TrainkitError(f"{run_dir}'s model fails on an image of its own shape: {exc}".splitlines()[0]) from None
     info = {**run_summary(run_dir, trained), "backend": backend, "max_batch": max_batch, "workers": workers,
             "threads": torch.get_num_threads() if backend == "torch" else threads or default_threads(),
-            "max_upload_bytes": max_upload, "max_pixels": max_pixels}
+            "max_upload_bytes": max_upload, "max_pixels": max_pixels,
+            "digits": reads_digits(dataset, trained.image_shape)}   # images are framed like MNIST's
     batcher = Batcher(predictor, max_batch, workers)
 
     @asynccontextmanager
@@ -251,7 +254,10 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         task.cancel()
         batcher.executor.shutdown(wait=False)
 
-    app = FastAPI(title="trainkit serve", lifespan=lifespan,
+    from fastapi_offline import FastAPIOffline
+
+    # /docs (Swagger UI) and /redoc from the package's own copies of their scripts: no CDN, works offline
+    app = FastAPIOffline(title="trainkit serve", lifespan=lifespan,
                   description=f"The model of {run_dir} ({trained.cfg.model} on {trained.cfg.dataset}).")
 
     @app.exception_handler(Refused)
@@ -300,10 +306,11 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         data, name = await image_bytes(request, max_upload)
         try:
             if len(data) <= INLINE_DECODE:
-                image = decode_image(data, c, (h, w), trained.cfg.resize, name=name, max_pixels=max_pixels)
+                image, notes = prepare_image(data, dataset, (c, h, w), name=name, max_pixels=max_pixels,
+                                             resize=trained.cfg.resize)
             else:
-                image = await asyncio.to_thread(decode_image, data, c, (h, w), trained.cfg.resize, name=name,
-                                                  max_pixels=max_pixels)
+                image, notes = await asyncio.to_thread(prepare_image, data, dataset, (c, h, w), name=name,
+                                                       max_pixels=max_pixels, resize=trained.cfg.resize)
         except TrainkitError as exc:
             raise Refused(413 if "was refused" in str(exc) else 400, str(exc)) from None
         probs = (await batcher(image)).tolist()
@@ -311,13 +318,14 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         # a JSONResponse returned as it is: FastAPI's jsonable_encoder walk is skipped (plain floats and str)
         return JSONResponse({"predicted": trained.classes[order[0]],
                              "top": [{"class": trained.classes[i], "probability": probs[i]} for i in order],
-                             "probabilities": dict(zip(trained.classes, probs))})
+                             "probabilities": dict(zip(trained.classes, probs)), "notes": notes})
 
     return app
 
 
 def cmd_serve(args) -> int:
-    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "fastapi_offline", "uvicorn", "multipart")
+               if importlib.util.find_spec(m) is None]
     if missing:
         raise TrainkitError(f"trainkit serve needs {', '.join(missing)}: pip install trainkit[serve]")
     if args.max_batch < 1:

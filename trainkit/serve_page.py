@@ -1,5 +1,5 @@
 """The page that `trainkit serve` shows at /: draw or drop an image, see the top classes as bars
-and the run's summary. Plain HTML and JavaScript; everything it knows comes from /info and /predict."""
+(and what was done to the image), the run's summary and its figures (full size on click). Plain HTML and JavaScript; everything it knows comes from /info and /predict."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -23,7 +23,10 @@ PAGE = """<!doctype html>
   .bar .fill { background: #3b6fd8; height: 100%; border-radius: 3px; }
   .bar .pct { width: 4rem; }
   #error { color: #b00; min-height: 1.2rem; }
-  #summary img { max-width: 100%; margin-top: .5rem; }
+  #notes { color: #555; font-size: .9rem; }
+  #reports img { max-width: min(100%, 900px); margin: .5rem 1rem 0 0; cursor: zoom-in; vertical-align: top; }
+  #full { display: none; position: fixed; inset: 0; background: rgba(0, 0, 0, .8); overflow: auto; cursor: zoom-out; z-index: 10; }
+  #full img { display: block; margin: 1rem auto; background: #fff; max-width: none; }
   button { margin-top: .5rem; }
 </style>
 </head>
@@ -43,24 +46,33 @@ PAGE = """<!doctype html>
     <div id="predicted"></div>
     <div id="bars"></div>
     <div id="error"></div>
+    <div id="notes"></div>
   </div>
   <div class="col" id="summary"></div>
 </div>
+<div id="reports"></div>
+<div id="full" title="click to close"><img id="fullimg" alt=""></div>
 <script>
 const $ = (id) => document.getElementById(id);
 const pad = $("pad"), ctx = pad.getContext("2d");
-let busy = false, again = false, drawing = false;
+let busy = false, again = false, drawing = false, inked = false, asked = 0;
 
+function clearAnswer() {
+  $("predicted").textContent = ""; $("bars").innerHTML = ""; $("error").textContent = ""; $("notes").textContent = "";
+}
+function clearUpload() {   // the file input is emptied too: choosing the same file again is a new upload
+  $("file").value = ""; $("preview").removeAttribute("src"); $("preview").style.display = "none";
+}
 function clearPad() {
-  ctx.fillStyle = "#000"; ctx.fillRect(0, 0, pad.width, pad.height);
-  $("predicted").textContent = ""; $("bars").innerHTML = ""; $("error").textContent = "";
+  ctx.fillStyle = "#000"; ctx.fillRect(0, 0, pad.width, pad.height); inked = false;
 }
 function point(e) {
   const r = pad.getBoundingClientRect();
   return [(e.clientX - r.left) * pad.width / r.width, (e.clientY - r.top) * pad.height / r.height];
 }
 pad.addEventListener("pointerdown", (e) => {
-  drawing = true; pad.setPointerCapture(e.pointerId);
+  if (!inked) clearUpload();         // a new drawing: the old upload's preview goes
+  drawing = true; inked = true; pad.setPointerCapture(e.pointerId);
   const [x, y] = point(e); ctx.beginPath(); ctx.moveTo(x, y); ctx.lineTo(x + 0.1, y); ctx.stroke();
 });
 pad.addEventListener("pointermove", (e) => {
@@ -68,43 +80,33 @@ pad.addEventListener("pointermove", (e) => {
   const [x, y] = point(e); ctx.lineTo(x, y); ctx.stroke(); ask();
 });
 for (const end of ["pointerup", "pointercancel"]) pad.addEventListener(end, () => { if (drawing) { drawing = false; ask(); } });
-$("clear").addEventListener("click", clearPad);
+$("clear").addEventListener("click", () => { clearPad(); clearUpload(); clearAnswer(); });
 
-// The drawing is framed like an MNIST digit (its bounding box scaled to 20 pixels, centred in 28)
-// and sent as a PNG; the server converts and normalizes it exactly as `trainkit predict` does.
-function framed() {
-  const d = ctx.getImageData(0, 0, pad.width, pad.height).data;
-  let x0 = pad.width, y0 = pad.height, x1 = -1, y1 = -1;
-  for (let y = 0; y < pad.height; y++) for (let x = 0; x < pad.width; x++) {
-    if (d[(y * pad.width + x) * 4] > 30) { if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; if (y > y1) y1 = y; }
-  }
-  if (x1 < 0) return null;
-  const w = x1 - x0 + 1, h = y1 - y0 + 1, s = 20 / Math.max(w, h);
-  const out = document.createElement("canvas"); out.width = out.height = 28;
-  const o = out.getContext("2d"); o.fillStyle = "#000"; o.fillRect(0, 0, 28, 28);
-  o.imageSmoothingQuality = "high";
-  o.drawImage(pad, x0, y0, w, h, (28 - w * s) / 2, (28 - h * s) / 2, w * s, h * s);
-  return out;
-}
+// The whole drawing is sent as a PNG: the server prepares it as it prepares an upload or a file
+// given to `trainkit predict` (for a run on digits: framed like MNIST's, see preprocess.py).
 function ask() {
+  if (!inked) return;
   if (busy) { again = true; return; }
-  const c = framed(); if (!c) return;
   busy = true;
-  c.toBlob((blob) => send(blob, "drawing.png").finally(() => { busy = false; if (again) { again = false; ask(); } }), "image/png");
+  pad.toBlob((blob) => send(blob, "drawing.png").finally(() => { busy = false; if (again) { again = false; ask(); } }), "image/png");
 }
 async function send(blob, name) {
   const form = new FormData(); form.append("file", blob, name);
+  const mine = ++asked;              // only the latest request's answer is shown
   try {
     const r = await fetch("/predict?top=5", { method: "POST", body: form });
     const j = await r.json();
+    if (mine !== asked) return;
+    clearAnswer();
     if (!r.ok) { $("error").textContent = j.detail; return; }
-    $("error").textContent = "";
     show(j);
-  } catch (err) { $("error").textContent = "the server did not answer: " + err; }
+  } catch (err) {
+    if (mine !== asked) return;
+    clearAnswer(); $("error").textContent = "the server did not answer: " + err;
+  }
 }
 function show(j) {
   $("predicted").textContent = j.predicted;
-  $("bars").innerHTML = "";
   for (const t of j.top) {
     const row = document.createElement("div"); row.className = "bar";
     const pct = (100 * t.probability).toFixed(1);
@@ -114,17 +116,21 @@ function show(j) {
     row.querySelector(".pct").textContent = pct + "%";
     $("bars").appendChild(row);
   }
+  // what was done to the image beyond a resize (inverted, made grayscale, squashed)
+  $("notes").textContent = (j.notes || []).filter((n) => !n.startsWith("framed")).join("; ");
 }
 function upload(file) {
   if (!file) return;
+  clearPad();                        // the drawing is not what is predicted now
   $("preview").src = URL.createObjectURL(file); $("preview").style.display = "block";
   send(file, file.name);
 }
-$("file").addEventListener("change", () => upload($("file").files[0]));
+$("file").addEventListener("change", () => { const f = $("file").files[0]; upload(f); $("file").value = ""; });
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files[0]); });
+$("full").addEventListener("click", () => { $("full").style.display = "none"; });
 
 fetch("/info").then((r) => r.json()).then((info) => {
   $("title").textContent = info.model + " on " + info.dataset;
@@ -133,12 +139,16 @@ fetch("/info").then((r) => r.json()).then((info) => {
   const acc = info.accuracy === null ? "not recorded" : info.accuracy.toFixed(2) + "%";
   s.innerHTML = "<div><b>Run</b> <span id='run'></span></div><div><b>Dataset</b> <span id='dataset'></span></div>" +
     "<div><b>Test accuracy</b> <span id='accuracy'></span> after <span id='epochs'></span> epoch(s)</div>" +
-    "<div><b>Model</b> <span id='model'></span></div>";
+    "<div><b>Model</b> <span id='model'></span></div>" +
+    (info.digits ? "<div><small>Images are framed like MNIST's digits (20x20, centred by mass); " +
+                   "a dark digit on light paper is inverted.</small></div>" : "");
   $("run").textContent = info.run; $("dataset").textContent = info.dataset; $("accuracy").textContent = acc;
   $("epochs").textContent = info.epochs;
   $("model").textContent = info.model + ", " + info.parameters.toLocaleString("en") + " parameters, " + info.backend;
-  for (const name of info.reports) {
-    const img = document.createElement("img"); img.src = "/run/" + name; img.alt = name; s.appendChild(img);
+  for (const name of info.reports) {   // shown wide below; a click shows the figure at its full size
+    const img = document.createElement("img"); img.src = "/run/" + name; img.alt = name; img.title = "click: full size";
+    img.addEventListener("click", () => { $("fullimg").src = img.src; $("full").style.display = "block"; });
+    $("reports").appendChild(img);
   }
 });
 ctx.lineWidth = 22; ctx.lineCap = "round"; ctx.lineJoin = "round"; ctx.strokeStyle = "#fff";

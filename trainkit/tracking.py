@@ -4,13 +4,22 @@
 
 Every setting is a param; every epoch's numbers are metrics at step = epoch, and every mid-epoch
 check is a `check_<split>_acc/loss` metric at step = the global batch; at the end the run folder's
-plots, metrics.csv, config.json and summary.txt are artifacts and the model is an MLflow PyTorch
-model with its input signature. A resumed run continues the same MLflow run (its id is saved in
-last.pt). A tracking failure warns once on stderr; training goes on without MLflow.
+plots, metrics.csv, config.json and summary.txt are artifacts, and the model is an MLflow ONNX model
+that needs neither trainkit nor torch to load (`mlflow_model`):
+
+    mlflow.pyfunc.load_model(uri).predict(images)["probabilities"]    # images: float32 (N, C, H, W) in [0, 1]
+
+The normalisation is inside it, its output is the class probabilities, and its MLmodel metadata says
+so (with the classes); `--mlflow-register NAME` also registers it in the model registry. A resumed
+run continues the same MLflow run (its id is saved in last.pt). A tracking failure warns once on
+stderr; training goes on without MLflow.
 """
 from __future__ import annotations
 
 import copy
+import getpass
+import io
+import json
 import logging
 import os
 import platform
@@ -21,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from .engine import Callback, TrainState, unwrap
 from .errors import TrainkitError
@@ -73,6 +83,41 @@ def sqlite_problem(uri: str) -> str | None:
     return None
 
 
+class Probabilities(nn.Module):
+    """A trained network as a user outside trainkit calls it: images (N, C, H, W), float in [0, 1]
+    -> class probabilities (N, classes). Softmax turns logits and log-probabilities alike into them."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model((images - self.mean) / self.std).float(), dim=1)
+
+
+def model_metadata(data: dict, dataset: str) -> dict:
+    """What a caller of the MLflow model needs to know, from config.json's "data" section."""
+    c, h, w = data["image_shape"]
+    return {"input": f"float32 array (N, {c}, {h}, {w}): pixel / 255, in [0, 1]",
+            "color": "grayscale" if c == 1 else "RGB", "image_shape": [c, h, w],
+            "normalization": "inside the model: (x - mean) / std, per channel",
+            "mean": list(data["mean"]), "std": list(data["std"]),
+            "output": "probabilities", "output_name": "probabilities", "classes": [str(k) for k in data["classes"]],
+            "dataset": dataset, "framework": "trainkit"}
+
+
+def onnx_bytes(wrapped: Probabilities, example: torch.Tensor) -> bytes:
+    """The network with its normalisation and softmax, as ONNX with a variable batch size."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (example,), buffer, input_names=["images"], output_names=["probabilities"],
+                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+    return buffer.getvalue()
+
+
 def code_version() -> str:
     """The git commit of trainkit's source (with `-dirty` for uncommitted changes), else its version."""
     try:
@@ -88,12 +133,27 @@ def code_version() -> str:
         return "unknown"
 
 
+def _source() -> str:
+    """"trainkit train" from the CLI, else the script (or notebook kernel) that called train()."""
+    if Path(sys.argv[0]).name in ("trainkit", "__main__.py"):
+        return " ".join(["trainkit", *sys.argv[1:2]])
+    return Path(sys.argv[0]).name or "python"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):     # a container's uid with no passwd entry
+        return os.environ.get("USER", "unknown")
+
+
 class MLflowLogger(Callback):
     """Logs the run to an MLflow tracking store; see the module's docstring."""
 
     main_process_only = True     # under torchrun, rank 0 alone logs
 
-    def __init__(self, uri: str | None = None, run_dir: Path | None = None, experiment: str = EXPERIMENT):
+    def __init__(self, uri: str | None = None, run_dir: Path | None = None, experiment: str = EXPERIMENT,
+                 register: str | None = None):
         try:
             import mlflow  # noqa: F401
         except ImportError:
@@ -102,6 +162,7 @@ class MLflowLogger(Callback):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.run_dir, self.experiment = resolve_uri(uri), run_dir, experiment
+        self.register = register
         self.run_id: str | None = None
         self.failed = False
         self.client = None
@@ -136,7 +197,9 @@ class MLflowLogger(Callback):
         experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
         tags = {"mlflow.source.git.commit": code_version(), "host": platform.node(),
                 "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                "device": str(state.device), "torch": torch.__version__, "python": platform.python_version()}
+                "device": str(state.device), "torch": torch.__version__, "python": platform.python_version(),
+                # the UI's "Source" and "Created by"
+                "mlflow.source.name": _source(), "mlflow.source.type": "LOCAL", "mlflow.user": _user()}
         if self.run_dir is not None:
             tags["run_dir"] = str(Path(self.run_dir).resolve())
         run = client.create_run(experiment_id, run_name=Path(self.run_dir).name if self.run_dir else None, tags=tags)
@@ -145,9 +208,12 @@ class MLflowLogger(Callback):
                          tags=[RunTag("mlflow.runName", run.info.run_name)])
 
     def _settings(self) -> dict:
-        import json
+        settings = self._saved().get("config", {})
+        return {**settings, "mlflow": self.uri} if settings else {}    # the store it went to, not "auto"
+
+    def _saved(self) -> dict:
         if self.run_dir is not None and (Path(self.run_dir) / "config.json").is_file():
-            return json.loads((Path(self.run_dir) / "config.json").read_text())["config"]
+            return json.loads((Path(self.run_dir) / "config.json").read_text())
         return {}
 
     def _metrics(self, values: dict, step: int) -> None:
@@ -182,27 +248,47 @@ class MLflowLogger(Callback):
         self._safe("the artifacts and the model", lambda: self._finish(state))
 
     def _finish(self, state: TrainState) -> None:
-        import mlflow
-        from mlflow.models import infer_signature
-
         if self.run_dir is not None:
             for name in ARTIFACTS:
                 if (Path(self.run_dir) / name).is_file():
                     self.client.log_artifact(self.run_id, str(Path(self.run_dir) / name))
-        model = copy.deepcopy(unwrap(state.eval_model or state.model)).cpu().float().eval()
+        saved = self._saved()
+        if "data" not in saved:       # no run folder: nothing says how the model's input is made
+            self.client.set_terminated(self.run_id)
+            return
+        self.mlflow_model(state, saved)
+
+    def mlflow_model(self, state: TrainState, saved: dict) -> None:
+        """Log the model as ONNX (mlflow.onnx: loads with onnxruntime, no trainkit, no torch)."""
+        import mlflow
+        import onnx
+        from mlflow.models import infer_signature
+
+        from .loaders import denormalize
+
+        data = saved["data"]
         loader = state.val_loader if state.val_loader is not None else state.test_loader
         x, _ = next(iter(loader))
-        sample = x[:4].detach().cpu().float().contiguous()
+        # the loader's batches are normalised; the model takes pixel / 255
+        example = denormalize(x[:4].detach().cpu().float(), data["mean"], data["std"]).contiguous()
+        model = copy.deepcopy(unwrap(state.eval_model or state.model)).cpu().float().eval()
+        wrapped = Probabilities(model, data["mean"], data["std"]).eval()
+        proto = onnx.load_from_string(onnx_bytes(wrapped, example))
+        metadata = model_metadata(data, saved.get("config", {}).get("dataset", ""))
+        for key, value in metadata.items():      # also in the .onnx file, for onnxruntime users
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = f"trainkit.{key}", json.dumps(value)
         with torch.no_grad():
-            output = model(sample)
-        signature = infer_signature(sample.numpy(), output.numpy())
+            output = wrapped(example).numpy()
+        signature = infer_signature(example.numpy(), {"probabilities": output})
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():     # ends the run FINISHED
             warnings.simplefilter("ignore")
-            logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)   # its note on pickling, every run
-            # pickled, not torch.export's "pt2": an exported program is fixed to the sample's batch size
-            mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            for name in ("mlflow.models.model", "mlflow.store.model_registry", "mlflow.tracking._model_registry"):
+                logging.getLogger(name).setLevel(logging.WARNING)     # its lines on every registration
+            mlflow.onnx.log_model(proto, name="model", signature=signature, input_example=example[:1].numpy(),
+                                  metadata=metadata, registered_model_name=self.register,
+                                  save_as_external_data=False)
 
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "uri": self.uri} if self.run_id else {}

@@ -160,7 +160,7 @@ def load_own_cifar(spec: CifarDataset, folder: Path) -> ImageData:
     def read(path: Path) -> dict:
         raw = fetch.read_limited(path, OWN_FILE_BYTES, f"); {hint}")
         sources[path.name] = (len(raw), fetch.md5(raw))
-        return unpickle_cifar(raw, str(path), f"a file in CIFAR's format", hint)
+        return unpickle_cifar(raw, str(path), "a file in CIFAR's format", hint)
 
     train = [cifar_arrays(read(p), spec.label_key, None, str(p), hint) for p in train_paths]
     test_x, test_y = cifar_arrays(read(test_path), spec.label_key, None, str(test_path), hint)

@@ -20,7 +20,6 @@ import stat
 import struct
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
