@@ -31,13 +31,13 @@ def evil_source(marker) -> str:
 
 
 @pytest.fixture(scope="module")
-def file_run(tmp_path_factory, mnist):
+def file_run(tmp_path_factory, mnist_dir):
     """A finished one-epoch run of a model given as file.py:factory (its config.json records the sha256)."""
     base = tmp_path_factory.mktemp("gate")
     (base / "mynet.py").write_text(NET)
     cfg = TrainConfig(model=f"{base / 'mynet.py'}:tiny", epochs=1, batch_size=64, progress=False,
-                      precision="fp32", channels_last="off")
-    train(cfg, data=mnist.limit(256, 128), out=base / "run")
+                      precision="fp32", channels_last="off", limit_train=256, limit_test=128)
+    train(cfg, out=base / "run")
     saved = json.loads((base / "run" / "config.json").read_text())
     assert saved["model"]["kind"] == "file" and saved["config"]["model"].endswith("mynet.py:tiny")
     return base / "run"
