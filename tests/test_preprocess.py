@@ -70,9 +70,11 @@ def test_prepare_image_frames_only_for_a_run_on_digits(tmp_path):
     # a wide photo in colour, for a grayscale model: both changes are said
     photo = Image.new("RGB", (120, 40), (200, 30, 30))
     image, notes = prepare_image(png(photo), "fashion-mnist", (1, 28, 28))
-    assert any("grayscale" in n for n in notes) and any("squashed from 120x40" in n for n in notes)
+    assert any("grayscale" in n for n in notes) and any("centre-cropped from 120x40" in n for n in notes)
+    _, notes = prepare_image(png(photo), "fashion-mnist", (1, 28, 28), resize="stretch")   # the run's --resize
+    assert any("squashed from 120x40" in n for n in notes)
     # an RGBA canvas in gray is not "made grayscale"
     _, notes = prepare_image(png(drawn_seven(0, 255).convert("RGBA")), "mnist", (1, 28, 28))
     assert not any("grayscale" in n for n in notes)
-    with pytest.raises(TrainkitError, match="not a readable PNG or JPEG"):
+    with pytest.raises(TrainkitError, match="not a readable image"):
         prepare_image(b"not an image" * 10, "mnist", (1, 28, 28))

@@ -29,7 +29,8 @@ from .errors import TrainkitError
 # The names a run folder holds (rundir.FILES, its lock and TensorBoard folder), kept here so that
 # this module needs nothing above it; tests/test_outputs.py checks that rundir.FILES is among them.
 RUN_NAMES = frozenset({"config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png",
-                       "model.pt", "summary.txt", "last.pt", "best.pt", ".trainkit.lock", "tensorboard"})
+                       "model.pt", "summary.txt", "last.pt", "best.pt", "data.json", "checks.csv",
+                       ".trainkit.lock", "tensorboard"})
 # What makes a folder a run's: its config.json, a checkpoint or the lock a running run holds.
 RUN_MARKERS = ("config.json", "last.pt", "model.pt", ".trainkit.lock")
 # The temporary file of an atomic write is named `.tmp-trainkit-<name>.<8 random characters>`.
