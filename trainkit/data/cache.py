@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import secrets
 from pathlib import Path
@@ -117,6 +118,15 @@ def images(memmap: np.ndarray, indices) -> torch.Tensor:
     batch = np.empty((len(index), *memmap.shape[1:]), np.uint8)
     batch[order] = memmap[index[order]]
     return torch.from_numpy(batch)
+
+
+def release(memmap: np.ndarray) -> None:
+    """Unmap from this process the cache's pages read so far; they stay in the page cache, so the
+    next read of them costs a page fault, not a disk read. A mapped page counts in the process's
+    memory (RSS and PSS) until then, and an epoch reads every page of the file once."""
+    mapping = getattr(memmap, "_mmap", None)          # numpy's mmap.mmap behind an np.memmap
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def read_header(path: str | os.PathLike) -> dict | None:
