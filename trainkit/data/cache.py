@@ -174,7 +174,12 @@ def _decoded_blocks(paths: list[str], channels: int, size: tuple[int, int], resi
     # Not fork: the caller may hold threads (progress bars, a server) or an initialised accelerator.
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     decode = functools.partial(_decode_block, channels=channels, size=size, resize=resize)
-    with multiprocessing.get_context(method).Pool(min(workers, len(blocks))) as pool:
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # the server imports this module (and torch) once and the workers fork from it, sharing
+        # those pages, instead of each importing its own copy (a few hundred MB each)
+        context.set_forkserver_preload([__name__])
+    with context.Pool(min(workers, len(blocks))) as pool:
         yield from pool.imap(decode, blocks)                # in order; a worker's TrainkitError comes back here
 
 
