@@ -161,6 +161,14 @@ def test_the_cache_can_be_turned_off_and_needs_room(folder, tmp_path, monkeypatc
     assert not data.train_images.cached and cache_files(tmp_path) == []
     loader = StreamLoader(data.test_images, data.test_labels, 5, mean=data.mean, std=data.std)
     assert [len(y) for _, y in batches(loader)] == [5, 5, 2]                 # read from the files
+    # a cache folder that cannot be made: the same line, the files read
+    monkeypatch.undo()
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("TRAINKIT_CACHE_DIR", str(tmp_path / "a file" / "cache"))
+    monkeypatch.setenv("TRAINKIT_STREAM_WORKERS", "1")
+    assert not get_data(cfg).train_images.cached
+    err = capsys.readouterr().err
+    assert "no image cache for" in err and "cannot write in" in err and len(err.strip().splitlines()) == 1
 
 
 def mapped_kb(path) -> int:
@@ -189,3 +197,25 @@ def test_read_pages_are_unmapped_by_release(tmp_path):
     assert mapped_kb(path) == 0
     assert torch.equal(images(pixels, [63, 5]), torch.stack([decode_image(pngs[i], 3, (64, 64), "fit")
                                                               for i in (63, 5)]))    # and still reads
+
+
+def test_a_second_process_waits_for_the_build_and_opens_it(folder, tmp_path, capsys):
+    import fcntl
+    import os
+    import threading
+
+    cfg = TrainConfig(dataset=f"imagefolder:{folder}", image_size="16", channels=3, pipeline="stream",
+                      progress=False)
+    lock = tmp_path / "cache" / "images" / f".{stream.cache_name(folder, 3, (16, 16), 'fit')}.lock"
+    lock.parent.mkdir(parents=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)               # another process building this cache
+    got = []
+    reader = threading.Thread(target=lambda: got.append(get_data(cfg)))
+    reader.start()
+    reader.join(timeout=1.5)
+    assert reader.is_alive() and cache_files(tmp_path) == []      # waits, builds nothing meanwhile
+    os.close(fd)
+    reader.join(timeout=60)
+    assert not reader.is_alive() and got[0].train_images.cached
+    assert "decoding 60 images once" in capsys.readouterr().out

@@ -21,6 +21,8 @@ without room for it, streams from the files as above. The pixels are decode_imag
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import math
 import os
@@ -295,7 +297,9 @@ def sample_stats(images: FileImages) -> tuple[tuple[float, ...], tuple[float, ..
     count = min(n, STATS_SAMPLE, max(256, STATS_BYTES // math.prod(images.shape[1:])))
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
     if images.cached:
-        return channel_stats(images.read(chosen))
+        stats = channel_stats(images.read(chosen))
+        release(images.cache)
+        return stats
     loader, sampler = make_dataloader(images, min(stream_workers(), 4), persistent=False)
     return channel_stats(torch.cat(list(read_batches(loader, sampler, list(chosen.split(256))))))
 
@@ -373,7 +377,41 @@ def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, 
     names = sorted(path_of)                 # rows in name order: one cache serves every seed's split
     shape = (len(names), channels, *size)
     folder, name = devices.cache_dir() / "images", cache_name(root, channels, size, resize)
-    key = fingerprint(names, sources)
+    with _held(folder / f".{name}.lock") as why_not:
+        if why_not is not None:
+            print(f"trainkit: warning: no image cache for {root}: {why_not}; the files are decoded every epoch",
+                  file=sys.stderr, flush=True)
+            return images
+        pixels = _open_or_build(root, folder, name, [path_of[n] for n in names], fingerprint(names, sources), shape,
+                                resize)
+    if pixels is None:
+        return images
+    row = {n: i for i, n in enumerate(names)}
+    return {split: f.with_cache(pixels, [row[n] for n in f.names()]) for split, f in images.items()}
+
+
+@contextlib.contextmanager
+def _held(lock: Path):
+    """An exclusive flock on `lock` while a cache is opened or built, so that a second process (another
+    torchrun rank, a run started alongside) waits and opens what the first built rather than
+    decoding the folder too. Yields None, or why the cache folder cannot be written."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        yield f"cannot write in {lock.parent}: {exc.strerror or exc}"
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield None
+    finally:
+        os.close(fd)
+
+
+def _open_or_build(root: Path, folder: Path, name: str, paths: list[str], key: str, shape: tuple[int, ...],
+                   resize: str):
+    """The cache's memory map: opened, or built first; None when the disk has no room (one line)."""
+    channels, size = shape[1], tuple(shape[2:])
     pixels = open_cache(folder, key, shape, resize, name=name)
     where = cache_file(folder, name)
     if pixels is None:
@@ -381,13 +419,13 @@ def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, 
         if room is not None:
             print(f"trainkit: warning: no image cache for {root}: {room}; the files are decoded every epoch",
                   file=sys.stderr, flush=True)
-            return images
-        print(f"Image cache: decoding {len(names)} images once into {where} ({math.prod(shape) / 2**20:,.0f} MB)",
+            return None
+        print(f"Image cache: decoding {len(paths)} images once into {where} ({math.prod(shape) / 2**20:,.0f} MB)",
               flush=True)
         start = time.perf_counter()
-        build_cache([path_of[n] for n in names], channels, size, resize, key, folder, stream_workers(), name=name)
+        build_cache(paths, channels, size, resize, key, folder, stream_workers(), name=name)
         seconds = time.perf_counter() - start
-        print(f"Image cache: {len(names)} images decoded in {seconds:.1f} s ({len(names) / max(seconds, 1e-9):,.0f} "
+        print(f"Image cache: {len(paths)} images decoded in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):,.0f} "
               f"images/s); every epoch reads it", flush=True)
         pixels = open_cache(folder, key, shape, resize, name=name)
         if pixels is None:
@@ -395,8 +433,7 @@ def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, 
                                 f"run with TRAINKIT_IMAGE_CACHE=off to read the files instead")
     else:
         print(f"Image cache: {where} (made from these files before)", flush=True)
-    row = {n: i for i, n in enumerate(names)}
-    return {split: f.with_cache(pixels, [row[n] for n in f.names()]) for split, f in images.items()}
+    return pixels
 
 
 class StreamLoader(PlannedLoader):
