@@ -12,12 +12,14 @@ Mean and std come from a bounded sample of the training files (`sample_stats`), 
 
 The image cache (`cached_images`): before the first epoch, every file of the folder is decoded once,
 by a pool of `stream_workers()` processes, into one uint8 file (data/cache.py, FFCV's .beton idea)
-in `devices.cache_dir()/images` ($TRAINKIT_CACHE_DIR, else ~/.cache/trainkit), named after the
-folder and the channels, size and resize, and keyed by the fingerprint of the files' names, sizes
-and digests (the manifest's). Every epoch then copies its batches' rows out of the memory map in
-the main process, with no workers, and a later run on the same files opens it again; a folder whose
-files changed gets a cache built again, over the old one. $TRAINKIT_IMAGE_CACHE=off, or a disk
-without room for it, streams from the files as above. The pixels are decode_image's either way.
+in `devices.cache_dir()/images` (not the run folder: a later run on the folder reuses it), named
+after the folder and the channels, size and resize, and keyed by the fingerprint of the files'
+names, sizes and digests (the manifest's). Built up front rather than by the first epoch's workers:
+the pool has every core while nothing trains, and no epoch reads from a half-written file. Every
+epoch then copies its batches' rows out of the memory map in the main process, with no workers; a
+folder whose files changed gets a cache built again, over the old one. $TRAINKIT_IMAGE_CACHE=off,
+or a disk without room for it, streams from the files as above. The pixels are decode_image's
+either way, so the batches are the same.
 """
 from __future__ import annotations
 
