@@ -169,10 +169,14 @@ def test_a_corrupt_file_is_one_line_naming_it(tmp_path):
         batches(loader)
     assert str(error.value).startswith(f"{bad} is not a readable image")
     # through the CLI, at the first evaluation: one line, exit 2
-    proc = run_cli("train", "--dataset", f"imagefolder:{bad_folder}", "--pipeline", "stream", "--image-size", "16",
-                   "--model", "speednet", "--epochs", "1", "--no-progress", *FIXED_FLAGS, "--out", tmp_path / "run",
-                   env=ONE_WORKER)
+    command = ("train", "--dataset", f"imagefolder:{bad_folder}", "--pipeline", "stream", "--image-size", "16",
+               "--model", "speednet", "--epochs", "1", "--no-progress", *FIXED_FLAGS)
+    proc = run_cli(*command, "--out", tmp_path / "run", env={**ONE_WORKER, "TRAINKIT_IMAGE_CACHE": "off"})
     assert "Epoch 1" in proc.stdout
+    assert_one_line_error(proc, str(bad), "not a readable image")
+    # with the image cache (the default), its build meets the file before any training
+    proc = run_cli(*command, "--out", tmp_path / "cached", env=ONE_WORKER)
+    assert "Image cache: decoding" in proc.stdout and "Epoch 1" not in proc.stdout
     assert_one_line_error(proc, str(bad), "not a readable image")
 
 

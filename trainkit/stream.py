@@ -9,21 +9,41 @@ streamed run sees the same pixels, in the same order, augmented the same way, an
 mid-epoch the same way (PlannedLoader's state_dict).
 
 Mean and std come from a bounded sample of the training files (`sample_stats`), not from every image.
+
+The image cache (`cached_images`): before the first epoch, every file of the folder is decoded once,
+by a pool of `stream_workers()` processes, into one uint8 file (data/cache.py, FFCV's .beton idea)
+in `devices.cache_dir()/images` (not the run folder: a later run on the folder reuses it), named
+after the folder and the channels, size and resize, and keyed by the fingerprint of the files'
+names, sizes and digests (the manifest's). Built up front rather than by the first epoch's workers:
+the pool has every core while nothing trains, and no epoch reads from a half-written file. Every
+epoch then copies its batches' rows out of the memory map in the main process, with no workers; a
+folder whose files changed gets a cache built again, over the old one. $TRAINKIT_IMAGE_CACHE=off,
+or a disk without room for it, streams from the files as above. The pixels are decode_image's
+either way, so the batches are the same.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import math
 import os
+import shutil
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import devices
 from .checkpoint import LOCK
+from .data.cache import build_cache, cache_file, open_cache, release
 from .data.dataset import FileImages, ImageData, channel_stats
 from .data.folders import announce, choose_format, file_sources, folder_format, report_skipped, split_folder
+from .data.manifest import fingerprint
 from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
 from .loaders import PlannedLoader, normalize
@@ -33,6 +53,8 @@ STATS_BYTES = 16 * 2**20     # and at most this many bytes of them (at least 256
 FORMAT_SAMPLE = 256          # headers read to estimate an image folder's size when channels/size are not given
 MAX_WORKERS = 8
 PREFETCH = 2                 # batches each worker reads ahead
+CACHE_RESERVE = 512 * 2**20  # disk space an image cache leaves free, at least
+RELEASE_BYTES = 64 * 2**20   # image cache bytes a loader reads between unmapping them (cache.release)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +109,18 @@ def stream_workers() -> int:
         return int(text)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(MAX_WORKERS, cores))
+
+
+def cache_enabled() -> bool:
+    """$TRAINKIT_IMAGE_CACHE: on (the default) or off. An environment variable, not a setting: the
+    cache changes where the pixels are read from, never what a run computes (so config.json,
+    --resume and compare have nothing to record about it), like the worker count."""
+    text = os.environ.get("TRAINKIT_IMAGE_CACHE", "").strip().lower()
+    if text in ("", "on", "1", "yes"):
+        return True
+    if text in ("off", "0", "no"):
+        return False
+    raise TrainkitError(f"TRAINKIT_IMAGE_CACHE must be on or off, got {text[:80]!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +298,10 @@ def sample_stats(images: FileImages) -> tuple[tuple[float, ...], tuple[float, ..
     n = len(images)
     count = min(n, STATS_SAMPLE, max(256, STATS_BYTES // math.prod(images.shape[1:])))
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
+    if images.cached:
+        stats = channel_stats(images.read(chosen))
+        release(images.cache)
+        return stats
     loader, sampler = make_dataloader(images, min(stream_workers(), 4), persistent=False)
     return channel_stats(torch.cat(list(read_batches(loader, sampler, list(chosen.split(256))))))
 
@@ -292,11 +330,112 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
     announce(root, files.layout, len(files.classes), {name: len(f) for name, f in splits.items()}, channels, size,
              chosen, resize)
     images = {name: FileImages(f.paths, channels, tuple(size), resize, root) for name, f in splits.items()}
+    images = cached_images(root, images, sources)
     mean, std = sample_stats(images["training"])
     val = splits.get("validation")
     return ImageData(f"imagefolder:{root}", images["training"], splits["training"].labels, images["test"],
                      splits["test"].labels, files.classes, mean, std, images.get("validation"),
                      None if val is None else val.labels, sources=sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# The image cache: the folder decoded once
+
+def cache_name(root: Path, channels: int, size: tuple[int, int], resize: str) -> str:
+    """The cache file's name for a folder read at these settings: one file each, which a build for
+    changed files replaces (so stale caches do not pile up)."""
+    key = f"{Path(root).resolve()}\n{channels}\n{size[0]}x{size[1]}\n{resize}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    label = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(root).resolve().name)[:40]
+    return f"{label}-{digest}"
+
+
+def cache_room(folder: Path, needed: int) -> str | None:
+    """None when the disk holding `folder` has room for `needed` bytes and CACHE_RESERVE more;
+    else what it lacks, in words."""
+    probe = Path(folder).resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as exc:
+        return f"cannot tell the free space on {probe}: {exc.strerror or exc}"
+    if free >= needed + CACHE_RESERVE:
+        return None
+    return f"it needs {needed / 2**20:,.0f} MB and {probe} has {free / 2**20:,.0f} MB free"
+
+
+def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, tuple[int, str]]) -> dict[str, FileImages]:
+    """Each split's FileImages pointed at the folder's image cache (see the module's docstring):
+    opened when one was made from these very files, else built now. Unchanged when the cache is
+    off or the disk has no room for it (one line)."""
+    if not cache_enabled() or not images:
+        return images
+    first = next(iter(images.values()))
+    channels, size, resize = first.channels, first.size, first.resize
+    path_of = {}
+    for split in images.values():
+        path_of.update(zip(split.names(), (split.path(i) for i in range(len(split)))))
+    names = sorted(path_of)                 # rows in name order: one cache serves every seed's split
+    shape = (len(names), channels, *size)
+    folder, name = devices.cache_dir() / "images", cache_name(root, channels, size, resize)
+    with _held(folder / f".{name}.lock") as why_not:
+        if why_not is not None:
+            print(f"trainkit: warning: no image cache for {root}: {why_not}; the files are decoded every epoch",
+                  file=sys.stderr, flush=True)
+            return images
+        pixels = _open_or_build(root, folder, name, [path_of[n] for n in names], fingerprint(names, sources), shape,
+                                resize)
+    if pixels is None:
+        return images
+    row = {n: i for i, n in enumerate(names)}
+    return {split: f.with_cache(pixels, [row[n] for n in f.names()]) for split, f in images.items()}
+
+
+@contextlib.contextmanager
+def _held(lock: Path):
+    """An exclusive flock on `lock` while a cache is opened or built, so that a second process (another
+    torchrun rank, a run started alongside) waits and opens what the first built rather than
+    decoding the folder too. Yields None, or why the cache folder cannot be written."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        yield f"cannot write in {lock.parent}: {exc.strerror or exc}"
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield None
+    finally:
+        os.close(fd)
+
+
+def _open_or_build(root: Path, folder: Path, name: str, paths: list[str], key: str, shape: tuple[int, ...],
+                   resize: str):
+    """The cache's memory map: opened, or built first; None when the disk has no room (one line)."""
+    channels, size = shape[1], tuple(shape[2:])
+    pixels = open_cache(folder, key, shape, resize, name=name)
+    where = cache_file(folder, name)
+    if pixels is None:
+        room = cache_room(folder, math.prod(shape))
+        if room is not None:
+            print(f"trainkit: warning: no image cache for {root}: {room}; the files are decoded every epoch",
+                  file=sys.stderr, flush=True)
+            return None
+        print(f"Image cache: decoding {len(paths)} images once into {where} ({math.prod(shape) / 2**20:,.0f} MB)",
+              flush=True)
+        start = time.perf_counter()
+        build_cache(paths, channels, size, resize, key, folder, stream_workers(), name=name)
+        seconds = time.perf_counter() - start
+        print(f"Image cache: {len(paths)} images decoded in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):,.0f} "
+              f"images/s); every epoch reads it", flush=True)
+        pixels = open_cache(folder, key, shape, resize, name=name)
+        if pixels is None:
+            raise TrainkitError(f"the image cache {where} was written but cannot be read back; "
+                                f"run with TRAINKIT_IMAGE_CACHE=off to read the files instead")
+    else:
+        print(f"Image cache: {where} (made from these files before)", flush=True)
+    return pixels
 
 
 class StreamLoader(PlannedLoader):
@@ -317,12 +456,26 @@ class StreamLoader(PlannedLoader):
         self._loader = None       # made at the first pass, so that building a run starts no process
 
     def _read(self, plan):
+        if self.images.cached:    # rows of the memory-mapped cache, copied here: no workers
+            yield from self._read_cache(plan)
+            return
         plan = list(plan)         # the workers are handed the whole pass's index lists at once
         if self._loader is None:
             self._loader = make_dataloader(*self._args)
         images = read_batches(*self._loader, [idx for idx, _ in plan])
         for (idx, draws), batch in zip(plan, images):
             yield (batch.to(self.device, non_blocking=True), self.labels[idx].to(self.device, non_blocking=True)), draws
+
+
+    def _read_cache(self, plan):
+        unreleased = 0
+        for idx, draws in plan:
+            images = self.images.read(idx)
+            unreleased += images.numel()
+            if unreleased >= RELEASE_BYTES:      # or the mapped pages would add up to the whole file
+                release(self.images.cache)
+                unreleased = 0
+            yield (images.to(self.device), self.labels[idx].to(self.device)), draws
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import secrets
 from pathlib import Path
@@ -119,6 +120,15 @@ def images(memmap: np.ndarray, indices) -> torch.Tensor:
     return torch.from_numpy(batch)
 
 
+def release(memmap: np.ndarray) -> None:
+    """Unmap from this process the cache's pages read so far; they stay in the page cache, so the
+    next read of them costs a page fault, not a disk read. A mapped page counts in the process's
+    memory (RSS and PSS) until then, and an epoch reads every page of the file once."""
+    mapping = getattr(memmap, "_mmap", None)          # numpy's mmap.mmap behind an np.memmap
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def read_header(path: str | os.PathLike) -> dict | None:
     """A cache file's header as a dict (fingerprint, shape, dtype, resize, decoder, data_offset),
     or None when `path` is not a complete trainkit image cache header."""
@@ -164,7 +174,12 @@ def _decoded_blocks(paths: list[str], channels: int, size: tuple[int, int], resi
     # Not fork: the caller may hold threads (progress bars, a server) or an initialised accelerator.
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     decode = functools.partial(_decode_block, channels=channels, size=size, resize=resize)
-    with multiprocessing.get_context(method).Pool(min(workers, len(blocks))) as pool:
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # the server imports this module (and torch) once and the workers fork from it, sharing
+        # those pages, instead of each importing its own copy (a few hundred MB each)
+        context.set_forkserver_preload([__name__])
+    with context.Pool(min(workers, len(blocks))) as pool:
         yield from pool.imap(decode, blocks)                # in order; a worker's TrainkitError comes back here
 
 

@@ -18,13 +18,18 @@ from .manifest import make_manifest
 class FileImages:
     """Images that live in files, decoded when read: (N, C, H, W) uint8 like a tensor of them, but
     only the paths are held, as one numpy bytes array (no Python object per file, so forked
-    workers do not copy it page by page). Indexing with a slice or indices gives the files taken."""
+    workers do not copy it page by page). Indexing with a slice or indices gives the files taken.
+
+    `with_cache` points them at the folder's image cache (data/cache.py: the files decoded once,
+    memory-mapped): then `read` copies their rows of it instead of decoding, the same pixels."""
 
     paths: np.ndarray
     channels: int
     size: tuple[int, int]
     resize: str = "fit"
     root: Path | None = None          # the folder, for the names in a manifest
+    cache: np.ndarray | None = None   # (M, C, H, W) uint8 memory map of the decoded files, or None
+    rows: np.ndarray | None = None    # (N,) int64: each image's row in `cache`
 
     dtype = torch.uint8
 
@@ -42,7 +47,19 @@ class FileImages:
     def __getitem__(self, index) -> "FileImages":
         if isinstance(index, torch.Tensor):
             index = index.cpu().numpy()
-        return replace(self, paths=self.paths[index])
+        return replace(self, paths=self.paths[index], rows=None if self.rows is None else self.rows[index])
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def with_cache(self, cache: np.ndarray, rows) -> "FileImages":
+        """These files read from `cache`, image i from its row `rows[i]`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.shape != (len(self),) or tuple(cache.shape[1:]) != self.shape[1:]:
+            raise ValueError(f"an image cache of shape {tuple(cache.shape)} with {rows.shape} rows does not "
+                             f"hold images of shape {self.shape}")
+        return replace(self, cache=cache, rows=rows)
 
     def path(self, i: int) -> str:
         return os.fsdecode(self.paths[i])
@@ -51,9 +68,14 @@ class FileImages:
         return [Path(os.path.relpath(self.path(i), self.root)).as_posix() for i in range(len(self))]
 
     def read(self, indices) -> torch.Tensor:
-        """The images at `indices`, decoded in this process: (B, C, H, W) uint8."""
+        """The images at `indices`, decoded in this process (or copied from the cache): (B, C, H, W) uint8."""
         from .images import decode_image
 
+        if self.cache is not None:
+            from .cache import images
+
+            index = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices, dtype=np.int64)
+            return images(self.cache, self.rows[index.reshape(-1)])
         indices = [int(i) for i in indices]
         if not indices:
             return torch.zeros(0, self.channels, *self.size, dtype=torch.uint8)
