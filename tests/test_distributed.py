@@ -1,6 +1,9 @@
-"""Data-parallel training with torchrun: 2 CPU processes, gloo, bound to 127.0.0.1."""
+"""Data-parallel training with torchrun: 2 CPU processes, gloo, bound to 127.0.0.1; one agent
+with two processes, or two agents as two nodes of one process each."""
+import contextlib
 import csv
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,16 +29,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_env():
+    return {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1",
+            "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}  # gloo talks over loopback only
+
+
 def torchrun(*args, extra=(), timeout=600, popen=False):
     # c10d rendezvous, as the README recommends, with its endpoint on loopback.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=trainkit-test",
            *extra, "-m", "trainkit", *map(str, args)]
-    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1",
-           "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}  # gloo talks over loopback only
     if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def two_nodes(*args, logs, extra=()):
+    """Two torchrun agents as the two nodes of one run (one process each), meeting at a c10d
+    rendezvous on 127.0.0.1; each agent's output goes to logs/node<i>.log. Every process they
+    started is killed on the way out (each agent leads a process group of its own with its workers)."""
+    logs.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=trainkit-two-nodes", *extra,
+           "-m", "trainkit", *map(str, args)]
+    agents = []
+    try:
+        for i in range(2):
+            with open(logs / f"node{i}.log", "wb") as log:
+                agents.append(subprocess.Popen(cmd, env=torchrun_env(), stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+        yield agents
+    finally:
+        for agent in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)    # the agent and its workers, finished or not
+            agent.wait()
+
+
+def wait_all(agents, timeout):
+    deadline = time.monotonic() + timeout
+    for agent in agents:
+        agent.wait(timeout=max(1, deadline - time.monotonic()))
+    return [agent.returncode for agent in agents]
+
+
+def read_logs(logs):
+    return [(logs / f"node{i}.log").read_text(errors="replace") for i in range(2)]
+
+
+def worker_of_rank(agents, rank):
+    """The pid of the worker (a child of one of the agents) that torchrun gave RANK=rank, or None."""
+    for agent in agents:
+        children = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        for pid in map(int, children):
+            with contextlib.suppress(OSError):
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID=trainkit-two-nodes" in env:
+                    return pid
+    return None
 
 
 def rows(run_dir):
@@ -94,3 +147,55 @@ def test_a_killed_worker_restarts_from_the_checkpoint(tmp_path):
     assert [int(r["epoch"]) for r in result] == [1, 2, 3]
     assert all(int(r["train_seen"]) == 2048 for r in result)
     assert text.count("Epoch 1\n") == 1          # the restart resumed after epoch 1, not from scratch
+
+
+def test_two_nodes_train_like_one_process(single, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with two_nodes("train", *SUBSET, "--out", runs / "two", logs=tmp_path / "logs") as agents:
+        codes = wait_all(agents, timeout=600)
+    logs = read_logs(tmp_path / "logs")
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    assert sorted(p.name for p in runs.iterdir()) == ["two"]   # one run folder, in the --out both nodes were given
+    assert sorted(log.count("Test set:") for log in logs) == [0, 2]     # rank 0 alone printed, once an epoch
+    two, one = rows(runs / "two"), rows(single)
+    assert [int(r["epoch"]) for r in two] == [1, 2]
+    for r in two:
+        assert int(r["train_seen"]) == 2048 and int(r["test_total"]) == 1000   # each image once per epoch
+    # the same tolerances as two processes of one agent (test_two_processes_train_like_one)
+    assert abs(float(two[0]["train_loss"]) - float(one[0]["train_loss"])) < 1e-3
+    assert abs(float(two[0]["test_acc"]) - float(one[0]["test_acc"])) <= 0.5
+    assert abs(float(two[-1]["test_acc"]) - float(one[-1]["test_acc"])) <= 2.5
+
+
+def test_two_nodes_a_killed_worker_restarts_from_the_checkpoint(tmp_path):
+    # Two epochs: the kill lands in the second, after the first one's checkpoint. Progress bars on
+    # (rank 0's node log): they tell us which batch rank 0 is at.
+    out = tmp_path / "run"
+    args = ["--limit-train", "1024", "--limit-test", "256", "--batch-size", "32", "--epochs", "2",
+            "--precision", "fp32", "--channels-last", "off", "--out", out]
+    killed_at = None
+    with two_nodes("train", *args, logs=tmp_path / "logs", extra=["--max-restarts=1"]) as agents:
+        deadline = time.monotonic() + 400
+        while killed_at is None and time.monotonic() < deadline and all(a.poll() is None for a in agents):
+            time.sleep(0.05)
+            epoch2 = [log.split("Epoch 2\n", 1)[1] for log in read_logs(tmp_path / "logs") if "Epoch 2\n" in log]
+            batches = [int(b) for b in re.findall(r"Batch_id=(\d+)", epoch2[0])] if epoch2 else []
+            if batches and max(batches) >= 4 and (out / "last.pt").exists():
+                pid = worker_of_rank(agents, 1)     # rank 1: the worker of the node that is not rank 0's
+                assert pid is not None, "no worker of rank 1 found"
+                finished = [int(r["epoch"]) for r in rows(out)]
+                os.kill(pid, signal.SIGKILL)
+                killed_at = (max(batches), finished)
+                print(f"killed rank 1 (pid {pid}) in epoch 2 at batch {max(batches)}/32, metrics.csv's epochs {finished}")
+        codes = wait_all(agents, timeout=400)
+    logs = read_logs(tmp_path / "logs")
+    assert killed_at is not None, [log[-3000:] for log in logs]
+    assert killed_at[1] == [1]                  # killed in epoch 2, with epoch 1 done and checkpointed
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    result = rows(out)
+    assert [int(r["epoch"]) for r in result] == [1, 2]      # no epoch counted twice
+    assert all(int(r["train_seen"]) == 1024 for r in result)
+    text = "".join(logs)
+    assert text.count("Epoch 1\n") == 1        # the restart resumed after epoch 1, not from scratch
+    assert text.count("Epoch 2\n") == 2        # epoch 2 began again from its start

@@ -99,6 +99,36 @@ class EMA(Callback):
         self._saved = state
 
 
+class BestWeights(Callback):
+    """With a validation split, the run ends with the weights of its best validation epoch: they are
+    kept (on the device) whenever an epoch is the best so far, and put back before the final test,
+    so the test number, model.pt and everything made from it are of the model that was chosen.
+    Without a validation split it does nothing (the seed's behaviour: the last epoch's weights)."""
+
+    def __init__(self):
+        self.best: dict | None = None      # {"epoch", "score", "weights"}
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        r = state.result
+        if r.val_acc is None or self.best is not None and r.val_acc < self.best["score"]:
+            return           # a tie takes the later epoch, as best.pt does
+        model = state.eval_model or state.module
+        self.best = {"epoch": r.epoch, "score": r.val_acc,
+                     "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.best is None or self.best["epoch"] == len(state.history):
+            return
+        (state.eval_model or state.module).load_state_dict(self.best["weights"])
+        state.chosen_epoch = self.best["epoch"]
+
+    def state_dict(self) -> dict:
+        return dict(self.best) if self.best is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = dict(state) if state else None
+
+
 class SignalStop(Callback):
     """SIGINT/SIGTERM interrupt the run at the next step boundary (so a checkpoint of the
     unfinished epoch can be written); a second signal stops at once."""

@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
             raise TrainkitError(f"--out {args.out} cannot be combined with --resume {args.resume}: "
                                 f"a resumed run stays in its own folder")
     if args.resume:
-        cfg = load_resume_config(Path(args.resume), flags)
+        cfg = load_resume_config(Path(args.resume), flags, trust_code=args.trust_code)
     if cfg.pretrained:
         from .pretrained import prepare
         prepare(cfg.model)         # offline: one line in seconds, not a minute of retries

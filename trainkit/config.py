@@ -99,6 +99,9 @@ class TrainConfig:
     val_split: float | None = _opt(None, "hold out this fraction (or, from 1 up, this many) of the training "
                                          "images for validation: checks, best.pt, --patience and --target-acc "
                                          "then use it, and the test set is evaluated once at the end", positive=True)
+    final: str = _opt("best", "with a validation split, the weights the run ends with (the final test, model.pt, "
+                              "eval, export, serve): best (those of the best validation epoch) or last",
+                      choices=["best", "last"])
     target_acc: float | None = _opt(None, "stop once test accuracy (percent) reaches this", positive=True,
                                     maximum=100)
     evals_per_epoch: int = _opt(1, "test-set evaluations per epoch, evenly spaced; with --target-acc "

@@ -9,6 +9,8 @@ progress bar, checkpoints, early stopping, gradient clipping, an average of the 
         (per batch: forward, loss, backward) on_after_backward (optimizer step) on_batch_end
         on_evaluate                  after each mid-epoch check, and after the epoch's own evaluation
       on_epoch_end                   state.result holds the epoch's EpochResult
+    on_train_end                     after the last epoch (not when interrupted), before a validation
+                                     split's final test: BestWeights puts the best epoch's weights back
     on_fit_end                       also when the run was interrupted (state.partial)
 """
 from __future__ import annotations
@@ -113,6 +115,7 @@ class TrainState:
     stop_requested: bool = False
     interrupted: bool = False
     partial: dict | None = None            # an interrupted epoch's progress, to continue it exactly
+    chosen_epoch: int | None = None        # the epoch whose weights the run ends with, when not the last
     # The losses (batch index, 0-d device tensor) not yet read, and what the last read found.
     unread: list = field(default_factory=list, repr=False)
     _seen: tuple = field(default=(math.nan, (0.0, 0.0, 0.0)), repr=False)
@@ -180,6 +183,7 @@ class Callback:
     def on_batch_end(self, state: TrainState) -> None: ...
     def on_evaluate(self, state: TrainState) -> None: ...
     def on_epoch_end(self, state: TrainState) -> None: ...
+    def on_train_end(self, state: TrainState) -> None: ...    # the last epoch done; before the final test
     def on_fit_end(self, state: TrainState) -> None: ...
 
     def state_dict(self) -> dict:
@@ -227,7 +231,9 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 
 def _emit(callbacks: Sequence[Callback], hook: str, state: TrainState) -> None:
     for callback in callbacks:
-        getattr(callback, hook)(state)
+        method = getattr(callback, hook, None)    # a callback written before a hook existed lacks it
+        if method is not None:
+            method(state)
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
@@ -368,8 +374,10 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
                                    time.perf_counter() - start, *(numbers if final.split == "val" else ()))
         state.history.append(state.result)
         _emit(state.callbacks, "on_epoch_end", state)
+    if not state.interrupted:
+        _emit(state.callbacks, "on_train_end", state)
     if val_loader is not None and test_loader is not None and state.history and not state.interrupted:
-        test = _evaluate_now(state, None, "test")     # the test set, once
+        test = _evaluate_now(state, None, "test")     # the test set, once, of the weights the run ends with
         last = state.history[-1]
         last.test_loss, last.test_acc, last.test_correct, last.test_total = test.loss, test.acc, test.correct, test.total
     _emit(state.callbacks, "on_fit_end", state)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed
-from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
+from .callbacks import EMA, BestWeights, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .datasets import DATASETS, ImageData, dataset_loader, load_dataset
 from .distributed import Rank
@@ -291,4 +291,6 @@ def training_callbacks(cfg: TrainConfig) -> list[Callback]:
         callbacks.append(TargetAccuracy(cfg.target_acc))
     if cfg.patience is not None:
         callbacks.append(EarlyStopping(cfg.patience))
+    if cfg.final == "best":       # acts only with a validation split
+        callbacks.append(BestWeights())
     return callbacks

@@ -81,6 +81,9 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="named set of defaults (default: seed)")
     parser.add_argument("--config", help="YAML, TOML or JSON file of settings (a run's config.json works); "
                                          "flags override it")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the model code (module:factory or file.py) that a run's config.json names, "
+                             "with --config or --resume; a file only while its sha256 is the recorded one")
 
 
 def config_flags(args: argparse.Namespace) -> dict:
@@ -95,4 +98,20 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     cfg = TrainConfig().replace(**RECIPES[getattr(args, "recipe", None) or "seed"])
     if getattr(args, "config", None):
         cfg = from_mapping(load_config_file(args.config), cfg)
+        record = run_record(args.config)
+        if record is not None and "model" not in flags:   # a file trainkit wrote: its model passes the gate
+            from .models import gated_model_name
+            gated_model_name(str(args.config), cfg.model, record.get("model"),
+                             trust_code=getattr(args, "trust_code", False))
     return cfg.replace(**flags), flags
+
+
+def run_record(path) -> dict | None:
+    """The whole of a run's config.json (settings, environment, data, model) when `path` is one, else
+    None: a config file a person wrote names their own code, one trainkit wrote is data."""
+    import json
+    try:
+        saved = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and "config" in saved and "environment" in saved else None

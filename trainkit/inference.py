@@ -1,12 +1,10 @@
 """Using a finished run: evaluate it, predict image files, export the model."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from .config import TrainConfig, from_mapping, load_config_file, validate
 from .errors import TrainkitError
 from .flags import add_config_flags, config_flags
 from .loaders import normalize
-from .models import build_model, model_source, output_kind
+from .models import build_model, gated_model_name, output_kind
 from .rundir import FILES as RUN_FILES
 
 
@@ -64,38 +62,18 @@ def _data_info(path: Path) -> tuple[list[str], tuple[int, int, int], tuple[float
     return classes, shape, mean, std
 
 
-def _model_section(path: Path, cfg: TrainConfig) -> dict:
-    """How config.json says to build the model again (runs from before it said so: from the config)."""
+def _model_section(path: Path) -> dict | None:
+    """config.json's record of how to build the model (None for runs from before it was written)."""
     saved = json.loads(path.read_text(encoding="utf-8")).get("model")
-    if isinstance(saved, dict) and isinstance(saved.get("kind"), str) and isinstance(saved.get("name"), str):
-        return saved
-    return {"kind": "python", "name": cfg.model} if cfg.model.startswith("python:") else model_source(cfg.model)
+    return saved if isinstance(saved, dict) else None
 
 
 def rebuild_model(run_dir: Path, cfg: TrainConfig, in_channels: int, num_classes: int,
                   model_spec: str | None = None, trust_code: bool = False) -> nn.Module:
-    """The run's network, untrained. A run folder is data: a model that is code (module:factory,
-    file.py:factory) is imported only when the user names it again (`model_spec`) or says
-    `trust_code` (and then a recorded file must still have the sha256 it was trained with)."""
-    source = _model_section(run_dir / "config.json", cfg)
-    kind, name = source["kind"], source["name"]
-    if model_spec:
-        return build_model(model_spec, in_channels=in_channels, num_classes=num_classes)
-    if kind == "python":
-        raise TrainkitError(f"{run_dir}'s model was built in Python ({name}); trainkit cannot build it again: "
-                            f"load it with trainkit.inference.load_run({str(run_dir)!r}, model=YourModel())")
-    if kind in ("registry", "zoo"):
-        return build_model(name, in_channels=in_channels, num_classes=num_classes)
-    if not trust_code:
-        raise TrainkitError(f"{run_dir}/config.json names code ({name}); a run folder never runs code by being "
-                            f"opened: give --model {name} again, or --trust-code to import it")
-    if kind == "file":
-        path = Path(source.get("path") or name.rpartition(":")[0])
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        if digest is None or digest != source.get("sha256"):
-            raise TrainkitError(f"{path} is {'missing' if digest is None else 'not the file the run was trained with'} "
-                                f"(its sha256 differs from config.json's); name the model with --model to use it anyway")
-    print(f"trainkit: importing {name}, as {run_dir}/config.json names it (--trust-code)", file=sys.stderr)
+    """The run's network, untrained, built by way of the one gate for recorded models
+    (models.gated_model_name): a run folder is data, opening it imports no code unless asked."""
+    name = gated_model_name(str(run_dir / "config.json"), cfg.model, _model_section(run_dir / "config.json"),
+                            named=model_spec, trust_code=trust_code)
     return build_model(name, in_channels=in_channels, num_classes=num_classes)
 
 
@@ -126,7 +104,7 @@ def load_run(run_dir: str | Path, *, model: nn.Module | None = None, model_spec:
         raise TrainkitError(f"{run_dir} holds no weights (model.pt or last.pt)")
     ckpt.load_weights_into(model, state, str(source))
     model.eval()
-    outputs = _model_section(run_dir / "config.json", cfg).get("outputs") or output_kind(
+    outputs = (_model_section(run_dir / "config.json") or {}).get("outputs") or output_kind(
         model, shape, len(classes), cfg.model)
     return TrainedModel(model, cfg, classes, mean, std, shape, outputs)
 

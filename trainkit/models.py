@@ -5,6 +5,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -293,6 +294,97 @@ def model_source(name: str) -> dict:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
         return {"kind": "file", "name": f"{path}:{attr}", "path": str(path), "sha256": digest}
     return {"kind": "module", "name": name}
+
+
+# ---------------------------------------------------------------------------------------------
+# The one gate for models named by a file that trainkit wrote (a run's config.json, a checkpoint's
+# settings, a config file made from a run). Such a file is data: opening it never imports code.
+
+_ZOO_ARCH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")   # resnet18, vit_b_16, vit_base_patch16_224.augreg_in1k
+
+
+def _classify(name: str) -> str:
+    """"registry", "zoo", "python" or "code", judged by the name itself, never by what a record claims."""
+    if ":" not in name:
+        return "registry"
+    zoo, _, arch = name.partition(":")
+    if zoo in ZOOS:
+        return "zoo" if _ZOO_ARCH.fullmatch(arch) else "bad"
+    if zoo == "python":
+        return "python"
+    return "code"
+
+
+def _file_of(name: str) -> Path | None:
+    target = name.rpartition(":")[0]
+    return Path(target) if target.endswith(".py") else None
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    except OSError:
+        return None
+
+
+def gated_model_name(origin: str, recorded: str, record: dict | None = None, *, named: str | None = None,
+                     trust_code: bool = False, strict_file: bool = False) -> str:
+    """The model name to build for a run (or config file) that trainkit wrote, decided before anything
+    is imported. `recorded` is the model its settings name, `record` its config.json "model" section
+    (model_source's dict) when it has one, `origin` the file read (for messages).
+
+    - A name the user gives again on the command line (`named`) is theirs to build.
+    - A registered name is looked up; a torchvision:NAME or timm:NAME is looked up in the zoo; a name
+      that only claims to be one (a path, say) is refused, whatever the record's "kind" says.
+    - Code (module:factory, file.py:factory) is imported only with `trust_code`, and a file only while
+      its sha256 is the one recorded when the run was trained.
+    `strict_file`: a named file that changed since training is refused too (a resumed run must go on
+    with the network it started with); otherwise it is used, with a warning.
+    """
+    record = record if isinstance(record, dict) else {}
+    recorded_sha = record.get("sha256") if record.get("kind") == "file" else None
+    if isinstance(record.get("name"), str) and record.get("kind") in ("file", "module", "registry", "zoo") \
+            and record["name"] != recorded and _classify(recorded) != "python":
+        # The settings and the model section disagree: trust neither unless the user names the model.
+        if named is None:
+            raise TrainkitError(f"{origin} names two different models ({recorded!r} in its settings, "
+                                f"{record['name']!r} in its model section); give --model to choose one")
+    if named is not None:
+        file = _file_of(named) if _classify(named) == "code" else None
+        recorded_file = _file_of(recorded) if _classify(recorded) == "code" else None
+        if file is not None and recorded_file is not None and recorded_sha and \
+                file.resolve() == recorded_file.resolve() and _sha256(file) != recorded_sha:
+            if strict_file:
+                raise TrainkitError(f"{file} is not the file the run was trained with (its sha256 differs from "
+                                    f"{origin}'s); restore it, or start a new run from these weights with --init-from")
+            print(f"trainkit: warning: {file} changed since the run was trained (its sha256 differs from "
+                  f"{origin}'s); using it as --model names it", file=sys.stderr)
+        return named
+    kind = _classify(recorded)
+    if kind == "registry":
+        if recorded not in MODELS:
+            raise TrainkitError(f"{origin} names a model {recorded!r} that is not registered; give --model")
+        return recorded
+    if kind == "zoo":
+        return recorded
+    if kind == "bad":
+        raise TrainkitError(f"{origin} names {recorded!r}, which is not a torchvision or timm model name; "
+                            f"it is not imported")
+    if kind == "python":
+        raise TrainkitError(f"{origin}: the model was built in Python ({recorded}); trainkit cannot build it again: "
+                            f"give --model, or load it with trainkit.inference.load_run(RUN, model=YourModel())")
+    if not trust_code:
+        raise TrainkitError(f"{origin} names code ({recorded}); a file trainkit wrote never runs code by being "
+                            f"opened: give --model {recorded} again, or --trust-code to import it")
+    file = _file_of(recorded)
+    if file is not None:
+        digest = _sha256(file)
+        if digest is None or digest != recorded_sha:
+            why = ("is missing" if digest is None else f"has no sha256 recorded in {origin}" if not recorded_sha
+                   else f"is not the file the run was trained with (its sha256 differs from {origin}'s)")
+            raise TrainkitError(f"{file} {why}; name the model with --model to use it anyway")
+    print(f"trainkit: importing {recorded}, as {origin} names it (--trust-code)", file=sys.stderr)
+    return recorded
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -57,7 +57,9 @@ class ConsoleLogger(Callback):
 
         e = state.evaluation
         if e.after_batch is None and e.split == "test" and state.val_loader is not None:
-            self.print(test_line(e.loss, e.correct, e.total, ", evaluated once at the end"))
+            chosen = (f" with the weights of epoch {state.chosen_epoch}, the best on validation"
+                      if state.chosen_epoch is not None else "")
+            self.print(test_line(e.loss, e.correct, e.total, f", evaluated once at the end{chosen}"))
             return
         if e.after_batch is None:
             return                      # the epoch's own evaluation is printed with the epoch

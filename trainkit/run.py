@@ -61,6 +61,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
             resume_state = restore(exp, saved, str(saved_path), everyone + tracker)
             if main:
                 RunDirectory(exp, run_dir).repair(saved)
+                RunDirectory(exp, run_dir).record_config()
         elif run_dir is not None and main:
             held = prepare(run_dir)
             RunDirectory(exp, run_dir).start()

@@ -29,7 +29,7 @@ from .engine import Callback, History, TrainState, unwrap
 from .errors import TrainkitError
 from . import stream
 from .experiment import Experiment, canonical, evaluation_loader
-from .models import count_parameters, model_source
+from .models import count_parameters, gated_model_name, model_source
 
 FILES = ("config.json", "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
@@ -198,8 +198,10 @@ def restore(exp: Experiment, state: dict, source: str, callbacks: Sequence[Callb
         raise TrainkitError(f"{source} does not match this run's optimizer, schedule or callbacks ({exc})") from None
 
 
-def load_resume_config(run_dir: Path, overrides: dict) -> TrainConfig:
-    """The saved config of a run, checked against flags given again with --resume."""
+def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False) -> TrainConfig:
+    """The saved config of a run, checked against flags given again with --resume. A model that is
+    code is imported only as models.gated_model_name allows (named again, or `trust_code`, and a
+    file unchanged since training)."""
     if not (run_dir / "last.pt").is_file():
         unfinished = (f"; it was stopped before its first epoch ended, so nothing was trained: start it "
                       f"again with --out {run_dir}") if _is_run_config(run_dir / "config.json") else ""
@@ -208,7 +210,15 @@ def load_resume_config(run_dir: Path, overrides: dict) -> TrainConfig:
     if saved.precision == "auto":   # a run from before auto was measured: what it trained in
         autocast = json.loads((run_dir / "config.json").read_text()).get("environment", {}).get("autocast")
         saved = saved.replace(precision="bf16" if autocast == "bfloat16" else "fp32")
+    record = json.loads((run_dir / "config.json").read_text()).get("model")
+    gated_model_name(str(run_dir / "config.json"), saved.model, record, trust_code=trust_code, strict_file=True,
+                     named=canonical(saved.replace(model=overrides["model"])).model if "model" in overrides else None)
     given = canonical(saved.replace(**overrides))     # paths compared as absolute paths
+    if "epochs" in overrides:
+        done = ckpt.load_checkpoint(run_dir / "last.pt")["epoch"]
+        if overrides["epochs"] < done:
+            raise TrainkitError(f"--epochs {overrides['epochs']} is fewer than the {done} epochs {run_dir} has "
+                                f"already trained; give more to extend it, or leave --epochs out")
     for name in overrides:
         if name == "epochs" and given.epochs != saved.epochs:
             if saved.scheduler in FIXED_LENGTH_SCHEDULES:
@@ -296,6 +306,20 @@ class RunDirectory(Callback):
             rows = None
         if rows != [(str(r.epoch), str(r.seconds)) for r in history]:   # the epochs last.pt holds, and no other
             self._write_metrics(history)
+
+    def record_config(self) -> None:
+        """A resumed run's config.json says what runs now: an extended --epochs, say, so that
+        `--config RUN/config.json` trains the same run and `compare` sees one value. Atomic, and
+        only when something changed; the other sections (environment, data, model) are kept."""
+        path = self.dir / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or saved.get("config") == self.exp.cfg.to_dict():
+            return
+        saved["config"] = self.exp.cfg.to_dict()
+        self._guard("config.json", lambda: ckpt.atomic_write_text(path, json.dumps(saved, indent=2)))
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
