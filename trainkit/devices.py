@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import time
@@ -216,6 +217,8 @@ def check_memory(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.
 def compiled(model: nn.Module) -> nn.Module:
     """`model` under torch.compile, one graph per batch shape (dynamic=False): a run has at most two
     (its batch and a shorter last one), and static shapes make the faster kernels."""
+    # Inductor's C++ builder warns "No CUDA runtime is found" on every CPU-only machine: not news.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(model, dynamic=False)
 
 
