@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import assert_one_line_error, run_cli
 from trainkit import TrainConfig, train
 from trainkit import devices
 from trainkit.config import from_mapping, load_config_file
@@ -106,6 +107,33 @@ def test_a_compile_that_fails_is_recorded_with_its_error_and_left_out(monkeypatc
     assert torch.equal(torch.get_rng_state(), rng)
     decided = decide_compile(measured(compiled=found), "auto", steps=10**6)
     assert decided["choice"]["compile"] == "off" and "CppCompileError" in decided["compile"]["why"]
+
+
+@pytest.fixture
+def no_cxx(monkeypatch):
+    """A machine without a C++ compiler, as torch.compile searches for one."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    cpp_compiler_search.cache_clear()
+    yield
+    cpp_compiler_search.cache_clear()
+
+
+def test_without_a_cpp_compiler_compile_is_left_out_or_one_line(no_cxx, mnist):
+    found = devices.time_compiled(small_net(), sgd, F.cross_entropy, *batch(), Choice("fp32", "on"))
+    assert found["seconds"] is None and "no C++ compiler" in found["error"]
+    from trainkit import build_experiment
+    with pytest.raises(TrainkitError, match="--compile on: torch.compile found no C\\+\\+ compiler.*--compile off"):
+        build_experiment(TrainConfig(compile="on", progress=False, device="cpu"), data=mnist.limit(64, 64))
+
+
+@pytest.mark.slow
+def test_compile_on_without_a_cpp_compiler_is_one_line_from_the_cli(tmp_path):
+    proc = run_cli("train", "--compile", "--limit-train", "64", "--limit-test", "64", "--epochs", "1",
+                   "--device", "cpu", "--out", tmp_path / "run", env={"CXX": "/nonexistent/g++"})
+    assert_one_line_error(proc, "--compile on: torch.compile found no C++ compiler", "--compile off")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_compiled_steps_optimizer_is_fused_where_torch_has_one():

@@ -214,6 +214,23 @@ def check_memory(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.
     return needed
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot compile for `device` here, or None: on a CPU its code generator
+    builds C++ and needs a compiler ($CXX, else g++), which a slim image may lack."""
+    if device.type != "cpu":
+        return None
+    try:
+        from torch._inductor import cpp_builder
+    except ImportError:         # another torch layout: compiling will say for itself
+        return None
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:    # noqa: BLE001 - InvalidCxxCompiler, and whatever the search raises
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return f"torch.compile found no C++ compiler to build its CPU code with ({reason[:160]})"
+    return None
+
+
 def compiled(model: nn.Module) -> nn.Module:
     """`model` under torch.compile, one graph per batch shape (dynamic=False): a run has at most two
     (its batch and a shorter last one), and static shapes make the faster kernels."""
@@ -275,6 +292,9 @@ def time_compiled(model: nn.Module, make_optimizer: Callable, loss_fn: Callable,
     torch.compile fails (no C++ compiler, an operation it cannot trace, ...). The run's random
     number generators are left as they were."""
     choice = replace(choice, compile="on")
+    missing = compile_unavailable(x.device)
+    if missing:
+        return {"seconds": None, "finite": False, "error": missing}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if x.device.type == "cuda" else None
     try:

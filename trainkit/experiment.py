@@ -19,7 +19,7 @@ from .callbacks import EMA, BestWeights, EarlyStopping, GradientClipping, Target
 from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .datasets import DATASETS, ImageData, dataset_loader, load_dataset
 from .distributed import Rank
-from .devices import autocast_dtype, check_memory, choose, compiled, resolve_device
+from .devices import autocast_dtype, check_memory, choose, compile_unavailable, compiled, resolve_device
 from .engine import Callback
 from .errors import TrainkitError
 from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
@@ -225,6 +225,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     if cfg.batch_size % ranks.world:
         raise TrainkitError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                             f"among the {ranks.world} processes")
+    if cfg.compile == "on" and (missing := compile_unavailable(device)):
+        raise TrainkitError(f"--compile on: {missing}; install one (g++) or use --compile off")
     seed_everything(cfg.seed)
     if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
