@@ -217,3 +217,13 @@ def test_a_compiled_run_resumes_bit_for_bit(mnist, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)    # bit for bit
     saved = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert saved["config"]["compile"] == "on"
+
+
+def test_bench_compiles_the_fast_path_only():
+    from trainkit.bench import full_sides, sides
+    from trainkit.cli import build_parser
+    cfg, _ = config_from_args(build_parser().parse_args(["bench", "--quick", "--compile", "on"]))
+    assert cfg.compile == "on"
+    assert {k: v.compile for k, v in sides("cpu", cfg.compile).items()} == {"seed pipeline": "off",
+                                                                            "trainkit fast path": "on"}
+    assert [v.compile for v in full_sides("cpu").values()] == ["off", "auto", "auto"]

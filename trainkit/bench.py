@@ -30,11 +30,12 @@ from .run import train
 PROCESS_START = time.perf_counter()
 
 
-def sides(device: str) -> dict[str, TrainConfig]:
-    """The two sides: the seed's recipe on the seed's pipeline (fp32), and trainkit's fast path."""
+def sides(device: str, compile: str = "auto") -> dict[str, TrainConfig]:
+    """The two sides: the seed's recipe on the seed's pipeline (fp32, uncompiled), and trainkit's
+    fast path (compiled as `compile` says: --compile of the bench)."""
     seed = TrainConfig(device=device, progress=False, pipeline="torchvision", precision="fp32",
                        channels_last="off", compile="off")
-    fast = TrainConfig(device=device, progress=False).replace(**RECIPES["fast"])
+    fast = TrainConfig(device=device, progress=False, compile=compile).replace(**RECIPES["fast"])
     return {"seed pipeline": seed, "trainkit fast path": fast}
 
 
@@ -45,8 +46,8 @@ FAST_EVALS_PER_EPOCH = 4
 ONCE_PER_EPOCH = "trainkit fast path, evaluated once per epoch"
 
 
-def full_sides(device: str) -> dict[str, TrainConfig]:
-    seed, fast = sides(device).values()
+def full_sides(device: str, compile: str = "auto") -> dict[str, TrainConfig]:
+    seed, fast = sides(device, compile).values()
     return {"seed pipeline": seed, "trainkit fast path": fast.replace(evals_per_epoch=FAST_EVALS_PER_EPOCH),
             ONCE_PER_EPOCH: fast}
 
@@ -88,11 +89,12 @@ def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -
     return seen / (time.perf_counter() - start), exp.cfg
 
 
-def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> tuple[dict, dict]:
+def quick(device: str, data: ImageData, steps: int, batch_size: int = 512,
+          compile: str = "auto") -> tuple[dict, dict]:
     """Throughput of both sides on S5Net at the same batch size: ({side: images/s}, {side: config
     as run}). The fast path's auto precision and memory format are chosen (timed) before its timer."""
     results, configs = {}, {}
-    for name, cfg in sides(device).items():
+    for name, cfg in sides(device, compile).items():
         results[name], configs[name] = time_steps(cfg.replace(batch_size=batch_size), data, steps)
         ran = configs[name]
         asked = (cfg.precision, cfg.channels_last, cfg.compile)
@@ -211,11 +213,11 @@ SECOND_TARGET = 99.3   # the fast recipe's seeds must each reach this within the
 
 
 def full(device: str, data: ImageData, target: float, out_dir: Path,
-         configs: dict[str, TrainConfig] | None = None, seeds: int = 1) -> dict:
+         configs: dict[str, TrainConfig] | None = None, seeds: int = 1, compile: str = "auto") -> dict:
     """Time each side to `target`. The first side is the baseline; the second is the headline,
     run with `seeds` seeds (1, 2, ...) to the end of its recipe, to see each one's time to `target`
     and whether it reaches SECOND_TARGET; its mean time gives the speedup."""
-    configs = dict(configs or full_sides(device))
+    configs = dict(configs or full_sides(device, compile))
     baseline, headline = list(configs)[:2]
     if seeds > 1:
         # Fill the cache of measured choices (precision, memory format, and the compiled step where the
@@ -295,8 +297,8 @@ def full_table(report: dict, device: str) -> str:
             + f"Whole process wall time: {report['process_wall_seconds']:.0f} s\n")
 
 
-def speedrun(device: str, data: ImageData, seeds: int, out_dir: Path) -> dict:
-    base = TrainConfig(device=device, progress=False).replace(**RECIPES["speedrun"])
+def speedrun(device: str, data: ImageData, seeds: int, out_dir: Path, compile: str = "auto") -> dict:
+    base = TrainConfig(device=device, progress=False, compile=compile).replace(**RECIPES["speedrun"])
     # One untimed short run first, so one-off start-up costs (CUDA context, cuDNN) are not counted.
     time_to_target(base.replace(epochs=1), data.limit(2048, 1000), None)
     runs = [time_to_target(base.replace(seed=seed), data, base.target_acc) for seed in range(1, seeds + 1)]
@@ -335,9 +337,9 @@ def cmd_bench(args) -> int:
     device = str(resolve_device(cfg.device))
     data = get_data(cfg.replace(progress=False))
     if args.speedrun:
-        speedrun(device, data, args.seeds, Path(args.out))
+        speedrun(device, data, args.seeds, Path(args.out), cfg.compile)
     elif args.quick:
-        results, configs = quick(device, data, args.steps)
+        results, configs = quick(device, data, args.steps, compile=cfg.compile)
         fast = configs["trainkit fast path"]
         achieved, fraction, found = roofline(fast, data, results["trainkit fast path"])
         print("peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in found.items())
@@ -346,7 +348,7 @@ def cmd_bench(args) -> int:
               f"({'bf16' if fast.precision == 'bf16' and 'bf16' in found else 'fp32'}, as the step ran)")
         print(f"speedup: {results['trainkit fast path'] / results['seed pipeline']:.2f}")
     else:
-        full(device, data, args.target_acc, Path(args.out), seeds=args.seeds)
+        full(device, data, args.target_acc, Path(args.out), seeds=args.seeds, compile=cfg.compile)
     return 0
 
 
@@ -359,6 +361,6 @@ def add_command(sub) -> None:
     bench.add_argument("--target-acc", type=number(float, "--target-acc"), default=99.2,
                        help="test accuracy to reach in the full mode (default: 99.2)")
     bench.add_argument("--seeds", type=positive(int, "--seeds"), default=5, help="seeds: --speedrun's runs, and the fast path's in the full mode (default: 5)")
-    add_config_flags(bench, only=("device", "data_dir"))
+    add_config_flags(bench, only=("device", "data_dir", "compile"))   # --compile: the fast path's (the seed's stays off)
     bench.add_argument("--out", default="docs", help="folder for the JSON and markdown reports (default: docs)")
     bench.set_defaults(func=cmd_bench)
