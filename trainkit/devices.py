@@ -314,7 +314,7 @@ def time_compiled(model: nn.Module, make_optimizer: Callable, loss_fn: Callable,
 # fraction of a step, and it costs at least this many seconds per batch shape (a warm inductor
 # cache included). Short runs (every test's) then never compile to find out.
 MAX_COMPILE_SAVING = 0.5
-MIN_COMPILE_SECONDS = 10.0
+MIN_COMPILE_SECONDS = 15.0
 
 
 def could_pay_back(step_seconds: float, steps: int, shapes: int = 1) -> bool:
