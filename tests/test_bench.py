@@ -28,7 +28,10 @@ def test_quick_mode_prints_both_rates_and_their_ratio():
     assert peak > 0 and 0 < int(step[2]) <= 150
     assert abs(int(step[1]) / peak * 100 - int(step[2])) <= 2
     fast = next(line for line in lines if line.startswith("trainkit fast path:"))
-    assert re.search(rf"{step[3]} precision, channels_last (on|off) \(auto: auto, auto\)", fast), fast
+    assert re.search(rf"{step[3]} precision, channels_last (on|off), compile (on|off) \(auto: auto, auto, auto\)",
+                     fast), fast
+    seed = next(line for line in lines if line.startswith("seed pipeline:"))
+    assert "fp32 precision, channels_last off, compile off)" in seed, seed
     ratio = rates["trainkit fast path"] / rates["seed pipeline"]
     assert abs(float(last[1]) - ratio) < 0.01 * ratio + 0.01
 
@@ -87,5 +90,6 @@ def test_full_mode_runs_the_headline_over_seeds(mnist, tmp_path, monkeypatch):
         assert side["epochs_run"] == 2 and side["second_epochs_trained"] == seen
     count = sum(s["second_epochs_trained"] is not None for s in list(sides.values())[1:])
     assert head["second_reached_within_2_epochs"] == count
-    assert all(side["ran_in"] == {"precision": "fp32", "channels_last": "off"} for side in sides.values())
+    assert all(side["ran_in"] == {"precision": "fp32", "channels_last": "off", "compile": "off"}
+               for side in sides.values())
     assert f"15.0% within 2 epochs: {count} of 2 seed(s)." in (tmp_path / "bench.md").read_text()

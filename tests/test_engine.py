@@ -271,7 +271,7 @@ def test_on_device_sums_are_bit_identical_to_per_batch_reads(recipe, mnist):
     from trainkit.config import RECIPES
     from trainkit.experiment import build_experiment
     data = mnist.limit(640, 200)
-    cfg = TrainConfig(epochs=1, batch_size=128, progress=False, precision="fp32", channels_last="on",
+    cfg = TrainConfig(epochs=1, batch_size=128, progress=False, precision="fp32", channels_last="on", compile="off",
                       **{k: v for k, v in RECIPES[recipe].items() if k not in ("epochs", "batch_size")})
     first = train(cfg, data=data, write=False).history[0]
     (loss, acc, seen), (test_loss, correct, total) = previous_loop_epoch(build_experiment(cfg, data=data))

@@ -109,7 +109,8 @@ def test_the_cache_keeps_a_choice_and_a_damaged_cache_is_measured_again(monkeypa
         assert ask()["cached"] is False                                  # measured again, no error
     assert ask()["cached"] is True                                       # and written back whole
     explicit = choose(small_net(), sgd, F.cross_entropy, *batch(), precision="fp32", channels_last="on", name="small")
-    assert explicit == {"choice": {"precision": "fp32", "channels_last": "on"}, "timings": {}, "cached": False}
+    assert explicit == {"choice": {"precision": "fp32", "channels_last": "on", "compile": "off"}, "timings": {},
+                        "cached": False}
 
 
 def test_an_unwritable_cache_is_no_error(monkeypatch, tmp_path):

@@ -30,11 +30,12 @@ from .run import train
 PROCESS_START = time.perf_counter()
 
 
-def sides(device: str) -> dict[str, TrainConfig]:
-    """The two sides: the seed's recipe on the seed's pipeline (fp32), and trainkit's fast path."""
+def sides(device: str, compile: str = "auto") -> dict[str, TrainConfig]:
+    """The two sides: the seed's recipe on the seed's pipeline (fp32, uncompiled), and trainkit's
+    fast path (compiled as `compile` says: --compile of the bench)."""
     seed = TrainConfig(device=device, progress=False, pipeline="torchvision", precision="fp32",
-                       channels_last="off")
-    fast = TrainConfig(device=device, progress=False).replace(**RECIPES["fast"])
+                       channels_last="off", compile="off")
+    fast = TrainConfig(device=device, progress=False, compile=compile).replace(**RECIPES["fast"])
     return {"seed pipeline": seed, "trainkit fast path": fast}
 
 
@@ -45,8 +46,8 @@ FAST_EVALS_PER_EPOCH = 4
 ONCE_PER_EPOCH = "trainkit fast path, evaluated once per epoch"
 
 
-def full_sides(device: str) -> dict[str, TrainConfig]:
-    seed, fast = sides(device).values()
+def full_sides(device: str, compile: str = "auto") -> dict[str, TrainConfig]:
+    seed, fast = sides(device, compile).values()
     return {"seed pipeline": seed, "trainkit fast path": fast.replace(evals_per_epoch=FAST_EVALS_PER_EPOCH),
             ONCE_PER_EPOCH: fast}
 
@@ -74,7 +75,8 @@ class _Steps:
 
 def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -> tuple[float, TrainConfig]:
     """(images per second over `steps` training steps after `warmup` untimed ones, the config with
-    --precision and --channels-last auto resolved as the experiment resolved them)."""
+    --precision, --channels-last and --compile auto resolved as the experiment resolved them). The
+    warm-up steps include the compile of a compiled step."""
     exp = build_experiment(cfg, data=data)
     loader = exp.train_loader
     run = lambda n: train_one_epoch(exp.train_model, _Steps(loader, n), exp.optimizer, exp.loss_fn,
@@ -87,16 +89,18 @@ def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -
     return seen / (time.perf_counter() - start), exp.cfg
 
 
-def quick(device: str, data: ImageData, steps: int, batch_size: int = 512) -> tuple[dict, dict]:
+def quick(device: str, data: ImageData, steps: int, batch_size: int = 512,
+          compile: str = "auto") -> tuple[dict, dict]:
     """Throughput of both sides on S5Net at the same batch size: ({side: images/s}, {side: config
     as run}). The fast path's auto precision and memory format are chosen (timed) before its timer."""
     results, configs = {}, {}
-    for name, cfg in sides(device).items():
+    for name, cfg in sides(device, compile).items():
         results[name], configs[name] = time_steps(cfg.replace(batch_size=batch_size), data, steps)
         ran = configs[name]
-        asked = f" (auto: {cfg.precision}, {cfg.channels_last})" if "auto" in (cfg.precision, cfg.channels_last) else ""
+        asked = (cfg.precision, cfg.channels_last, cfg.compile)
+        asked = f" (auto: {', '.join(asked)})" if "auto" in asked else ""
         print(f"{name}: {results[name]:.0f} images/s ({ran.pipeline} pipeline, "
-              f"{ran.precision} precision, channels_last {ran.channels_last}{asked})", flush=True)
+              f"{ran.precision} precision, channels_last {ran.channels_last}, compile {ran.compile}{asked})", flush=True)
     return results, configs
 
 
@@ -126,13 +130,14 @@ def peaks(device: torch.device) -> dict[str, float]:
 
 
 def step_flops(cfg: TrainConfig, data: ImageData) -> float:
-    """Floating-point operations of one training step (forward and backward), counted by torch."""
+    """Floating-point operations of one training step (forward and backward), counted by torch on
+    the uncompiled model (the same operations; a compiled one hides them from the counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     exp = build_experiment(cfg, data=data)
     x, y = next(iter(exp.train_loader))
     with FlopCounterMode(display=False) as counter:
-        train_step(exp.train_model, x.to(exp.device), y.to(exp.device), exp.optimizer, exp.loss_fn,
+        train_step(exp.model, x.to(exp.device), y.to(exp.device), exp.optimizer, exp.loss_fn,
                    amp_dtype=exp.amp_dtype)
     return float(counter.get_total_flops())
 
@@ -161,19 +166,28 @@ class _Evaluations(Callback):
                           "test_acc": round(e.acc, 2), "seconds": time.perf_counter() - self.start})
 
 
+class _StopAfter(Callback):
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_batch_end(self, state: TrainState) -> None:
+        if state.batch + 1 >= self.steps:
+            state.stop()
+
+
 def _first(evaluations: list[dict], target: float | None) -> dict | None:
     return next((e for e in evaluations if target is not None and e["test_acc"] >= target), None)
 
 
 def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None, *, run_on: bool = False,
-                   second: float | None = None) -> dict:
+                   second: float | None = None, steps: int | None = None) -> dict:
     """Train until the test accuracy reaches `target`, timed to the evaluation that saw it. With
     `run_on` the run goes on to the recipe's last epoch, to see whether (and when) it also reaches
-    `second`."""
+    `second`. `steps`: stop after that many training steps (an untimed warm-up)."""
     cfg = validate(cfg.replace(target_acc=None if run_on else target))
     start = time.perf_counter()
     evaluations = _Evaluations(start)
-    result = train(cfg, data=data, write=False, callbacks=[evaluations])
+    result = train(cfg, data=data, write=False, callbacks=[evaluations] + ([_StopAfter(steps)] if steps else []))
     total, history = time.perf_counter() - start, result.history
     ran = result.experiment.cfg
     reached, later = _first(evaluations.seen, target), _first(evaluations.seen, second)
@@ -183,7 +197,8 @@ def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None, *, r
             "evals_per_epoch": cfg.evals_per_epoch, "total_seconds": total,
             "second_target": second, "second_epochs_trained": later and later["epochs_trained"],
             "evaluations": evaluations.seen, "accuracy_by_epoch": [round(r.test_acc, 2) for r in history],
-            "ran_in": {"precision": ran.precision, "channels_last": ran.channels_last},   # what auto chose
+            "ran_in": {"precision": ran.precision, "channels_last": ran.channels_last,   # what auto chose
+                       "compile": ran.compile},
             "config": cfg.to_dict()}
 
 
@@ -198,16 +213,17 @@ SECOND_TARGET = 99.3   # the fast recipe's seeds must each reach this within the
 
 
 def full(device: str, data: ImageData, target: float, out_dir: Path,
-         configs: dict[str, TrainConfig] | None = None, seeds: int = 1) -> dict:
+         configs: dict[str, TrainConfig] | None = None, seeds: int = 1, compile: str = "auto") -> dict:
     """Time each side to `target`. The first side is the baseline; the second is the headline,
     run with `seeds` seeds (1, 2, ...) to the end of its recipe, to see each one's time to `target`
     and whether it reaches SECOND_TARGET; its mean time gives the speedup."""
-    configs = dict(configs or full_sides(device))
+    configs = dict(configs or full_sides(device, compile))
     baseline, headline = list(configs)[:2]
     if seeds > 1:
-        # Fill the cache of measured choices (precision, memory format) on a short untimed run, as a
-        # second run on this machine would find it.
-        time_to_target(configs[headline].replace(epochs=1, target_acc=None), data.limit(2048, 1000), None)
+        # Fill the cache of measured choices (precision, memory format, and the compiled step where the
+        # whole run could pay it back) on an untimed run of one step, as a second run on this machine
+        # would find it.
+        time_to_target(configs[headline].replace(target_acc=None), data, None, steps=1)
     runs = {baseline: (configs[baseline], {})}
     for seed in range(1, seeds + 1):
         name = headline if seeds == 1 else f"{headline}, seed {seed}"
@@ -263,7 +279,9 @@ def full_table(report: dict, device: str) -> str:
     ran = {}
     for name, r in report["sides"].items():
         if "ran_in" in r:
-            ran.setdefault(f"{r['ran_in']['precision']}, channels_last {r['ran_in']['channels_last']}", []).append(name)
+            how = r["ran_in"]
+            ran.setdefault(f"{how['precision']}, channels_last {how['channels_last']}, compile {how.get('compile', 'off')}",
+                           []).append(name)
     verdict = (f"Speedup: {speedup:.2f}x (the seed recipe's time over the mean of the {head['name']}'s "
                f"{head['seeds']} seed(s), {head['mean_seconds']:.1f} s; the slowest seed {head['min_speedup']:.2f}x)"
                if speedup else "Speedup: not measured (a side did not reach the target)")
@@ -273,14 +291,14 @@ def full_table(report: dict, device: str) -> str:
             f"when each reaches {second}%.\n\n"
             + "\n".join(rows) + f"\n\n{verdict}\n"
             + f"{second}% within 2 epochs: {head['second_reached_within_2_epochs']} of {head['seeds']} seed(s).\n"
-            + "Ran in (precision, memory format): "
+            + "Ran in (precision, memory format, compile): "
             + "; ".join(f"{how} ({len(names)} side(s): {names[0]}{', ...' if len(names) > 1 else ''})"
                         for how, names in ran.items()) + "\n"
             + f"Whole process wall time: {report['process_wall_seconds']:.0f} s\n")
 
 
-def speedrun(device: str, data: ImageData, seeds: int, out_dir: Path) -> dict:
-    base = TrainConfig(device=device, progress=False).replace(**RECIPES["speedrun"])
+def speedrun(device: str, data: ImageData, seeds: int, out_dir: Path, compile: str = "auto") -> dict:
+    base = TrainConfig(device=device, progress=False, compile=compile).replace(**RECIPES["speedrun"])
     # One untimed short run first, so one-off start-up costs (CUDA context, cuDNN) are not counted.
     time_to_target(base.replace(epochs=1), data.limit(2048, 1000), None)
     runs = [time_to_target(base.replace(seed=seed), data, base.target_acc) for seed in range(1, seeds + 1)]
@@ -319,9 +337,9 @@ def cmd_bench(args) -> int:
     device = str(resolve_device(cfg.device))
     data = get_data(cfg.replace(progress=False))
     if args.speedrun:
-        speedrun(device, data, args.seeds, Path(args.out))
+        speedrun(device, data, args.seeds, Path(args.out), cfg.compile)
     elif args.quick:
-        results, configs = quick(device, data, args.steps)
+        results, configs = quick(device, data, args.steps, compile=cfg.compile)
         fast = configs["trainkit fast path"]
         achieved, fraction, found = roofline(fast, data, results["trainkit fast path"])
         print("peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in found.items())
@@ -330,7 +348,7 @@ def cmd_bench(args) -> int:
               f"({'bf16' if fast.precision == 'bf16' and 'bf16' in found else 'fp32'}, as the step ran)")
         print(f"speedup: {results['trainkit fast path'] / results['seed pipeline']:.2f}")
     else:
-        full(device, data, args.target_acc, Path(args.out), seeds=args.seeds)
+        full(device, data, args.target_acc, Path(args.out), seeds=args.seeds, compile=cfg.compile)
     return 0
 
 
@@ -343,6 +361,6 @@ def add_command(sub) -> None:
     bench.add_argument("--target-acc", type=number(float, "--target-acc"), default=99.2,
                        help="test accuracy to reach in the full mode (default: 99.2)")
     bench.add_argument("--seeds", type=positive(int, "--seeds"), default=5, help="seeds: --speedrun's runs, and the fast path's in the full mode (default: 5)")
-    add_config_flags(bench, only=("device", "data_dir"))
+    add_config_flags(bench, only=("device", "data_dir", "compile"))   # --compile: the fast path's (the seed's stays off)
     bench.add_argument("--out", default="docs", help="folder for the JSON and markdown reports (default: docs)")
     bench.set_defaults(func=cmd_bench)

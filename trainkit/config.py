@@ -96,7 +96,10 @@ class TrainConfig:
                           choices=["auto", "fp32", "bf16"])
     channels_last: str = _opt("auto", "channels_last memory format for 4-D activations: on, off, or auto "
                                       "(the faster, timed with --precision)", choices=["auto", "on", "off"])
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: str = _opt("auto", "torch.compile the training step (with a fused optimizer): on, off, or auto "
+                                "(timed after its compile, with --precision, and chosen only when it pays back "
+                                "its compile time within the run's planned steps); --compile alone: on",
+                        choices=["auto", "on", "off"])
     seed: int = _opt(1, "random seed (also of the --limit-train/--limit-test subsets and of a flat image folder's "
                         "test split)", nonneg=True, maximum=INT64_MAX)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -234,7 +237,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         return None
     kind = kind_of(f)
     if kind == "str" and isinstance(value, bool) and "on" in (f.metadata.get("choices") or ()):
-        return "on" if value else "off"     # --channels-last was true/false before it had auto
+        return "on" if value else "off"     # --channels-last and --compile were true/false before auto
     if not isinstance(value, (str, int, float)):  # bool is an int
         # A list, a mapping, a date: named, never printed (see `show`).
         raise TrainkitError(f"setting {f.name!r} must be {_KIND_NAMES[kind]}, got {show(value)}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -114,10 +115,11 @@ def bf16_native(device: torch.device) -> bool:
 class Choice:
     precision: str          # "fp32" or "bf16"
     channels_last: str      # "on" or "off"
+    compile: str = "off"    # "on": the step under torch.compile, with a fused (or foreach) optimizer
 
     @property
     def label(self) -> str:
-        return f"{self.precision}, channels_last {self.channels_last}"
+        return f"{self.precision}, channels_last {self.channels_last}" + (", compiled" if self.compile == "on" else "")
 
 
 def candidates(precision: str, channels_last: str, device: torch.device) -> list[Choice]:
@@ -212,16 +214,43 @@ def check_memory(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.
     return needed
 
 
-def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-                choice: Choice, seconds: float, max_steps: int = MAX_TIMED_STEPS) -> tuple[list[float], bool]:
-    """(seconds of each timed step, whether every loss was finite): one warm-up step, then timed
-    steps while `seconds` last (at least one), on a copy of `model` with its own optimizer."""
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot compile for `device` here, or None: on a CPU its code generator
+    builds C++ and needs a compiler ($CXX, else g++), which a slim image may lack."""
+    if device.type != "cpu":
+        return None
+    try:
+        from torch._inductor import cpp_builder
+    except ImportError:         # another torch layout: compiling will say for itself
+        return None
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:    # noqa: BLE001 - InvalidCxxCompiler, and whatever the search raises
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return f"torch.compile found no C++ compiler to build its CPU code with ({reason[:160]})"
+    return None
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """`model` under torch.compile, one graph per batch shape (dynamic=False): a run has at most two
+    (its batch and a shorter last one), and static shapes make the faster kernels."""
+    # Inductor's C++ builder warns "No CUDA runtime is found" on every CPU-only machine: not news.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return torch.compile(model, dynamic=False)
+
+
+def _time_steps(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+                choice: Choice, seconds: float, max_steps: int) -> tuple[float, list[float], bool]:
+    """(seconds of the warm-up step, seconds of each timed step, whether every loss was finite)."""
     device = x.device
     model = copy.deepcopy(model).train()
     if choice.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.parameters())
+    optimizer = make_optimizer(model.parameters(), fused=True) if choice.compile == "on" else \
+        make_optimizer(model.parameters())
+    if choice.compile == "on":
+        model = compiled(model)
     dtype = torch.bfloat16 if choice.precision == "bf16" else None
 
     def step() -> float:
@@ -233,10 +262,11 @@ def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x
         return loss.item()      # waits for the step
 
     begin = time.perf_counter()
-    finite = math.isfinite(step())
+    finite = math.isfinite(step())     # compiled: the forward's and the backward's compile happen here
     _sync(device)
-    if time.perf_counter() - begin > seconds:    # one step is already over the budget: it stands as the timing
-        return [time.perf_counter() - begin], finite
+    warmup = time.perf_counter() - begin
+    if warmup > seconds and choice.compile != "on":   # one step is already over the budget: it stands as the timing
+        return warmup, [warmup], finite
     times: list[float] = []
     begin = time.perf_counter()
     while not times or (len(times) < max_steps and time.perf_counter() - begin < seconds):
@@ -244,7 +274,88 @@ def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x
         finite = math.isfinite(step()) and finite
         _sync(device)
         times.append(time.perf_counter() - start)
+    return warmup, times, finite
+
+
+def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+                choice: Choice, seconds: float, max_steps: int = MAX_TIMED_STEPS) -> tuple[list[float], bool]:
+    """(seconds of each timed step, whether every loss was finite): one warm-up step, then timed
+    steps while `seconds` last (at least one), on a copy of `model` with its own optimizer."""
+    _, times, finite = _time_steps(model, make_optimizer, loss_fn, x, y, choice, seconds, max_steps)
     return times, finite
+
+
+def time_compiled(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+                  choice: Choice, seconds: float = MEASURE_SECONDS / 2) -> dict:
+    """The compiled step of `choice`, timed after its warm-up: {"seconds", "steps", "finite",
+    "compile_seconds" (the warm-up less one step: what compiling cost)}, or {"error"} where
+    torch.compile fails (no C++ compiler, an operation it cannot trace, ...). The run's random
+    number generators are left as they were."""
+    choice = replace(choice, compile="on")
+    missing = compile_unavailable(x.device)
+    if missing:
+        return {"seconds": None, "finite": False, "error": missing}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if x.device.type == "cuda" else None
+    try:
+        warmup, steps, finite = _time_steps(model, make_optimizer, loss_fn, x, y, choice, seconds, MAX_TIMED_STEPS)
+    except Exception as exc:    # noqa: BLE001 - torch.compile raises many types; the candidate is left out
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return {"seconds": None, "finite": False, "error": f"{type(exc).__name__}: {reason}"[:200]}
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return {"seconds": min(steps), "steps": [round(s, 6) for s in steps], "finite": finite,
+            "compile_seconds": round(max(warmup - min(steps), 0.0), 3)}
+
+
+# Compiling is timed only for a run long enough that it could pay back: at best it saves this
+# fraction of a step, and it costs at least this many seconds per batch shape (a warm inductor
+# cache included). Short runs (every test's) then never compile to find out.
+MAX_COMPILE_SAVING = 0.5
+MIN_COMPILE_SECONDS = 15.0
+
+
+def could_pay_back(step_seconds: float, steps: int, shapes: int = 1) -> bool:
+    return step_seconds * steps * MAX_COMPILE_SAVING > MIN_COMPILE_SECONDS * shapes
+
+
+def payback(eager: float, compiled_step: float, compile_seconds: float, steps: int, shapes: int = 1) -> dict:
+    """Whether compiling pays back within the run: the time it saves per step over the run's
+    planned steps against the compile time, paid once per batch shape the run trains on."""
+    saved = (eager - compiled_step) * steps
+    cost = compile_seconds * shapes
+    return {"steps": steps, "shapes": shapes, "saved_per_step": round(eager - compiled_step, 6),
+            "saved_seconds": round(saved, 3), "compile_seconds": round(cost, 3), "pays": saved > cost}
+
+
+def _timing(timings: dict, choice: Choice) -> dict:
+    """The timing of `choice`, or {} (none, or a damaged cache entry)."""
+    found = timings.get(choice.label)
+    return found if isinstance(found, dict) else {}
+
+
+def decide_compile(result: dict, compile: str, steps: int, shapes: int = 1) -> dict:
+    """`result` (a measurement of the uncompiled candidates, with the compiled one of its choice
+    timed or not) with --compile resolved: "on"/"off" as asked, auto by `payback`."""
+    best = Choice(**result["choice"])
+    result = {**result, "choice": asdict(replace(best, compile=compile if compile != "auto" else "off"))}
+    if compile != "auto":
+        return result
+    eager = _timing(result["timings"], best).get("seconds")
+    timed = _timing(result["timings"], replace(best, compile="on"))
+    if not timed or not isinstance(eager, (int, float)):
+        result["compile"] = {"chosen": "off", "why": f"not timed: {steps} steps cannot pay back a compile"}
+    elif not isinstance(timed.get("seconds"), (int, float)) or not isinstance(timed.get("compile_seconds"), (int, float)) \
+            or not timed.get("finite"):
+        result["compile"] = {"chosen": "off", "why": f"torch.compile failed: {timed.get('error', 'a loss not finite')}"}
+    else:
+        found = payback(eager, timed["seconds"], timed["compile_seconds"], steps, shapes)
+        result["compile"] = {"chosen": "on" if found["pays"] else "off", "payback": found}
+        if found["pays"]:
+            result["choice"]["compile"] = "on"
+    return result
 
 
 def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
@@ -276,7 +387,8 @@ def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: to
             torch.cuda.set_rng_state_all(cuda_rng)
     usable = [o for o in options if timings[o.label]["finite"]]
     best = min(usable, key=lambda o: timings[o.label]["seconds"]) if usable else options[0]
-    return {"choice": asdict(best), "timings": timings}
+    # The uncompiled choice, as the cache has always held it: compiling is decided after (decide_compile).
+    return {"choice": {"precision": best.precision, "channels_last": best.channels_last}, "timings": timings}
 
 
 def cache_dir() -> Path:
@@ -286,8 +398,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainkit"
 
 
-def cache_key(device: torch.device, model: str, parameters: int, input_shape: tuple, options: list[Choice]) -> str:
-    """What a measurement depends on: the machine, torch, the model and the batch (B, C, H, W)."""
+def cache_key(device: torch.device, model: str, parameters: int, input_shape: tuple, options: list[Choice],
+              compile: str = "off") -> str:
+    """What a measurement depends on: the machine, torch, the model, the batch (B, C, H, W) and
+    what was asked of compiling (auto's entry also holds the compiled step's timing)."""
     if device.type == "cuda":
         machine = {"gpu": torch.cuda.get_device_name(device)}
     else:
@@ -295,7 +409,7 @@ def cache_key(device: torch.device, model: str, parameters: int, input_shape: tu
                    "threads": torch.get_num_threads()}
     return json.dumps({"device": device.type, **machine, "torch": torch.__version__, "model": model,
                        "parameters": parameters, "input": list(input_shape),
-                       "options": [o.label for o in options]}, sort_keys=True)
+                       "options": [o.label for o in options], "compile": compile}, sort_keys=True)
 
 
 def _read_cache(path: Path) -> dict:
@@ -332,28 +446,44 @@ def store_choice(key: str, entry: dict) -> None:
 
 
 def choose(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *,
-           precision: str, channels_last: str, name: str) -> dict:
-    """Resolve `auto` in --precision and --channels-last for `model` on batches like (x, y).
+           precision: str, channels_last: str, name: str, compile: str = "off", steps: int = 1,
+           shapes: int = 1) -> dict:
+    """Resolve `auto` in --precision, --channels-last and --compile for `model` on batches like (x, y).
 
-    Returns {"choice": {"precision", "channels_last"}, "timings": {label: seconds...}, "cached": bool}
-    ("timings" is empty when there was nothing to choose). Under torchrun rank 0 measures and every
-    rank takes its choice, so that all ranks train alike.
+    Precision and memory format: the fastest of their candidates, uncompiled. Compile auto: the
+    compiled step of that choice is timed after its warm-up, and chosen only when it pays back
+    within the run's `steps` planned steps (`payback`; `shapes`: the batch shapes it trains on,
+    each compiled once); it is not timed at all for a run too short to pay back any compile.
+    `make_optimizer(params, fused=True)` makes the compiled step's optimizer.
+
+    Returns {"choice": {"precision", "channels_last", "compile"}, "timings": {label: seconds...},
+    "cached": bool} and, for compile auto, "compile": {"chosen", "payback" or "why"} ("timings" is
+    empty when there was nothing to choose). Under torchrun rank 0 measures and every rank takes
+    its choice, so that all ranks train alike.
     """
     device = x.device
     options = candidates(precision, channels_last, device)
-    if len(options) == 1:
-        return {"choice": asdict(options[0]), "timings": {}, "cached": False}
+    if len(options) == 1 and compile != "auto":
+        return {"choice": asdict(replace(options[0], compile=compile)), "timings": {}, "cached": False}
     result = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         parameters = sum(p.numel() for p in model.parameters())
-        key = cache_key(device, name, parameters, tuple(x.shape), options)
+        key = cache_key(device, name, parameters, tuple(x.shape), options, compile)
         result = cached_choice(key, options)
-        if result is not None:
-            result["cached"] = True
-        else:
+        cached = result is not None
+        if not cached:
             result = measure(model, make_optimizer, loss_fn, x, y, options)
+        best = Choice(**result["choice"])
+        eager = _timing(result["timings"], best).get("seconds")
+        if compile == "auto" and not _timing(result["timings"], replace(best, compile="on")) \
+                and isinstance(eager, (int, float)) and could_pay_back(eager, steps, shapes):
+            result["timings"][replace(best, compile="on").label] = time_compiled(model, make_optimizer, loss_fn,
+                                                                                x, y, best)
+            cached = False
+        if not cached:
             store_choice(key, result)
-            result["cached"] = False
+        result = decide_compile(result, compile, steps, shapes)
+        result["cached"] = cached
         if precision == "auto" and not bf16_native(device) and device.type in ("cpu", "cuda"):
             result["not_timed"] = "bf16: emulated on this device, so not a candidate"
     if dist.is_initialized() and dist.get_world_size() > 1:

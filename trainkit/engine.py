@@ -116,6 +116,7 @@ class TrainState:
     interrupted: bool = False
     partial: dict | None = None            # an interrupted epoch's progress, to continue it exactly
     chosen_epoch: int | None = None        # the epoch whose weights the run ends with, when not the last
+    tuning: dict | None = None             # how the run's `auto` settings were resolved (devices.choose)
     # The losses (batch index, 0-d device tensor) not yet read, and what the last read found.
     unread: list = field(default_factory=list, repr=False)
     _seen: tuple = field(default=(math.nan, (0.0, 0.0, 0.0)), repr=False)
@@ -230,6 +231,12 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wraps (DDP stays): evaluation runs it as it is, since its no-grad
+    forward would be one more graph to compile, for a few batches."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks when running distributed; itself otherwise."""
     if dist.is_available() and dist.is_initialized():
@@ -298,7 +305,7 @@ def check_points(batches: int, evals_per_epoch: int) -> frozenset[int]:
 
 def _evaluate_now(state: TrainState, after_batch: int | None, split: str | None = None) -> Evaluation:
     split = split or ("val" if state.val_loader is not None else "test")
-    loss, correct, total = evaluate(state.eval_model or state.model,
+    loss, correct, total = evaluate(state.eval_model or uncompiled(state.model),
                                     state.val_loader if split == "val" else state.test_loader,
                                     device=state.device, amp_dtype=state.amp_dtype)
     state.evaluation = Evaluation(loss, correct, total, state.epoch, after_batch, split)
@@ -341,7 +348,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
         epochs: int, loss_fn: Callable = F.cross_entropy, scheduler=None, scheduler_per_batch: bool = False,
         device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
         callbacks: Sequence[Callback] = (), evals_per_epoch: int = 1, val_loader=None,
-        resume: dict | None = None) -> History:
+        resume: dict | None = None, tuning: dict | None = None) -> History:
     """Train for `epochs` epochs and return the history.
 
     The test loader (or `val_loader`, when given: then the test set is evaluated once, at the
@@ -349,14 +356,14 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
     `evals_per_epoch` > 1 also at evenly spaced steps inside it; a callback that calls `state.stop()` after such a check
     ends the epoch there (its result then covers the images trained so far, `train_seen`).
     `resume` continues a run: {"history": rows of the finished epochs, "partial": the progress
-    of an interrupted epoch, or None}. When a callback interrupts the run, `on_fit_end` still
+    of an interrupted epoch, or None}. `tuning` is handed to the callbacks (what was measured). When a callback interrupts the run, `on_fit_end` still
     runs (with `state.partial`) and then StopRequested is raised.
     """
     device = torch.device(device)
     resume = resume or {}
     state = TrainState(model, optimizer, scheduler, train_loader, test_loader, device, amp_dtype,
                        list(callbacks), History.from_rows(resume.get("history", [])),
-                       num_batches=len(train_loader), val_loader=val_loader)
+                       num_batches=len(train_loader), val_loader=val_loader, tuning=tuning)
     partial = resume.get("partial")
     check_after = check_points(state.num_batches, evals_per_epoch)
     _emit(state.callbacks, "on_fit_start", state)

@@ -20,7 +20,7 @@ from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .data.dataset import ImageData
 from .data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
 from .distributed import Rank
-from .devices import autocast_dtype, check_memory, choose, resolve_device
+from .devices import autocast_dtype, check_memory, choose, compile_unavailable, compiled, resolve_device
 from .engine import Callback
 from .errors import TrainkitError
 from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
@@ -48,7 +48,7 @@ class Experiment:
     amp_dtype: torch.dtype | None
     rank: Rank = Rank()
     outputs: str = "log_probs"     # what the model returns: "log_probs" or "logits"
-    tuning: dict | None = None     # how --precision / --channels-last auto were resolved (devices.choose)
+    tuning: dict | None = None     # how --precision / --channels-last / --compile auto were resolved (devices.choose)
 
     def rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "train_loader": self.train_loader.state_dict()}
@@ -226,6 +226,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     if cfg.batch_size % ranks.world:
         raise TrainkitError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                             f"among the {ranks.world} processes")
+    if cfg.compile == "on" and (missing := compile_unavailable(device)):
+        raise TrainkitError(f"--compile on: {missing}; install one (g++) or use --compile off")
     seed_everything(cfg.seed)
     if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -245,8 +247,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     train_model = model
     if ranks.world > 1:  # DDP starts every rank from rank 0's weights and averages gradients
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    if cfg.compile == "on":     # evaluation runs `model` itself (engine.uncompiled): no graph to compile for it
+        train_model = compiled(train_model)
     train_loader, test_loader, val_loader = make_loaders(cfg, data, device, ranks.rank, ranks.world)
     optimizer = build_optimizer(model.parameters(), cfg)
     schedule = build_schedule(optimizer, cfg, len(train_loader))
@@ -258,15 +260,17 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
 
 def choose_settings(cfg: TrainConfig, model: nn.Module, data: ImageData, loss_fn: Callable,
                     device: torch.device, world: int = 1) -> dict:
-    """--precision and --channels-last with `auto` resolved by timing a few steps (devices.choose)
-    of a copy of `model` on a batch of this run's shape. The seed's pipeline stays in fp32.
+    """--precision, --channels-last and --compile with `auto` resolved by timing a few steps
+    (devices.choose) of a copy of `model` on a batch of this run's shape; compiling is weighed
+    against the run's planned steps. The seed's pipeline stays in fp32.
 
     Checked first, since each is one line and the timing may take a while: an optimizer with
     nothing to train, a schedule the run is too short for, and a batch whose step cannot fit in
     memory. The batch timed is at most the images there are (--batch-size 100000 of 2,048 images
     trains batches of 2,048)."""
     train_size = len(data.train_labels) if getattr(data, "train_labels", None) is not None else len(data.train)
-    build_schedule(build_optimizer(model.parameters(), cfg), cfg, math.ceil(train_size / cfg.batch_size))
+    steps_per_epoch = math.ceil(train_size / cfg.batch_size)
+    build_schedule(build_optimizer(model.parameters(), cfg), cfg, steps_per_epoch)
     precision = "fp32" if cfg.pipeline == "torchvision" and cfg.precision == "auto" else cfg.precision
     batch = max(1, min(cfg.batch_size, train_size) // world)
     few = torch.Generator().manual_seed(0)           # the run's own generators are not touched
@@ -277,8 +281,10 @@ def choose_settings(cfg: TrainConfig, model: nn.Module, data: ImageData, loss_fn
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *data.image_shape, generator=generator).to(device)
     y = torch.randint(0, data.num_classes, (batch,), generator=generator).to(device)
-    return choose(model, lambda params: build_optimizer(params, cfg), loss_fn, x, y, precision=precision,
-                  channels_last=cfg.channels_last, name=cfg.model)
+    shapes = 1 if train_size <= cfg.batch_size or train_size % cfg.batch_size == 0 else 2   # a shorter last batch
+    return choose(model, lambda params, fused=False: build_optimizer(params, cfg, fused=fused), loss_fn, x, y,
+                  precision=precision, channels_last=cfg.channels_last, name=cfg.model, compile=cfg.compile,
+                  steps=cfg.epochs * steps_per_epoch, shapes=shapes)
 
 
 def training_callbacks(cfg: TrainConfig) -> list[Callback]:

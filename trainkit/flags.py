@@ -70,6 +70,9 @@ def add_config_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None
         elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
+        elif "on" in (f.metadata["choices"] or ()):   # --compile alone: on (the flag was a switch once)
+            parser.add_argument(flag, nargs="?", const="on", default=argparse.SUPPRESS,
+                                choices=f.metadata["choices"], help=help_text)
         else:
             parse = {"int": number(int, flag), "float": number(float, flag)}.get(kind, str)
             parser.add_argument(flag, type=parse, default=argparse.SUPPRESS,

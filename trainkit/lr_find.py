@@ -19,6 +19,8 @@ from .flags import add_config_flags, add_recipe_flags, config_from_args, positiv
 def lr_sweep(cfg: TrainConfig, steps: int = 200, start_lr: float = 1e-5, end_lr: float = 1.0,
              data=None) -> tuple[list[float], list[float], float]:
     """Returns (learning rates, smoothed losses, suggested learning rate). The model is thrown away."""
+    if cfg.compile == "auto":   # `steps` steps, not the epochs auto would weigh a compile against
+        cfg = cfg.replace(compile="off")
     exp = build_experiment(cfg, data=data)
     factor = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
     lrs, losses = [], []

@@ -6,6 +6,7 @@ scheduler and whether it steps after every batch or every epoch (None for a cons
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -68,13 +69,34 @@ def onecycle(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
                                                         pct_start=warmup), per_batch=True)
 
 
-def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer. `fused` (default: with --compile on) updates all the weights in one
+    kernel where torch has one for the optimizer on this device (fused=True), else in a few
+    (foreach=True): the compiled step's optimizer. Otherwise one tensor at a time, as the seed."""
     params = list(params)
     if not any(p.requires_grad for p in params if isinstance(p, torch.Tensor)) and \
             not any(isinstance(p, dict) for p in params):      # torch: "optimizer got an empty parameter list"
         raise TrainkitError(f"the model has no trainable parameters ({len(params)} parameters, none that "
                             f"requires a gradient): there is nothing for --optimizer {cfg.optimizer} to train")
-    return OPTIMIZERS.get(cfg.optimizer)(params, cfg)
+    optimizer = OPTIMIZERS.get(cfg.optimizer)(params, cfg)
+    if fused if fused is not None else cfg.compile == "on":
+        optimizer = _fused(optimizer)
+    return optimizer
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer with fused=True, else foreach=True, where its class and the device take them."""
+    for option in ("fused", "foreach"):
+        if option not in optimizer.defaults:
+            continue
+        groups = [{k: v for k, v in group.items() if k not in ("fused", "foreach")} for group in optimizer.param_groups]
+        accepted = inspect.signature(type(optimizer)).parameters     # AdamW keeps defaults it does not take
+        settings = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("fused", "foreach")}
+        try:
+            return type(optimizer)(groups, **settings, **{option: True})
+        except (RuntimeError, TypeError, ValueError):   # no fused kernel for these tensors on this device
+            continue
+    return optimizer
 
 
 def build_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:

@@ -20,6 +20,28 @@ def test_line(loss: float, correct: int, total: int, after: str = "", split: str
             f"({100.0 * correct / max(total, 1):.2f}%)")
 
 
+def tuning_line(tuning: dict | None) -> str | None:
+    """One line saying what `auto` measured and chose (devices.choose), with the compile's payback;
+    None when nothing was measured (every setting given)."""
+    if not tuning or not tuning.get("timings"):
+        return None
+    choice = tuning["choice"]
+    timings = tuning["timings"]
+    label = f"{choice['precision']}, channels_last {choice['channels_last']}"
+    eager = (timings.get(label) or {}).get("seconds")
+    text = f"Measured{' (cached)' if tuning.get('cached') else ''}: {label}" + \
+           (f" at {eager:.3f} s/step" if isinstance(eager, (int, float)) else "")
+    decided = tuning.get("compile")
+    if decided and "payback" in decided:
+        p, step = decided["payback"], (timings.get(label + ", compiled") or {}).get("seconds")
+        verdict = "saves" if p["pays"] else "would save only"
+        text += (f"; compiled {step:.3f} s/step, {verdict} {p['saved_seconds']:.0f} s over {p['steps']:,} steps "
+                 f"against {p['compile_seconds']:.0f} s to compile: compile {decided['chosen']}")
+    elif decided:
+        text += f"; compile off ({decided['why']})"
+    return text
+
+
 class ConsoleLogger(Callback):
     """Prints the seed's lines: the learning rate, `Epoch N`, a tqdm bar and the test result."""
 
@@ -30,6 +52,11 @@ class ConsoleLogger(Callback):
         self.bar_class = bar        # tqdm.auto's: a widget in Jupyter (ipywidgets), else text
         self.bar = None
         self._next_read = 0.0
+
+    def on_fit_start(self, state: TrainState) -> None:
+        line = tuning_line(state.tuning)
+        if line:
+            self.print(line)
 
     def on_epoch_start(self, state: TrainState) -> None:
         from tqdm.auto import tqdm

@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
                       loss_fn=exp.loss_fn, scheduler=exp.scheduler, scheduler_per_batch=exp.scheduler_per_batch,
                       device=exp.device, amp_dtype=exp.amp_dtype, evals_per_epoch=cfg.evals_per_epoch,
                       val_loader=exp.val_loader,
-                      callbacks=everyone + own + writers + tracker, resume=resume_state)
+                      callbacks=everyone + own + writers + tracker, resume=resume_state, tuning=exp.tuning)
     finally:
         if held is not None:
             held.release()
