@@ -61,7 +61,7 @@ def test_torchvision_and_timm_models_build_for_the_data():
 @pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--model", "torchvision:no_such_net"], "torchvision has no model 'no_such_net'"),
-    (["--model", "torchvision:mobilenet_v3_small", "--pretrained"], "could not be built with pretrained weights"),
+    (["--model", "torchvision:mobilenet_v3_small", "--pretrained"], "--pretrained needs its weights from"),
     (["--model", "s5net", "--pretrained"], "--pretrained needs a model from torchvision:NAME or timm:NAME"),
     (["--model", "torchvision:vit_b_16"], "needs 224x224 images, these are 28x28"),   # image_size is an int there
 ])
@@ -134,6 +134,7 @@ def test_a_file_model_run_is_inert_and_describes_itself(tmp_path, mnist_dir):
     assert f"Accuracy: {last[7]}/{last[8]}" in proc.stdout and marker.exists()
     # A changed file is not imported even with --trust-code.
     (tmp_path / "work" / "mynet.py").write_text("raise SystemExit('should not run')\n")
+    Image.new("L", (28, 28)).save(tmp_path / "x.png")
     assert_one_line_error(run_cli("predict", tmp_path / "run", tmp_path / "x.png", "--trust-code"), "sha256 differs")
 
 

@@ -111,11 +111,12 @@ from trainkit.models import CompactNet
 
 class Poisoned(CompactNet):
     """Returns NaN from the 20th training step on (epoch 2 with 16 steps an epoch). The count is the
-    model's own: --precision auto times steps on a copy, which counts its own."""
+    model's own: --precision auto times steps on a copy, which counts its own; the memory estimate's
+    forward of two images is not a step."""
     calls = 0
     def forward(self, x):
         out = super().forward(x)
-        if self.training:
+        if self.training and len(x) > 2:
             self.calls += 1
             if self.calls >= 20:
                 return out * float("nan")
@@ -226,7 +227,7 @@ def test_existing_run_is_not_overwritten(small_run, tmp_path):
 def test_output_folder_not_writable(tmp_path):
     (tmp_path / "file").write_text("")
     assert_one_line_error(run_cli("train", "--out", tmp_path / "file" / "run", "--epochs", "1",
-                                  "--limit-train", "64"), "cannot write to the run directory")
+                                  "--limit-train", "64"), "a part of its path is not a folder")
 
 
 @pytest.mark.slow
