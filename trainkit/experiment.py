@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .callbacks import EMA, BestWeights, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
-from .data.dataset import ImageData
+from .data.dataset import ImageData, warn_empty_classes
 from .data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
 from .distributed import Rank
 from .devices import autocast_dtype, check_memory, choose, compile_unavailable, compiled, resolve_device
@@ -122,6 +123,9 @@ def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int
     from seed 0, the first --limit images), so that eval and --resume of such a run see its data."""
     channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
     spec = parse_dataset(cfg.dataset)
+    if before_manifests:
+        print(f"trainkit: warning: the run predates data.json, so the {cfg.dataset} data read now cannot be "
+              f"checked against what it was trained on (read as trainkit read it then)", file=sys.stderr)
     seed = 0 if before_manifests else cfg.seed
     files = folder_to_stream(spec, cfg.pipeline, channels, size, device, seed)
     if files is not None:
@@ -232,6 +236,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     data = held_out(cfg, data if data is not None else get_data(cfg, device=device, before_manifests=before_manifests))
+    if ranks.is_main:
+        warn_empty_classes(data, test_too=cfg.limit_test is None)   # --limit-test's subset warns for itself
     cfg = cfg.replace(pipeline=resolved_pipeline(cfg, data))
     if model is None:
         model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,

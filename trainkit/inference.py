@@ -92,6 +92,8 @@ def load_run(run_dir: str | Path, *, model: nn.Module | None = None, model_spec:
     settings = load_config_file(run_dir / "config.json")  # one line for a file that is empty, not JSON...
     try:
         cfg = validate(from_mapping(settings))
+        if "resize" not in settings:      # a run from before --resize: its images were stretched
+            cfg = cfg.replace(resize="stretch")
     except TrainkitError as exc:
         raise TrainkitError(f"{run_dir / 'config.json'} holds a bad setting: {exc}") from None
     classes, shape, mean, std = _data_info(run_dir / "config.json")

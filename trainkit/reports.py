@@ -385,5 +385,6 @@ def run_summary(model: nn.Module, data, history: History, matrix: torch.Tensor) 
                   f"Final: train accuracy {last.train_acc:.2f}%, {held_out}{test}, "
                   f"best {'validation' if held_out else 'test'} accuracy {history.best_acc:.2f}%", ""]
     lines.append("Per-class test accuracy:")
-    lines += [f"  {name:>12}: {acc:6.2f}%" for name, acc in zip(data.classes, per_class_accuracy(matrix))]
+    lines += [f"  {name:>12}: {acc:6.2f}%" if total else f"  {name:>12}:      - (no test image of it)"
+              for name, acc, total in zip(data.classes, per_class_accuracy(matrix), matrix.sum(1).tolist())]
     return "\n".join(lines) + "\n"

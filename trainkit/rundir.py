@@ -207,7 +207,10 @@ def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False)
         unfinished = (f"; it was stopped before its first epoch ended, so nothing was trained: start it "
                       f"again with --out {run_dir}") if _is_run_config(run_dir / "config.json") else ""
         raise TrainkitError(f"{run_dir} holds no checkpoint (last.pt) to resume from{unfinished}")
-    saved = from_mapping(load_config_file(run_dir / "config.json"))
+    settings = load_config_file(run_dir / "config.json")
+    saved = from_mapping(settings)
+    if "resize" not in settings:          # a run from before --resize: its images were stretched
+        saved = saved.replace(resize="stretch")
     if saved.precision == "auto":   # a run from before auto was measured: what it trained in
         autocast = json.loads((run_dir / "config.json").read_text()).get("environment", {}).get("autocast")
         saved = saved.replace(precision="bf16" if autocast == "bfloat16" else "fp32")

@@ -206,6 +206,22 @@ def balanced_indices(labels: torch.Tensor, count: int | None, seed: int) -> torc
     return order[turn[:count]].sort().values
 
 
+def warn_empty_classes(data: "ImageData", test_too: bool = True) -> None:
+    """One line for each split (training, validation, and test unless a subset's warning says it)
+    that holds no image of some class: such a class cannot be learnt, or its accuracy measured."""
+    splits = [("training", data.train_labels), ("validation", data.val_labels)] + \
+        ([("test", data.test_labels)] if test_too else [])
+    for split, labels in splits:
+        if labels is None:
+            continue
+        counts = torch.bincount(labels, minlength=len(data.classes)).tolist()
+        absent = [name for name, n in zip(data.classes, counts) if n == 0]
+        if absent:
+            names = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            print(f"trainkit: warning: the {split} images hold no image of {len(absent)} of the "
+                  f"{len(data.classes)} classes ({names})", file=sys.stderr)
+
+
 def warn_absent(subset_labels: torch.Tensor, all_labels: torch.Tensor, classes: list[str]) -> None:
     """One line naming the classes that the test split has and its subset lacks (their accuracy is not measured)."""
     present = set(subset_labels.tolist())

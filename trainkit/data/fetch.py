@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import tarfile
 import tempfile
 import threading
@@ -53,7 +54,10 @@ def read_limited(path: Path, limit: int, too_large: str) -> bytes:
     """A file's bytes, refused before it is read when larger than `limit` bytes (`too_large`:
     the message, after "{path} is too large ({size} bytes"), or one line when it cannot be read."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):     # a named pipe would block open() for ever
+            raise TrainkitError(f"{path} is not a regular file (a folder, a named pipe, a socket or a device)")
+        size = info.st_size
         if size > limit:
             raise TrainkitError(f"{path} is too large ({size} bytes{too_large}")
         return path.read_bytes()

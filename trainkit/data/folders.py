@@ -117,7 +117,7 @@ def report_skipped(root: Path, skipped: list[tuple[Path, str]], total: int, bad_
             path = path.relative_to(root)
         except ValueError:
             pass
-        return f"{path} ({reason[:60]})"
+        return f"{path} ({reason if len(reason) <= 120 else reason[:117] + '...'})"
     names = ", ".join(shown(p, r) for p, r in skipped[:SHOWN]) + (f" and {len(skipped) - SHOWN} more"
                                                                   if len(skipped) > SHOWN else "")
     what = f"{len(skipped)} of {total} files in {root} are not images or could not be read: {names}"
