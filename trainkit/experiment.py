@@ -123,9 +123,6 @@ def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int
     from seed 0, the first --limit images), so that eval and --resume of such a run see its data."""
     channels, size = channels or cfg.channels, size or parse_image_size(cfg.image_size)
     spec = parse_dataset(cfg.dataset)
-    if before_manifests:
-        print(f"trainkit: warning: the run predates data.json, so the {cfg.dataset} data read now cannot be "
-              f"checked against what it was trained on (read as trainkit read it then)", file=sys.stderr)
     seed = 0 if before_manifests else cfg.seed
     files = folder_to_stream(spec, cfg.pipeline, channels, size, device, seed)
     if files is not None:
@@ -135,6 +132,13 @@ def get_data(cfg: TrainConfig, channels: int | None = None, size: tuple[int, int
     return load_dataset(spec, resolve_data_dir(cfg), channels=channels, size=size, progress=cfg.progress,
                         limit_train=cfg.limit_train, limit_test=cfg.limit_test, first=before_manifests, seed=seed,
                         bad_files=cfg.bad_files, resize=cfg.resize)
+
+
+def warn_unchecked_data(cfg: TrainConfig) -> None:
+    """The line for a run from before data.json (get_data's `before_manifests`), said once the run
+    could be opened: its data is read as trainkit read it then, and cannot be checked."""
+    print(f"trainkit: warning: the run predates data.json, so the {cfg.dataset} data read now cannot be "
+          f"checked against what it was trained on (read as trainkit read it then)", file=sys.stderr)
 
 
 def augmentation(cfg: TrainConfig, data: ImageData) -> str:
@@ -236,8 +240,6 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     if device.type == "cuda":  # same seed, same flags, same numbers: no non-deterministic cuDNN kernels
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     data = held_out(cfg, data if data is not None else get_data(cfg, device=device, before_manifests=before_manifests))
-    if ranks.is_main:
-        warn_empty_classes(data, test_too=cfg.limit_test is None)   # --limit-test's subset warns for itself
     cfg = cfg.replace(pipeline=resolved_pipeline(cfg, data))
     if model is None:
         model = build_model(cfg.model, in_channels=data.image_shape[0], num_classes=data.num_classes,
@@ -246,6 +248,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
         load_initial_weights(model, Path(cfg.init_from))
     model = model.to(device)
     outputs = output_kind(model, data.image_shape, data.num_classes, cfg.model, device)
+    if ranks.is_main:       # once the run can go on: a refusal above stays one line
+        warn_empty_classes(data, test_too=cfg.limit_test is None)   # --limit-test's subset warns for itself
     tuning = choose_settings(cfg, model, data, make_loss(cfg, outputs), device, ranks.world)
     cfg = cfg.replace(**tuning["choice"])     # what ran is what config.json and the checkpoints record
     if cfg.channels_last == "on":

@@ -120,7 +120,7 @@ def _load_from_args(args) -> TrainedModel:
 
 def cmd_eval(args) -> int:
     from .data.manifest import check_same_data, read_manifest
-    from .experiment import evaluation_loader, get_data
+    from .experiment import evaluation_loader, get_data, warn_unchecked_data
     from .reports import test_line
 
     trained = _load_from_args(args)
@@ -132,6 +132,8 @@ def cmd_eval(args) -> int:
     # a run made before data.json: its data read as it was then (experiment.get_data), unchecked
     before_manifests = read_manifest(Path(args.run_dir)) is None
     data = get_data(cfg, channels=trained.image_shape[0], size=trained.image_shape[1:], before_manifests=before_manifests)
+    if before_manifests:
+        warn_unchecked_data(cfg)
     if tuple(data.image_shape) != trained.image_shape or len(data.classes) != len(trained.classes):
         raise TrainkitError(f"the data found for {cfg.dataset} ({list(data.image_shape)}, {len(data.classes)} classes) "
                             f"is not what {args.run_dir} was trained on ({list(trained.image_shape)}, "

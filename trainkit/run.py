@@ -20,7 +20,7 @@ from .data.dataset import ImageData
 from .data.manifest import check_same_data, read_manifest
 from .engine import Callback, History, fit
 from .errors import TrainkitError
-from .experiment import Experiment, build_experiment, training_callbacks
+from .experiment import Experiment, build_experiment, training_callbacks, warn_unchecked_data
 from .rundir import OWN_NAMES, RunDirectory, default_run_dir, lock_run, prepare, restore
 
 
@@ -66,6 +66,8 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
             saved = ckpt.load_checkpoint(saved_path)
             check_same_data(run_dir, exp.data.manifest(), ("train", "val", "test"), "--resume")
             resume_state = restore(exp, saved, str(saved_path), everyone + tracker)
+            if before_manifests and main:
+                warn_unchecked_data(exp.cfg)
             if main:
                 RunDirectory(exp, run_dir).repair(saved)
                 RunDirectory(exp, run_dir).record_config()

@@ -80,7 +80,9 @@ pad.addEventListener("pointermove", (e) => {
   const [x, y] = point(e); ctx.lineTo(x, y); ctx.stroke(); ask();
 });
 for (const end of ["pointerup", "pointercancel"]) pad.addEventListener(end, () => { if (drawing) { drawing = false; ask(); } });
-$("clear").addEventListener("click", () => { clearPad(); clearUpload(); clearAnswer(); });
+$("clear").addEventListener("click", () => {   // an answer still on its way is for what was cleared
+  asked++; again = false; clearPad(); clearUpload(); clearAnswer();
+});
 
 // The whole drawing is sent as a PNG: the server prepares it as it prepares an upload or a file
 // given to `trainkit predict` (for a run on digits: framed like MNIST's, see preprocess.py).
