@@ -261,6 +261,16 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         raise TrainkitError(f"setting {f.name!r}: {show(value)} is not a valid {kind}") from None
 
 
+# Settings added after runs had been written, and what a run that predates one did: its config.json
+# lacks the key, and today's default would read its data otherwise.
+BEFORE_THE_SETTING = {"resize": "stretch"}
+
+
+def run_settings(settings: dict[str, Any]) -> TrainConfig:
+    """A run's recorded settings (config.json's "config") as the config it ran with."""
+    return from_mapping({**{k: v for k, v in BEFORE_THE_SETTING.items() if k not in settings}, **settings})
+
+
 def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Apply a mapping of settings (from a file or JSON) on top of `base`; unknown keys are errors."""
     base = base or TrainConfig()

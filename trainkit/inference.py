@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, from_mapping, load_config_file, validate
+from .config import TrainConfig, load_config_file, run_settings, validate
 from .errors import TrainkitError
 from .flags import add_config_flags, config_flags
 from .loaders import normalize
@@ -91,9 +91,7 @@ def load_run(run_dir: str | Path, *, model: nn.Module | None = None, model_spec:
         raise TrainkitError(f"{run_dir} is not a trainkit run directory (no config.json)")
     settings = load_config_file(run_dir / "config.json")  # one line for a file that is empty, not JSON...
     try:
-        cfg = validate(from_mapping(settings))
-        if "resize" not in settings:      # a run from before --resize: its images were stretched
-            cfg = cfg.replace(resize="stretch")
+        cfg = validate(run_settings(settings))
     except TrainkitError as exc:
         raise TrainkitError(f"{run_dir / 'config.json'} holds a bad setting: {exc}") from None
     classes, shape, mean, std = _data_info(run_dir / "config.json")

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from . import checkpoint as ckpt
 from . import reports
-from .config import TrainConfig, flag_name, from_mapping, load_config_file
+from .config import TrainConfig, flag_name, load_config_file, run_settings
 from .data import manifest
 from .data.dataset import ImageData
 from .engine import Callback, History, TrainState, unwrap
@@ -207,15 +207,13 @@ def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False)
         unfinished = (f"; it was stopped before its first epoch ended, so nothing was trained: start it "
                       f"again with --out {run_dir}") if _is_run_config(run_dir / "config.json") else ""
         raise TrainkitError(f"{run_dir} holds no checkpoint (last.pt) to resume from{unfinished}")
-    settings = load_config_file(run_dir / "config.json")
-    saved = from_mapping(settings)
-    if "resize" not in settings:          # a run from before --resize: its images were stretched
-        saved = saved.replace(resize="stretch")
+    saved = run_settings(load_config_file(run_dir / "config.json"))   # one line for a damaged file
+    record = json.loads((run_dir / "config.json").read_text())        # its other sections
     if saved.precision == "auto":   # a run from before auto was measured: what it trained in
-        autocast = json.loads((run_dir / "config.json").read_text()).get("environment", {}).get("autocast")
+        autocast = record.get("environment", {}).get("autocast")
         saved = saved.replace(precision="bf16" if autocast == "bfloat16" else "fp32")
-    record = json.loads((run_dir / "config.json").read_text()).get("model")
-    gated_model_name(str(run_dir / "config.json"), saved.model, record, trust_code=trust_code, strict_file=True,
+    gated_model_name(str(run_dir / "config.json"), saved.model, record.get("model"), trust_code=trust_code,
+                     strict_file=True,
                      named=canonical(saved.replace(model=overrides["model"])).model if "model" in overrides else None)
     given = canonical(saved.replace(**overrides))     # paths compared as absolute paths
     if "epochs" in overrides:
