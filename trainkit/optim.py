@@ -3,6 +3,8 @@
 An optimizer function takes the parameters and the config; a schedule function takes the
 optimizer, the config and the number of steps in an epoch, and returns a `Schedule`: the torch
 scheduler and whether it steps after every batch or every epoch (None for a constant rate).
+A schedule registered with `fixed_length=True` is planned at build time for the run's epochs, so
+`--resume` cannot extend its run.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .errors import TrainkitError
 from .registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
-SCHEDULERS = Registry("scheduler")
+SCHEDULERS = Registry("scheduler", facts={"fixed_length": False})
 
 
 @OPTIMIZERS.register("sgd")
@@ -52,14 +54,14 @@ def step(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
     return Schedule(torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma))
 
 
-@SCHEDULERS.register("cosine")
+@SCHEDULERS.register("cosine", fixed_length=True)
 def cosine(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
     """From the configured rate down to 0 over the run, updated after every batch."""
     total = cfg.epochs * steps_per_epoch
     return Schedule(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), per_batch=True)
 
 
-@SCHEDULERS.register("onecycle")
+@SCHEDULERS.register("onecycle", fixed_length=True)
 def onecycle(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
     total = cfg.epochs * steps_per_epoch
     if total < 3:
