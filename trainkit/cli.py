@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .config import flag_name, settings_that
 from .errors import TrainkitError
 from .flags import Parser, add_config_flags, add_recipe_flags, config_from_args, positive
 
@@ -103,7 +104,9 @@ def add_command(sub) -> None:
     train = sub.add_parser("train", help="train a model (the seed recipe by default)")
     add_recipe_flags(train)
     train.add_argument("--out", help="run directory (default: runs/<timestamp>)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--resume", metavar="RUN_DIR", help=f"continue the run in RUN_DIR from its last checkpoint; "
+                       f"flags may then change {', '.join(map(flag_name, settings_that(on_resume='free')))} and "
+                       f"extend {', '.join(map(flag_name, settings_that(on_resume='extend')))}, not the other settings")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 

@@ -12,10 +12,9 @@ import csv
 import json
 from pathlib import Path
 
-from .config import load_config_file
+from .config import load_config_file, settings_that
 from .errors import TrainkitError
 
-IGNORED = {"progress", "workers", "data_dir"}   # settings that never change what a run computes
 SHOWN = {"epochs"}      # settings the table shows in a result column of their own (epochs: "2 of 20")
 
 
@@ -85,7 +84,8 @@ def held_out(run: dict) -> str:
 
 
 def differing_settings(runs: list[dict]) -> list[str]:
-    names = sorted({k for run in runs for k in run["config"]} - IGNORED - SHOWN)
+    """The settings that differ between the runs and change what a run computes (its `computes` fact)."""
+    names = sorted({k for run in runs for k in run["config"]} - set(settings_that(computes=False)) - SHOWN)
     return [k for k in names if len({json.dumps(run["config"].get(k)) for run in runs}) > 1]
 
 

@@ -5,9 +5,10 @@ No command module imports another: each one takes what it needs from here.
 from __future__ import annotations
 
 import argparse
-from typing import Iterable
+from typing import Iterable, Mapping
 
-from .config import RECIPES, TrainConfig, field_specs, flag_name, from_mapping, load_config_file
+from .config import (PARTS, RECIPES, TrainConfig, field_specs, flag_name, from_mapping, kind_of, load_config_file,
+                     settings_that)
 from .errors import TrainkitError
 
 
@@ -62,7 +63,8 @@ def add_config_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None
         help_text = f.metadata["help"]
         if f.metadata.get("registry"):
             help_text += f"; registered: {_registered_names(f.metadata['registry'])}"
-        help_text += f" (default: {f.default})"
+        env = f.metadata["env"]
+        help_text += f" (default: ${env}, else {f.metadata['fallback']})" if env else f" (default: {f.default})"
         flag = flag_name(f.name)
         if f.name == "mlflow":   # a flag whose value may be left out: --mlflow [URI]
             parser.add_argument(flag, nargs="?", const="auto", default=argparse.SUPPRESS, metavar="URI",
@@ -78,6 +80,37 @@ def add_config_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None
             parser.add_argument(flag, type=parse, default=argparse.SUPPRESS,
                                 choices=f.metadata["choices"], help=help_text,
                                 metavar=None if f.metadata["choices"] else kind.upper())
+
+
+class _Refused(argparse.Action):
+    """A setting's flag that the command does not take: given, it is one line saying why."""
+
+    def __init__(self, option_strings, dest, reason: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise TrainkitError(f"{parser.prog.split()[-1]} does not take {option_string}: {self.reason}")
+
+
+def add_command_flags(parser: argparse.ArgumentParser, runs: Iterable[str] = PARTS,
+                      sets: Mapping[str, str] | None = None) -> None:
+    """The flags of the settings a command honours: those read by the parts of a run it runs (`runs`,
+    config.PARTS), less those it sets itself (`sets`: setting -> how). Any other setting's flag is
+    refused in one line that says why, rather than taken and ignored."""
+    runs, sets = tuple(runs), dict(sets or {})
+    unknown = set(runs) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts of a run: {', '.join(sorted(unknown))}")
+    taken = [name for name in settings_that(part=runs) if name not in sets]
+    add_config_flags(parser, only=taken)
+    for f in field_specs():
+        if f.name in taken:
+            continue
+        part = f.metadata["part"]
+        reason = sets.get(f.name) or f"it is a setting of the run's {part} ({PARTS[part]}), which it does not run"
+        flags = [flag_name(f.name)] + ([f"--no-{flag_name(f.name)[2:]}"] if kind_of(f) == "bool" else [])
+        parser.add_argument(*flags, dest=f"refused_{f.name}", action=_Refused, reason=reason)
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:

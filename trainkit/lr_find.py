@@ -13,7 +13,7 @@ from .config import TrainConfig
 from .engine import train_step
 from .experiment import build_experiment
 from .errors import TrainkitError
-from .flags import add_config_flags, add_recipe_flags, config_from_args, positive
+from .flags import add_command_flags, add_recipe_flags, config_from_args, positive
 
 
 def lr_sweep(cfg: TrainConfig, steps: int = 200, start_lr: float = 1e-5, end_lr: float = 1.0,
@@ -94,5 +94,7 @@ def add_command(sub) -> None:
     finder.add_argument("--start-lr", type=positive(float, "--start-lr"), default=1e-5)
     finder.add_argument("--end-lr", type=positive(float, "--end-lr"), default=1.0)
     finder.add_argument("--output", default="lr_find.png", help="where to save the plot (default: lr_find.png)")
-    add_config_flags(finder, skip=("lr", "epochs", "target_acc", "patience", "tensorboard", "ema"))
+    # Training steps at a swept rate: no schedule, no epochs, no tracking.
+    add_command_flags(finder, runs=("data", "model", "step", "console"),
+                      sets={"lr": "the sweep sets it, from --start-lr to --end-lr"})
     finder.set_defaults(func=cmd_lr_find)

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from . import checkpoint as ckpt
 from . import reports
-from .config import TrainConfig, flag_name, load_config_file, run_settings
+from .config import TrainConfig, fact, flag_name, load_config_file, run_settings
 from .data import manifest
 from .data.dataset import ImageData
 from .engine import Callback, History, TrainState, unwrap
@@ -31,6 +31,7 @@ from .errors import TrainkitError
 from . import stream
 from .experiment import Experiment, canonical, evaluation_loader
 from .models import count_parameters, gated_model_name, model_source
+from .optim import SCHEDULERS
 
 FILES = ("config.json", manifest.FILE, "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
@@ -39,12 +40,6 @@ LOCK = ckpt.LOCK                 # held (flock) by the one process that writes t
 BEFORE_FIRST_CHECKPOINT = {LOCK, "config.json", manifest.FILE, "samples.png", "tensorboard", "checks.csv"}
 # Names whose temporaries an older trainkit (prefix `.tmp-`) may have left.
 OWN_NAMES = FILES + (".write-test",)
-
-# Settings that may differ when a run is resumed: they change how it is shown or where it runs,
-# not what it computes.
-MAY_CHANGE_ON_RESUME = {"progress", "workers", "device", "tensorboard", "data_dir"}
-# Schedules planned for a fixed number of steps: their runs cannot be extended.
-FIXED_LENGTH_SCHEDULES = {"onecycle", "cosine"}
 
 
 def default_run_dir() -> Path:
@@ -221,15 +216,15 @@ def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False)
         if overrides["epochs"] < done:
             raise TrainkitError(f"--epochs {overrides['epochs']} is fewer than the {done} epochs {run_dir} has "
                                 f"already trained; give more to extend it, or leave --epochs out")
-    for name in overrides:
-        if name == "epochs" and given.epochs != saved.epochs:
-            if saved.scheduler in FIXED_LENGTH_SCHEDULES:
-                raise TrainkitError(f"--epochs cannot change when resuming a run with --scheduler {saved.scheduler}: "
-                                    f"its schedule was planned for {saved.epochs} epochs")
-        elif name not in MAY_CHANGE_ON_RESUME and getattr(given, name) != getattr(saved, name):
+    for name in overrides:      # each setting says what a resume may do with it (config.ON_RESUME)
+        rule, changed = fact(name, "on_resume"), getattr(given, name) != getattr(saved, name)
+        if rule == "extend" and changed and SCHEDULERS.fact(saved.scheduler, "fixed_length"):
+            raise TrainkitError(f"{flag_name(name)} cannot change when resuming a run with --scheduler "
+                                f"{saved.scheduler}: its schedule was planned for {getattr(saved, name)} {name}")
+        if rule == "fixed" and changed:
             raise TrainkitError(f"{flag_name(name)} {getattr(given, name)} contradicts the run being resumed "
                                 f"({getattr(saved, name)}); leave it out to resume with the saved settings")
-    return saved.replace(**{k: getattr(given, k) for k in overrides if k in MAY_CHANGE_ON_RESUME | {"epochs"}})
+    return saved.replace(**{k: getattr(given, k) for k in overrides if fact(k, "on_resume") != "fixed"})
 
 
 # ---------------------------------------------------------------------------------------------

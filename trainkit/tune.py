@@ -32,10 +32,12 @@ from pathlib import Path
 from .config import TrainConfig, field_specs, from_mapping, kind_of, load_config_file, show, validate
 from .engine import Callback, TrainState
 from .errors import TrainkitError
-from .flags import add_config_flags, add_recipe_flags, config_from_args, number
+from .flags import add_command_flags, add_recipe_flags, config_from_args, number
 from .outputs import make_folder, save_figure, write_output
 
 DEFAULT_VAL_SPLIT = 0.1
+# What every trial sets itself: no bars among the trials' lines, no MLflow run per trial.
+TRIAL_SETTINGS = {"progress": False, "mlflow": None, "mlflow_register": None}
 PER_EPOCH = 1000            # pruning steps: thousandths of an epoch
 
 
@@ -64,6 +66,8 @@ def load_space(path: str | Path, base: TrainConfig) -> dict:
         name = str(key).replace("-", "_")
         if name not in fields:
             raise TrainkitError(f"search space {path}: unknown setting {show(key)}")
+        if name in TRIAL_SETTINGS:
+            raise TrainkitError(f"search space {path}: {name} cannot be searched: every trial runs with it off")
         kind = kind_of(fields[name])
         if isinstance(spec, list):
             if not spec:
@@ -189,7 +193,7 @@ def make_pruner():
 
 
 def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
-    cfg = base.replace(**values, progress=False, mlflow=None, mlflow_register=None)
+    cfg = base.replace(**{**values, **TRIAL_SETTINGS})
     if cfg.val_split is None:
         cfg = cfg.replace(val_split=DEFAULT_VAL_SPLIT)
     return validate(cfg)
@@ -384,5 +388,5 @@ def add_command(sub) -> None:
     tune.add_argument("--study-name", help="the study's name (default: the space file's name)")
     tune.add_argument("--out", help="folder of the trials' runs and the results (default: runs/tune-<space>)")
     add_recipe_flags(tune)
-    add_config_flags(tune, skip=("mlflow", "progress"))
+    add_command_flags(tune, sets={k: "every trial runs with it off" for k in TRIAL_SETTINGS})
     tune.set_defaults(func=cmd_tune)
