@@ -422,7 +422,7 @@ def resolve_data_dir(cfg: TrainConfig) -> Path:
 
 # Environment variables that are not settings: they change where files are kept or how fast they
 # are read, never what a run computes, so config.json has nothing to record about them. Each is read
-# by the module named. (A setting's own variable is its field's `env`.)
+# by the module named (its file name). (A setting's own variable is its field's `env`.)
 ENVIRONMENT = {
     "TRAINKIT_CACHE_DIR": ("devices.py", "where auto's measurements and the image caches are kept (default: "
                                          "$XDG_CACHE_HOME/trainkit, else ~/.cache/trainkit)"),
@@ -431,9 +431,9 @@ ENVIRONMENT = {
     "TRAINKIT_STREAM_WORKERS": ("stream.py", "processes that decode a streamed image folder (default: one per "
                                              "usable core)"),
     "TRAINKIT_IMAGE_CACHE": ("stream.py", "on (the default) or off: a streamed folder's decoded image cache"),
-    "TRAINKIT_MIRROR": ("data/fetch.py", "a mirror to download the datasets' files from instead of their "
+    "TRAINKIT_MIRROR": ("fetch.py", "a mirror to download the datasets' files from instead of their "
                                          "published addresses (offline sites, tests)"),
-    "TRAINKIT_DOWNLOAD_TIMEOUT": ("data/fetch.py", "seconds for one file's download, all mirrors together "
+    "TRAINKIT_DOWNLOAD_TIMEOUT": ("fetch.py", "seconds for one file's download, all mirrors together "
                                                    "(default: 120)"),
     "TRAINKIT_FAULT_AFTER_WRITES": ("checkpoint.py", "tests only: exit as SIGKILL would after this many "
                                                      "atomic writes"),
