@@ -93,6 +93,7 @@ def test_the_data_folder_default_is_its_environment_variable_else_data(monkeypat
     monkeypatch.setenv("TRAINKIT_DATA_DIR", str(tmp_path))
     assert resolve_data_dir(TrainConfig()) == tmp_path
     assert resolve_data_dir(TrainConfig(data_dir="mine")) == Path("mine")      # a setting given wins
+    assert resolve_data_dir(TrainConfig(data_dir="")) == tmp_path               # --data-dir "": not given
     monkeypatch.setenv("TRAINKIT_DATA_DIR", "")
     assert resolve_data_dir(TrainConfig()) == Path("data")
     monkeypatch.delenv("TRAINKIT_DATA_DIR")

@@ -245,9 +245,9 @@ def resolved(cfg: "TrainConfig", setting: str) -> Any:
     The one place where a setting's environment variable is read."""
     spec = next(f for f in field_specs() if f.name == setting)
     value = getattr(cfg, setting)
-    if value is None and spec.metadata["env"] and os.environ.get(spec.metadata["env"]):
-        value = _coerce(spec, os.environ[spec.metadata["env"]])
-    return spec.metadata["fallback"] if value is None else value
+    if value in (None, "") and spec.metadata["env"]:     # empty: unset, as a shell's VAR= is
+        value = _coerce(spec, os.environ.get(spec.metadata["env"]) or None)
+    return spec.metadata["fallback"] if value in (None, "") else value
 
 
 def kind_of(f: dataclasses.Field) -> str:
