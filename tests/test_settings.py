@@ -85,6 +85,20 @@ def test_the_settings_that_do_not_compute_and_those_a_resume_may_change():
         fact("no_such_setting", "computes")
 
 
+@pytest.mark.slow
+def test_workers_computes_the_torchvision_pipelines_augmentation():
+    """Why `workers` computes: DataLoader seeds each worker on its own and deals them the batches
+    in turn, so another count draws other augmentations from the same seed."""
+    from trainkit.loaders import torchvision_loader
+    images = (torch.arange(32 * 28 * 28) % 251).to(torch.uint8).reshape(32, 1, 28, 28)
+    labels = torch.zeros(32, dtype=torch.int64)
+    drawn = {workers: torch.cat([x for x, _ in torchvision_loader(images, labels, 8, mean=(0.5,), std=(0.5,),
+                                                                  train=True, seed=1, workers=workers)])
+             for workers in (1, 2)}
+    assert not torch.equal(drawn[1], drawn[2])
+    assert fact("workers", "computes") and fact("workers", "on_resume") == "free"
+
+
 def test_a_setting_with_an_unknown_part_or_resume_rule_is_refused_where_it_is_declared():
     with pytest.raises(ValueError, match="part 'epochs'"):
         _opt(1, "a setting", part="epochs")
