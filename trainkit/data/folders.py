@@ -144,9 +144,9 @@ def file_sources(paths, root: Path) -> tuple[dict[str, tuple[int, str]], list[tu
     return sources, unreadable
 
 
-def _reason(exc: TrainkitError, path: Path) -> str:
-    """The decoder's message without the file's name, which the report shows already."""
-    return str(exc).removeprefix(str(path)).strip(" :") or "cannot be read"
+def without_name(message, path) -> str:
+    """The decoder's message (or error) without the file's name, which the report shows already."""
+    return str(message).removeprefix(str(path)).strip(" :") or "cannot be read"
 
 
 def folder_format(paths: list[Path]) -> tuple[tuple[int, tuple[int, int]] | None, list[tuple[Path, str]]]:
@@ -158,7 +158,7 @@ def folder_format(paths: list[Path]) -> tuple[tuple[int, tuple[int, int]] | None
         try:
             channels, hw = image_info(path)
         except TrainkitError as exc:
-            unreadable.append((Path(path), _reason(exc, Path(path))))
+            unreadable.append((Path(path), without_name(exc, Path(path))))
             continue
         colour = colour or channels == 3
         sizes[hw] = sizes.get(hw, 0) + 1
@@ -214,7 +214,7 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
                 unreadable.append((path, exc.strerror or "cannot be read"))
                 continue
             except TrainkitError as exc:        # a header that reads, pixels that do not (a truncated JPEG)
-                unreadable.append((path, _reason(exc, path)))
+                unreadable.append((path, without_name(exc, path)))
                 continue
             keep[i] = True
             names.append(relative_name(path, root))
