@@ -148,3 +148,55 @@ def test_a_folder_reads_16_bit_exif_and_alpha_images_as_a_viewer_shows_them(tmp_
     assert len(torch.unique(ramp_read)) > 100                                  # not binarised
     assert turned[:12].float().mean() > 200 and turned[12:].float().mean() < 50
     assert alpha[0, 0] == 255 and alpha[12, 6] < 30                           # white around a black square
+
+
+def test_a_class_folder_linked_to_another_is_read_once(tmp_path, capsys):
+    root = two_classes(tmp_path / "pics" / "train")
+    two_classes(tmp_path / "pics" / "test", per_class=2)
+    (root / "dark2").symlink_to(root / "dark")                   # the same images under a second name
+    (root / "all").symlink_to(root)                              # a link above every class folder
+    elsewhere = two_classes(tmp_path / "kept" / "outside", per_class=3) / "light"
+    (root / "mid").symlink_to(elsewhere)                         # a link to a folder elsewhere: a class
+    square(tmp_path / "pics" / "test" / "mid" / "0.png", 128)
+    for pipeline in ("tensor", "stream"):
+        data = get_data(TrainConfig(dataset=f"imagefolder:{tmp_path / 'pics'}", progress=False, pipeline=pipeline))
+        assert data.classes == ["dark", "light", "mid"], pipeline
+        assert torch.bincount(data.train_labels).tolist() == [4, 4, 3], pipeline
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith(f"trainkit: warning: 2 class folders in {tmp_path / 'pics'} lead to another")
+        assert "all (leads to dark)" in warnings[0] and "dark2 (leads to dark)" in warnings[0]
+        assert "left out" in warnings[0]
+
+
+def test_an_empty_class_folder_is_named_in_one_warning(tmp_path, capsys):
+    root = two_classes(tmp_path / "pics")
+    (root / "birds").mkdir()
+    (root / "fish" / "sub").mkdir(parents=True)
+    (root / "fish" / "readme.txt").write_text("no images yet")      # not an image: still no class
+    data = load_image_folder(root)
+    assert data.classes == ["dark", "light"]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    named = [line for line in err if "no image file" in line]
+    assert named == [f"trainkit: warning: 2 class folders in {root} hold no image file (birds, fish): "
+                     f"no class is made for them"], err
+    # a class with images in test/ but none in train/ is a class (the empty-class warning of a run names it)
+    two_classes(tmp_path / "split" / "train")
+    two_classes(tmp_path / "split" / "test")
+    (tmp_path / "split" / "train" / "owls").mkdir()
+    square(tmp_path / "split" / "test" / "owls" / "0.png", 90)
+    assert split_folder(tmp_path / "split").warnings == []
+    # the only other class folder empty: the refusal comes after the warning that explains it
+    (root / "light").rename(tmp_path / "moved")
+    with pytest.raises(TrainkitError, match="needs at least two class subfolders"):
+        load_image_folder(root)
+    assert "(birds, fish)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_file_given_as_the_image_folder_is_called_a_file(tmp_path):
+    square(tmp_path / "one.png", 40)
+    proc = run_cli("train", "--dataset", f"imagefolder:{tmp_path / 'one.png'}", "--epochs", "1", "--no-progress",
+                   "--out", tmp_path / "run")
+    assert_one_line_error(proc, f"image folder {tmp_path / 'one.png'} is a file, not a folder")
+    assert "does not exist" not in proc.stderr

@@ -32,7 +32,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from .checkpoint import LOCK
 from .data.cache import build_cache, cache_file, open_cache, read_header, release
 from .data.dataset import FileImages, ImageData, channel_stats
 from .data.folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
-                            split_folder, without_name)
+                            report_warnings, split_folder, without_name)
 from .data.manifest import fingerprint
 from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
@@ -163,6 +163,7 @@ class FolderFiles:
     val: FileList | None
     classes: list[str]
     skipped: list[tuple[Path, str]]
+    warnings: list[str] = field(default_factory=list)    # about class folders, one line each
 
     def splits(self) -> dict[str, FileList]:
         return {"training": self.train, "validation": self.val, "test": self.test}
@@ -175,7 +176,7 @@ def folder_files(root: Path, seed: int = 0) -> FolderFiles:
     index = split.index()
     val = FileList.of(split.val, index) if split.val is not None else None
     return FolderFiles(root, split.layout, FileList.of(split.train, index), FileList.of(split.test, index), val,
-                       split.classes, split.skipped)
+                       split.classes, split.skipped, split.warnings)
 
 
 def decoded_bytes(files: FolderFiles, channels: int | None, size: tuple[int, int] | None) -> int:
@@ -319,6 +320,7 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
     out); without the cache, such a file stops the run when a worker meets it (the epoch is
     planned: it cannot be left out then)."""
     files = files or folder_files(root)
+    report_warnings(files.warnings)
     splits = {name: f for name, f in files.splits().items() if f is not None}
     paths = [f.path(i) for f in splits.values() for i in range(len(f))]
     total = len(paths) + len(files.skipped)
