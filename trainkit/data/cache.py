@@ -33,7 +33,7 @@ from .images import decode_image
 MAGIC = b"TRAINKIT IMAGE CACHE\n"
 FORMAT = 1
 # Raised whenever decode_image's pixels change, so caches made by an older decoder are stale.
-DECODER_VERSION = 1
+DECODER_VERSION = 2           # 2: 32-bit integer TIFFs scaled by their values' range
 _ALIGN = 4096                   # the pixels start on a page boundary
 _CHUNK = 64                     # images per task at most: enough to amortise a task, few to hold
 _SUFFIX = ".tkcache"
