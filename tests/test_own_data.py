@@ -123,6 +123,28 @@ def test_own_idx_files_are_read_gz_or_not(tmp_path):
         load_dataset(f"idx:{folder}", tmp_path, progress=False)
 
 
+def test_own_idx_extracted_and_gz_both_there_reads_the_extracted_and_says_when_they_differ(tmp_path, capsys):
+    folder = write_own_idx(tmp_path / "idx", train=12, test=6, size=(8, 8))
+    gz = folder / "train-images-idx3-ubyte.gz"
+    extracted = folder / "train-images-idx3-ubyte"
+    extracted.write_bytes(gzip.decompress(gz.read_bytes()))               # the same data twice: nothing to say
+    same = load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
+    other = np.full((12, 8, 8), 77, np.uint8)
+    extracted.write_bytes(encode_idx(other))                              # now they differ
+    for _ in range(2):                                                    # the same choice every time
+        data = load_dataset(f"idx:{folder}", tmp_path, progress=False)
+        assert (data.train_images == 77).all() and not (same.train_images == 77).all()
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err == [f"trainkit: warning: {folder} holds train-images-idx3-ubyte and train-images-idx3-ubyte.gz, "
+                       f"which hold other data: read train-images-idx3-ubyte (the extracted file is read when both "
+                       f"are there); remove the one you do not mean"]
+    assert "train-images-idx3-ubyte" in data.sources and "train-images-idx3-ubyte.gz" not in data.sources
+    gz.write_bytes(gz.read_bytes()[:30])                                  # a broken .gz beside it: said, not fatal
+    load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert "the .gz cannot be read" in capsys.readouterr().err
+
+
 def test_a_run_on_own_cifar_records_its_files(tmp_path):
     folder = own_cifar10(tmp_path / "mine", batches=(8, 8), test=6)
     cfg = TrainConfig(dataset=f"cifar10:{folder}", model="compact", epochs=1, batch_size=8, progress=False,
