@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trainkit import TrainConfig
 from trainkit.data import load_dataset
@@ -79,6 +80,48 @@ def test_own_cifar_is_unpickled_without_running_code(tmp_path):
     with pytest.raises(TrainkitError, match="test_batch is not a file in CIFAR's format"):
         load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
     assert not marker.exists()
+
+
+def test_own_cifar_pickled_with_protocol_5_is_read_and_still_runs_no_code(tmp_path):
+    folder = own_cifar10(tmp_path / "two")
+    again = tmp_path / "five"
+    again.mkdir()
+    for path in folder.iterdir():                 # the same content, pickled by protocol 5 (numpy's _frombuffer)
+        content = pickle.loads(path.read_bytes())
+        raw = pickle.dumps(content, protocol=5)
+        assert (b"_frombuffer" in raw) == (path.name != "batches.meta")
+        (again / path.name).write_bytes(raw)
+    two, five = (load_dataset(f"cifar10:{f}", tmp_path, progress=False) for f in (folder, again))
+    assert torch.equal(two.train_images, five.train_images) and torch.equal(two.test_labels, five.test_labels)
+    # a float array in Fortran order: the rebuilder keeps its dtype and order
+    from trainkit.data.formats import unpickle_cifar
+    fortran = np.arange(6, dtype=np.float32).reshape(2, 3).T
+    back = unpickle_cifar(pickle.dumps({"x": fortran}, protocol=5), "f", "a file", "")["x"]
+    assert np.array_equal(back, fortran) and back.dtype == np.float32
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    class ObjectArray:                            # _frombuffer asked for Python objects
+        def __reduce__(self):
+            numeric = (getattr(np, "_core", None) or np.core).numeric          # numpy 2, or 1
+            return (numeric._frombuffer, (b"\0" * 8, np.dtype(object), (1,), "C"))
+
+    for hostile, why in ((Evil(), "system is not allowed"), (ObjectArray(), "not plain numbers")):
+        (again / "test_batch").write_bytes(pickle.dumps({"data": hostile, "labels": [0]}, protocol=5))
+        with pytest.raises(TrainkitError, match=f"test_batch is not a file in CIFAR's format .*{why}"):
+            load_dataset(f"cifar10:{again}", tmp_path, progress=False)
+    assert not marker.exists()
+    # arrays written out of band (pickle.PickleBuffer kept apart) cannot come from one file: one line
+    buffers = []
+    (again / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]},
+                                                    protocol=5, buffer_callback=buffers.append))
+    assert buffers
+    with pytest.raises(TrainkitError, match="test_batch is not a file in CIFAR's format .*out-of-band"):
+        load_dataset(f"cifar10:{again}", tmp_path, progress=False)
 
 
 def test_plain_cifar10_names_cifar10_dir_instead_of_advising_deletion(tmp_path):
