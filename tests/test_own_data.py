@@ -124,6 +124,17 @@ def test_own_cifar_pickled_with_protocol_5_is_read_and_still_runs_no_code(tmp_pa
         load_dataset(f"cifar10:{again}", tmp_path, progress=False)
 
 
+def test_own_cifar10_says_what_it_read_and_which_batch_is_absent(tmp_path, capsys):
+    folder = own_cifar10(tmp_path / "mine", batches=(3, 3, 3, 3, 3))
+    load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert capsys.readouterr().out.strip() == f"cifar10:{folder}: read data_batch_1,2,3,4,5 and test_batch (15 + 4 images)"
+    (folder / "data_batch_4").unlink()
+    data = load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert len(data.train_labels) == 12
+    assert capsys.readouterr().out.strip() == (f"cifar10:{folder}: read data_batch_1,2,3,5 and test_batch "
+                                               f"(12 + 4 images); data_batch_4 absent")
+
+
 def test_plain_cifar10_names_cifar10_dir_instead_of_advising_deletion(tmp_path):
     folder = own_cifar10(tmp_path / "data" / "cifar-10-batches-py", batches=(2, 2, 2, 2, 2))
     with pytest.raises(TrainkitError) as info:
