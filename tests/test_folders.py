@@ -200,3 +200,19 @@ def test_a_file_given_as_the_image_folder_is_called_a_file(tmp_path):
                    "--out", tmp_path / "run")
     assert_one_line_error(proc, f"image folder {tmp_path / 'one.png'} is a file, not a folder")
     assert "does not exist" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_sizes_said_with_a_validation_split_add_up(tmp_path):
+    root = two_classes(tmp_path / "pics", per_class=10)
+    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--val-split", "0.25", "--epochs", "1",
+                   "--model", "compact", "--no-progress", "--precision", "fp32", "--channels-last", "off",
+                   "--compile", "off", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = next(line for line in proc.stdout.splitlines() if line.startswith("Image folder"))
+    assert "16 training, 4 test images" in folder                  # the folder: 20 images, 20% for testing
+    said = [line for line in proc.stdout.splitlines() if line.startswith("Validation split")]
+    assert said == ["Validation split (--val-split 0.25): 4 of the 16 training images held out; the run reads "
+                    "12 training, 4 validation and 4 test images"], proc.stdout
+    assert "Validation set: Average loss" in proc.stdout and "Accuracy: " in proc.stdout
+    assert "/4 (" in proc.stdout.split("Validation set")[1].splitlines()[0]      # scored on the 4 said
