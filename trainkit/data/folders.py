@@ -48,7 +48,6 @@ class FolderSplit:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)     # about class folders, one line each
 
-
     def index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.classes)}
 
