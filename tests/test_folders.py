@@ -169,6 +169,20 @@ def test_a_class_folder_linked_to_another_is_read_once(tmp_path, capsys):
         assert "left out" in warnings[0]
 
 
+def test_a_test_class_folder_linked_to_a_training_one_is_said(tmp_path, capsys):
+    root = tmp_path / "pics"
+    two_classes(root / "train")
+    two_classes(root / "test", per_class=2)
+    (root / "test" / "light").rename(tmp_path / "elsewhere")
+    (root / "test" / "light").symlink_to(root / "train" / "light")     # the test images are training images
+    data = load_image_folder(root)
+    assert data.classes == ["dark", "light"] and len(data.test_labels) == 6      # read, as asked
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"trainkit: warning: 1 held-out class folder in {root} leads to training images through a "
+                   f"link: test/light (leads to train/light); those images are in both splits, so their accuracy "
+                   f"is not a held-out one"], err
+
+
 def test_an_empty_class_folder_is_named_in_one_warning(tmp_path, capsys):
     root = two_classes(tmp_path / "pics")
     (root / "birds").mkdir()

@@ -7,8 +7,9 @@ subfolders are read too. Files that are not images (by suffix or content), or no
 (a FIFO would block), are left out and reported in one line, or refused with `--bad-files error`.
 A class folder is read once: one that is a link leading to another class folder of its split (or
 into one, or above one) is left out with a warning, so that the same images are never two classes;
-a link to a folder elsewhere is read as any folder. A class folder without an image file makes no
-class, and a warning names it.
+a link to a folder elsewhere is read as any folder (a test/ or val/ class folder that leads to a
+training one is read, and a warning says so). A class folder without an image file makes no class,
+and a warning names it.
 
 The scan and the split are made here, once, for both the in-memory path (`load_image_folder`) and
 the streamed one (`trainkit.stream`).
@@ -66,6 +67,7 @@ class Scan:
     skipped: list[tuple[Path, str]]
     repeats: list[tuple[str, str]]
     empty: list[str]
+    real: dict[str, str] = field(default_factory=dict)     # each class folder's real path
 
 
 def _nested(a: str, b: str) -> bool:
@@ -73,9 +75,10 @@ def _nested(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
 
 
-def _class_folders(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """(class folder names, (name, the class folder it repeats) of each left out): real folders
-    first, then links in name order, each kept unless its real path is, holds or lies in a kept one's."""
+def _class_folders(folder: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(class folder name -> real path, (name, the class folder it repeats) of each left out): real
+    folders first, then links in name order, each kept unless its real path is, holds or lies in a
+    kept one's."""
     try:
         entries = [e for e in os.scandir(folder) if not _hidden(e.name) and e.is_dir()]
     except OSError as exc:
@@ -88,14 +91,14 @@ def _class_folders(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
             kept.append((entry.name, real))
         else:
             repeats.append((entry.name, first))
-    return sorted(name for name, _ in kept), sorted(repeats)
+    return dict(sorted(kept)), sorted(repeats)
 
 
 def scan(folder: Path) -> Scan:
     """The image files of a folder of class folders (`Scan`)."""
     items, skipped = [], []
-    classes, repeats = _class_folders(folder)
-    for label in classes:
+    real, repeats = _class_folders(folder)
+    for label in real:
         for dirpath, dirnames, filenames in os.walk(folder / label):
             dirnames[:] = sorted(d for d in dirnames if not _hidden(d))     # walked in a fixed order
             for name in filenames:
@@ -114,7 +117,7 @@ def scan(folder: Path) -> Scan:
                 else:
                     items.append((path, label))
     found = {label for _, label in items}
-    return Scan(sorted(items), skipped, repeats, [label for label in classes if label not in found])
+    return Scan(sorted(items), skipped, repeats, [label for label in real if label not in found], real)
 
 
 def _class_warnings(where: Path, scans: list[Scan], classes: list[str]) -> list[str]:
@@ -127,6 +130,15 @@ def _class_warnings(where: Path, scans: list[Scan], classes: list[str]) -> list[
         lines.append(f"trainkit: warning: {len(repeats)} class folder{'s' if len(repeats) > 1 else ''} in {where} "
                      f"lead{'' if len(repeats) > 1 else 's'} to another class folder's images through a link: "
                      f"{shown}{more}; left out, so that the same images are not two classes")
+    if len(scans) > 1:                  # train/, test/ (and val/): a held-out class folder that is a training one
+        shared = [(f"{part}/{name}", f"train/{other}") for part, one in zip(("test", "val"), scans[1:])
+                  for name, real in one.real.items() for other, seen in scans[0].real.items() if _nested(real, seen)]
+        if shared:
+            shown = ", ".join(f"{name} (leads to {other})" for name, other in shared[:SHOWN])
+            more = f" and {len(shared) - SHOWN} more" if len(shared) > SHOWN else ""
+            lines.append(f"trainkit: warning: {len(shared)} held-out class folder{'s' if len(shared) > 1 else ''} in "
+                         f"{where} lead{'' if len(shared) > 1 else 's'} to training images through a link: {shown}"
+                         f"{more}; those images are in both splits, so their accuracy is not a held-out one")
     empty = sorted({name for one in scans for name in one.empty} - set(classes))
     if empty:
         shown = ", ".join(empty[:SHOWN]) + (f" and {len(empty) - SHOWN} more" if len(empty) > SHOWN else "")
