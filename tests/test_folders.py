@@ -148,3 +148,85 @@ def test_a_folder_reads_16_bit_exif_and_alpha_images_as_a_viewer_shows_them(tmp_
     assert len(torch.unique(ramp_read)) > 100                                  # not binarised
     assert turned[:12].float().mean() > 200 and turned[12:].float().mean() < 50
     assert alpha[0, 0] == 255 and alpha[12, 6] < 30                           # white around a black square
+
+
+def test_a_class_folder_linked_to_another_is_read_once(tmp_path, capsys):
+    root = two_classes(tmp_path / "pics" / "train")
+    two_classes(tmp_path / "pics" / "test", per_class=2)
+    (root / "dark2").symlink_to(root / "dark")                   # the same images under a second name
+    (root / "all").symlink_to(root)                              # a link above every class folder
+    elsewhere = two_classes(tmp_path / "kept" / "outside", per_class=3) / "light"
+    (root / "mid").symlink_to(elsewhere)                         # a link to a folder elsewhere: a class
+    square(tmp_path / "pics" / "test" / "mid" / "0.png", 128)
+    for pipeline in ("tensor", "stream"):
+        data = get_data(TrainConfig(dataset=f"imagefolder:{tmp_path / 'pics'}", progress=False, pipeline=pipeline))
+        assert data.classes == ["dark", "light", "mid"], pipeline
+        assert torch.bincount(data.train_labels).tolist() == [4, 4, 3], pipeline
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith(f"trainkit: warning: 2 class folders in {tmp_path / 'pics'} lead to another")
+        assert "all (leads to dark)" in warnings[0] and "dark2 (leads to dark)" in warnings[0]
+        assert "left out" in warnings[0]
+
+
+def test_a_test_class_folder_linked_to_a_training_one_is_said(tmp_path, capsys):
+    root = tmp_path / "pics"
+    two_classes(root / "train")
+    two_classes(root / "test", per_class=2)
+    (root / "test" / "light").rename(tmp_path / "elsewhere")
+    (root / "test" / "light").symlink_to(root / "train" / "light")     # the test images are training images
+    data = load_image_folder(root)
+    assert data.classes == ["dark", "light"] and len(data.test_labels) == 6      # read, as asked
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"trainkit: warning: 1 held-out class folder in {root} leads to training images through a "
+                   f"link: test/light (leads to train/light); those images are in both splits, so their accuracy "
+                   f"is not a held-out one"], err
+
+
+def test_an_empty_class_folder_is_named_in_one_warning(tmp_path, capsys):
+    root = two_classes(tmp_path / "pics")
+    (root / "birds").mkdir()
+    (root / "fish" / "sub").mkdir(parents=True)
+    (root / "fish" / "readme.txt").write_text("no images yet")      # not an image: still no class
+    data = load_image_folder(root)
+    assert data.classes == ["dark", "light"]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    named = [line for line in err if "no image file" in line]
+    assert named == [f"trainkit: warning: 2 class folders in {root} hold no image file (birds, fish): "
+                     f"no class is made for them"], err
+    # a class with images in test/ but none in train/ is a class (the empty-class warning of a run names it)
+    two_classes(tmp_path / "split" / "train")
+    two_classes(tmp_path / "split" / "test")
+    (tmp_path / "split" / "train" / "owls").mkdir()
+    square(tmp_path / "split" / "test" / "owls" / "0.png", 90)
+    assert split_folder(tmp_path / "split").warnings == []
+    # the only other class folder empty: the refusal comes after the warning that explains it
+    (root / "light").rename(tmp_path / "moved")
+    with pytest.raises(TrainkitError, match="needs at least two class subfolders"):
+        load_image_folder(root)
+    assert "(birds, fish)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_file_given_as_the_image_folder_is_called_a_file(tmp_path):
+    square(tmp_path / "one.png", 40)
+    proc = run_cli("train", "--dataset", f"imagefolder:{tmp_path / 'one.png'}", "--epochs", "1", "--no-progress",
+                   "--out", tmp_path / "run")
+    assert_one_line_error(proc, f"image folder {tmp_path / 'one.png'} is a file, not a folder")
+    assert "does not exist" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_sizes_said_with_a_validation_split_add_up(tmp_path):
+    root = two_classes(tmp_path / "pics", per_class=10)
+    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--val-split", "0.25", "--epochs", "1",
+                   "--model", "compact", "--no-progress", "--precision", "fp32", "--channels-last", "off",
+                   "--compile", "off", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = next(line for line in proc.stdout.splitlines() if line.startswith("Image folder"))
+    assert "16 training, 4 test images" in folder                  # the folder: 20 images, 20% for testing
+    said = [line for line in proc.stdout.splitlines() if line.startswith("Validation split")]
+    assert said == ["Validation split (--val-split 0.25): 4 of the 16 training images held out; the run reads "
+                    "12 training, 4 validation and 4 test images"], proc.stdout
+    assert "Validation set: Average loss" in proc.stdout and "Accuracy: " in proc.stdout
+    assert "/4 (" in proc.stdout.split("Validation set")[1].splitlines()[0]      # scored on the 4 said

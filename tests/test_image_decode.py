@@ -133,6 +133,41 @@ def test_16_bit_pgm_and_float_tiff_are_scaled(tmp_path):
     assert np.array_equal(got, np.rint(floats * 255).astype(np.uint8))
 
 
+@pytest.mark.parametrize("top, divisor", [(252, 1), (65000, 257), (2_000_000_000, (2**31 - 1) / 255)])
+def test_32_bit_integer_tiff_is_scaled_by_the_range_of_its_values(tmp_path, top, divisor):
+    # mode "I", 32 bits a sample: values up to 255 are 8-bit ones, up to 65535 16-bit ones, beyond
+    # that the 32-bit range (a 0-255 image used to come out black)
+    values = np.linspace(0, top, 24 * 32).reshape(24, 32).astype(np.int32)
+    image = Image.fromarray(values, "I")
+    data = encode(image, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I" and Image.open(io.BytesIO(data)).tag_v2[258] in (32, (32,))
+    got = decode_both(tmp_path, data, ".tif", 1, values.shape)
+    assert np.abs(got.astype(float) - values / divisor).max() <= 0.5 + 1e-9
+    assert got.max() == round(top / divisor) > 230                    # bright, where it was black
+    negative = values.copy()
+    negative[0, :4] = -5                                              # signed: below 0 reads as 0
+    assert (decode_image(encode(Image.fromarray(negative, "I"), "TIFF"), 1, values.shape)[0, 0, :4] == 0).all()
+
+
+def test_16_bit_and_float_images_are_scaled_by_their_range(tmp_path):
+    # a 16-bit PGM (PPM's "I") of small values is a dark 16-bit image, not 8-bit values
+    dark = np.array([[0, 100, 255, 200]], dtype=">u2")
+    got = decode_both(tmp_path, b"P5\n4 1\n65535\n" + dark.tobytes(), ".pgm", 1, (1, 4))
+    assert np.array_equal(got, np.rint(dark / 257).astype(np.uint8))
+    # an I;16 TIFF: / 257
+    sixteen = np.array([[0, 257, 65535, 32896]], dtype=np.uint16)
+    got = decode_both(tmp_path, encode(Image.fromarray(sixteen), "TIFF"), ".tif", 1, (1, 4))
+    assert np.array_equal(got, [[0, 1, 255, 128]])
+    # floats: [0, 1] * 255; up to 255 as they are; beyond, as 16-bit values; NaN and below 0 as 0
+    for floats, expected in (([0.0, 0.5, 1.0, 0.25], [0, 128, 255, 64]),
+                             ([0.0, 3.0, 254.6, 100.0], [0, 3, 255, 100]),
+                             ([0.0, 65535.0, 1e9, 32896.0], [0, 255, 255, 128]),
+                             ([np.nan, -4.0, 0.5, 200.0], [0, 0, 0, 200])):
+        image = Image.fromarray(np.array([floats], dtype=np.float32), "F")
+        got = decode_both(tmp_path, encode(image, "TIFF"), ".tif", 1, (1, 4))
+        assert got.tolist() == [expected], floats
+
+
 def test_16_bit_rgb_png_keeps_its_colours(tmp_path):
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

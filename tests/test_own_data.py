@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trainkit import TrainConfig
 from trainkit.data import load_dataset
@@ -81,6 +82,59 @@ def test_own_cifar_is_unpickled_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+def test_own_cifar_pickled_with_protocol_5_is_read_and_still_runs_no_code(tmp_path):
+    folder = own_cifar10(tmp_path / "two")
+    again = tmp_path / "five"
+    again.mkdir()
+    for path in folder.iterdir():                 # the same content, pickled by protocol 5 (numpy's _frombuffer)
+        content = pickle.loads(path.read_bytes())
+        raw = pickle.dumps(content, protocol=5)
+        assert (b"_frombuffer" in raw) == (path.name != "batches.meta")
+        (again / path.name).write_bytes(raw)
+    two, five = (load_dataset(f"cifar10:{f}", tmp_path, progress=False) for f in (folder, again))
+    assert torch.equal(two.train_images, five.train_images) and torch.equal(two.test_labels, five.test_labels)
+    # a float array in Fortran order: the rebuilder keeps its dtype and order
+    from trainkit.data.formats import unpickle_cifar
+    fortran = np.arange(6, dtype=np.float32).reshape(2, 3).T
+    back = unpickle_cifar(pickle.dumps({"x": fortran}, protocol=5), "f", "a file", "")["x"]
+    assert np.array_equal(back, fortran) and back.dtype == np.float32
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    class ObjectArray:                            # _frombuffer asked for Python objects
+        def __reduce__(self):
+            numeric = (getattr(np, "_core", None) or np.core).numeric          # numpy 2, or 1
+            return (numeric._frombuffer, (b"\0" * 8, np.dtype(object), (1,), "C"))
+
+    for hostile, why in ((Evil(), "system is not allowed"), (ObjectArray(), "not plain numbers")):
+        (again / "test_batch").write_bytes(pickle.dumps({"data": hostile, "labels": [0]}, protocol=5))
+        with pytest.raises(TrainkitError, match=f"test_batch is not a file in CIFAR's format .*{why}"):
+            load_dataset(f"cifar10:{again}", tmp_path, progress=False)
+    assert not marker.exists()
+    # arrays written out of band (pickle.PickleBuffer kept apart) cannot come from one file: one line
+    buffers = []
+    (again / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]},
+                                                    protocol=5, buffer_callback=buffers.append))
+    assert buffers
+    with pytest.raises(TrainkitError, match="test_batch is not a file in CIFAR's format .*out-of-band"):
+        load_dataset(f"cifar10:{again}", tmp_path, progress=False)
+
+
+def test_own_cifar10_says_what_it_read_and_which_batch_is_absent(tmp_path, capsys):
+    folder = own_cifar10(tmp_path / "mine", batches=(3, 3, 3, 3, 3))
+    load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert capsys.readouterr().out.strip() == f"cifar10:{folder}: read data_batch_1,2,3,4,5 and test_batch (15 + 4 images)"
+    (folder / "data_batch_4").unlink()
+    data = load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert len(data.train_labels) == 12
+    assert capsys.readouterr().out.strip() == (f"cifar10:{folder}: read data_batch_1,2,3,5 and test_batch "
+                                               f"(12 + 4 images); data_batch_4 absent")
+
+
 def test_plain_cifar10_names_cifar10_dir_instead_of_advising_deletion(tmp_path):
     folder = own_cifar10(tmp_path / "data" / "cifar-10-batches-py", batches=(2, 2, 2, 2, 2))
     with pytest.raises(TrainkitError) as info:
@@ -121,6 +175,28 @@ def test_own_idx_files_are_read_gz_or_not(tmp_path):
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(encode_idx(np.zeros(9, np.uint8)))[:20])
     with pytest.raises(TrainkitError, match="truncated or corrupt"):
         load_dataset(f"idx:{folder}", tmp_path, progress=False)
+
+
+def test_own_idx_extracted_and_gz_both_there_reads_the_extracted_and_says_when_they_differ(tmp_path, capsys):
+    folder = write_own_idx(tmp_path / "idx", train=12, test=6, size=(8, 8))
+    gz = folder / "train-images-idx3-ubyte.gz"
+    extracted = folder / "train-images-idx3-ubyte"
+    extracted.write_bytes(gzip.decompress(gz.read_bytes()))               # the same data twice: nothing to say
+    same = load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
+    other = np.full((12, 8, 8), 77, np.uint8)
+    extracted.write_bytes(encode_idx(other))                              # now they differ
+    for _ in range(2):                                                    # the same choice every time
+        data = load_dataset(f"idx:{folder}", tmp_path, progress=False)
+        assert (data.train_images == 77).all() and not (same.train_images == 77).all()
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err == [f"trainkit: warning: {folder} holds train-images-idx3-ubyte and train-images-idx3-ubyte.gz, "
+                       f"which hold other data: read train-images-idx3-ubyte (the extracted file is read when both "
+                       f"are there); remove the one you do not mean"]
+    assert "train-images-idx3-ubyte" in data.sources and "train-images-idx3-ubyte.gz" not in data.sources
+    gz.write_bytes(gz.read_bytes()[:30])                                  # a broken .gz beside it: said, not fatal
+    load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert "the .gz cannot be read" in capsys.readouterr().err
 
 
 def test_a_run_on_own_cifar_records_its_files(tmp_path):

@@ -219,3 +219,64 @@ def test_a_second_process_waits_for_the_build_and_opens_it(folder, tmp_path, cap
     reader.join(timeout=60)
     assert not reader.is_alive() and got[0].train_images.cached
     assert "decoding 60 images once" in capsys.readouterr().out
+
+
+def test_an_undecodable_file_is_left_out_of_the_cache_as_in_memory(folder, tmp_path, capsys, decodes):
+    # a PNG whose header reads and whose pixels do not: found by the cache's build, not before
+    broken = sorted((folder / "class1").glob("*.png"))[2]
+    broken.write_bytes(broken.read_bytes()[:60])
+    cfg = TrainConfig(dataset=f"imagefolder:{folder}", image_size="16", progress=False, val_split=0.2, seed=2)
+    memory = held_out(cfg, get_data(cfg.replace(pipeline="tensor")))
+    out, err = capsys.readouterr()
+    memory_warning = [line for line in err.splitlines() if line.strip()]
+    memory_said = [line for line in out.splitlines() if line.startswith("Image folder")]
+    assert len(memory_said) == 1 and "47 training, 12 test images" in memory_said[0]
+    for build in ("built", "reopened"):
+        decodes[0] = 0
+        cached = held_out(cfg, get_data(cfg.replace(pipeline="stream")))
+        out, err = capsys.readouterr()
+        assert ("decoding 60 images once" in out) == (build == "built"), build
+        assert (decodes[0] >= 59) == (build == "built"), build     # reopened: nothing decoded again
+        # one line, word for word the in-memory path's: the count and the file's name
+        assert [line for line in err.splitlines() if line.strip()] == memory_warning, build
+        assert len(memory_warning) == 1 and "1 of 60 files" in memory_warning[0]
+        assert f"class1/{broken.name} (is not a readable image" in memory_warning[0]
+        assert [line for line in out.splitlines() if line.startswith("Image folder")] == memory_said, build
+        for split in ("train", "val", "test"):
+            labels = getattr(cached, f"{split}_labels")
+            assert torch.equal(labels, getattr(memory, f"{split}_labels")), (build, split)
+            assert torch.equal(getattr(cached, f"{split}_images").read(range(len(labels))),
+                               getattr(memory, f"{split}_images")), (build, split)
+        names = cached.train_images.names() + cached.val_images.names() + cached.test_images.names()
+        assert len(names) == 59 and f"class1/{broken.name}" not in names
+        assert f"class1/{broken.name}" not in str(cached.manifest())           # nor in data.json
+    assert len(read_header(cache_files(tmp_path)[0])["unreadable"]) == 1
+
+    with pytest.raises(TrainkitError) as refused:                 # --bad-files error: one line naming it
+        get_data(cfg.replace(pipeline="stream", bad_files="error"))
+    assert "1 of 60 files" in str(refused.value) and broken.name in str(refused.value)
+    assert "--bad-files skip" in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.slow                      # starts a pool of decoding processes
+def test_build_cache_keeps_the_rows_of_undecodable_files_when_asked(tmp_path):
+    pngs = []
+    for i in range(6):
+        pngs.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(pngs[-1])
+    pngs[1].write_bytes(pngs[1].read_bytes()[:50])
+    with pytest.raises(TrainkitError, match="1.png is not a readable image"):     # by default: stops the build
+        build_cache(pngs, 3, (8, 8), "fit", "fp", tmp_path / "c", workers=1)
+    assert not list((tmp_path / "c").iterdir())                  # nothing left behind
+    for workers, many in ((1, 1), (2, 1), (1, 60)):              # 60: more than the header's padding holds
+        paths = pngs + [pngs[1]] * (many - 1)
+        bad = []
+        path = build_cache(paths, 3, (8, 8), "fit", "fp", tmp_path / f"c{workers}-{many}", workers=workers,
+                           unreadable=bad)
+        rows = [1] + list(range(6, 6 + many - 1))
+        assert [row for row, _ in bad] == rows and "not a readable image" in bad[0][1]
+        header = read_header(path)
+        assert [row for row, _ in header["unreadable"]] == rows and (header["data_offset"] > 4096) == (many > 1)
+        pixels = open_cache(path, "fp", (len(paths), 3, 8, 8))
+        assert pixels is not None and not pixels[rows].any()
+        assert torch.equal(images(pixels, [0, 2, 5]), torch.stack([decode_image(pngs[i], 3, (8, 8)) for i in (0, 2, 5)]))

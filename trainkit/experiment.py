@@ -166,6 +166,14 @@ def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
     return data.split_validation(cfg.val_split, seed=cfg.seed)
 
 
+def held_out_line(cfg: TrainConfig, data: ImageData) -> str:
+    """The data's sizes as the run reads them, once --val-split has held its images out of the
+    training ones (which a dataset's own line counted whole): counts that add up."""
+    train, val, test = len(data.train_labels), len(data.val_labels), len(data.test_labels)
+    return (f"Validation split (--val-split {cfg.val_split:g}): {val:,} of the {train + val:,} training images "
+            f"held out; the run reads {train:,} training, {val:,} validation and {test:,} test images")
+
+
 def make_loaders(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int = 0,
                  world: int = 1):
     """(train, test, validation or None) loaders: the fast path on the device, the seed's
@@ -249,6 +257,8 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     model = model.to(device)
     outputs = output_kind(model, data.image_shape, data.num_classes, cfg.model, device)
     if ranks.is_main:       # once the run can go on: a refusal above stays one line
+        if cfg.val_split is not None:
+            print(held_out_line(cfg, data), flush=True)
         warn_empty_classes(data, test_too=cfg.limit_test is None)   # --limit-test's subset warns for itself
     tuning = choose_settings(cfg, model, data, make_loss(cfg, outputs), device, ranks.world)
     cfg = cfg.replace(**tuning["choice"])     # what ran is what config.json and the checkpoints record

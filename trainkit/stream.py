@@ -32,7 +32,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,10 @@ import torch
 
 from . import devices
 from .checkpoint import LOCK
-from .data.cache import build_cache, cache_file, open_cache, release
+from .data.cache import build_cache, cache_file, open_cache, read_header, release
 from .data.dataset import FileImages, ImageData, channel_stats
-from .data.folders import announce, choose_format, file_sources, folder_format, report_skipped, split_folder
+from .data.folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
+                            report_warnings, split_folder, without_name)
 from .data.manifest import fingerprint
 from .data.registry import DATASETS, DatasetSpec, parse_dataset
 from .errors import TrainkitError
@@ -162,6 +163,7 @@ class FolderFiles:
     val: FileList | None
     classes: list[str]
     skipped: list[tuple[Path, str]]
+    warnings: list[str] = field(default_factory=list)    # about class folders, one line each
 
     def splits(self) -> dict[str, FileList]:
         return {"training": self.train, "validation": self.val, "test": self.test}
@@ -174,7 +176,7 @@ def folder_files(root: Path, seed: int = 0) -> FolderFiles:
     index = split.index()
     val = FileList.of(split.val, index) if split.val is not None else None
     return FolderFiles(root, split.layout, FileList.of(split.train, index), FileList.of(split.test, index), val,
-                       split.classes, split.skipped)
+                       split.classes, split.skipped, split.warnings)
 
 
 def decoded_bytes(files: FolderFiles, channels: int | None, size: tuple[int, int] | None) -> int:
@@ -313,29 +315,52 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
                        files: FolderFiles | None = None, bad_files: str = "skip", resize: str = "fit") -> ImageData:
     """An image folder as an ImageData whose images are files (FileImages): the split that
     `load_image_folder` reads, at `channels` and `size` (default: the folder's own, from every
-    file's header, as in memory). Files whose header cannot be read are left out here; one whose
-    pixels cannot be read stops the run when a worker meets it (the epoch is planned: it cannot be
-    left out then)."""
+    file's header, as in memory). Files whose header cannot be read are left out here, and those
+    whose pixels cannot be read when the image cache is built (as the in-memory path leaves them
+    out); without the cache, such a file stops the run when a worker meets it (the epoch is
+    planned: it cannot be left out then)."""
     files = files or folder_files(root)
+    report_warnings(files.warnings)
     splits = {name: f for name, f in files.splits().items() if f is not None}
     paths = [f.path(i) for f in splits.values() for i in range(len(f))]
-    channels, size, chosen, unreadable = choose_format(root, paths, channels, size)
-    bad = {p for p, _ in unreadable}
+    total = len(paths) + len(files.skipped)
+    channels, size, chosen, no_header = choose_format(root, paths, channels, size)
+    bad = {p for p, _ in no_header}
     sources, missing = file_sources([p for p in paths if Path(p) not in bad], root)   # each file read once, here
-    unreadable += missing
-    if unreadable:
-        bad = {os.fsencode(p) for p, _ in unreadable}
-        splits = {name: f.subset([i for i in range(len(f)) if f.paths[i] not in bad]) for name, f in splits.items()}
-    report_skipped(root, files.skipped + unreadable, len(paths) + len(files.skipped), bad_files)
+    if bad_files == "error":             # refused before the cache's build decodes every file
+        report_skipped(root, files.skipped + no_header + missing, total, bad_files)
+    splits = _without(splits, no_header + missing)
+    images = {name: FileImages(f.paths, channels, tuple(size), resize, root) for name, f in splits.items()}
+    images, undecodable = cached_images(root, images, sources)
+    if undecodable:                      # the same files the in-memory path leaves out
+        bad = {os.fsencode(p) for p, _ in undecodable}
+        keep = {name: np.array([i for i in range(len(f)) if f.paths[i] not in bad], dtype=np.int64)
+                for name, f in splits.items()}
+        splits = {name: f.subset(keep[name]) for name, f in splits.items()}
+        images = {name: f[keep[name]] for name, f in images.items()}
+        gone = {relative_name(p, root) for p, _ in undecodable}
+        sources = {name: source for name, source in sources.items() if name not in gone}
+    # in the in-memory path's order: the headers, then the pixels (or bytes) file by file
+    position = {path: i for i, path in enumerate(paths)}
+    unreadable = no_header + sorted(missing + undecodable, key=lambda item: position.get(str(item[0]), 0))
+    report_skipped(root, files.skipped + unreadable, total, bad_files)
+    for split in ("training", "test"):
+        if not len(splits[split]):
+            raise TrainkitError(f"image folder {root} has no readable {split} images")
     announce(root, files.layout, len(files.classes), {name: len(f) for name, f in splits.items()}, channels, size,
              chosen, resize)
-    images = {name: FileImages(f.paths, channels, tuple(size), resize, root) for name, f in splits.items()}
-    images = cached_images(root, images, sources)
     mean, std = sample_stats(images["training"])
     val = splits.get("validation")
     return ImageData(f"imagefolder:{root}", images["training"], splits["training"].labels, images["test"],
                      splits["test"].labels, files.classes, mean, std, images.get("validation"),
                      None if val is None else val.labels, sources=sources)
+
+
+def _without(splits: dict[str, FileList], unreadable: list[tuple[Path, str]]) -> dict[str, FileList]:
+    if not unreadable:
+        return splits
+    bad = {os.fsencode(p) for p, _ in unreadable}
+    return {name: f.subset([i for i in range(len(f)) if f.paths[i] not in bad]) for name, f in splits.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,12 +390,14 @@ def cache_room(folder: Path, needed: int) -> str | None:
     return f"it needs {needed / 2**20:,.0f} MB and {probe} has {free / 2**20:,.0f} MB free"
 
 
-def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, tuple[int, str]]) -> dict[str, FileImages]:
-    """Each split's FileImages pointed at the folder's image cache (see the module's docstring):
-    opened when one was made from these very files, else built now. Unchanged when the cache is
-    off or the disk has no room for it (one line)."""
+def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, tuple[int, str]]
+                  ) -> tuple[dict[str, FileImages], list[tuple[Path, str]]]:
+    """(Each split's FileImages pointed at the folder's image cache (see the module's docstring):
+    opened when one was made from these very files, else built now, and (file, reason) of each
+    file whose pixels could not be decoded then: still in the splits, for the caller to leave out.)
+    Unchanged, and no file found bad, when the cache is off or the disk has no room for it (one line)."""
     if not cache_enabled() or not images:
-        return images
+        return images, []
     first = next(iter(images.values()))
     channels, size, resize = first.channels, first.size, first.resize
     path_of = {}
@@ -383,13 +410,14 @@ def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, 
         if why_not is not None:
             print(f"trainkit: warning: no image cache for {root}: {why_not}; the files are decoded every epoch",
                   file=sys.stderr, flush=True)
-            return images
-        pixels = _open_or_build(root, folder, name, [path_of[n] for n in names], fingerprint(names, sources), shape,
-                                resize)
+            return images, []
+        pixels, bad_rows = _open_or_build(root, folder, name, [path_of[n] for n in names],
+                                          fingerprint(names, sources), shape, resize)
     if pixels is None:
-        return images
+        return images, []
     row = {n: i for i, n in enumerate(names)}
-    return {split: f.with_cache(pixels, [row[n] for n in f.names()]) for split, f in images.items()}
+    undecodable = [(Path(path_of[names[i]]), without_name(message, path_of[names[i]])) for i, message in bad_rows]
+    return {split: f.with_cache(pixels, [row[n] for n in f.names()]) for split, f in images.items()}, undecodable
 
 
 @contextlib.contextmanager
@@ -412,20 +440,22 @@ def _held(lock: Path):
 
 def _open_or_build(root: Path, folder: Path, name: str, paths: list[str], key: str, shape: tuple[int, ...],
                    resize: str):
-    """The cache's memory map: opened, or built first; None when the disk has no room (one line)."""
+    """(The cache's memory map: opened, or built first; None when the disk has no room (one line),
+    and (row, message) of each file that could not be decoded into it.)"""
     channels, size = shape[1], tuple(shape[2:])
     pixels = open_cache(folder, key, shape, resize, name=name)
     where = cache_file(folder, name)
+    bad_rows = []
     if pixels is None:
         room = cache_room(folder, math.prod(shape))
         if room is not None:
             print(f"trainkit: warning: no image cache for {root}: {room}; the files are decoded every epoch",
                   file=sys.stderr, flush=True)
-            return None
+            return None, []
         print(f"Image cache: decoding {len(paths)} images once into {where} ({math.prod(shape) / 2**20:,.0f} MB)",
               flush=True)
         start = time.perf_counter()
-        build_cache(paths, channels, size, resize, key, folder, stream_workers(), name=name)
+        build_cache(paths, channels, size, resize, key, folder, stream_workers(), name=name, unreadable=bad_rows)
         seconds = time.perf_counter() - start
         print(f"Image cache: {len(paths)} images decoded in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):,.0f} "
               f"images/s); every epoch reads it", flush=True)
@@ -435,7 +465,8 @@ def _open_or_build(root: Path, folder: Path, name: str, paths: list[str], key: s
                                 f"run with TRAINKIT_IMAGE_CACHE=off to read the files instead")
     else:
         print(f"Image cache: {where} (made from these files before)", flush=True)
-    return pixels
+        bad_rows = [(int(row), str(message)) for row, message in (read_header(where) or {}).get("unreadable", [])]
+    return pixels, bad_rows
 
 
 class StreamLoader(PlannedLoader):

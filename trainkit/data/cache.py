@@ -6,7 +6,8 @@ epoch and run reads raw bytes: an (N, C, H, W) uint8 array behind a small header
 
 The file is `<cache_dir>/<name>.tkcache`: a header (a magic line and one JSON line saying the
 fingerprint of the files it was made from, the shape, dtype, resize mode and decoder version,
-padded to 4 KiB), then the pixels. It is written under a temporary name and renamed into place
+and the files that could not be decoded when the caller leaves those out, padded to 4 KiB), then
+the pixels. It is written under a temporary name and renamed into place
 only when complete, so a build that is killed leaves no file that `open_cache` would take; a
 cache made from other files (another fingerprint) or with other settings is stale: `open_cache`
 says None and the caller builds again, over it.
@@ -32,7 +33,7 @@ from .images import decode_image
 MAGIC = b"TRAINKIT IMAGE CACHE\n"
 FORMAT = 1
 # Raised whenever decode_image's pixels change, so caches made by an older decoder are stale.
-DECODER_VERSION = 1
+DECODER_VERSION = 2           # 2: 32-bit integer TIFFs scaled by their values' range
 _ALIGN = 4096                   # the pixels start on a page boundary
 _CHUNK = 64                     # images per task at most: enough to amortise a task, few to hold
 _SUFFIX = ".tkcache"
@@ -46,11 +47,15 @@ def cache_file(cache_dir: str | os.PathLike, name: str = "images") -> Path:
 
 def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[int, int], resize: str,
                 fingerprint: str, cache_dir: str | os.PathLike, workers: int, name: str = "images",
-                progress: Callable[[int], None] | None = None) -> Path:
+                progress: Callable[[int], None] | None = None,
+                unreadable: list[tuple[int, str]] | None = None) -> Path:
     """Decode every file of `paths` once, in order, into `cache_file(cache_dir, name)` and return
     its path. `workers` processes decode (1: this process); `progress(n)` is called with the number
     of images written so far. A file that cannot be decoded stops the build with its one line, and
-    nothing is left behind; an existing cache of that name is replaced only by a complete one."""
+    nothing is left behind; an existing cache of that name is replaced only by a complete one.
+    Given an `unreadable` list, such a file does not stop it: its row is zeros, and (row, message)
+    is appended to the list and kept in the header (`read_header(path)["unreadable"]`), so that a
+    later run that opens the cache leaves the same files out without decoding them."""
     if not isinstance(fingerprint, str) or not fingerprint:
         raise TrainkitError("an image cache needs the fingerprint of the files it is made from")
     decode_image(_PROBE_PNG, channels, size, resize)           # bad settings: one line before any work
@@ -63,20 +68,26 @@ def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[i
     _remove_dead_temporaries(target)
     shape = (len(paths), channels, *size)
     header = _header(fingerprint, shape, resize)
-    temporary = target.with_name(f".{target.name}{_TEMPORARY}{os.getpid()}-{secrets.token_hex(4)}-{_host()}")
+    temporary, bad_rows = _temporary(target), []
     try:
-        blocks = _decoded_blocks([os.fspath(p) for p in paths], channels, size, resize, workers)
+        blocks = _decoded_blocks([os.fspath(p) for p in paths], channels, size, resize, workers,
+                                 skip=unreadable is not None)
         with open(temporary, "wb") as f, contextlib.closing(blocks):     # closing: the pool ends here
             f.write(header)
             written = 0
-            for block in blocks:
+            for block, bad in blocks:
+                bad_rows += [(written + i, message) for i, message in bad]
                 f.write(block)
                 written += len(block) // math.prod(shape[1:])
                 if progress is not None:
                     progress(written)
             f.flush()
             os.fsync(f.fileno())                # the rename below must not publish unwritten pages
+        if bad_rows:
+            temporary = _with_header(temporary, _header(fingerprint, shape, resize, bad_rows), len(header), target)
         os.replace(temporary, target)
+        if unreadable is not None:
+            unreadable += bad_rows
     except BaseException as exc:
         temporary.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -147,33 +158,47 @@ def read_header(path: str | os.PathLike) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------
 
-def _header(fingerprint: str, shape: tuple[int, ...], resize: str) -> bytes:
+def _header(fingerprint: str, shape: tuple[int, ...], resize: str, unreadable=()) -> bytes:
     meta = {"format": FORMAT, "decoder": DECODER_VERSION, "fingerprint": fingerprint, "shape": list(shape),
             "dtype": "uint8", "resize": resize, "data_offset": 0}
+    if unreadable:
+        meta["unreadable"] = [[row, message] for row, message in unreadable]
     length = len(MAGIC) + len(json.dumps(meta)) + 1
     meta["data_offset"] = -(-(length + 32) // _ALIGN) * _ALIGN           # room for the offset's own digits
     line = json.dumps(meta).encode() + b"\n"
     return MAGIC + line + b" " * (meta["data_offset"] - len(MAGIC) - len(line))
 
 
-def _decode_block(paths: list[str], channels: int, size: tuple[int, int], resize: str) -> bytes:
-    """(n, C, H, W) uint8 bytes of `paths`; top level so a pool can run it."""
-    return b"".join(decode_image(p, channels, size, resize).numpy().tobytes() for p in paths)
+def _decode_block(paths: list[str], channels: int, size: tuple[int, int], resize: str,
+                  skip: bool = False) -> tuple[bytes, list[tuple[int, str]]]:
+    """(n, C, H, W) uint8 bytes of `paths`, and (index, message) of each file that cannot be
+    decoded (`skip`; its pixels zeros; else the first one raises); top level so a pool can run it."""
+    pixels, bad = [], []
+    for i, path in enumerate(paths):
+        try:
+            pixels.append(decode_image(path, channels, size, resize).numpy().tobytes())
+        except TrainkitError as exc:
+            if not skip:
+                raise
+            pixels.append(bytes(channels * size[0] * size[1]))
+            bad.append((i, str(exc)))
+    return b"".join(pixels), bad
 
 
-def _decoded_blocks(paths: list[str], channels: int, size: tuple[int, int], resize: str, workers: int):
+def _decoded_blocks(paths: list[str], channels: int, size: tuple[int, int], resize: str, workers: int,
+                    skip: bool = False):
     chunk = max(1, min(_CHUNK, -(-len(paths) // (max(workers, 1) * 4))))    # >= 4 tasks per worker
     blocks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1 or len(blocks) <= 1:
         for block in blocks:
-            yield _decode_block(block, channels, size, resize)
+            yield _decode_block(block, channels, size, resize, skip)
         return
     import functools
     import multiprocessing
 
     # Not fork: the caller may hold threads (progress bars, a server) or an initialised accelerator.
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    decode = functools.partial(_decode_block, channels=channels, size=size, resize=resize)
+    decode = functools.partial(_decode_block, channels=channels, size=size, resize=resize, skip=skip)
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         # the server imports this module (and torch) once and the workers fork from it, sharing
@@ -181,6 +206,38 @@ def _decoded_blocks(paths: list[str], channels: int, size: tuple[int, int], resi
         context.set_forkserver_preload([__name__])
     with context.Pool(min(workers, len(blocks))) as pool:
         yield from pool.imap(decode, blocks)                # in order; a worker's TrainkitError comes back here
+
+
+def _temporary(target: Path) -> Path:
+    """A temporary name beside `target`, saying which process on which machine writes it."""
+    return target.with_name(f".{target.name}{_TEMPORARY}{os.getpid()}-{secrets.token_hex(4)}-{_host()}")
+
+
+def _with_header(temporary: Path, header: bytes, old_length: int, target: Path) -> Path:
+    """The complete temporary file with `header` in place of its first `old_length` bytes: written
+    over them when it is as long (the padding holds the unreadable files' list), else into a new
+    temporary that the pixels are copied to (a list of hundreds of files)."""
+    if len(header) == old_length:
+        with open(temporary, "r+b") as f:
+            f.write(header)
+            f.flush()
+            os.fsync(f.fileno())
+        return temporary
+    import shutil
+
+    moved = _temporary(target)
+    try:
+        with open(temporary, "rb") as source, open(moved, "wb") as f:
+            source.seek(old_length)
+            f.write(header)
+            shutil.copyfileobj(source, f, 1 << 24)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        moved.unlink(missing_ok=True)
+        raise
+    temporary.unlink()
+    return moved
 
 
 def _remove_dead_temporaries(target: Path) -> None:

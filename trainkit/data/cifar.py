@@ -172,8 +172,22 @@ def load_own_cifar(spec: CifarDataset, folder: Path) -> ImageData:
                                 f"{len(classes)} classes of {meta_path.name}")
     if not len(train_y) or not len(test_y):
         raise TrainkitError(f"{folder} holds no {'training' if not len(train_y) else 'test'} images")
+    print(_what_was_read(spec, folder, train_paths, test_path, len(train_y), len(test_y)), flush=True)
     mean, std = channel_stats(train_x)
     return ImageData(f"{spec.name}:{folder}", train_x, train_y, test_x, test_y, classes, mean, std, sources=sources)
+
+
+def _what_was_read(spec: CifarDataset, folder: Path, train: list[Path], test: Path, n_train: int, n_test: int) -> str:
+    """One line: the files read, their images, and the numbered batches missing among them
+    ("cifar10:DIR: read data_batch_1,2,3,5 and test_batch (40,000 + 10,000 images); data_batch_4 absent")."""
+    numbers = [int(p.name[len("data_batch_"):]) for p in train if p.name.startswith("data_batch_")]
+    if spec.label_key == "labels" and numbers:
+        read = "data_batch_" + ",".join(map(str, numbers))
+        gaps = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+    else:
+        read, gaps = ", ".join(p.name for p in train), []
+    absent = "; " + ", ".join(f"data_batch_{n}" for n in gaps) + " absent" if gaps else ""
+    return f"{spec.name}:{folder}: read {read} and {test.name} ({n_train:,} + {n_test:,} images){absent}"
 
 
 def write_cifar_files(folder: Path, spec: CifarDataset, n_train: int, n_test: int, seed: int = 0) -> CifarDataset:

@@ -5,6 +5,11 @@ folders themselves, of which a random 20% is held out for testing. Files and fol
 starts with "." are never classes nor images (.git, .ipynb_checkpoints, .DS_Store); a class folder's
 subfolders are read too. Files that are not images (by suffix or content), or not regular files
 (a FIFO would block), are left out and reported in one line, or refused with `--bad-files error`.
+A class folder is read once: one that is a link leading to another class folder of its split (or
+into one, or above one) is left out with a warning, so that the same images are never two classes;
+a link to a folder elsewhere is read as any folder (a test/ or val/ class folder that leads to a
+training one is read, and a warning says so). A class folder without an image file makes no class,
+and a warning names it.
 
 The scan and the split are made here, once, for both the in-memory path (`load_image_folder`) and
 the streamed one (`trainkit.stream`).
@@ -42,6 +47,7 @@ class FolderSplit:
     classes: list[str]
     layout: str                                   # "train/test" or "flat"
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)     # about class folders, one line each
 
     def index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.classes)}
@@ -51,15 +57,48 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def scan(folder: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """(items, skipped) of a folder of class folders: (file, class name) of every image file in
-    each class folder and its subfolders, sorted; (file, reason) of each file left out."""
-    items, skipped = [], []
+@dataclass
+class Scan:
+    """A folder of class folders, read: (file, class name) of every image file in each class folder
+    and its subfolders, sorted; (file, reason) of each file left out; (class folder, the one it
+    repeats) of each class folder left out as a link to another; the class folders without images."""
+
+    items: list[tuple[Path, str]]
+    skipped: list[tuple[Path, str]]
+    repeats: list[tuple[str, str]]
+    empty: list[str]
+    real: dict[str, str] = field(default_factory=dict)     # each class folder's real path
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether real paths `a` and `b` are one folder, or one holds the other."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
+def _class_folders(folder: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(class folder name -> real path, (name, the class folder it repeats) of each left out): real
+    folders first, then links in name order, each kept unless its real path is, holds or lies in a
+    kept one's."""
     try:
-        classes = sorted(e.name for e in os.scandir(folder) if not _hidden(e.name) and e.is_dir())
+        entries = [e for e in os.scandir(folder) if not _hidden(e.name) and e.is_dir()]
     except OSError as exc:
         raise TrainkitError(f"cannot read the image folder {folder}: {exc.strerror or exc}") from None
-    for label in classes:
+    kept, repeats = [], []
+    for entry in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):
+        real = os.path.realpath(entry.path)
+        first = next((name for name, other in kept if _nested(real, other)), None)
+        if first is None:
+            kept.append((entry.name, real))
+        else:
+            repeats.append((entry.name, first))
+    return dict(sorted(kept)), sorted(repeats)
+
+
+def scan(folder: Path) -> Scan:
+    """The image files of a folder of class folders (`Scan`)."""
+    items, skipped = [], []
+    real, repeats = _class_folders(folder)
+    for label in real:
         for dirpath, dirnames, filenames in os.walk(folder / label):
             dirnames[:] = sorted(d for d in dirnames if not _hidden(d))     # walked in a fixed order
             for name in filenames:
@@ -77,35 +116,74 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
                     skipped.append((path, "not an image"))
                 else:
                     items.append((path, label))
-    return sorted(items), skipped
+    found = {label for _, label in items}
+    return Scan(sorted(items), skipped, repeats, [label for label in real if label not in found], real)
+
+
+def _class_warnings(where: Path, scans: list[Scan], classes: list[str]) -> list[str]:
+    """One line for the class folders left out as links, one for those that hold no image."""
+    lines = []
+    repeats = [(name, first) for one in scans for name, first in one.repeats]
+    if repeats:
+        shown = ", ".join(f"{name} (leads to {first})" for name, first in repeats[:SHOWN])
+        more = f" and {len(repeats) - SHOWN} more" if len(repeats) > SHOWN else ""
+        lines.append(f"trainkit: warning: {len(repeats)} class folder{'s' if len(repeats) > 1 else ''} in {where} "
+                     f"lead{'' if len(repeats) > 1 else 's'} to another class folder's images through a link: "
+                     f"{shown}{more}; left out, so that the same images are not two classes")
+    if len(scans) > 1:                  # train/, test/ (and val/): a held-out class folder that is a training one
+        shared = [(f"{part}/{name}", f"train/{other}") for part, one in zip(("test", "val"), scans[1:])
+                  for name, real in one.real.items() for other, seen in scans[0].real.items() if _nested(real, seen)]
+        if shared:
+            shown = ", ".join(f"{name} (leads to {other})" for name, other in shared[:SHOWN])
+            more = f" and {len(shared) - SHOWN} more" if len(shared) > SHOWN else ""
+            lines.append(f"trainkit: warning: {len(shared)} held-out class folder{'s' if len(shared) > 1 else ''} in "
+                         f"{where} lead{'' if len(shared) > 1 else 's'} to training images through a link: {shown}"
+                         f"{more}; those images are in both splits, so their accuracy is not a held-out one")
+    empty = sorted({name for one in scans for name in one.empty} - set(classes))
+    if empty:
+        shown = ", ".join(empty[:SHOWN]) + (f" and {len(empty) - SHOWN} more" if len(empty) > SHOWN else "")
+        lines.append(f"trainkit: warning: {len(empty)} class folder{'s' if len(empty) > 1 else ''} in {where} "
+                     f"hold{'' if len(empty) > 1 else 's'} no image file ({shown}): no class is made for "
+                     f"{'them' if len(empty) > 1 else 'it'}")
+    return lines
+
+
+def report_warnings(warnings: list[str]) -> None:
+    for line in warnings:
+        print(line, file=sys.stderr, flush=True)
 
 
 def split_folder(root: Path, seed: int = 0, test_fraction: float = TEST_FRACTION) -> FolderSplit:
     """The split of an image folder: root/train and root/test (and root/val) if present, else a
     random `test_fraction` of the files, drawn from `seed`, for testing."""
     if not root.is_dir():
+        if root.exists():
+            raise TrainkitError(f"image folder {root} is a file, not a folder: imagefolder:PATH takes the folder "
+                                f"that holds the class folders (or train/ and test/)")
         raise TrainkitError(f"image folder {root} does not exist")
     val = None
     if (root / "train").is_dir() and (root / "test").is_dir():
-        (train, bad_train), (test, bad_test) = scan(root / "train"), scan(root / "test")
-        skipped = bad_train + bad_test
-        if (root / "val").is_dir():
-            val, bad_val = scan(root / "val")
-            skipped += bad_val
+        scans = [scan(root / "train"), scan(root / "test")] + ([scan(root / "val")] if (root / "val").is_dir() else [])
+        train, test = scans[0].items, scans[1].items
+        val = scans[2].items if len(scans) > 2 else None
+        skipped = [bad for one in scans for bad in one.skipped]
         layout = "train/test"
     else:
-        items, skipped = scan(root)
+        scans = [scan(root)]
+        items, skipped = scans[0].items, scans[0].skipped
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = max(1, int(round(len(items) * test_fraction))) if len(items) > 1 else 0
         test = sorted(items[i] for i in order[:n_test])
         train = sorted(items[i] for i in order[n_test:])
         layout = "flat"
     classes = sorted({label for _, label in train + test + (val or [])})
+    warnings = _class_warnings(root, scans, classes)
     if len(classes) < 2 or not train or not test:
+        report_warnings(warnings)           # what was left out, before the refusal it explains
         raise TrainkitError(f"image folder {root} needs at least two class subfolders of images "
                             f"(found {len(classes)} classes, {len(train) + len(test)} images): "
                             f"class folders, or train/ and test/ holding class folders")
-    return FolderSplit(root, train, test, val, classes, layout, skipped)
+    return FolderSplit(root, train, test, val, classes, layout, skipped, warnings)
 
 
 def report_skipped(root: Path, skipped: list[tuple[Path, str]], total: int, bad_files: str) -> None:
@@ -144,9 +222,9 @@ def file_sources(paths, root: Path) -> tuple[dict[str, tuple[int, str]], list[tu
     return sources, unreadable
 
 
-def _reason(exc: TrainkitError, path: Path) -> str:
-    """The decoder's message without the file's name, which the report shows already."""
-    return str(exc).removeprefix(str(path)).strip(" :") or "cannot be read"
+def without_name(message, path) -> str:
+    """The decoder's message (or error) without the file's name, which the report shows already."""
+    return str(message).removeprefix(str(path)).strip(" :") or "cannot be read"
 
 
 def folder_format(paths: list[Path]) -> tuple[tuple[int, tuple[int, int]] | None, list[tuple[Path, str]]]:
@@ -158,7 +236,7 @@ def folder_format(paths: list[Path]) -> tuple[tuple[int, tuple[int, int]] | None
         try:
             channels, hw = image_info(path)
         except TrainkitError as exc:
-            unreadable.append((Path(path), _reason(exc, Path(path))))
+            unreadable.append((Path(path), without_name(exc, Path(path))))
             continue
         colour = colour or channels == 3
         sizes[hw] = sizes.get(hw, 0) + 1
@@ -193,6 +271,7 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
     """An image folder read whole into uint8 tensors, at `channels` and `size` (default: the
     folder's own: colour if any image is, the most common size)."""
     split = split_folder(root, seed, test_fraction)
+    report_warnings(split.warnings)
     parts = {"training": split.train, "validation": split.val or [], "test": split.test}
     paths = [p for items in parts.values() for p, _ in items]
     channels, size, chosen, unreadable = choose_format(root, paths, channels, size)
@@ -214,7 +293,7 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
                 unreadable.append((path, exc.strerror or "cannot be read"))
                 continue
             except TrainkitError as exc:        # a header that reads, pixels that do not (a truncated JPEG)
-                unreadable.append((path, _reason(exc, path)))
+                unreadable.append((path, without_name(exc, path)))
                 continue
             keep[i] = True
             names.append(relative_name(path, root))

@@ -53,13 +53,26 @@ def idx_bytes(shape: tuple[int, ...]) -> int:
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]   # numpy's own array rebuilder, under any numpy version
 
 
+def _from_buffer(buffer, dtype, shape, order) -> np.ndarray:
+    """What numpy names for an array pickled with protocol 5 (numpy.core.numeric._frombuffer),
+    written here so that nothing but this is done: the bytes read as an array of a plain dtype
+    (no Python objects) and reshaped."""
+    if not isinstance(buffer, (bytes, bytearray, memoryview, pickle.PickleBuffer)) \
+            or not isinstance(dtype, np.dtype) or dtype.hasobject or order not in ("C", "F"):
+        raise pickle.UnpicklingError("an array in the pickle is not plain numbers")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, bytes, numbers and numpy arrays; any other class is refused, so a
-    hostile pickle cannot run code."""
+    """Builds dicts, lists, bytes, numbers and numpy arrays (as pickled by protocols 2 to 5); any
+    other class is refused, so a hostile pickle cannot run code. A protocol-5 pickle whose arrays
+    were written out of band (a PickleBuffer kept apart) cannot be read from one file: refused."""
 
     def find_class(self, module: str, name: str):
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
             return _RECONSTRUCT
+        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return _from_buffer
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
         if module == "_codecs" and name == "encode":   # how Python 3's protocol 2 writes bytes
@@ -75,7 +88,9 @@ def unpickle_cifar(raw: bytes, name: str, what: str, hint: str) -> dict:
         content = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
         return {(k.decode() if isinstance(k, bytes) else k): v for k, v in content.items()}
     except Exception as exc:  # unpickling fails in many ways; none may become a traceback
-        raise TrainkitError(f"{name} is not {what} ({type(exc).__name__}); " + hint) from None
+        detail = " ".join(str(exc).split())[:100] if isinstance(exc, pickle.UnpicklingError) else ""
+        raise TrainkitError(f"{name} is not {what} ({type(exc).__name__}{': ' + detail if detail else ''}); "
+                            + hint) from None
 
 
 def cifar_arrays(content: dict, label_key: str, count: int | None, name: str,

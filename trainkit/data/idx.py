@@ -4,6 +4,7 @@ and `idx:DIR`, a user's own four IDX files in the same layout, checked by struct
 from __future__ import annotations
 
 import gzip
+import sys
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -183,23 +184,47 @@ def _own_file(folder: Path, prefix: str, kind: str) -> Path:
     return found
 
 
+def _own_bytes(path: Path) -> bytes:
+    """What a user's IDX file holds: its bytes, decompressed for a .gz."""
+    raw = fetch.read_limited(path, OWN_FILE_BYTES, f"); --dataset idx:DIR reads files up to {OWN_FILE_BYTES} bytes")
+    if path.suffix == ".gz":
+        try:
+            raw = fetch.gunzip(raw, OWN_FILE_BYTES)
+        except (OSError, EOFError, zlib.error):
+            raise TrainkitError(f"{path} is truncated or corrupt (not a valid gzip file)") from None
+        if len(raw) > OWN_FILE_BYTES:
+            raise TrainkitError(f"{path} decompresses to more than {OWN_FILE_BYTES} bytes")
+    return raw
+
+
+def _check_twin(path: Path, raw: bytes) -> None:
+    """The extracted file is read when its .gz is there too; one line when the two differ, so that
+    it is never a silent choice between two datasets."""
+    twin = path.with_name(path.name + ".gz")
+    if path.suffix == ".gz" or not twin.is_file():
+        return
+    try:
+        same, why = _own_bytes(twin) == raw, "hold other data"
+    except TrainkitError as exc:
+        same, why = False, f"differ (the .gz cannot be read: {' '.join(str(exc).split())[:100]})"
+    if not same:
+        print(f"trainkit: warning: {path.parent} holds {path.name} and {twin.name}, which {why}: read "
+              f"{path.name} (the extracted file is read when both are there); remove the one you do not mean",
+              file=sys.stderr, flush=True)
+
+
 def load_own_idx(folder: Path) -> ImageData:
     """A user's four IDX files (`--dataset idx:DIR`): MNIST's layout, any image size and count,
     checked by structure (uint8 images (N, H, W), N labels, as many as the images). The classes are
-    the labels 0 to the largest; mean and std are the data's own."""
+    the labels 0 to the largest; mean and std are the data's own. Where a file is there both
+    extracted and .gz, the extracted one is read (and a warning says so when they differ)."""
     if not folder.is_dir():
         raise TrainkitError(f"--dataset idx:{folder}: no such folder")
     arrays, sources = {}, {}
     for key, (prefix, kind) in OWN_FILES.items():
         path = _own_file(folder, prefix, kind)
-        raw = fetch.read_limited(path, OWN_FILE_BYTES, f"); --dataset idx:DIR reads files up to {OWN_FILE_BYTES} bytes")
-        if path.suffix == ".gz":
-            try:
-                raw = fetch.gunzip(raw, OWN_FILE_BYTES)
-            except (OSError, EOFError, zlib.error):
-                raise TrainkitError(f"{path} is truncated or corrupt (not a valid gzip file)") from None
-            if len(raw) > OWN_FILE_BYTES:
-                raise TrainkitError(f"{path} decompresses to more than {OWN_FILE_BYTES} bytes")
+        raw = _own_bytes(path)
+        _check_twin(path, raw)
         arrays[key] = parse_idx(raw, str(path))
         sources[path.name] = (len(raw), fetch.md5(raw))
     for part in ("train", "test"):

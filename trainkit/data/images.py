@@ -1,8 +1,9 @@
 """Image files to uint8 tensors: the one decoder that image folders, `predict` and `serve` share.
 
-It keeps what the file holds, as a viewer shows it: EXIF orientation applied, 16-bit and other
-high-bit-depth pixels scaled to 8 bits (not clipped), transparency composited over white (a black
-digit on a transparent background stays a black digit), a GIF's or multi-page TIFF's first frame.
+It keeps what the file holds, as a viewer shows it: EXIF orientation applied, 16-bit, 32-bit and
+float pixels scaled to 8 bits by the range they are in (`_scaled_to_eight_bits`), transparency
+composited over white (a black digit on a transparent background stays a black digit), a GIF's or
+multi-page TIFF's first frame.
 Resizing keeps the aspect ratio by default (shorter side to the target, centre crop).
 
 It knows no datasets and no URLs: a path or a file's bytes in, a (C, H, W) uint8 tensor out, and
@@ -259,10 +260,18 @@ def _eight_bit(img, name: str, bits: int | None = None):
 
 
 def _scaled_to_eight_bits(img, bits: int | None) -> np.ndarray:
-    """A high-bit-depth greyscale image as uint8 (H, W), scaled by its bit depth and rounded:
-    a 16-bit value v becomes round(v / 257), so 8-bit pixels stored as 16 bits (v * 257) come back
-    unchanged. Floats have no depth: in [0, 1] they are scaled by 255, otherwise they are read as
-    8-bit values if they fit, else as 16-bit ones."""
+    """A high-bit-depth greyscale image as uint8 (H, W), scaled by the range its values are in and
+    rounded, negative values as 0:
+
+    - 16-bit (I;16, a PNG's or PGM's "I"): v -> round(v / 257), so 8-bit pixels stored as 16 bits
+      (v * 257) come back unchanged;
+    - "I" that says its depth (a TIFF's BitsPerSample of 9-31, `bits`): by that depth (a 12-bit
+      camera's 4095 is white);
+    - 32-bit "I" (a TIFF of 32 bits, or of no depth said): by the range of its values, as the
+      tools that write such files mean them: at most 255, 8-bit values (as they are); at most
+      65535, 16-bit ones (/ 257); else the 32-bit integer range (/ (2**31 - 1) * 255);
+    - floats ("F"): in [0, 1], scaled by 255; else read as the integers are (at most 255 as they
+      are, else as 16-bit values), clipped to 0-255; NaN and infinities as 0."""
     values = np.asarray(img)
     if img.mode == "F":
         values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
@@ -272,20 +281,26 @@ def _scaled_to_eight_bits(img, bits: int | None) -> np.ndarray:
     if img.mode.startswith("I;16"):
         bits = 16
     elif bits is None:
-        # PNG and PGM files wider than 8 bits are 16-bit (Pillow scales a PGM's maxval to 65535)
-        bits = 16 if not values.size or int(values.max()) <= 65535 else 32
+        high = int(values.max()) if values.size else 0
+        bits = 8 if high <= 255 else 16 if high <= 65535 else 31       # 31: int32's largest is 2**31 - 1
     top = (1 << bits) - 1
     values = np.clip(values.astype(np.int64), 0, top)
     return ((values * 510 + top) // (2 * top)).astype(np.uint8)          # round(v * 255 / top)
 
 
 def _bit_depth_tag(img) -> int | None:
-    """A TIFF's BitsPerSample, the one format that says how deep its 32-bit integer pixels are."""
-    if img.format != "TIFF" or img.mode != "I":
+    """The bit depth of an "I" image where its file says it: 16 for a PNG or PGM (16-bit formats;
+    Pillow scales a PGM's maxval to 65535), a TIFF's BitsPerSample when below 32. None for a
+    32-bit (or unsaid) depth, which _scaled_to_eight_bits reads from the values' range."""
+    if img.mode != "I":
+        return None
+    if img.format in ("PNG", "PPM"):
+        return 16
+    if img.format != "TIFF":
         return None
     bits = getattr(img, "tag_v2", {}).get(258)
     bits = bits[0] if isinstance(bits, tuple) and bits else bits
-    return bits if isinstance(bits, int) and 9 <= bits <= 32 else None
+    return bits if isinstance(bits, int) and 9 <= bits <= 31 else None
 
 
 def _composited(img):
