@@ -4,6 +4,7 @@ are never used."""
 
 import multiprocessing
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -87,6 +88,8 @@ def test_a_built_cache_holds_decode_images_pixels(tmp_path, pngs):
         pixels.read(range(21), out=out)
     with pytest.raises(IndexError, match="row 50 of an image cache of 50"):
         pixels.read([3, 50])
+    copy = pickle.loads(pickle.dumps(pixels))             # as a worker process would get it: opened again
+    assert torch.from_numpy(copy.read([49, 0])).equal(expected[[49, 0]])
     # another cache name in the same folder: one channel, stretched
     grey = build_cache(pngs, 1, SIZE, "stretch", "files-v1", tmp_path / "cache", workers=1, name="grey")
     assert grey != path
