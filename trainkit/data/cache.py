@@ -93,7 +93,7 @@ def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[i
 
 
 def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence[int], resize: str | None = None,
-               name: str = "images") -> "ImageCache | None":
+               name: str = "images") -> ImageCache | None:
     """The cache's pixels, an (N, C, H, W) uint8 `ImageCache`, or None when there is no complete
     cache there for these files: absent, made from files of another fingerprint, of another shape
     (or resize mode, when given), by another decoder version, or cut short."""
@@ -111,6 +111,7 @@ def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence
     except OSError:
         return None
     if cache.file_size != meta["data_offset"] + math.prod(shape):
+        cache.close()
         return None
     return cache
 
