@@ -157,7 +157,7 @@ def one_case(folder: str, pipeline: str, steps: int, batch_size: int, model: str
             "final_loss": round(final_loss, 4),
             "device": str(exp.device), "precision": exp.cfg.precision, "channels_last": exp.cfg.channels_last,
             "workers": os.environ.get("TRAINKIT_STREAM_WORKERS", "auto"), "train_images": len(exp.data.train_labels),
-            "cached": cached, "cache_mtime_ns": os.stat(exp.data.train_images.cache.filename).st_mtime_ns if cached else None}
+            "cached": cached, "cache_mtime_ns": os.stat(exp.data.train_images.cache.path).st_mtime_ns if cached else None}
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,9 @@ in `devices.cache_dir()/images` (not the run folder: a later run on the folder r
 after the folder and the channels, size and resize, and keyed by the fingerprint of the files'
 names, sizes and digests (the manifest's). Built up front rather than by the first epoch's workers:
 the pool has every core while nothing trains, and no epoch reads from a half-written file. Every
-epoch then copies its batches' rows out of the memory map in the main process, with no workers; a
-folder whose files changed gets a cache built again, over the old one. $TRAINKIT_IMAGE_CACHE=off,
+epoch then reads its batches' rows of the file in the main process, with no workers, into one
+reused buffer (pinned for a GPU): no memory map, so the process holds a batch, not the pages of the
+file it has read (data/cache.py); a folder whose files changed gets a cache built again, over the old one. $TRAINKIT_IMAGE_CACHE=off,
 or a disk without room for it, streams from the files as above. The pixels are decode_image's
 either way, so the batches are the same.
 """
@@ -40,7 +41,7 @@ import torch
 
 from . import devices
 from .checkpoint import LOCK
-from .data.cache import build_cache, cache_file, open_cache, read_header, release
+from .data.cache import build_cache, cache_file, open_cache, read_header
 from .data.dataset import FileImages, ImageData, channel_stats
 from .data.folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
                             report_warnings, split_folder, without_name)
@@ -55,7 +56,6 @@ FORMAT_SAMPLE = 256          # headers read to estimate an image folder's size w
 MAX_WORKERS = 8
 PREFETCH = 2                 # batches each worker reads ahead
 CACHE_RESERVE = 512 * 2**20  # disk space an image cache leaves free, at least
-RELEASE_BYTES = 64 * 2**20   # image cache bytes a loader reads between unmapping them (cache.release)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +301,7 @@ def sample_stats(images: FileImages) -> tuple[tuple[float, ...], tuple[float, ..
     count = min(n, STATS_SAMPLE, max(256, STATS_BYTES // math.prod(images.shape[1:])))
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:count].sort().values
     if images.cached:
-        stats = channel_stats(images.read(chosen))
-        release(images.cache)
-        return stats
+        return channel_stats(images.read(chosen))
     loader, sampler = make_dataloader(images, min(stream_workers(), 4), persistent=False)
     return channel_stats(torch.cat(list(read_batches(loader, sampler, list(chosen.split(256))))))
 
@@ -440,8 +438,8 @@ def _held(lock: Path):
 
 def _open_or_build(root: Path, folder: Path, name: str, paths: list[str], key: str, shape: tuple[int, ...],
                    resize: str):
-    """(The cache's memory map: opened, or built first; None when the disk has no room (one line),
-    and (row, message) of each file that could not be decoded into it.)"""
+    """(The opened cache (data/cache.py's ImageCache), built first if need be; None when the disk has
+    no room (one line), and (row, message) of each file that could not be decoded into it.)"""
     channels, size = shape[1], tuple(shape[2:])
     pixels = open_cache(folder, key, shape, resize, name=name)
     where = cache_file(folder, name)
@@ -485,9 +483,10 @@ class StreamLoader(PlannedLoader):
         self._args = (images, stream_workers() if workers is None else workers, persistent,
                       self.device.type == "cuda")
         self._loader = None       # made at the first pass, so that building a run starts no process
+        self._buffers = None      # the image cache's batches are read into these (_read_cache)
 
     def _read(self, plan):
-        if self.images.cached:    # rows of the memory-mapped cache, copied here: no workers
+        if self.images.cached:    # rows of the image cache, read here: no workers
             yield from self._read_cache(plan)
             return
         plan = list(plan)         # the workers are handed the whole pass's index lists at once
@@ -497,16 +496,26 @@ class StreamLoader(PlannedLoader):
         for (idx, draws), batch in zip(plan, images):
             yield (batch.to(self.device, non_blocking=True), self.labels[idx].to(self.device, non_blocking=True)), draws
 
-
     def _read_cache(self, plan):
-        unreleased = 0
-        for idx, draws in plan:
-            images = self.images.read(idx)
-            unreleased += images.numel()
-            if unreleased >= RELEASE_BYTES:      # or the mapped pages would add up to the whole file
-                release(self.images.cache)
-                unreleased = 0
-            yield (images.to(self.device), self.labels[idx].to(self.device)), draws
+        """Each batch's rows read into one of two buffers made once: a batch is used (turned into the
+        model's float input, or copied to the GPU) before its buffer is read into again."""
+        if self._buffers is None:
+            cuda = self.device.type == "cuda"
+            self._buffers = [torch.empty((self.batch_size, *self.images.shape[1:]), dtype=torch.uint8,
+                                         pin_memory=cuda) for _ in range(2 if cuda else 1)]
+            self._copied = [None] * len(self._buffers)
+        for i, (idx, draws) in enumerate(plan):
+            k = i % len(self._buffers)
+            if self._copied[k] is not None:
+                self._copied[k].synchronize()     # its last batch has reached the GPU
+            images = self.images.read(idx, out=self._buffers[k].numpy())
+            if self.device.type == "cuda":
+                images = images.to(self.device, non_blocking=True)
+                self._copied[k] = torch.cuda.Event()
+                self._copied[k].record()
+            elif self.device.type != "cpu":
+                images = images.to(self.device)
+            yield (images, self.labels[idx].to(self.device)), draws
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
     images.py    image files -> uint8 tensors: the one decoder (folders, predict, serve)
     dataset.py   ImageData, the one dataset type (images in a tensor, or FileImages); subsets, statistics
     manifest.py  what a run's data was (data.json), and what changed since
-    cache.py     a folder's images decoded once into a memory-mapped file
+    cache.py     a folder's images decoded once into one file, its rows read back by offset
     registry.py  DATASETS (each source's entry and facts), DatasetSpec (a name parsed once), load_dataset
     idx.py, cifar.py, emnist.py, folders.py ...   one module per source, each registering itself
 

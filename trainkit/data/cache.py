@@ -1,8 +1,14 @@
-"""A folder's images decoded once into one uint8 file, read back memory-mapped (FFCV's .beton idea).
+"""A folder's images decoded once into one uint8 file, its rows read back by offset (FFCV's .beton idea).
 
 A streamed folder decodes every file again each epoch; with the cache, the first build decodes each
 file once (in a pool of processes, with the one decoder, `images.decode_image`) and every later
 epoch and run reads raw bytes: an (N, C, H, W) uint8 array behind a small header.
+
+The rows are read with preadv into the caller's array (`ImageCache.read`), not through a memory map:
+a mapped page counts in the process's memory (PSS) as long as it stays mapped, and a page fault maps
+its neighbours too (fault-around), so a memory map of a cache larger than memory made a streamed run
+as large as the part of the file it had read. Read this way, the file's pages sit in the page cache,
+which the kernel gives back under pressure, and the process holds only the batch it asked for.
 
 The file is `<cache_dir>/<name>.tkcache`: a header (a magic line and one JSON line saying the
 fingerprint of the files it was made from, the shape, dtype, resize mode and decoder version,
@@ -18,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import mmap
 import os
 import secrets
 from pathlib import Path
@@ -38,6 +43,8 @@ _ALIGN = 4096                   # the pixels start on a page boundary
 _CHUNK = 64                     # images per task at most: enough to amortise a task, few to hold
 _SUFFIX = ".tkcache"
 _TEMPORARY = ".tmp-"
+_READ_BYTES = 64 * 2**20        # bytes one preadv call reads at most (Linux stops a read at 2 GB)
+_IOV_MAX = 1024                 # buffers one preadv call fills at most (Linux's and macOS's IOV_MAX)
 
 
 def cache_file(cache_dir: str | os.PathLike, name: str = "images") -> Path:
@@ -97,10 +104,10 @@ def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[i
 
 
 def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence[int], resize: str | None = None,
-               name: str = "images") -> np.memmap | None:
-    """The cache's pixels, an (N, C, H, W) uint8 read-only memory map, or None when there is no
-    complete cache there for these files: absent, made from files of another fingerprint, of
-    another shape (or resize mode, when given), by another decoder version, or cut short."""
+               name: str = "images") -> ImageCache | None:
+    """The cache's pixels, an (N, C, H, W) uint8 `ImageCache`, or None when there is no complete
+    cache there for these files: absent, made from files of another fingerprint, of another shape
+    (or resize mode, when given), by another decoder version, or cut short."""
     path = Path(path_or_dir)
     if path.is_dir():
         path = cache_file(path, name)
@@ -110,34 +117,94 @@ def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence
             or meta.get("dtype") != "uint8" or meta.get("decoder") != DECODER_VERSION
             or (resize is not None and meta.get("resize") != resize)):
         return None
-    offset = meta["data_offset"]
     try:
-        if path.stat().st_size != offset + math.prod(shape):
-            return None
-        if math.prod(shape) == 0:
-            return np.zeros(shape, np.uint8)   # numpy cannot map zero bytes
-        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
-    except (OSError, ValueError):
+        cache = ImageCache(path, meta["data_offset"], shape)
+    except OSError:
         return None
+    if cache.file_size != meta["data_offset"] + math.prod(shape):
+        cache.close()
+        return None
+    return cache
 
 
-def images(memmap: np.ndarray, indices) -> torch.Tensor:
-    """The images at `indices` (a sequence, array or tensor of ints) as a (B, C, H, W) uint8 tensor."""
-    index = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).reshape(-1)
-    # read in file order (pages in sequence), then put back in the order asked
-    order = np.argsort(index, kind="stable")
-    batch = np.empty((len(index), *memmap.shape[1:]), np.uint8)
-    batch[order] = memmap[index[order]]
-    return torch.from_numpy(batch)
+class ImageCache:
+    """An open cache file: (N, C, H, W) uint8 images, `read` by row. It holds the file open, so a
+    cache built again over it (a rename) leaves this one reading the pixels it was opened with."""
+
+    def __init__(self, path: str | os.PathLike, offset: int, shape: Sequence[int]):
+        self.path, self.offset, self.shape = Path(path), int(offset), tuple(int(s) for s in shape)
+        self.row_bytes = math.prod(self.shape[1:])
+        self._open()
+
+    def _open(self) -> None:
+        self._file = open(self.path, "rb", buffering=0)
+        self.file_size = os.fstat(self._file.fileno()).st_size
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:          # a worker process opens the file again
+        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read(self, rows, out: np.ndarray | None = None) -> np.ndarray:
+        """The images at `rows` (ints) as a (B, C, H, W) uint8 array: `out[:B]` when given (a C-contiguous
+        uint8 array of at least B such images, reused batch after batch), else a new one. Rows next
+        to each other in the file are read by one preadv, in file order, straight into their places."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = len(rows)
+        if out is None:
+            out = np.empty((n, *self.shape[1:]), np.uint8)
+        elif out.dtype != np.uint8 or tuple(out.shape[1:]) != self.shape[1:] or len(out) < n \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"cannot read {n} images of shape {self.shape[1:]} into an array of "
+                             f"{out.dtype} {tuple(out.shape)}")
+        out = out[:n]
+        if n == 0:
+            return out
+        outside = rows[(rows < 0) | (rows >= len(self))]
+        if len(outside):
+            raise IndexError(f"row {int(outside[0])} of an image cache of {len(self)} images")
+        flat = out.reshape(n, self.row_bytes)
+        order = np.argsort(rows, kind="stable")                  # file order: sequential pages, read ahead
+        ordered = rows[order]
+        per_call = max(1, min(_IOV_MAX, _READ_BYTES // max(self.row_bytes, 1)))
+        # runs of consecutive rows: one contiguous range of the file each, cut to per_call rows
+        cuts = np.flatnonzero((np.diff(ordered) != 1) | (np.arange(1, n) % per_call == 0)) + 1
+        fd = self._file.fileno()
+        for start, end in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
+            offset = self.offset + int(ordered[start]) * self.row_bytes
+            wanted = (end - start) * self.row_bytes
+            got = _preadv(fd, [flat[i] for i in order[start:end].tolist()], offset)
+            if got != wanted:
+                raise TrainkitError(f"the image cache {self.path} ended early (changed while it was read?); "
+                                    f"delete it and run again")
+        return out
 
 
-def release(memmap: np.ndarray) -> None:
-    """Unmap from this process the cache's pages read so far; they stay in the page cache, so the
-    next read of them costs a page fault, not a disk read. A mapped page counts in the process's
-    memory (RSS and PSS) until then, and an epoch reads every page of the file once."""
-    mapping = getattr(memmap, "_mmap", None)          # numpy's mmap.mmap behind an np.memmap
-    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
+def images(cache: ImageCache, indices) -> torch.Tensor:
+    """The images at `indices` (a sequence, array or tensor of ints) as a new (B, C, H, W) uint8 tensor."""
+    return torch.from_numpy(cache.read(indices.cpu() if isinstance(indices, torch.Tensor) else indices))
+
+
+def _preadv(fd: int, buffers: list[np.ndarray], offset: int) -> int:
+    """Read the file's bytes from `offset` on into `buffers`, one after another; the bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, buffers, offset)
+    got = 0                                             # no preadv (macOS before 11): one pread each
+    for buffer in buffers:
+        data = os.pread(fd, buffer.nbytes, offset + got)
+        buffer[:len(data)] = np.frombuffer(data, np.uint8)
+        got += len(data)
+        if len(data) < buffer.nbytes:
+            break
+    return got
 
 
 def read_header(path: str | os.PathLike) -> dict | None:
@@ -204,8 +271,20 @@ def _decoded_blocks(paths: list[str], channels: int, size: tuple[int, int], resi
         # the server imports this module (and torch) once and the workers fork from it, sharing
         # those pages, instead of each importing its own copy (a few hundred MB each)
         context.set_forkserver_preload([__name__])
-    with context.Pool(min(workers, len(blocks))) as pool:
-        yield from pool.imap(decode, blocks)                # in order; a worker's TrainkitError comes back here
+    server = None
+    if method == "forkserver":
+        from multiprocessing import forkserver
+
+        server = getattr(forkserver, "_forkserver", None)
+    ours = server is not None and getattr(server, "_forkserver_pid", 1) is None     # not started before
+    try:
+        with context.Pool(min(workers, len(blocks))) as pool:
+            yield from pool.imap(decode, blocks)            # in order; a worker's TrainkitError comes back here
+    finally:
+        if ours and hasattr(server, "_stop"):
+            # the fork server lives as long as this process, and with torch imported it holds
+            # about 0.35 GB that no one shares once the pool is gone; a later pool starts another
+            server._stop()
 
 
 def _temporary(target: Path) -> Path:

@@ -6,12 +6,16 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import TrainkitError
 from .manifest import make_manifest
+
+if TYPE_CHECKING:
+    from .cache import ImageCache
 
 
 @dataclass
@@ -20,15 +24,15 @@ class FileImages:
     only the paths are held, as one numpy bytes array (no Python object per file, so forked
     workers do not copy it page by page). Indexing with a slice or indices gives the files taken.
 
-    `with_cache` points them at the folder's image cache (data/cache.py: the files decoded once,
-    memory-mapped): then `read` copies their rows of it instead of decoding, the same pixels."""
+    `with_cache` points them at the folder's image cache (data/cache.py: the files decoded once
+    into one file): then `read` reads their rows of it instead of decoding, the same pixels."""
 
     paths: np.ndarray
     channels: int
     size: tuple[int, int]
     resize: str = "fit"
     root: Path | None = None          # the folder, for the names in a manifest
-    cache: np.ndarray | None = None   # (M, C, H, W) uint8 memory map of the decoded files, or None
+    cache: ImageCache | None = None   # (M, C, H, W) uint8: the decoded files (data/cache.py), or None
     rows: np.ndarray | None = None    # (N,) int64: each image's row in `cache`
 
     dtype = torch.uint8
@@ -53,7 +57,7 @@ class FileImages:
     def cached(self) -> bool:
         return self.cache is not None
 
-    def with_cache(self, cache: np.ndarray, rows) -> "FileImages":
+    def with_cache(self, cache: ImageCache, rows) -> "FileImages":
         """These files read from `cache`, image i from its row `rows[i]`."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.shape != (len(self),) or tuple(cache.shape[1:]) != self.shape[1:]:
@@ -67,15 +71,14 @@ class FileImages:
     def names(self) -> list[str]:
         return [Path(os.path.relpath(self.path(i), self.root)).as_posix() for i in range(len(self))]
 
-    def read(self, indices) -> torch.Tensor:
-        """The images at `indices`, decoded in this process (or copied from the cache): (B, C, H, W) uint8."""
+    def read(self, indices, out: np.ndarray | None = None) -> torch.Tensor:
+        """The images at `indices`, decoded in this process (or read from the cache, into `out` when
+        given: see ImageCache.read): (B, C, H, W) uint8."""
         from .images import decode_image
 
         if self.cache is not None:
-            from .cache import images
-
             index = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices, dtype=np.int64)
-            return images(self.cache, self.rows[index.reshape(-1)])
+            return torch.from_numpy(self.cache.read(self.rows[index.reshape(-1)], out))
         indices = [int(i) for i in indices]
         if not indices:
             return torch.zeros(0, self.channels, *self.size, dtype=torch.uint8)
