@@ -189,7 +189,7 @@ def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None, *, r
     evaluations = _Evaluations(start)
     result = train(cfg, data=data, write=False, callbacks=[evaluations] + ([_StopAfter(steps)] if steps else []))
     total, history = time.perf_counter() - start, result.history
-    ran = result.experiment.cfg
+    ran = result.run.cfg
     reached, later = _first(evaluations.seen, target), _first(evaluations.seen, second)
     return {"reached": reached is not None, "epoch": reached and reached["epoch"],
             "seconds": reached and reached["seconds"], "best_acc": history.best_acc,
