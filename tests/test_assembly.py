@@ -8,7 +8,9 @@ import torch
 from trainkit import Callback, Run, TrainConfig, build_run, fit, train
 from trainkit import assembly
 from trainkit.checkpoint import load_checkpoint
+from trainkit.cli import main
 from trainkit.engine import StopRequested
+from trainkit.lr_find import lr_sweep
 
 # nothing measured (auto would time candidates), nothing compiled: quick to build
 FAST = TrainConfig(model="compact", batch_size=32, progress=False, device="cpu", precision="fp32",
@@ -105,3 +107,22 @@ def test_an_interrupt_says_why(mnist):
     with pytest.raises(StopRequested) as stopped:
         fit(run)
     assert stopped.value.reason == 15 and stopped.value.partial["batches"] == 1
+
+
+def test_lr_find_honours_gradient_clipping(mnist):
+    data = mnist.limit(256, 64)
+    _, plain, _ = lr_sweep(FAST, steps=6, start_lr=0.05, end_lr=0.5, data=data)
+    _, clipped, _ = lr_sweep(FAST.replace(clip_grad_norm=1e-4), steps=6, start_lr=0.05, end_lr=0.5, data=data)
+    assert len(plain) == len(clipped) == 6
+    assert plain[0] == clipped[0]                # the same first batch, before any step
+    assert plain[1:] != clipped[1:]              # then the clipped steps move the weights less
+
+
+@pytest.mark.parametrize("flag", [["--mlflow"], ["--mlflow-register", "m"], ["--final", "last"],
+                                  ["--evals-per-epoch", "2"]])
+def test_lr_find_refuses_what_it_cannot_honour_in_one_line(tmp_path, capsys, flag):
+    code = main(["lr-find", *flag, "--output", str(tmp_path / "lr.png"), "--data-dir", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"trainkit: error: lr-find cannot honour {flag[0]}: ")
+    assert not (tmp_path / "lr.png").exists()

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import torch.nn as nn
+
 from . import checkpoint as ckpt
 from .callbacks import EMA, BestWeights, CheckLog, EarlyStopping, GradientClipping, SignalStop, TargetAccuracy, \
     TensorBoardLogger
@@ -42,8 +44,6 @@ from .experiment import Experiment, build_experiment
 from .reports import ConsoleLogger, FinalReports
 from .rundir import RunDirectory
 from .tracking import MLflowLogger
-
-import torch.nn as nn
 
 
 @dataclass
