@@ -190,12 +190,12 @@ def build_run(cfg: TrainConfig, *, data: ImageData | None = None, model: nn.Modu
     return run
 
 
-def refuse_unhonoured(command: str, given: Iterable[str], steps_only: bool = True) -> None:
-    """One line for a setting given as a flag whose callback `command` does not run (lr-find runs
-    training steps: clipping acts there, but no evaluation, epoch, folder or tracking store)."""
+def refuse_unhonoured(command: str, given: Iterable[str]) -> None:
+    """One line for a setting given as a flag whose callback `command` does not run: a command that
+    runs training steps alone (lr-find) honours the step's (clipping), not one that acts on
+    evaluations, epochs, a run folder or a tracking store."""
     for row in BUILT_IN:
-        if steps_only and row.acts != "step":
-            for name in (row.setting, *row.also):
-                if name in given:
-                    raise TrainkitError(f"{command} cannot honour {flag_name(name)}: it acts {ACTS[row.acts]}, "
-                                        f"and {command} runs training steps alone; leave it out")
+        for name in (row.setting, *row.also) if row.acts != "step" else ():
+            if name in given:
+                raise TrainkitError(f"{command} cannot honour {flag_name(name)}: it acts {ACTS[row.acts]}, "
+                                    f"and {command} runs training steps alone; leave it out")

@@ -145,13 +145,13 @@ def data_info(data: ImageData) -> dict:
             "val_size": len(data.val_labels) if data.val_labels is not None else 0}
 
 
-def model_info(exp) -> dict:
-    """What config.json records of the model: how to build it again, and what it returns."""
-    source = {"kind": "python", "name": exp.cfg.model} if exp.cfg.model.startswith("python:") \
-        else model_source(exp.cfg.model)
-    return {**source, "class": type(exp.model).__name__, "outputs": exp.outputs,
-            "parameters": count_parameters(exp.model),
-            "arguments": {"in_channels": exp.data.image_shape[0], "num_classes": exp.data.num_classes}}
+def model_info(run) -> dict:
+    """What config.json records of the model (`run`: an assembly.Run): how to build it again, and what it returns."""
+    source = {"kind": "python", "name": run.cfg.model} if run.cfg.model.startswith("python:") \
+        else model_source(run.cfg.model)
+    return {**source, "class": type(run.model).__name__, "outputs": run.outputs,
+            "parameters": count_parameters(run.model),
+            "arguments": {"in_channels": run.data.image_shape[0], "num_classes": run.data.num_classes}}
 
 
 # ---------------------------------------------------------------------------------------------
