@@ -1,5 +1,6 @@
 """trainkit: a small, readable, fast training loop for image classifiers, starting from MNIST."""
 from . import callbacks, reports
+from .assembly import Run, build_run
 from .callbacks import EMA, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import RECIPES, TrainConfig
 from .data import DATASETS, ImageData, load_dataset
@@ -16,5 +17,5 @@ __all__ = ["RECIPES", "TrainConfig", "ImageData", "load_dataset", "DATASETS", "E
            "History", "Callback", "TrainState", "evaluate", "fit", "train_one_epoch", "TrainkitError",
            "SeedAugment", "TensorLoader", "torchvision_loader", "MODELS", "build_model", "count_parameters",
            "register_model", "OPTIMIZERS", "SCHEDULERS", "RunResult", "build_experiment", "train", "reports",
-           "callbacks", "ConsoleLogger", "EMA", "EarlyStopping", "GradientClipping", "TargetAccuracy"]
+           "callbacks", "ConsoleLogger", "Run", "build_run", "EMA", "EarlyStopping", "GradientClipping", "TargetAccuracy"]
 __version__ = "0.1.0"

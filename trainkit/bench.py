@@ -21,8 +21,9 @@ import torch
 from .config import RECIPES, TrainConfig, validate
 from .data.dataset import ImageData
 from .devices import autocast_dtype, bf16_native, resolve_device
+from .assembly import build_run
 from .engine import Callback, TrainState, train_one_epoch, train_step
-from .experiment import build_experiment, get_data
+from .experiment import get_data
 from .flags import add_config_flags, config_from_args, number, positive
 from .reports import environment
 from .run import train
@@ -77,16 +78,16 @@ def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -
     """(images per second over `steps` training steps after `warmup` untimed ones, the config with
     --precision, --channels-last and --compile auto resolved as the experiment resolved them). The
     warm-up steps include the compile of a compiled step."""
-    exp = build_experiment(cfg, data=data)
-    loader = exp.train_loader
-    run = lambda n: train_one_epoch(exp.train_model, _Steps(loader, n), exp.optimizer, exp.loss_fn,
-                                    device=exp.device, amp_dtype=exp.amp_dtype)
-    run(warmup)
-    _sync(exp.device)
+    run = build_run(cfg, data=data, steps_only=True)   # the callbacks of a step alone
+    loader = run.train_loader
+    steps_of = lambda n: train_one_epoch(run.train_model, _Steps(loader, n), run.optimizer, run.loss_fn,
+                                         device=run.device, amp_dtype=run.amp_dtype, callbacks=run.callbacks)
+    steps_of(warmup)
+    _sync(run.device)
     start = time.perf_counter()
-    _, _, seen = run(steps)
-    _sync(exp.device)
-    return seen / (time.perf_counter() - start), exp.cfg
+    _, _, seen = steps_of(steps)
+    _sync(run.device)
+    return seen / (time.perf_counter() - start), run.cfg
 
 
 def quick(device: str, data: ImageData, steps: int, batch_size: int = 512,
@@ -134,7 +135,7 @@ def step_flops(cfg: TrainConfig, data: ImageData) -> float:
     the uncompiled model (the same operations; a compiled one hides them from the counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    exp = build_experiment(cfg, data=data)
+    exp = build_run(cfg, data=data, steps_only=True)
     x, y = next(iter(exp.train_loader))
     with FlopCounterMode(display=False) as counter:
         train_step(exp.model, x.to(exp.device), y.to(exp.device), exp.optimizer, exp.loss_fn,
@@ -189,7 +190,7 @@ def time_to_target(cfg: TrainConfig, data: ImageData, target: float | None, *, r
     evaluations = _Evaluations(start)
     result = train(cfg, data=data, write=False, callbacks=[evaluations] + ([_StopAfter(steps)] if steps else []))
     total, history = time.perf_counter() - start, result.history
-    ran = result.experiment.cfg
+    ran = result.run.cfg
     reached, later = _first(evaluations.seen, target), _first(evaluations.seen, second)
     return {"reached": reached is not None, "epoch": reached and reached["epoch"],
             "seconds": reached and reached["seconds"], "best_acc": history.best_acc,

@@ -149,7 +149,7 @@ class SignalStop(Callback):
 
     def on_batch_end(self, state: TrainState) -> None:
         if self.signum is not None:
-            state.interrupt()
+            state.interrupt(self.signum)    # the CLI names the signal and exits with 128 + it
 
 
 class CheckLog(Callback):
@@ -158,6 +158,8 @@ class CheckLog(Callback):
     run appends; a check made again after a resume is a row again (readers keep the last)."""
 
     COLUMNS = ("epoch", "after_batch", "batches", "split", "loss", "acc", "seconds")
+
+    main_process_only = True     # under torchrun, rank 0 alone writes
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -190,16 +192,22 @@ class TensorBoardLogger(Callback):
 
     KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "seconds")
 
+    main_process_only = True     # under torchrun, rank 0 alone writes
+
     def __init__(self, log_dir: Path, settings: dict | None = None, read_every: float = 1.0):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise TrainkitError("--tensorboard needs the tensorboard package: pip install trainkit[tensorboard]") from None
-        self.writer = SummaryWriter(str(log_dir))
+        self.log_dir, self.writer = Path(log_dir), None     # made when the run starts, once its folder is taken
         self.settings = settings or {}
         self.read_every = read_every
         self._logged = (0, -1)          # (epoch, batch) of the last loss written
         self._next_read = 0.0
+
+    def on_fit_start(self, state: TrainState) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(self.log_dir))
 
     @staticmethod
     def _step(state: TrainState, batches: int) -> int:

@@ -16,12 +16,11 @@ from .flags import Parser, add_config_flags, add_recipe_flags, config_from_args,
 
 
 def cmd_train(args) -> int:
-    from .callbacks import SignalStop
     from .distributed import launched_by_torchrun, restarted_by_torchrun, teardown
     from .engine import NonFiniteLoss, StopRequested
-    from .reports import ConsoleLogger
     from .outputs import check_folder
-    from .rundir import FILES, default_run_dir, load_resume_config
+    from .resume import load_resume_config
+    from .rundir import FILES, default_run_dir
     from .run import train
 
     if args.out:
@@ -44,21 +43,19 @@ def cmd_train(args) -> int:
         from .pretrained import prepare
         prepare(cfg.model)         # offline: one line in seconds, not a minute of retries
     run_dir = Path(args.resume or args.out or default_run_dir())
-    stop = SignalStop()
-    if not launched_by_torchrun():  # under torchrun the agent stops and restarts workers itself
-        stop.install()
     try:
-        result = train(cfg, out=run_dir, resume=args.resume, callbacks=[ConsoleLogger(cfg.progress), stop])
-    except StopRequested:
-        name = signal.Signals(stop.signum).name
+        # under torchrun the agent stops and restarts workers itself: no signal handlers of ours
+        result = train(cfg, out=run_dir, resume=args.resume, console=True, signals=not launched_by_torchrun())
+    except StopRequested as stop:      # by SignalStop, which gives the signal's number
+        name = signal.Signals(stop.reason).name
         print(f"\nStopped by {name}; a checkpoint of the unfinished epoch was written. {_resume_hint(run_dir)}",
               file=sys.stderr)
-        return 128 + stop.signum
+        return 128 + stop.reason
     except NonFiniteLoss as exc:
         raise TrainkitError(f"{exc}; stopped. {_resume_hint(run_dir)}", exit_code=3) from None
     finally:
         teardown()
-    if result.experiment.rank.is_main:
+    if result.run.rank.is_main:
         print(f"Run saved in {result.run_dir}/: {' '.join(FILES)}")
     return 0
 

@@ -172,7 +172,7 @@ class TrainConfig:
                                    "training stops at the first that reaches it", part="loop", positive=True)
     patience: int | None = _opt(None, "stop when test accuracy has not improved for N epochs", part="loop",
                                 positive=True)
-    clip_grad_norm: float | None = _opt(None, "clip the gradients' total norm to this", part="loop", positive=True)
+    clip_grad_norm: float | None = _opt(None, "clip the gradients' total norm to this", part="step", positive=True)
     ema: float | None = _opt(None, "evaluate an exponential moving average of the weights with this decay "
                                    "(e.g. 0.999)", part="loop", positive=True, below=1)
     tensorboard: bool = _opt(False, "also write TensorBoard event files", part="tracking", computes=False,

@@ -121,6 +121,7 @@ class TrainState:
     unread: list = field(default_factory=list, repr=False)
     _seen: tuple = field(default=(math.nan, (0.0, 0.0, 0.0)), repr=False)
     read_batch: int = -1                   # the batch whose loss the latest read brought to the host
+    interrupt_reason: object = None        # what `interrupt` was given
 
     @property
     def module(self) -> nn.Module:
@@ -176,10 +177,12 @@ class TrainState:
         """End the run: after this batch (the epoch is evaluated and recorded), or after this epoch."""
         self.stop_requested = True
 
-    def interrupt(self) -> None:
+    def interrupt(self, reason: object = None) -> None:
         """End the run at the next step boundary without finishing the epoch; `partial` then
-        holds what a checkpoint needs to continue it."""
+        holds what a checkpoint needs to continue it. `reason` (SignalStop: the signal's number)
+        reaches the caller of `fit` on the StopRequested it raises."""
         self.interrupted = True
+        self.interrupt_reason = reason
 
 
 class Callback:
@@ -214,11 +217,11 @@ class NonFiniteLoss(TrainkitError):
 
 class StopRequested(Exception):
     """Raised by `fit` when a callback interrupted the run; `partial` is the unfinished epoch's
-    progress (None when it stopped between epochs)."""
+    progress (None when it stopped between epochs), `reason` what the callback gave `interrupt`."""
 
-    def __init__(self, partial: dict | None):
+    def __init__(self, partial: dict | None, reason: object = None):
         super().__init__("stop requested")
-        self.partial = partial
+        self.partial, self.reason = partial, reason
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -244,7 +247,8 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _emit(callbacks: Sequence[Callback], hook: str, state: TrainState) -> None:
+def emit(callbacks: Sequence[Callback], hook: str, state: TrainState) -> None:
+    """Call `hook` of every callback, in their order."""
     for callback in callbacks:
         method = getattr(callback, hook, None)    # a callback written before a hook existed lacks it
         if method is not None:
@@ -309,7 +313,7 @@ def _evaluate_now(state: TrainState, after_batch: int | None, split: str | None 
                                     state.val_loader if split == "val" else state.test_loader,
                                     device=state.device, amp_dtype=state.amp_dtype)
     state.evaluation = Evaluation(loss, correct, total, state.epoch, after_batch, split)
-    _emit(state.callbacks, "on_evaluate", state)
+    emit(state.callbacks, "on_evaluate", state)
     return state.evaluation
 
 
@@ -321,7 +325,7 @@ def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_
     state.first_batch = resume_from["batches"] if resume_from else 0
     state.reset_sums(resume_from["sums"] if resume_from else (0.0, 0.0, 0.0))
     state.model.train()
-    after_backward = (lambda: _emit(cbs, "on_after_backward", state)) if cbs else None
+    after_backward = (lambda: emit(cbs, "on_after_backward", state)) if cbs else None
     for batch_id, (x, y) in enumerate(state.train_loader, start=state.first_batch):
         x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
         loss, out = train_step(state.model, x, y, state.optimizer, loss_fn, amp_dtype=state.amp_dtype,
@@ -330,7 +334,7 @@ def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_
             per_batch_scheduler.step()
         state.add_batch(batch_id, loss, (out.argmax(1) == y).sum(), y.shape[0])
         state.batch = batch_id
-        _emit(cbs, "on_batch_end", state)
+        emit(cbs, "on_batch_end", state)
         checked = None
         if batch_id in check_after:
             state.read()                # no evaluation (nor a stop it decides) of NaN weights
@@ -344,38 +348,75 @@ def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_
     return None
 
 
-def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Optimizer, *,
-        epochs: int, loss_fn: Callable = F.cross_entropy, scheduler=None, scheduler_per_batch: bool = False,
-        device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+@dataclass
+class Pieces:
+    """What `fit` trains, as attributes. A Run (assembly.build_run: built once from a config) has
+    them all; `fit(model, loaders, ...)` puts its arguments in one of these."""
+
+    train_model: nn.Module                 # what is trained (possibly wrapped: DDP, torch.compile)
+    train_loader: object
+    test_loader: object
+    optimizer: torch.optim.Optimizer
+    epochs: int
+    loss_fn: Callable = F.cross_entropy
+    scheduler: object = None
+    scheduler_per_batch: bool = False
+    device: torch.device = torch.device("cpu")
+    amp_dtype: torch.dtype | None = None
+    callbacks: Sequence[Callback] = ()
+    evals_per_epoch: int = 1
+    val_loader: object = None
+    history: History = field(default_factory=History)   # the finished epochs of a resumed run
+    partial: dict | None = None            # the progress of the epoch it was interrupted in
+    tuning: dict | None = None             # handed to the callbacks (what `auto` measured)
+
+
+def fit(model, train_loader=None, test_loader=None, optimizer: torch.optim.Optimizer | None = None, *,
+        epochs: int | None = None, loss_fn: Callable = F.cross_entropy, scheduler=None,
+        scheduler_per_batch: bool = False, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
         callbacks: Sequence[Callback] = (), evals_per_epoch: int = 1, val_loader=None,
         resume: dict | None = None, tuning: dict | None = None) -> History:
-    """Train for `epochs` epochs and return the history.
+    """Train for `epochs` epochs and return the history: `fit(run)` with a Run (assembly.build_run),
+    which brings every piece and its callbacks, or `fit(model, train_loader, test_loader, optimizer,
+    epochs=...)` with pieces of your own.
 
     The test loader (or `val_loader`, when given: then the test set is evaluated once, at the
     end, into the last epoch's test_* fields) is evaluated at the end of every epoch, and with
     `evals_per_epoch` > 1 also at evenly spaced steps inside it; a callback that calls `state.stop()` after such a check
     ends the epoch there (its result then covers the images trained so far, `train_seen`).
     `resume` continues a run: {"history": rows of the finished epochs, "partial": the progress
-    of an interrupted epoch, or None}. `tuning` is handed to the callbacks (what was measured). When a callback interrupts the run, `on_fit_end` still
+    of an interrupted epoch, or None} (a Run holds them: Run.load_state_dict). `tuning` is handed to the callbacks (what was measured). When a callback interrupts the run, `on_fit_end` still
     runs (with `state.partial`) and then StopRequested is raised.
     """
-    device = torch.device(device)
+    if not isinstance(model, nn.Module):
+        return _fit(model)
+    if train_loader is None or optimizer is None or epochs is None:
+        raise TypeError("fit(model, train_loader, test_loader, optimizer, epochs=...) needs all four, or fit(run)")
     resume = resume or {}
-    state = TrainState(model, optimizer, scheduler, train_loader, test_loader, device, amp_dtype,
-                       list(callbacks), History.from_rows(resume.get("history", [])),
-                       num_batches=len(train_loader), val_loader=val_loader, tuning=tuning)
-    partial = resume.get("partial")
-    check_after = check_points(state.num_batches, evals_per_epoch)
-    _emit(state.callbacks, "on_fit_start", state)
-    for epoch in range(len(state.history) + 1, epochs + 1):
+    return _fit(Pieces(model, train_loader, test_loader, optimizer, epochs, loss_fn, scheduler, scheduler_per_batch,
+                       torch.device(device), amp_dtype, list(callbacks), evals_per_epoch, val_loader,
+                       History.from_rows(resume.get("history", [])), resume.get("partial"), tuning))
+
+
+def _fit(run: Pieces) -> History:
+    """fit, on the pieces of `run` (a Pieces or a Run). Its history is the one the epochs are added to."""
+    device = torch.device(run.device)
+    state = TrainState(run.train_model, run.optimizer, run.scheduler, run.train_loader, run.test_loader, device,
+                       run.amp_dtype, list(run.callbacks), run.history, num_batches=len(run.train_loader),
+                       val_loader=run.val_loader, tuning=run.tuning)
+    optimizer, scheduler, scheduler_per_batch = run.optimizer, run.scheduler, run.scheduler_per_batch
+    partial = run.partial
+    check_after = check_points(state.num_batches, run.evals_per_epoch)
+    emit(state.callbacks, "on_fit_start", state)
+    for epoch in range(len(state.history) + 1, run.epochs + 1):
         if state.stop_requested or state.interrupted:
             break
         resume_from = partial if partial and partial["epoch"] == epoch else None
         state.epoch, state.batch, state.evaluation, state.result = epoch, -1, None, None
         state.lrs = resume_from["lrs"] if resume_from else [group["lr"] for group in optimizer.param_groups]
         start = time.perf_counter() - (resume_from["seconds"] if resume_from else 0.0)
-        _emit(state.callbacks, "on_epoch_start", state)
-        checked = _run_epoch(state, loss_fn, scheduler if scheduler_per_batch else None, check_after, resume_from)
+        emit(state.callbacks, "on_epoch_start", state)
+        checked = _run_epoch(state, run.loss_fn, scheduler if scheduler_per_batch else None, check_after, resume_from)
         if state.partial is not None:
             state.partial.update(lrs=state.lrs, seconds=time.perf_counter() - start)
             break
@@ -388,16 +429,16 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer: torch.optim.Opti
         state.result = EpochResult(epoch, state.lrs[0], loss, seen_acc, seen, *held_out,
                                    time.perf_counter() - start, *(numbers if final.split == "val" else ()))
         state.history.append(state.result)
-        _emit(state.callbacks, "on_epoch_end", state)
+        emit(state.callbacks, "on_epoch_end", state)
     if not state.interrupted:
-        _emit(state.callbacks, "on_train_end", state)
-    if val_loader is not None and test_loader is not None and state.history and not state.interrupted:
+        emit(state.callbacks, "on_train_end", state)
+    if run.val_loader is not None and run.test_loader is not None and state.history and not state.interrupted:
         test = _evaluate_now(state, None, "test")     # the test set, once, of the weights the run ends with
         last = state.history[-1]
         last.test_loss, last.test_acc, last.test_correct, last.test_total = test.loss, test.acc, test.correct, test.total
-    _emit(state.callbacks, "on_fit_end", state)
+    emit(state.callbacks, "on_fit_end", state)
     if state.interrupted:
-        raise StopRequested(state.partial)
+        raise StopRequested(state.partial, state.interrupt_reason)
     return state.history
 
 

@@ -1,5 +1,6 @@
 """Building the pieces of a run from a config: data, model, loaders, optimizer, schedule, loss,
-device, and the callbacks its settings ask for. Every choice is looked up in a registry."""
+device. Every choice is looked up in a registry. The run itself, with its callbacks, is
+assembly.build_run's."""
 from __future__ import annotations
 
 import math
@@ -16,13 +17,11 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed
-from .callbacks import EMA, BestWeights, EarlyStopping, GradientClipping, TargetAccuracy
 from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
 from .data.dataset import ImageData, warn_empty_classes
 from .data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
 from .distributed import Rank
 from .devices import autocast_dtype, check_memory, choose, compile_unavailable, compiled, resolve_device
-from .engine import Callback
 from .errors import TrainkitError
 from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
 from .models import build_model, check_model_name, is_code, output_kind
@@ -305,19 +304,3 @@ def choose_settings(cfg: TrainConfig, model: nn.Module, data: ImageData, loss_fn
     return choose(model, lambda params, fused=False: build_optimizer(params, cfg, fused=fused), loss_fn, x, y,
                   precision=precision, channels_last=cfg.channels_last, name=cfg.model, compile=cfg.compile,
                   steps=cfg.epochs * steps_per_epoch, shapes=shapes)
-
-
-def training_callbacks(cfg: TrainConfig) -> list[Callback]:
-    """The callbacks that change what a run computes, from its settings; every rank runs them."""
-    callbacks: list[Callback] = []
-    if cfg.clip_grad_norm is not None:
-        callbacks.append(GradientClipping(cfg.clip_grad_norm))
-    if cfg.ema is not None:
-        callbacks.append(EMA(cfg.ema))
-    if cfg.target_acc is not None:
-        callbacks.append(TargetAccuracy(cfg.target_acc))
-    if cfg.patience is not None:
-        callbacks.append(EarlyStopping(cfg.patience))
-    if cfg.final == "best":       # acts only with a validation split
-        callbacks.append(BestWeights())
-    return callbacks

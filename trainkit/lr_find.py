@@ -3,15 +3,20 @@
 The learning rate grows geometrically from `start_lr` to `end_lr`; the sweep stops early once
 the smoothed loss exceeds four times its best. The suggestion is the rate where the smoothed
 loss falls fastest (the steepest negative slope against log lr), a common rule of thumb.
+
+The sweep is a Run built as `train` builds one (assembly.build_run), with the callbacks of a
+training step: --clip-grad-norm clips its steps as it would clip training's. A flag for a callback
+that acts on epochs, a run folder or a tracking store (--mlflow, --final, ...) is refused in one line
+(flags.add_command_flags: lr-find offers the flags of the parts it runs).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from .assembly import build_run
 from .config import TrainConfig
-from .engine import train_step
-from .experiment import build_experiment
+from .engine import TrainState, emit, train_step
 from .errors import TrainkitError
 from .flags import add_command_flags, add_recipe_flags, config_from_args, positive
 
@@ -21,19 +26,24 @@ def lr_sweep(cfg: TrainConfig, steps: int = 200, start_lr: float = 1e-5, end_lr:
     """Returns (learning rates, smoothed losses, suggested learning rate). The model is thrown away."""
     if cfg.compile == "auto":   # `steps` steps, not the epochs auto would weigh a compile against
         cfg = cfg.replace(compile="off")
-    exp = build_experiment(cfg, data=data)
+    run = build_run(cfg, data=data, steps_only=True)    # its callbacks: those of a step (--clip-grad-norm)
+    state = TrainState(run.train_model, run.optimizer, None, run.train_loader, None, run.device, run.amp_dtype,
+                       run.callbacks, num_batches=len(run.train_loader))
+    after_backward = (lambda: emit(run.callbacks, "on_after_backward", state)) if run.callbacks else None
     factor = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
     lrs, losses = [], []
     smoothed, best = 0.0, math.inf
     step = 0
-    exp.train_model.train()
+    emit(run.callbacks, "on_fit_start", state)
+    run.train_model.train()
     while step < steps:
-        for x, y in exp.train_loader:
+        for x, y in run.train_loader:
             lr = start_lr * factor ** step
-            for group in exp.optimizer.param_groups:
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            x, y = x.to(exp.device), y.to(exp.device)
-            loss, _ = train_step(exp.train_model, x, y, exp.optimizer, exp.loss_fn, amp_dtype=exp.amp_dtype)
+            x, y = x.to(run.device), y.to(run.device)
+            loss, _ = train_step(run.train_model, x, y, run.optimizer, run.loss_fn, amp_dtype=run.amp_dtype,
+                                 after_backward=after_backward)
             value = loss.item()
             smoothed = 0.9 * smoothed + 0.1 * value if step else value   # exponential moving average
             lrs.append(lr)
@@ -79,7 +89,7 @@ def cmd_lr_find(args) -> int:
     from .outputs import check_output, save_figure
 
     output = check_output(args.output, "--output", picture=True)   # before the sweep
-    cfg, _ = config_from_args(args)
+    cfg, _ = config_from_args(args)     # a flag of a part lr-find does not run was refused by its parser
     lrs, losses, suggestion = lr_sweep(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
     save_figure(plot(lrs, losses, suggestion, None), output, "--output")
     print(f"Swept {len(lrs)} steps from lr {lrs[0]:.1e} to {lrs[-1]:.1e}; plot saved to {args.output}")

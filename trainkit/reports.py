@@ -1,4 +1,5 @@
-"""Everything that is shown: console lines, progress bars, tables, plots and figures."""
+"""Everything that is shown: console lines, progress bars, tables, plots and figures, and the
+final reports a run leaves in its folder (FinalReports)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .engine import Callback, History, TrainState
+from . import stream
+from .checkpoint import atomic_write_text, save_weights
+from .engine import Callback, History, TrainState, unwrap
+from .experiment import evaluation_loader
 from .loaders import denormalize
 
 
@@ -388,3 +392,40 @@ def run_summary(model: nn.Module, data, history: History, matrix: torch.Tensor) 
     lines += [f"  {name:>12}: {acc:6.2f}%" if total else f"  {name:>12}:      - (no test image of it)"
               for name, acc, total in zip(data.classes, per_class_accuracy(matrix), matrix.sum(1).tolist())]
     return "\n".join(lines) + "\n"
+
+
+class FinalReports(Callback):
+    """At the end of a run, in its folder: model.pt (the weights evaluated: the average with --ema,
+    the chosen epoch's with --final best), those weights run once more over the whole test set for
+    confusion.png, mistakes.png and summary.txt's per-class table, and plot.png of the history.
+    Written through `folder` (rundir.RunDirectory: atomic, one line on a failure); nothing when the
+    run was interrupted (its checkpoint continues it)."""
+
+    main_process_only = True     # under torchrun, rank 0 alone writes
+
+    def __init__(self, folder, data, batch_size: int, device):
+        self.folder, self.data, self.batch_size, self.device = folder, data, batch_size, device
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if not state.interrupted:
+            self.write(state.history, unwrap(state.eval_model or state.model))
+
+    def write(self, history: History, model: nn.Module) -> None:
+        data, device = self.data, self.device
+        # the whole test set, on every rank count
+        loader = evaluation_loader(data, self.batch_size, data.mean, data.std, device)
+        out, labels, losses, images = (stream.predictions(model, loader, device) if data.streamed else
+                                       predictions(model, loader, device))
+        matrix = confusion_matrix(out.argmax(1), labels, data.num_classes)
+        summary = run_summary(model, data, history, matrix)
+        folder = self.folder
+
+        def write_all():
+            save_weights(model, folder.dir / "model.pt")
+            folder.figure(plot_history, history, name="plot.png")
+            folder.figure(plot_confusion, matrix, data.classes, name="confusion.png")
+            folder.figure(plot_mistakes, images, out, labels, losses, data.classes, data.mean, data.std,
+                          name="mistakes.png")
+            atomic_write_text(folder.dir / "summary.txt", summary)
+
+        folder.guard("the final reports", write_all)

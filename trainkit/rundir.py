@@ -1,4 +1,6 @@
-"""The run directory: what a run leaves behind, what its checkpoints hold, and how it resumes.
+"""The run directory: the folder a run owns (its lock), the files it leaves there (atomically),
+and `RunDirectory`, the callback that writes them. What a checkpoint holds is the Run's
+(assembly.Run.state_dict); resuming is resume.py's; the final reports are reports.FinalReports.
 
     runs/<timestamp>/  .trainkit.lock  config.json  samples.png           (at the start)
                        last.pt  best.pt  metrics.csv       (after every epoch, last.pt first)
@@ -19,19 +21,15 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from . import checkpoint as ckpt
 from . import reports
-from .config import TrainConfig, fact, flag_name, load_config_file, run_settings
 from .data import manifest
 from .data.dataset import ImageData
-from .engine import Callback, History, TrainState, unwrap
+from .engine import Callback, History, TrainState
 from .errors import TrainkitError
-from . import stream
-from .experiment import Experiment, canonical, evaluation_loader
-from .models import count_parameters, gated_model_name, model_source
-from .optim import SCHEDULERS
+from .models import count_parameters, model_source
 
 FILES = ("config.json", manifest.FILE, "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
@@ -94,7 +92,7 @@ def _lock_holder(lock_path: Path) -> str:
     return "unknown"
 
 
-def _is_run_config(path: Path) -> bool:
+def is_run_config(path: Path) -> bool:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -109,7 +107,7 @@ def _check_new_run_folder(path: Path) -> None:
         raise TrainkitError(f"{path} already holds a run; continue it with --resume {path}, or choose another --out")
     others = sorted(p.name for p in path.iterdir()
                     if not (p.name in BEFORE_FIRST_CHECKPOINT or ckpt.is_temporary(p.name, OWN_NAMES))
-                    or p.name == "config.json" and not _is_run_config(p))
+                    or p.name == "config.json" and not is_run_config(p))
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise TrainkitError(f"--out {path} is a folder that holds other files ({shown}); a new run goes into a "
@@ -147,84 +145,13 @@ def data_info(data: ImageData) -> dict:
             "val_size": len(data.val_labels) if data.val_labels is not None else 0}
 
 
-def model_info(exp: Experiment) -> dict:
-    """What config.json records of the model: how to build it again, and what it returns."""
-    source = {"kind": "python", "name": exp.cfg.model} if exp.cfg.model.startswith("python:") \
-        else model_source(exp.cfg.model)
-    return {**source, "class": type(exp.model).__name__, "outputs": exp.outputs,
-            "parameters": count_parameters(exp.model),
-            "arguments": {"in_channels": exp.data.image_shape[0], "num_classes": exp.data.num_classes}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint contents
-
-def checkpoint_state(exp: Experiment, history: History, callbacks: Sequence[Callback] = (),
-                     partial: dict | None = None, best: bool = False, finished: bool = False) -> dict:
-    """Everything needed to continue: weights, optimizer, schedule, every RNG, history, config,
-    and the state of each callback that keeps one (early stopping's counter, an average of the weights).
-
-    `partial` is the progress of an epoch stopped part way (by a signal), else None. `best`: this
-    is the best epoch so far (best.pt holds the same bytes); `finished`: the run has ended (all
-    its epochs, or stopped by a callback), so only the final files remain to be written.
-    """
-    return {"format": ckpt.FORMAT, "epoch": len(history), "partial": partial, "best": best, "finished": finished,
-            "config": exp.cfg.to_dict(),
-            "model_name": type(exp.model).__name__, "model": exp.model.state_dict(),
-            "optimizer": exp.optimizer.state_dict(),
-            "scheduler": exp.scheduler.state_dict() if exp.scheduler is not None else None,
-            "rng": exp.rng_state(), "history": history.rows(),
-            "callbacks": {cb.state_key: s for cb in callbacks if (s := cb.state_dict())}}
-
-
-def restore(exp: Experiment, state: dict, source: str, callbacks: Sequence[Callback] = ()) -> dict:
-    """Put a checkpoint's state back into `exp` and `callbacks`; returns fit's `resume` argument."""
-    ckpt.load_weights_into(exp.model, state["model"], source)
-    try:
-        exp.optimizer.load_state_dict(state["optimizer"])
-        if exp.scheduler is not None:
-            exp.scheduler.load_state_dict(state["scheduler"])
-        exp.set_rng_state(state["rng"])
-        saved = state.get("callbacks", {})
-        for cb in callbacks:
-            if cb.state_key in saved:
-                cb.load_state_dict(saved[cb.state_key])
-        return {"history": state["history"], "partial": state.get("partial")}
-    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise TrainkitError(f"{source} does not match this run's optimizer, schedule or callbacks ({exc})") from None
-
-
-def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False) -> TrainConfig:
-    """The saved config of a run, checked against flags given again with --resume. A model that is
-    code is imported only as models.gated_model_name allows (named again, or `trust_code`, and a
-    file unchanged since training)."""
-    if not (run_dir / "last.pt").is_file():
-        unfinished = (f"; it was stopped before its first epoch ended, so nothing was trained: start it "
-                      f"again with --out {run_dir}") if _is_run_config(run_dir / "config.json") else ""
-        raise TrainkitError(f"{run_dir} holds no checkpoint (last.pt) to resume from{unfinished}")
-    saved = run_settings(load_config_file(run_dir / "config.json"))   # one line for a damaged file
-    record = json.loads((run_dir / "config.json").read_text())        # its other sections
-    if saved.precision == "auto":   # a run from before auto was measured: what it trained in
-        autocast = record.get("environment", {}).get("autocast")
-        saved = saved.replace(precision="bf16" if autocast == "bfloat16" else "fp32")
-    gated_model_name(str(run_dir / "config.json"), saved.model, record.get("model"), trust_code=trust_code,
-                     strict_file=True,
-                     named=canonical(saved.replace(model=overrides["model"])).model if "model" in overrides else None)
-    given = canonical(saved.replace(**overrides))     # paths compared as absolute paths
-    if "epochs" in overrides:
-        done = ckpt.load_checkpoint(run_dir / "last.pt")["epoch"]
-        if overrides["epochs"] < done:
-            raise TrainkitError(f"--epochs {overrides['epochs']} is fewer than the {done} epochs {run_dir} has "
-                                f"already trained; give more to extend it, or leave --epochs out")
-    for name in overrides:      # each setting says what a resume may do with it (config.ON_RESUME)
-        rule, changed = fact(name, "on_resume"), getattr(given, name) != getattr(saved, name)
-        if rule == "extend" and changed and SCHEDULERS.fact(saved.scheduler, "fixed_length"):
-            raise TrainkitError(f"{flag_name(name)} cannot change when resuming a run with --scheduler "
-                                f"{saved.scheduler}: its schedule was planned for {getattr(saved, name)} {name}")
-        if rule == "fixed" and changed:
-            raise TrainkitError(f"{flag_name(name)} {getattr(given, name)} contradicts the run being resumed "
-                                f"({getattr(saved, name)}); leave it out to resume with the saved settings")
-    return saved.replace(**{k: getattr(given, k) for k in overrides if fact(k, "on_resume") != "fixed"})
+def model_info(run) -> dict:
+    """What config.json records of the model (`run`: an assembly.Run): how to build it again, and what it returns."""
+    source = {"kind": "python", "name": run.cfg.model} if run.cfg.model.startswith("python:") \
+        else model_source(run.cfg.model)
+    return {**source, "class": type(run.model).__name__, "outputs": run.outputs,
+            "parameters": count_parameters(run.model),
+            "arguments": {"in_channels": run.data.image_shape[0], "num_classes": run.data.num_classes}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,13 +159,17 @@ def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False)
 
 class RunDirectory(Callback):
     """Writes the run directory: config.json and samples at the start, after every epoch last.pt
-    (first: the commit point), best.pt and metrics.csv (or a mid-epoch checkpoint when
-    interrupted), the reports at the end. Every file is written atomically."""
+    (first: the commit point; what the Run's state_dict holds), best.pt and metrics.csv (or a
+    mid-epoch checkpoint when interrupted), metrics.csv again at the end. Every file is written
+    atomically (`guard`, `figure`: also reports.FinalReports' files)."""
 
-    def __init__(self, exp: Experiment, path: Path):
-        self.exp, self.dir = exp, Path(path)
+    main_process_only = True     # under torchrun, rank 0 alone writes
 
-    def _guard(self, what: str, write: Callable[[], None]) -> None:
+    def __init__(self, run, path: Path):
+        self.run, self.dir = run, Path(path)     # run: an assembly.Run
+
+    def guard(self, what: str, write: Callable[[], None]) -> None:
+        """Run `write`; a failure to write is one line that names the last good checkpoint."""
         try:
             write()
         except OSError as exc:
@@ -246,7 +177,7 @@ class RunDirectory(Callback):
             kept = f"; the last good checkpoint is {last}" if last.exists() else ""
             raise TrainkitError(f"could not write {what} in {self.dir}: {exc.strerror or exc}{kept}") from None
 
-    def _figure(self, plot: Callable[..., object], *args, name: str) -> None:
+    def figure(self, plot: Callable[..., object], *args, name: str) -> None:
         """A figure drawn by `plot(*args)`, written atomically to `name`."""
         fig = plot(*args)
         buffer = io.BytesIO()
@@ -256,35 +187,35 @@ class RunDirectory(Callback):
 
     def start(self) -> None:
         """config.json and samples.png of a new run."""
-        exp = self.exp
+        exp = self.run
         saved = {"config": exp.cfg.to_dict(), "environment": reports.environment(exp.device, exp.amp_dtype),
                  "data": data_info(exp.data), "model": model_info(exp), "parameters": count_parameters(exp.model),
                  "tuning": exp.tuning}
-        self._guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
+        self.guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
         files = exp.data.manifest()      # what eval and --resume check the data against
         if files is not None:
-            self._guard(manifest.FILE, lambda: ckpt.atomic_write_text(self.dir / manifest.FILE, json.dumps(files)))
+            self.guard(manifest.FILE, lambda: ckpt.atomic_write_text(self.dir / manifest.FILE, json.dumps(files)))
         loader = exp.train_loader
         position = loader.state_dict()  # drawing the samples must not change what training sees
-        self._guard("samples.png", lambda: self._figure(reports.plot_samples, loader, exp.data.classes, exp.data.mean,
+        self.guard("samples.png", lambda: self.figure(reports.plot_samples, loader, exp.data.classes, exp.data.mean,
                                                         exp.data.std, name="samples.png"))
         loader.load_state_dict(position)
 
     def _save_checkpoint(self, state: TrainState, *names: str, partial: dict | None = None,
                          best: bool = False, finished: bool = False) -> None:
-        contents = checkpoint_state(self.exp, state.history, state.callbacks, partial, best, finished)
+        contents = self.run.state_dict(partial=partial, best=best, finished=finished)
         data = ckpt.checkpoint_bytes(contents)   # last.pt and best.pt: the same bytes
         for name in names:
-            self._guard(name, lambda: ckpt.atomic_write_bytes(self.dir / name, data))
+            self.guard(name, lambda: ckpt.atomic_write_bytes(self.dir / name, data))
 
     def _write_metrics(self, history: History) -> None:
-        self._guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",
+        self.guard("metrics.csv", lambda: ckpt.atomic_write_text(self.dir / "metrics.csv",
                                                                    reports.metrics_csv(history)))
 
     def on_epoch_end(self, state: TrainState) -> None:
         history = state.history
         best = history[-1].score >= history.best_acc
-        finished = len(history) >= self.exp.cfg.epochs or state.stop_requested
+        finished = len(history) >= self.run.cfg.epochs or state.stop_requested
         # last.pt first: once it is on disk the epoch is committed, and repair() makes the rest from it.
         self._save_checkpoint(state, "last.pt", *(["best.pt"] if best else []), best=best, finished=finished)
         self._write_metrics(history)
@@ -297,7 +228,7 @@ class RunDirectory(Callback):
         if saved.get("best") and not saved.get("partial"):
             data = self._read(last)
             if self._read(self.dir / "best.pt") != data:
-                self._guard("best.pt", lambda: ckpt.atomic_write_bytes(self.dir / "best.pt", data))
+                self.guard("best.pt", lambda: ckpt.atomic_write_bytes(self.dir / "best.pt", data))
         history = History.from_rows(saved["history"])
         try:
             with open(self.dir / "metrics.csv", newline="") as f:
@@ -316,10 +247,10 @@ class RunDirectory(Callback):
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             saved = None
-        if not isinstance(saved, dict) or saved.get("config") == self.exp.cfg.to_dict():
+        if not isinstance(saved, dict) or saved.get("config") == self.run.cfg.to_dict():
             return
-        saved["config"] = self.exp.cfg.to_dict()
-        self._guard("config.json", lambda: ckpt.atomic_write_text(path, json.dumps(saved, indent=2)))
+        saved["config"] = self.run.cfg.to_dict()
+        self.guard("config.json", lambda: ckpt.atomic_write_text(path, json.dumps(saved, indent=2)))
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
@@ -331,28 +262,7 @@ class RunDirectory(Callback):
     def on_fit_end(self, state: TrainState) -> None:
         if state.interrupted:
             # Under torchrun the ranks stop at different steps, so only finished epochs are kept.
-            if state.partial is not None and self.exp.rank.world == 1:
+            if state.partial is not None and self.run.rank.world == 1:
                 self._save_checkpoint(state, "last.pt", partial=state.partial)
             return
-        self._write_metrics(state.history)   # with the final test
-        self.finish(state.history, unwrap(state.eval_model or self.exp.model))
-
-    def finish(self, history: History, model) -> None:
-        """The final reports, of `model` (the evaluated weights) on the whole test set."""
-        exp, data = self.exp, self.exp.data
-        # the whole test set, on every rank count
-        loader = evaluation_loader(data, exp.cfg.test_batch_size, data.mean, data.std, exp.device)
-        out, labels, losses, images = (stream.predictions(model, loader, exp.device) if data.streamed else
-                                       reports.predictions(model, loader, exp.device))
-        matrix = reports.confusion_matrix(out.argmax(1), labels, data.num_classes)
-        summary = reports.run_summary(model, data, history, matrix)
-
-        def write_all():
-            ckpt.save_weights(model, self.dir / "model.pt")
-            self._figure(reports.plot_history, history, name="plot.png")
-            self._figure(reports.plot_confusion, matrix, data.classes, name="confusion.png")
-            self._figure(reports.plot_mistakes, images, out, labels, losses, data.classes, data.mean, data.std,
-                         name="mistakes.png")
-            ckpt.atomic_write_text(self.dir / "summary.txt", summary)
-
-        self._guard("the final reports", write_all)
+        self._write_metrics(state.history)   # with the final test; then FinalReports' files

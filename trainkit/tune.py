@@ -235,7 +235,7 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
             raise TrainkitError(f"trial {trial.number} ({run_dir}): {exc}", exc.exit_code) from None
         last = result.history[-1]
         # what the trial ran in: --precision and --channels-last auto resolved (config.json's)
-        trial.set_user_attr("config", result.experiment.cfg.to_dict())
+        trial.set_user_attr("config", result.run.cfg.to_dict())
         trial.set_user_attr("test_acc", last.test_acc)
         trial.set_user_attr("seconds", time.perf_counter() - start)
         chosen = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
