@@ -424,8 +424,8 @@ def resolve_data_dir(cfg: TrainConfig) -> Path:
 # are read, never what a run computes, so config.json has nothing to record about them. Each is read
 # by the module named (its file name). (A setting's own variable is its field's `env`.)
 ENVIRONMENT = {
-    "TRAINKIT_CACHE_DIR": ("devices.py", "where auto's measurements and the image caches are kept (default: "
-                                         "$XDG_CACHE_HOME/trainkit, else ~/.cache/trainkit)"),
+    "TRAINKIT_CACHE_DIR": ("cachedir.py", "where auto's measurements and the image caches are kept (default: "
+                                          "$XDG_CACHE_HOME/trainkit, else ~/.cache/trainkit)"),
     "TRAINKIT_MEMORY_BUDGET": ("stream.py", "what a dataset held whole may take, e.g. 2G (default: half the "
                                             "available memory); --pipeline auto streams an image folder past it"),
     "TRAINKIT_STREAM_WORKERS": ("stream.py", "processes that decode a streamed image folder (default: one per "

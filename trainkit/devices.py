@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .cachedir import cache_dir
 from .errors import TrainkitError
 
 
@@ -389,13 +390,6 @@ def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: to
     best = min(usable, key=lambda o: timings[o.label]["seconds"]) if usable else options[0]
     # The uncompiled choice, as the cache has always held it: compiling is decided after (decide_compile).
     return {"choice": {"precision": best.precision, "channels_last": best.channels_last}, "timings": timings}
-
-
-def cache_dir() -> Path:
-    """$TRAINKIT_CACHE_DIR, else $XDG_CACHE_HOME/trainkit, else ~/.cache/trainkit."""
-    if os.environ.get("TRAINKIT_CACHE_DIR"):
-        return Path(os.environ["TRAINKIT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainkit"
 
 
 def cache_key(device: torch.device, model: str, parameters: int, input_shape: tuple, options: list[Choice],

@@ -12,7 +12,7 @@ Mean and std come from a bounded sample of the training files (`sample_stats`), 
 
 The image cache (`cached_images`): before the first epoch, every file of the folder is decoded once,
 by a pool of `stream_workers()` processes, into one uint8 file (data/cache.py, FFCV's .beton idea)
-in `devices.cache_dir()/images` (not the run folder: a later run on the folder reuses it), named
+in `cachedir.cache_dir()/images` (not the run folder: a later run on the folder reuses it), named
 after the folder and the channels, size and resize, and keyed by the fingerprint of the files'
 names, sizes and digests (the manifest's). Built up front rather than by the first epoch's workers:
 the pool has every core while nothing trains, and no epoch reads from a half-written file. Every
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import devices
+from .cachedir import cache_dir
 from .checkpoint import LOCK
 from .data.cache import build_cache, cache_file, open_cache, read_header
 from .data.dataset import FileImages, ImageData, channel_stats
@@ -403,7 +403,7 @@ def cached_images(root: Path, images: dict[str, FileImages], sources: dict[str, 
         path_of.update(zip(split.names(), (split.path(i) for i in range(len(split)))))
     names = sorted(path_of)                 # rows in name order: one cache serves every seed's split
     shape = (len(names), channels, *size)
-    folder, name = devices.cache_dir() / "images", cache_name(root, channels, size, resize)
+    folder, name = cache_dir() / "images", cache_name(root, channels, size, resize)
     with _held(folder / f".{name}.lock") as why_not:
         if why_not is not None:
             print(f"trainkit: warning: no image cache for {root}: {why_not}; the files are decoded every epoch",
