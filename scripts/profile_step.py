@@ -15,10 +15,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from trainkit.config import RECIPES, TrainConfig
-from trainkit.devices import autocast, bf16_native, compiled, payback, resolve_device
-from trainkit.experiment import make_loss
+from trainkit.loop.devices import autocast, bf16_native, compiled, payback, resolve_device
+from trainkit.loop.optim import build_optimizer
 from trainkit.models import build_model
-from trainkit.optim import build_optimizer
+from trainkit.run.experiment import make_loss
 
 MNIST_TRAIN = 60_000
 

@@ -12,8 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from trainkit.devices import bf16_native
-from trainkit.engine import train_one_epoch
+from trainkit.loop.devices import bf16_native
+from trainkit.loop.engine import train_one_epoch
 from trainkit.models import S5Net, build_model
 
 

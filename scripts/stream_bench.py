@@ -115,8 +115,8 @@ def one_case(folder: str, pipeline: str, steps: int, batch_size: int, model: str
     import torch
 
     from trainkit import TrainConfig
-    from trainkit.engine import train_step
-    from trainkit.experiment import build_experiment
+    from trainkit.loop.engine import train_step
+    from trainkit.run.experiment import build_experiment
 
     cfg = TrainConfig(dataset=f"imagefolder:{folder}", pipeline=pipeline, model=model, image_size="64",
                       channels=3, batch_size=batch_size, lr=0.05, epochs=1, progress=False, device=device,

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from trainkit import Callback, Run, TrainConfig, build_run, fit, train
-from trainkit import assembly
 from trainkit.checkpoint import load_checkpoint
-from trainkit.cli import main
-from trainkit.engine import StopRequested
-from trainkit.lr_find import lr_sweep
+from trainkit.commands.cli import main
+from trainkit.commands.lr_find import lr_sweep
+from trainkit.loop.engine import StopRequested
+from trainkit.run import assembly
 
 # nothing measured (auto would time candidates), nothing compiled: quick to build
 FAST = TrainConfig(model="compact", batch_size=32, progress=False, device="cpu", precision="fp32",

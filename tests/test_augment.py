@@ -3,7 +3,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from trainkit.loaders import SeedAugment, TensorLoader, affine_batch, seed_transforms, PILImageDataset
+from trainkit.data.loaders import SeedAugment, TensorLoader, affine_batch, seed_transforms, PILImageDataset
 
 
 def test_zero_angle_and_no_zoom_returns_the_input():

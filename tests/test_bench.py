@@ -5,7 +5,7 @@ import re
 import pytest
 
 from trainkit import TrainConfig
-from trainkit.bench import full
+from trainkit.commands.bench import full
 
 from conftest import cli_ok
 
@@ -71,7 +71,7 @@ def test_full_mode_times_each_side_to_the_target(mnist, tmp_path, capsys):
 
 
 def test_full_mode_runs_the_headline_over_seeds(mnist, tmp_path, monkeypatch):
-    from trainkit import bench
+    from trainkit.commands import bench
     monkeypatch.setattr(bench, "SECOND_TARGET", 15.0)
     base = TrainConfig(epochs=2, batch_size=64, progress=False, device="cpu", precision="fp32", channels_last="off")
     configs = {"seed pipeline": base.replace(pipeline="torchvision", workers=0), "fast": base.replace(evals_per_epoch=2)}

@@ -8,11 +8,11 @@ import torch
 
 from trainkit import Callback, TrainConfig, train
 from trainkit.checkpoint import load_checkpoint, load_weights
-from trainkit.cli import main
+from trainkit.commands.cli import main
+from trainkit.commands.inference import load_run
 from trainkit.config import from_mapping, load_config_file
-from trainkit.engine import evaluate
-from trainkit.inference import load_run
-from trainkit.loaders import TensorLoader
+from trainkit.data.loaders import TensorLoader
+from trainkit.loop.engine import evaluate
 
 
 class SpoilTheLastEpoch(Callback):
@@ -34,7 +34,7 @@ CFG = TrainConfig(model="speednet", epochs=2, batch_size=32, lr=0.05, val_split=
 
 
 def test_the_best_validation_epoch_is_the_model_reported(mnist, tmp_path, capsys):
-    from trainkit.reports import ConsoleLogger
+    from trainkit.run.reports import ConsoleLogger
     data = mnist.limit(1024, 500)
     result = train(CFG, data=data, out=tmp_path / "best", callbacks=[SpoilTheLastEpoch(2), ConsoleLogger(False)])
     history = result.history

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from conftest import assert_one_line_error, cli_ok, run_cli
-from trainkit.cli import build_parser, config_from_args, main
+from trainkit.commands.cli import build_parser, config_from_args, main
 from trainkit.config import TrainConfig, field_specs
 
 
@@ -79,7 +79,7 @@ def test_summary_prints_the_table(tmp_path):
 
 def test_summary_takes_an_image_size_and_says_its_units(capsys):
     from trainkit.models import build_model
-    from trainkit.reports import summary_table
+    from trainkit.run.reports import summary_table
 
     assert "Total mult-adds (M): " in summary_table(build_model("s5net"), (1, 28, 28))    # not (Units.MEGABYTES)
     assert main(["summary", "--model", "compact", "--channels", "3", "--image-size", "32x48"]) == 0
@@ -92,7 +92,7 @@ def test_summary_takes_an_image_size_and_says_its_units(capsys):
 @pytest.mark.slow
 def test_summary_of_a_run_folder_and_the_model_help_of_run_commands(tmp_path, capsys):
     from trainkit import TrainConfig, train
-    from trainkit.cli import build_parser
+    from trainkit.commands.cli import build_parser
 
     out = tmp_path / "run"
     train(TrainConfig(model="speednet", limit_train=128, limit_test=64, epochs=1, batch_size=64, progress=False,

@@ -16,9 +16,9 @@ import sys
 import pytest
 
 from trainkit import TrainConfig, train
-from trainkit.cli import main
+from trainkit.commands.cli import main
+from trainkit.commands.inference import load_run
 from trainkit.errors import TrainkitError
-from trainkit.inference import load_run
 from trainkit.models import MODELS, gated_model_name
 
 NET = ("import torch.nn as nn\n"
@@ -114,7 +114,7 @@ def test_no_command_imports_code_a_run_folder_names(file_run, tmp_path, capsys, 
 
 def test_serve_does_not_import_code_a_run_folder_names(file_run, tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
-    from trainkit.serve import create_app
+    from trainkit.commands.serve import create_app
     monkeypatch.chdir(tmp_path)
     for variant, (settings_model, record) in variants(tmp_path).items():
         run = hostile(file_run, tmp_path / variant, settings_model, record)

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 
 from conftest import assert_one_line_error, run_cli
 from trainkit import TrainConfig, train
-from trainkit import devices
+from trainkit.commands.flags import Parser, add_config_flags, config_from_args
 from trainkit.config import from_mapping, load_config_file
-from trainkit.devices import Choice, choose, decide_compile, payback
-from trainkit.engine import Callback, StopRequested
 from trainkit.errors import TrainkitError
-from trainkit.flags import Parser, add_config_flags, config_from_args
-from trainkit.optim import build_optimizer
-from trainkit.reports import tuning_line
+from trainkit.loop import devices
+from trainkit.loop.devices import Choice, choose, decide_compile, payback
+from trainkit.loop.engine import Callback, StopRequested
+from trainkit.loop.optim import build_optimizer
+from trainkit.run.reports import tuning_line
 
 
 @pytest.fixture(autouse=True)
@@ -220,8 +220,8 @@ def test_a_compiled_run_resumes_bit_for_bit(mnist, tmp_path):
 
 
 def test_bench_compiles_the_fast_path_only():
-    from trainkit.bench import full_sides, sides
-    from trainkit.cli import build_parser
+    from trainkit.commands.bench import full_sides, sides
+    from trainkit.commands.cli import build_parser
     cfg, _ = config_from_args(build_parser().parse_args(["bench", "--quick", "--compile", "on"]))
     assert cfg.compile == "on"
     assert {k: v.compile for k, v in sides("cpu", cfg.compile).items()} == {"seed pipeline": "off",

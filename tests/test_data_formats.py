@@ -23,10 +23,10 @@ from PIL import Image
 
 from conftest import assert_one_line_error, cli_ok, run_cli
 from trainkit import TrainConfig, datasets
+from trainkit.data.loaders import FlipCrop, SeedAugment, TensorLoader, torchvision_loader
 from trainkit.datasets import CifarFile, IdxFile, load_dataset
 from trainkit.errors import TrainkitError
-from trainkit.experiment import augmentation, make_loaders
-from trainkit.loaders import FlipCrop, SeedAugment, TensorLoader, torchvision_loader
+from trainkit.run.experiment import augmentation, make_loaders
 
 md5 = lambda data: hashlib.md5(data).hexdigest()
 
@@ -498,7 +498,7 @@ def _eval_acc(stdout: str) -> float:
 @pytest.mark.slow
 def test_timm_resnet18_on_cifar10_end_to_end(tmp_path, monkeypatch, capsys):
     pytest.importorskip("timm")
-    from trainkit.cli import main
+    from trainkit.commands.cli import main
     spec, _ = write_cifar(tmp_path / "data", n_train=64, n_test=32)
     monkeypatch.setitem(datasets.CIFAR_DATASETS, "cifar10", spec)
     run = tmp_path / "runs" / "cifar"

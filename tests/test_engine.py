@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from trainkit import (DATASETS, EMA, OPTIMIZERS, SCHEDULERS, Callback, EarlyStopping, GradientClipping,
                       TrainConfig, fit, train)
 from trainkit.checkpoint import load_checkpoint
-from trainkit.engine import StopRequested
-from trainkit.optim import build_optimizer, build_schedule
+from trainkit.loop.engine import StopRequested
+from trainkit.loop.optim import build_optimizer, build_schedule
 
 from conftest import metrics_without_time
 
@@ -236,7 +236,7 @@ def test_every_registered_dataset_loads_and_trains(name, tmp_path, monkeypatch):
     assert all(0 < s for s in data.std) and all(0 <= m <= 1 for m in data.mean)
     assert result.history[0].train_seen == 8 and torch.isfinite(torch.tensor(result.history[0].train_loss))
     if entry.streams:                             # the entry says it streams: the streamed path reads it
-        from trainkit.experiment import get_data
+        from trainkit.run.experiment import get_data
         streamed = get_data(cfg.replace(pipeline="stream"))
         assert streamed.image_shape == example.shape and streamed.classes == data.classes
 
@@ -246,8 +246,8 @@ def test_every_registered_dataset_loads_and_trains(name, tmp_path, monkeypatch):
 def previous_loop_epoch(exp):
     """The loop as it was: the loss checked before the step, and loss.item() and a host-side sum
     every batch. The reference that the on-device sums must match bit for bit."""
-    from trainkit.engine import evaluate
-    from trainkit.devices import autocast
+    from trainkit.loop.engine import evaluate
+    from trainkit.loop.devices import autocast
     sums = torch.zeros(3, dtype=torch.float64)
     exp.train_model.train()
     for x, y in exp.train_loader:
@@ -269,7 +269,7 @@ def previous_loop_epoch(exp):
 @pytest.mark.parametrize("recipe", ["seed", "fast"])
 def test_on_device_sums_are_bit_identical_to_per_batch_reads(recipe, mnist):
     from trainkit.config import RECIPES
-    from trainkit.experiment import build_experiment
+    from trainkit.run.experiment import build_experiment
     data = mnist.limit(640, 200)
     cfg = TrainConfig(epochs=1, batch_size=128, progress=False, precision="fp32", channels_last="on", compile="off",
                       **{k: v for k, v in RECIPES[recipe].items() if k not in ("epochs", "batch_size")})
@@ -332,7 +332,7 @@ class PoisonedAt(nn.Module):
 
 @pytest.mark.parametrize("read_at, found", [((), 7), ({5}, 5)])
 def test_nan_is_found_at_the_next_read_and_names_its_batch(mnist, read_at, found):
-    from trainkit.engine import NonFiniteLoss
+    from trainkit.loop.engine import NonFiniteLoss
     train_loader, test_loader = tiny_loaders(mnist, n=512)
     model = PoisonedAt(11)                                           # epoch 2, batch 3
     reads, ends = Reads(read_at=read_at), []
@@ -346,7 +346,7 @@ def test_nan_is_found_at_the_next_read_and_names_its_batch(mnist, read_at, found
 
 
 def test_console_reads_as_often_as_the_bar_redraws(mnist, monkeypatch):
-    from trainkit.reports import ConsoleLogger
+    from trainkit.run.reports import ConsoleLogger
     train_loader, test_loader = tiny_loaders(mnist, n=512)
     model = linear()
     logger = ConsoleLogger(progress=True, print_fn=lambda *a: None)
@@ -370,8 +370,8 @@ def test_a_notebook_progress_bar_leaves_a_line_of_text_for_exported_notebooks(ca
     pytest.importorskip("ipywidgets")
     from tqdm.notebook import tqdm as notebook_bar
 
-    from trainkit.engine import EpochResult, TrainState
-    from trainkit.reports import ConsoleLogger
+    from trainkit.loop.engine import EpochResult, TrainState
+    from trainkit.run.reports import ConsoleLogger
 
     state = TrainState(model=None, optimizer=None, scheduler=None, train_loader=None, test_loader=None,
                        device=torch.device("cpu"), num_batches=4, epoch=1, lrs=[0.1])

@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli
 from trainkit import TrainConfig
 from trainkit.data.folders import load_image_folder, split_folder
 from trainkit.errors import TrainkitError
-from trainkit.experiment import get_data
+from trainkit.run.experiment import get_data
 
 
 def square(path: Path, value: int, size=(12, 12), mode="L", fmt=None):
@@ -101,7 +101,7 @@ def test_train_test_and_val_folders_are_the_split(tmp_path):
     streamed = get_data(cfg.replace(pipeline="stream"))
     assert streamed.streamed
     assert torch.equal(streamed.val_labels, memory.val_labels) and torch.equal(streamed.test_labels, memory.test_labels)
-    from trainkit.experiment import held_out
+    from trainkit.run.experiment import held_out
     with pytest.raises(TrainkitError, match="has its own validation split"):
         held_out(cfg.replace(val_split=0.1), memory)
 

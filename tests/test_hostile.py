@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
 from trainkit import TrainConfig, train
 from trainkit import checkpoint as ckpt
-from trainkit.cli import main
+from trainkit.commands.cli import main
 from trainkit.config import field_specs, from_mapping, load_config_file, show, validate
 from trainkit.datasets import MNIST, download_file, download_timeout, idx_size, load_image, read_idx_file
 from trainkit.errors import TrainkitError
@@ -911,7 +911,7 @@ def test_mlflow_on_a_read_only_database_is_one_warning_at_once(tmp_path):
 @pytest.mark.parametrize("content, fragment", [(b"plain text, not a database" * 4, "is not an SQLite database"),
                                                (None, "is not a regular file")])
 def test_mlflow_database_that_is_not_one_is_found_at_once(tmp_path, content, fragment):
-    from trainkit.tracking import sqlite_problem
+    from trainkit.run.tracking import sqlite_problem
 
     path = tmp_path / "mlflow.db"
     if content is None:
@@ -1015,7 +1015,7 @@ def test_any_search_space_range_samples_or_is_one_short_line(tmp_path, name, spe
     """A range accepted by load_space is sampled by Optuna without an error (an error there was a
     traceback in the first trial); anything else is one line."""
     optuna = pytest.importorskip("optuna")
-    from trainkit.tune import load_space, suggest
+    from trainkit.commands.tune import load_space, suggest
 
     path = tmp_path / "space.json"
     path.write_text(json.dumps({name: spec}))

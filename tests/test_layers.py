@@ -16,15 +16,6 @@ BASE = {"trainkit.errors", "trainkit.registry", "trainkit.config", "trainkit.che
 # The package's face, above every floor: `import trainkit`'s names, `python -m trainkit`, and the
 # old module names kept working. Nothing inside the package imports them.
 FACE = {"trainkit", "trainkit.__main__", "trainkit.datasets", "trainkit.emnist"}
-# BEGIN flat modules: the floor each still-flat module moves to (the layout move removes this table)
-FLAT = {f"trainkit.{name}": floor for floor, names in {
-    "trainkit.data": ("loaders", "stream", "preprocess"),
-    "trainkit.models": ("models", "pretrained"),
-    "trainkit.loop": ("engine", "callbacks", "devices", "distributed", "optim"),
-    "trainkit.run": ("experiment", "run", "rundir", "reports", "tracking"),
-    "trainkit.commands": ("cli", "flags", "bench", "lr_find", "inference", "serve", "serve_page", "compare", "tune"),
-}.items() for name in names}
-# END flat modules
 
 
 def module_name(path: Path) -> str:
@@ -88,7 +79,6 @@ def floor(name: str) -> int:
     """The floor's index in FLOORS (len(FLOORS) for the face)."""
     if name in FACE:
         return len(FLOORS)
-    name = FLAT.get(name, name)  # until the move
     return max(i for i, package in enumerate(FLOORS) if name == package or name.startswith(package + "."))
 
 

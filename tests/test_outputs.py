@@ -16,7 +16,7 @@ import torch
 
 from conftest import assert_one_line_error, mount_namespace, run_cli
 from trainkit import checkpoint as ckpt
-from trainkit.cli import main
+from trainkit.commands.cli import main
 from trainkit.errors import TrainkitError
 from trainkit.outputs import RUN_NAMES, check_output, write_output
 
@@ -50,7 +50,7 @@ def call(capsys, *argv) -> tuple[int, str]:
 
 
 def test_run_names_cover_every_file_a_run_writes():
-    from trainkit import rundir
+    from trainkit.run import rundir
 
     assert set(rundir.FILES) | {rundir.LOCK} <= RUN_NAMES
 

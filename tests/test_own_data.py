@@ -16,7 +16,7 @@ from trainkit.data.cifar import CIFAR10, CIFAR100
 from trainkit.data.formats import encode_idx
 from trainkit.data.idx import write_own_idx
 from trainkit.errors import TrainkitError
-from trainkit.run import train
+from trainkit.run.training import train
 
 
 def dump(path: Path, content: dict) -> None:

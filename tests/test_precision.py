@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainkit import TrainConfig, train
-from trainkit import devices
 from trainkit.config import from_mapping
-from trainkit.devices import Choice, candidates, choose, measure
+from trainkit.loop import devices
+from trainkit.loop.devices import Choice, candidates, choose, measure
 
 CPU = torch.device("cpu")
 
@@ -149,7 +149,7 @@ def test_a_measured_run_trains_exactly_as_one_given_its_choice(mnist, tmp_path):
 
 @pytest.mark.parametrize("autocast, precision", [("fp32", "fp32"), ("bfloat16", "bf16")])
 def test_a_run_from_before_auto_resumes_in_what_it_trained_in(tmp_path, autocast, precision):
-    from trainkit.resume import load_resume_config
+    from trainkit.run.resume import load_resume_config
     (tmp_path / "last.pt").write_bytes(b"")
     (tmp_path / "config.json").write_text(json.dumps({"config": {"precision": "auto", "channels_last": True},
                                                       "environment": {"autocast": autocast}}))

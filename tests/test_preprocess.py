@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from trainkit.data.preprocess import NOTE_FRAMED, NOTE_INVERTED, frame_digit, prepare_image, reads_digits
 from trainkit.errors import TrainkitError
-from trainkit.preprocess import NOTE_FRAMED, NOTE_INVERTED, frame_digit, prepare_image, reads_digits
 
 
 def centre_of_mass(a: np.ndarray) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import assert_one_line_error, cli_ok, run_cli
 from trainkit import TrainConfig, build_experiment, train
-from trainkit.inference import load_run
+from trainkit.commands.inference import load_run
 from trainkit.models import build_model, output_kind
 
 

@@ -105,7 +105,7 @@ def test_config_files_and_flags(tmp_path):
     assert from_mapping(load_config_file(tmp_path / "a.yaml")) == TrainConfig(epochs=3, batch_size=64, lr=0.02,
                                                                                 model="compact")
     assert from_mapping(load_config_file(tmp_path / "b.toml")).scheduler == "onecycle"
-    from trainkit.cli import build_parser, config_from_args
+    from trainkit.commands.cli import build_parser, config_from_args
     cfg, _ = config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "a.yaml"), "--epochs", "9"]))
     assert (cfg.epochs, cfg.batch_size) == (9, 64)                # the flag wins over the file
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
@@ -131,7 +131,7 @@ def test_eval_reproduces_the_final_test_accuracy(quick_run):
 
 @pytest.mark.slow
 def test_eval_of_a_bf16_channels_last_run_prints_the_test_line_training_printed(tmp_path):
-    from trainkit.devices import bf16_supported
+    from trainkit.loop.devices import bf16_supported
     if not bf16_supported(torch.device("cpu")):
         pytest.skip("bf16 is not native on this CPU")
     out = tmp_path / "run"
@@ -140,8 +140,8 @@ def test_eval_of_a_bf16_channels_last_run_prints_the_test_line_training_printed(
     line = [l for l in trained.stdout.splitlines() if l.startswith("Test set:")][-1]
     assert cli_ok("eval", out).stdout.strip() == line.strip()
     # to the last bit of the loss that metrics.csv holds (in fp32 or contiguous, it differs from 1e-5 on)
-    from trainkit.experiment import evaluation_loader, get_data
-    from trainkit.inference import evaluate_trained, load_run
+    from trainkit.run.experiment import evaluation_loader, get_data
+    from trainkit.commands.inference import evaluate_trained, load_run
     run = load_run(out)
     data = get_data(run.cfg.replace(limit_train=1), channels=1, size=(28, 28))
     loss, correct, total = evaluate_trained(run, evaluation_loader(data, run.cfg.test_batch_size, run.mean, run.std))
@@ -178,7 +178,7 @@ def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
 @pytest.mark.slow
 def test_onnx_export_agrees_with_pytorch(quick_run, tmp_path, mnist):
     import onnxruntime
-    from trainkit.inference import load_run
+    from trainkit.commands.inference import load_run
     out, _ = quick_run
     cli_ok("export", out, "--format", "onnx", "--output", tmp_path / "m.onnx")
     trained = load_run(out)
@@ -192,7 +192,7 @@ def test_onnx_export_agrees_with_pytorch(quick_run, tmp_path, mnist):
 
 @pytest.mark.slow
 def test_torchscript_export(quick_run, tmp_path, mnist):
-    from trainkit.inference import load_run
+    from trainkit.commands.inference import load_run
     out, _ = quick_run
     cli_ok("export", out, "--format", "torchscript")
     scripted = torch.jit.load(str(out / "model.ts"))

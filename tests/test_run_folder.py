@@ -16,7 +16,7 @@ import torch
 
 from conftest import assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli
 from trainkit import checkpoint as ckpt
-from trainkit import rundir
+from trainkit.run import rundir
 
 SMALL = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
@@ -28,7 +28,7 @@ DRIVER = r'''
 import json, os, sys
 import matplotlib; matplotlib.use("Agg")
 import matplotlib.pyplot, torchinfo
-import trainkit.cli, trainkit.run, trainkit.rundir, trainkit.reports, trainkit.experiment
+import trainkit.commands.cli, trainkit.run.training, trainkit.run.rundir, trainkit.run.reports, trainkit.run.experiment
 
 def run(argv, env):
     pid = os.fork()
@@ -38,7 +38,7 @@ def run(argv, env):
             os.environ.update(env)
             fd = os.open(os.devnull, os.O_WRONLY)
             os.dup2(fd, 1)
-            code = trainkit.cli.main(argv)
+            code = trainkit.commands.cli.main(argv)
         finally:
             os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

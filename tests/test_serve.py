@@ -22,8 +22,8 @@ from conftest import ROOT, assert_one_line_error, data_dir, run_cli
 httpx = pytest.importorskip("httpx", reason="needs the serve extra: pip install trainkit[serve]")
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install trainkit[serve]")
 
+from trainkit.commands.serve import Batcher, Predictor, create_app  # noqa: E402
 from trainkit.errors import TrainkitError  # noqa: E402
-from trainkit.serve import Batcher, Predictor, create_app  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -118,7 +118,7 @@ def test_predict_health_info_and_docs(server, digits, served_run):
         right += answer["predicted"] == label
     assert right >= 0.75 * len(labels), f"{right}/{len(labels)} right"
     # the same numbers as `trainkit predict`: one preprocessing
-    from trainkit.inference import load_run, predict_files
+    from trainkit.commands.inference import load_run, predict_files
     path = served_run.parent / "digit.png"
     path.write_bytes(images[0])
     expected = predict_files(load_run(served_run), [path])[0].numpy()
@@ -202,7 +202,7 @@ def test_create_app_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 @pytest.mark.slow
 def test_help_works_without_importing_fastapi():
-    code = ("import sys; from trainkit.cli import build_parser; build_parser(); "
+    code = ("import sys; from trainkit.commands.cli import build_parser; build_parser(); "
             "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -275,7 +275,7 @@ def test_the_batcher_runs_at_most_workers_forwards_at_once_and_hands_on_a_failur
 @pytest.mark.slow
 def test_onnx_runtime_gives_the_same_probabilities_as_pytorch(served_run, mnist):
     pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install trainkit[onnx]")
-    from trainkit.inference import load_run
+    from trainkit.commands.inference import load_run
     trained = load_run(served_run)
     images = mnist.test_images[:64]
     a, b = Predictor(trained, "torch")(images), Predictor(trained, "onnx")(images)
@@ -284,7 +284,7 @@ def test_onnx_runtime_gives_the_same_probabilities_as_pytorch(served_run, mnist)
 
 def test_the_torch_backend_runs_channels_last_only_when_the_model_gives_the_same_answer(served_run, mnist):
     from trainkit import TrainConfig
-    from trainkit.inference import TrainedModel, load_run
+    from trainkit.commands.inference import TrainedModel, load_run
     trained = load_run(served_run)
     images = mnist.test_images[:64]
     expected = trained.probabilities(images).numpy()
@@ -522,7 +522,7 @@ def test_drawn_digits_are_framed_like_mnist(server, browser, served_run):
     from PIL import Image
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from trainkit.inference import load_run
+    from trainkit.commands.inference import load_run
 
     trained = load_run(served_run)
     browser.get(server + "/")

@@ -15,16 +15,16 @@ import torch
 from conftest import ROOT, assert_one_line_error, cli_ok, run_cli
 from trainkit import checkpoint as ckpt
 from trainkit import config
-from trainkit.cli import build_parser, main
-from trainkit.compare import SHOWN, differing_settings
+from trainkit.commands.cli import build_parser, main
+from trainkit.commands.compare import SHOWN, differing_settings
+from trainkit.commands.flags import add_command_flags, add_config_flags
+from trainkit.commands.tune import TRIAL_SETTINGS, load_space
 from trainkit.config import (ENVIRONMENT, ON_RESUME, PARTS, TrainConfig, _opt, fact, field_specs, flag_name,
                              may_change_on_resume, resolve_data_dir, settings_that)
 from trainkit.errors import TrainkitError
-from trainkit.flags import add_command_flags, add_config_flags
-from trainkit.optim import SCHEDULERS
+from trainkit.loop.optim import SCHEDULERS
 from trainkit.registry import Registry
-from trainkit.resume import load_resume_config
-from trainkit.tune import TRIAL_SETTINGS, load_space
+from trainkit.run.resume import load_resume_config
 
 NAMES = [f.name for f in field_specs()]
 
@@ -33,7 +33,7 @@ def another_value(f: dataclasses.Field):
     """A valid value of the setting other than its default."""
     meta, kind, default = f.metadata, config.kind_of(f), f.default
     if meta["registry"]:
-        from trainkit.flags import _registered_names
+        from trainkit.commands.flags import _registered_names
         return next(n for n in _registered_names(meta["registry"]).split(", ") if n != default)
     if meta["choices"]:
         return next(c for c in meta["choices"] if c != default)
@@ -89,7 +89,7 @@ def test_the_settings_that_do_not_compute_and_those_a_resume_may_change():
 def test_workers_computes_the_torchvision_pipelines_augmentation():
     """Why `workers` computes: DataLoader seeds each worker on its own and deals them the batches
     in turn, so another count draws other augmentations from the same seed."""
-    from trainkit.loaders import torchvision_loader
+    from trainkit.data.loaders import torchvision_loader
     images = (torch.arange(32 * 28 * 28) % 251).to(torch.uint8).reshape(32, 1, 28, 28)
     labels = torch.zeros(32, dtype=torch.int64)
     drawn = {workers: torch.cat([x for x, _ in torchvision_loader(images, labels, 8, mean=(0.5,), std=(0.5,),

@@ -1,4 +1,4 @@
-"""--pipeline stream: image folders read in batches by DataLoader workers (trainkit/stream.py), on
+"""--pipeline stream: image folders read in batches by DataLoader workers (trainkit/data/stream.py), on
 small folders of real PNG and JPEG files: the same batches as the in-memory path, a run through the
 CLI that eval reproduces, auto's choice, a corrupt file, and a resume in the middle of an epoch."""
 import json
@@ -11,14 +11,14 @@ from PIL import Image
 
 from conftest import assert_one_line_error, cli_ok, run_cli
 from trainkit import TrainConfig
-from trainkit.datasets import ImageData
-from trainkit.engine import Callback, StopRequested
-from trainkit.errors import TrainkitError
-from trainkit.experiment import build_experiment, get_data, held_out
-from trainkit.loaders import FlipCrop, TensorLoader
-from trainkit.run import train
 from trainkit.data.dataset import FileImages
-from trainkit.stream import StreamLoader, folder_files, folder_to_stream, parse_bytes
+from trainkit.data.loaders import FlipCrop, TensorLoader
+from trainkit.data.stream import StreamLoader, folder_files, folder_to_stream, parse_bytes
+from trainkit.datasets import ImageData
+from trainkit.errors import TrainkitError
+from trainkit.loop.engine import Callback, StopRequested
+from trainkit.run.experiment import build_experiment, get_data, held_out
+from trainkit.run.training import train
 
 ONE_WORKER = {"TRAINKIT_STREAM_WORKERS": "1"}   # 2 shared cores: one decoding process is enough here
 FIXED = dict(precision="fp32", channels_last="off")         # no timing of candidates (devices.choose)

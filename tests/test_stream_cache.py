@@ -1,4 +1,4 @@
-"""The image cache of a streamed folder (trainkit/stream.py's cached_images, data/cache.py): built
+"""The image cache of a streamed folder (trainkit/data/stream.py's cached_images, data/cache.py): built
 once from real PNG and JPEG files, the same batches as decoding the files and as holding them in
 memory, reused by a later read without a decode, built again when a file is changed, added or
 removed, resumed bit for bit, and turned off by TRAINKIT_IMAGE_CACHE or a full disk."""
@@ -13,16 +13,16 @@ import trainkit.data.cache as cache_module
 import trainkit.data.images as images_module
 from test_stream import FIXED, batches, write_folder
 from trainkit import TrainConfig
-from trainkit import stream
+from trainkit.data import stream
 from trainkit.data.cache import ImageCache, build_cache, images, open_cache, read_header
 from trainkit.data.dataset import FileImages
 from trainkit.data.images import decode_image
-from trainkit.engine import Callback, StopRequested
+from trainkit.data.loaders import FlipCrop, SeedAugment, TensorLoader
+from trainkit.data.stream import StreamLoader, cache_room
 from trainkit.errors import TrainkitError
-from trainkit.experiment import get_data, held_out
-from trainkit.loaders import FlipCrop, SeedAugment, TensorLoader
-from trainkit.run import train
-from trainkit.stream import StreamLoader, cache_room
+from trainkit.loop.engine import Callback, StopRequested
+from trainkit.run.experiment import get_data, held_out
+from trainkit.run.training import train
 
 
 @pytest.fixture(autouse=True)

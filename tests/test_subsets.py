@@ -13,8 +13,8 @@ from trainkit import TrainConfig
 from trainkit.data.dataset import ImageData, balanced_indices
 from trainkit.data.manifest import changes, check_same_data
 from trainkit.errors import TrainkitError
-from trainkit.experiment import get_data
-from trainkit.run import train
+from trainkit.run.experiment import get_data
+from trainkit.run.training import train
 
 FIXED = dict(precision="fp32", channels_last="off", device="cpu", progress=False)
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import cli_ok, data_dir
 from trainkit import TrainConfig, train
-from trainkit.cli import main
+from trainkit.commands.cli import main
 
 TINY = dict(model="speednet", limit_train=384, limit_test=100, val_split=128, epochs=1, batch_size=64,
             evals_per_epoch=2, progress=False)
@@ -99,7 +99,7 @@ def images_01():
 def own_probabilities(run_dir):
     """trainkit's own prediction for `images_01`, through load_run (uint8 images)."""
     import torch
-    from trainkit.inference import load_run
+    from trainkit.commands.inference import load_run
     uint8 = torch.from_numpy(images_01() * 255).round().to(torch.uint8)
     return load_run(run_dir).probabilities(uint8).numpy()
 
@@ -166,9 +166,9 @@ def test_a_tracking_server_that_does_not_answer_warns_once_and_training_goes_on(
 
 
 def test_mlflow_flag_takes_an_optional_uri(monkeypatch):
-    from trainkit.cli import build_parser
-    from trainkit.flags import config_from_args
-    from trainkit.tracking import resolve_uri
+    from trainkit.commands.cli import build_parser
+    from trainkit.commands.flags import config_from_args
+    from trainkit.run.tracking import resolve_uri
 
     parse = lambda *argv: config_from_args(build_parser().parse_args(["train", *argv]))[0]
     assert parse("--mlflow").mlflow == "auto"
@@ -262,8 +262,8 @@ def test_best_yaml_records_the_precision_and_memory_format_the_trial_ran_in(tune
 
 def test_pruning_compares_trials_at_the_same_epoch_fraction():
     import torch
-    from trainkit.engine import Evaluation, TrainState, check_points
-    from trainkit.tune import PER_EPOCH, TrialPruning
+    from trainkit.loop.engine import Evaluation, TrainState, check_points
+    from trainkit.commands.tune import PER_EPOCH, TrialPruning
 
     class Trial:          # what the pruner sees: the reported (step, accuracy), and its answer
         def __init__(self):
@@ -294,7 +294,7 @@ def test_pruning_compares_trials_at_the_same_epoch_fraction():
 
 def test_the_pruner_waits_for_a_trials_first_full_epoch():
     optuna = pytest.importorskip("optuna")
-    from trainkit.tune import make_pruner
+    from trainkit.commands.tune import make_pruner
 
     study = optuna.create_study(direction="maximize", pruner=make_pruner())
     for _ in range(2):                      # two good trials, finished
@@ -347,7 +347,7 @@ def test_compare_two_runs(tuned, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compare_labels_runs_by_their_paths_and_draws_the_checks(tmp_path, capsys):
-    from trainkit.compare import curve, load_run
+    from trainkit.commands.compare import curve, load_run
 
     for parent, epochs in (("a", 1), ("b", 2)):        # two folders named "run"; epochs differ
         train(TrainConfig(**{**TINY, "epochs": epochs, "scheduler": "step"}), out=tmp_path / parent / "run")

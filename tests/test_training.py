@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trainkit import TrainConfig, train
-from trainkit.engine import Callback
+from trainkit.loop.engine import Callback
 from trainkit.models import S5Net
 
 from conftest import QUICK_MIN_ACC, cli_ok
@@ -86,7 +86,7 @@ def test_seed_pipeline_runs_with_workers(mnist):
 
 
 def test_check_points_split_the_epoch_evenly():
-    from trainkit.engine import check_points
+    from trainkit.loop.engine import check_points
     assert check_points(118, 1) == frozenset()
     assert check_points(118, 4) == {28, 58, 87}           # the 4th evaluation is the epoch's own
     assert check_points(8, 2) == {3}

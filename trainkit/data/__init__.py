@@ -7,6 +7,9 @@
     manifest.py  what a run's data was (data.json), and what changed since
     cache.py     a folder's images decoded once into one file, its rows read back by offset
     registry.py  DATASETS (each source's entry and facts), DatasetSpec (a name parsed once), load_dataset
+    loaders.py   batches: PlannedLoader (an epoch's plan, resumable), TensorLoader, the torchvision path
+    stream.py    folders larger than memory: FileImages on the folder's image cache, StreamLoader
+    preprocess.py  an image as a trained model takes it (predict, serve)
     idx.py, cifar.py, emnist.py, folders.py ...   one module per source, each registering itself
 
 A source is one module in this folder: every module here is imported with the package, so its

@@ -12,7 +12,7 @@ training one is read, and a warning says so). A class folder without an image fi
 and a warning names it.
 
 The scan and the split are made here, once, for both the in-memory path (`load_image_folder`) and
-the streamed one (`trainkit.stream`).
+the streamed one (`trainkit.data.stream`).
 """
 from __future__ import annotations
 

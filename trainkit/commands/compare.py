@@ -12,8 +12,8 @@ import csv
 import json
 from pathlib import Path
 
-from .config import load_config_file, settings_that
-from .errors import TrainkitError
+from ..config import load_config_file, settings_that
+from ..errors import TrainkitError
 
 SHOWN = {"epochs"}      # settings the table shows in a result column of their own (epochs: "2 of 20")
 
@@ -125,7 +125,7 @@ def curve(run: dict) -> tuple[list[tuple], list[tuple]]:
 def plot(runs: list[dict], path: Path | None = None):
     """2x2: held-out accuracy and loss against epoch (top) and against wall time (bottom);
     the figure, or saved to `path` (and closed)."""
-    from .reports import _finish, _pyplot
+    from ..run.reports import _finish, _pyplot
 
     plt = _pyplot()
     fig, axs = plt.subplots(2, 2, figsize=(14, 9))
@@ -155,7 +155,7 @@ def plot(runs: list[dict], path: Path | None = None):
 
 
 def cmd_compare(args) -> int:
-    from .outputs import check_output, save_figure
+    from ..outputs import check_output, save_figure
 
     png = check_output(args.png, "--png", picture=True)   # before the runs are read
     runs = [load_run(Path(p)) for p in args.run_dirs]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .config import TrainConfig, fact, flag_name, load_config_file, run_settings
-from .data.manifest import check_same_data, read_manifest
-from .errors import TrainkitError
+from .. import checkpoint as ckpt
+from ..config import TrainConfig, fact, flag_name, load_config_file, run_settings
+from ..data.manifest import check_same_data, read_manifest
+from ..errors import TrainkitError
+from ..loop.optim import SCHEDULERS
+from ..models import gated_model_name
 from .experiment import canonical, warn_unchecked_data
-from .models import gated_model_name
-from .optim import SCHEDULERS
 from .rundir import OWN_NAMES, RunDirectory, RunLock, is_run_config, lock_run
 
 def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False) -> TrainConfig:

@@ -33,13 +33,13 @@ from typing import Callable, Sequence
 
 import torch.nn as nn
 
-from . import checkpoint as ckpt
-from .callbacks import EMA, BestWeights, CheckLog, EarlyStopping, GradientClipping, SignalStop, TargetAccuracy, \
+from .. import checkpoint as ckpt
+from ..config import TrainConfig
+from ..data.dataset import ImageData
+from ..errors import TrainkitError
+from ..loop.callbacks import EMA, BestWeights, CheckLog, EarlyStopping, GradientClipping, SignalStop, TargetAccuracy, \
     TensorBoardLogger
-from .config import TrainConfig
-from .data.dataset import ImageData
-from .engine import Callback, History
-from .errors import TrainkitError
+from ..loop.engine import Callback, History
 from .experiment import Experiment, build_experiment
 from .reports import ConsoleLogger, FinalReports
 from .rundir import RunDirectory

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import TrainkitError
+from ..errors import TrainkitError
 
 # Runs on these datasets at 1x28x28 read handwritten digits framed as MNIST's (config.json's dataset).
 DIGIT_DATASETS = ("mnist", "emnist-digits", "emnist-mnist")
@@ -73,7 +73,7 @@ def frame_digit(gray: np.ndarray) -> tuple[np.ndarray, list[str]]:
 def _header(data, name: str | None, max_pixels: int | None) -> tuple[int, tuple[int, int]] | None:
     """(channels, (height, width) as shown, after EXIF orientation) from the image's header, or None
     (decode_image then says why, in its one line)."""
-    from .data.images import image_info
+    from .images import image_info
     try:
         return image_info(data, name=name, max_pixels=max_pixels)
     except TrainkitError:
@@ -87,7 +87,7 @@ def prepare_image(data, dataset: str, image_shape, name: str | None = None,
                   max_pixels: int | None = None, resize: str = "fit") -> tuple[torch.Tensor, list[str]]:
     """An image file's bytes (or path) -> uint8 (C, H, W) as the run's model takes it, and notes on
     what was changed beyond a plain resize. Raises TrainkitError for what is not a readable image."""
-    from .data.images import decode_image
+    from .images import decode_image
 
     c, h, w = image_shape
     header = _header(data, name, max_pixels)

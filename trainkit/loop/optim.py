@@ -14,9 +14,9 @@ from typing import Iterable
 
 import torch
 
-from .config import TrainConfig
-from .errors import TrainkitError
-from .registry import Registry
+from ..config import TrainConfig
+from ..errors import TrainkitError
+from ..registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler", facts={"fixed_length": False})

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..errors import TrainkitError
 from .engine import Callback, TrainState
-from .errors import TrainkitError
 
 
 class TargetAccuracy(Callback):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import TrainkitError
+from ..errors import TrainkitError
 
 MAX_UPLOAD_MB = 10          # a request body above this is refused (413) before it is decoded
 MAX_PIXELS = 4096 * 4096    # an image above this is refused from its header, before decoding (413)
@@ -225,7 +225,7 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     from .inference import load_run
-    from .preprocess import prepare_image, reads_digits
+    from ..data.preprocess import prepare_image, reads_digits
     from .serve_page import PAGE
 
     run_dir = Path(run_dir)

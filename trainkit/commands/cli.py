@@ -10,18 +10,18 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import flag_name, settings_that
-from .errors import TrainkitError
+from ..config import flag_name, settings_that
+from ..errors import TrainkitError
 from .flags import Parser, add_config_flags, add_recipe_flags, config_from_args, positive
 
 
 def cmd_train(args) -> int:
-    from .distributed import launched_by_torchrun, restarted_by_torchrun, teardown
-    from .engine import NonFiniteLoss, StopRequested
-    from .outputs import check_folder
-    from .resume import load_resume_config
-    from .rundir import FILES, default_run_dir
-    from .run import train
+    from ..loop.distributed import launched_by_torchrun, restarted_by_torchrun, teardown
+    from ..loop.engine import NonFiniteLoss, StopRequested
+    from ..outputs import check_folder
+    from ..run.resume import load_resume_config
+    from ..run.rundir import FILES, default_run_dir
+    from ..run.training import train
 
     if args.out:
         check_folder(args.out, "--out")    # a name too long or a file in the way: one line, before any work
@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
     if args.resume:
         cfg = load_resume_config(Path(args.resume), flags, trust_code=args.trust_code)
     if cfg.pretrained:
-        from .pretrained import prepare
+        from ..models.pretrained import prepare
         prepare(cfg.model)         # offline: one line in seconds, not a minute of retries
     run_dir = Path(args.resume or args.out or default_run_dir())
     try:
@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
 
 
 def _resume_hint(run_dir: Path) -> str:
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     if not (run_dir / "last.pt").exists():
         return "No checkpoint had been written yet."
@@ -72,10 +72,10 @@ def _resume_hint(run_dir: Path) -> str:
 
 
 def cmd_summary(args) -> int:
-    from .config import parse_image_size
-    from .models import build_model, output_kind
-    from .outputs import check_output, save_figure
-    from .reports import plot_architecture, summary_table
+    from ..config import parse_image_size
+    from ..models import build_model, output_kind
+    from ..outputs import check_output, save_figure
+    from ..run.reports import plot_architecture, summary_table
 
     png = check_output(args.png, "--png", picture=True) if args.png else None   # before the model is built
     cfg, flags = config_from_args(args)

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .config import RECIPES, TrainConfig, validate
-from .data.dataset import ImageData
-from .devices import autocast_dtype, bf16_native, resolve_device
-from .assembly import build_run
-from .engine import Callback, TrainState, train_one_epoch, train_step
-from .experiment import get_data
+from ..config import RECIPES, TrainConfig, validate
+from ..data.dataset import ImageData
+from ..loop.devices import autocast_dtype, bf16_native, resolve_device
+from ..loop.engine import Callback, TrainState, train_one_epoch, train_step
+from ..run.assembly import build_run
+from ..run.experiment import get_data
+from ..run.reports import environment
+from ..run.training import train
 from .flags import add_config_flags, config_from_args, number, positive
-from .reports import environment
-from .run import train
 
 PROCESS_START = time.perf_counter()
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 from typing import Iterable, Mapping
 
-from .config import (PARTS, RECIPES, TrainConfig, field_specs, flag_name, from_mapping, kind_of, load_config_file,
+from ..config import (PARTS, RECIPES, TrainConfig, field_specs, flag_name, from_mapping, kind_of, load_config_file,
                      settings_that)
-from .errors import TrainkitError
+from ..errors import TrainkitError
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,9 +43,9 @@ def positive(kind, flag: str):
 
 
 def _registered_names(kind: str) -> str:
-    from .data import DATASETS
-    from .models import MODELS
-    from .optim import OPTIMIZERS, SCHEDULERS
+    from ..data import DATASETS
+    from ..models import MODELS
+    from ..loop.optim import OPTIMIZERS, SCHEDULERS
 
     registry = {"model": MODELS, "dataset": DATASETS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}[kind]
     return ", ".join(registry)
@@ -136,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
         cfg = from_mapping(load_config_file(args.config), cfg)
         record = run_record(args.config)
         if record is not None and "model" not in flags:   # a file trainkit wrote: its model passes the gate
-            from .models import gated_model_name
+            from ..models import gated_model_name
             gated_model_name(str(args.config), cfg.model, record.get("model"),
                              trust_code=getattr(args, "trust_code", False))
     return cfg.replace(**flags), flags

@@ -1,4 +1,10 @@
-"""Networks and a small registry: `build_model("s5net")`, or your own `module:factory`."""
+"""The models floor: the networks and the registry they are built from. `MODELS`, `build_model` and
+`register_model` are here, with a user's own `module:factory` or `file.py:factory` (imported only
+through the code gate); `pretrained.py` reads `--pretrained` weights offline from a cache or refuses
+in one line. It imports only the root's base modules: a model knows no data, loop, run or command.
+
+Networks and a small registry: `build_model("s5net")`, or your own `module:factory`.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import TrainkitError
-from .registry import Registry
+from ..errors import TrainkitError
+from ..registry import Registry
 
 MODELS = Registry("model")
 
@@ -377,7 +383,7 @@ def gated_model_name(origin: str, recorded: str, record: dict | None = None, *, 
                             f"it is not imported")
     if kind == "python":
         raise TrainkitError(f"{origin}: the model was built in Python ({recorded}); trainkit cannot build it again: "
-                            f"give --model, or load it with trainkit.inference.load_run(RUN, model=YourModel())")
+                            f"give --model, or load it with trainkit.commands.inference.load_run(RUN, model=YourModel())")
     if not trust_code:
         raise TrainkitError(f"{origin} names code ({recorded}); a file trainkit wrote never runs code by being "
                             f"opened: give --model {recorded} again, or --trust-code to import it")

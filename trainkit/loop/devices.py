@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .cachedir import cache_dir
-from .errors import TrainkitError
+from ..cachedir import cache_dir
+from ..errors import TrainkitError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

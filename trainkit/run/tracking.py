@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .engine import Callback, TrainState, unwrap
-from .errors import TrainkitError
+from ..errors import TrainkitError
+from ..loop.engine import Callback, TrainState, unwrap
 
 DEFAULT = "auto"            # what `--mlflow` with no value stores: $MLFLOW_TRACKING_URI, else ./mlflow.db
 EXPERIMENT = "trainkit"
@@ -48,7 +48,7 @@ def resolve_uri(uri: str | None) -> str:
 
 
 def _git(*args: str) -> str:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
 
 
@@ -264,7 +264,7 @@ class MLflowLogger(Callback):
         import onnx
         from mlflow.models import infer_signature
 
-        from .loaders import denormalize
+        from ..data.loaders import denormalize
 
         data = saved["data"]
         loader = state.val_loader if state.val_loader is not None else state.test_loader

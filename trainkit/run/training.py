@@ -12,12 +12,12 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from . import distributed
+from ..config import TrainConfig
+from ..data.dataset import ImageData
+from ..errors import TrainkitError
+from ..loop import distributed
+from ..loop.engine import Callback, History, fit
 from .assembly import Run, build_run
-from .config import TrainConfig
-from .data.dataset import ImageData
-from .engine import Callback, History, fit
-from .errors import TrainkitError
 from .resume import predates_manifests, resume_run
 from .rundir import RunDirectory, default_run_dir, prepare
 

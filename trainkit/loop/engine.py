@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import TrainkitError
 from .devices import autocast
-from .errors import TrainkitError
 
 
 @dataclass

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import TrainkitError
+from ..errors import TrainkitError
 
 HUB_HOST = "huggingface.co"    # where timm's weights come from (the Hugging Face Hub)
 TIMEOUT_S = 3.0

@@ -39,16 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cachedir import cache_dir
-from .checkpoint import LOCK
-from .data.cache import build_cache, cache_file, open_cache, read_header
-from .data.dataset import FileImages, ImageData, channel_stats
-from .data.folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
+from ..cachedir import cache_dir
+from ..checkpoint import LOCK
+from ..errors import TrainkitError
+from .cache import build_cache, cache_file, open_cache, read_header
+from .dataset import FileImages, ImageData, channel_stats
+from .folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
                             report_warnings, split_folder, without_name)
-from .data.manifest import fingerprint
-from .data.registry import DATASETS, DatasetSpec, parse_dataset
-from .errors import TrainkitError
 from .loaders import PlannedLoader, normalize
+from .manifest import fingerprint
+from .registry import DATASETS, DatasetSpec, parse_dataset
 
 STATS_SAMPLE = 2048          # training images that mean and std are computed from, at most,
 STATS_BYTES = 16 * 2**20     # and at most this many bytes of them (at least 256 images)

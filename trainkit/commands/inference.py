@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
-from .config import TrainConfig, load_config_file, run_settings, validate
-from .errors import TrainkitError
+from .. import checkpoint as ckpt
+from ..config import TrainConfig, load_config_file, run_settings, validate
+from ..data.loaders import normalize
+from ..data.preprocess import NOTE_FRAMED
+from ..errors import TrainkitError
+from ..models import build_model, gated_model_name, output_kind
+from ..run.rundir import FILES as RUN_FILES
 from .flags import add_config_flags, config_flags
-from .loaders import normalize
-from .models import build_model, gated_model_name, output_kind
-from .preprocess import NOTE_FRAMED
-from .rundir import FILES as RUN_FILES
 
 
 @dataclass
@@ -117,9 +117,9 @@ def _load_from_args(args) -> TrainedModel:
 
 
 def cmd_eval(args) -> int:
-    from .data.manifest import check_same_data, read_manifest
-    from .experiment import evaluation_loader, get_data, warn_unchecked_data
-    from .reports import test_line
+    from ..data.manifest import check_same_data, read_manifest
+    from ..run.experiment import evaluation_loader, get_data, warn_unchecked_data
+    from ..run.reports import test_line
 
     trained = _load_from_args(args)
     if trained.cfg.dataset.startswith("python:"):
@@ -147,8 +147,8 @@ def evaluate_trained(trained: TrainedModel, loader) -> tuple[float, int, int]:
     """(loss, correct, total) of the run's model on `loader`, on the CPU, in the precision and
     memory format the run trained (and evaluated) in, so that its test line comes back: bf16 sums
     and channels-last convolutions round differently."""
-    from .devices import bf16_supported
-    from .engine import evaluate
+    from ..loop.devices import bf16_supported
+    from ..loop.engine import evaluate
 
     cpu = torch.device("cpu")
     amp_dtype = torch.bfloat16 if trained.cfg.precision == "bf16" and bf16_supported(cpu) else None
@@ -161,9 +161,9 @@ def evaluate_trained(trained: TrainedModel, loader) -> tuple[float, int, int]:
 def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tensor, list[list[str]]]:
     """Image files as the run's model takes them (preprocess.prepare_image, as `serve` does), and
     each one's notes (inverted, framed like MNIST, made grayscale, squashed)."""
-    from .preprocess import prepare_image
+    from ..data.preprocess import prepare_image
 
-    from .inputs import regular_file
+    from ..inputs import regular_file
 
     prepared = []
     for path in paths:
@@ -179,7 +179,7 @@ def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
 
 
 def cmd_predict(args) -> int:
-    from .inputs import regular_file
+    from ..inputs import regular_file
 
     if args.top < 1:
         raise TrainkitError(f"--top must be at least 1, got {args.top}")
@@ -221,7 +221,7 @@ def with_onnx_metadata(data: bytes, trained: TrainedModel) -> bytes:
 def _check_output(output: Path) -> Path:
     """Refuse, before any work, an output that cannot be written or must not be overwritten
     (outputs.check_output: the rule every file a command writes follows)."""
-    from .outputs import check_output
+    from ..outputs import check_output
 
     return check_output(output, "--output")
 
@@ -252,7 +252,7 @@ def export(trained: TrainedModel, fmt: str, output: Path) -> Path:
         torch.onnx.export(trained.model, (example,), buffer, input_names=["images"], output_names=[name],
                           dynamic_axes={"images": {0: "batch"}, name: {0: "batch"}}, dynamo=False)
         data = with_onnx_metadata(buffer.getvalue(), trained)
-    from .outputs import write_output
+    from ..outputs import write_output
 
     write_output(output, data, "--output")   # read-only folder, full disk, quota: one line, nothing left behind
     return output

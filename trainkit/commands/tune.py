@@ -29,11 +29,11 @@ import time
 import warnings
 from pathlib import Path
 
-from .config import TrainConfig, field_specs, from_mapping, kind_of, load_config_file, show, validate
-from .engine import Callback, TrainState
-from .errors import TrainkitError
+from ..config import TrainConfig, field_specs, from_mapping, kind_of, load_config_file, show, validate
+from ..errors import TrainkitError
+from ..loop.engine import Callback, TrainState
+from ..outputs import make_folder, save_figure, write_output
 from .flags import add_command_flags, add_recipe_flags, config_from_args, number
-from .outputs import make_folder, save_figure, write_output
 
 DEFAULT_VAL_SPLIT = 0.1
 # What every trial sets itself: no bars among the trials' lines, no MLflow run per trial.
@@ -207,7 +207,7 @@ def finished(study) -> int:
 def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, study_name: str, out: Path):
     """Run trials until the study holds `trials` finished ones; returns the study."""
     optuna = _optuna()
-    from .run import train
+    from ..run.training import train
 
     space = load_space(space_path, base)
     make_folder(out, "--out")
@@ -342,7 +342,7 @@ def write_results(study, out: Path) -> Path:
               f"{best.value:.2f}% validation accuracy)\n# trainkit train --config {out / 'best.yaml'}\n")
     # Written as every file a command writes: whole or not at all, never through a link (outputs.py).
     write_output(out / "best.yaml", (header + yaml.safe_dump(config, sort_keys=False)).encode(), "--out")
-    from .reports import _pyplot
+    from ..run.reports import _pyplot
     _pyplot()
     vis = optuna.visualization.matplotlib
     ax = vis.plot_optimization_history(study)
@@ -368,7 +368,7 @@ def cmd_tune(args) -> int:
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     name = args.study_name or space.stem
     if cfg.pretrained:
-        from .pretrained import prepare
+        from ..models.pretrained import prepare
         prepare(cfg.model)         # offline: one line in seconds, not a minute of retries per trial
     study = run_study(space, cfg, args.trials, storage, name, out)
     with storage_errors(storage):

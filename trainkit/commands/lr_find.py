@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .assembly import build_run
-from .config import TrainConfig
-from .engine import TrainState, emit, train_step
-from .errors import TrainkitError
+from ..config import TrainConfig
+from ..errors import TrainkitError
+from ..loop.engine import TrainState, emit, train_step
+from ..run.assembly import build_run
 from .flags import add_command_flags, add_recipe_flags, config_from_args, positive
 
 
@@ -67,7 +67,7 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 
 
 def plot(lrs, losses, suggestion: float, path: Path | None = None):
-    from .reports import _finish, _pyplot
+    from ..run.reports import _finish, _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -86,7 +86,7 @@ def plot(lrs, losses, suggestion: float, path: Path | None = None):
 def cmd_lr_find(args) -> int:
     if not args.start_lr < args.end_lr:
         raise TrainkitError(f"--end-lr ({args.end_lr}) must be greater than --start-lr ({args.start_lr})")
-    from .outputs import check_output, save_figure
+    from ..outputs import check_output, save_figure
 
     output = check_output(args.output, "--output", picture=True)   # before the sweep
     cfg, _ = config_from_args(args)     # a flag of a part lr-find does not run was refused by its parser

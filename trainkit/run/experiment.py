@@ -15,18 +15,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import TrainConfig, parse_image_size, resolve_data_dir, validate
-from .data.dataset import ImageData, warn_empty_classes
-from .data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
-from .distributed import Rank
-from .devices import autocast_dtype, check_memory, choose, compile_unavailable, compiled, resolve_device
-from .errors import TrainkitError
-from .loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
-from .models import build_model, check_model_name, is_code, output_kind
-from .stream import StreamLoader, folder_to_stream, load_stream_folder
-from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
+from .. import checkpoint as ckpt
+from ..config import TrainConfig, parse_image_size, resolve_data_dir, validate
+from ..data.dataset import ImageData, warn_empty_classes
+from ..data.loaders import FlipCrop, SeedAugment, TensorLoader, border_median, torchvision_loader
+from ..data.registry import DATASETS, canonical_dataset, load_dataset, parse_dataset
+from ..data.stream import StreamLoader, folder_to_stream, load_stream_folder
+from ..errors import TrainkitError
+from ..loop import distributed
+from ..loop.devices import autocast_dtype, check_memory, choose, compile_unavailable, compiled, resolve_device
+from ..loop.distributed import Rank
+from ..loop.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
+from ..models import build_model, check_model_name, is_code, output_kind
 
 
 @dataclass

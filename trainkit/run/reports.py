@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import stream
-from .checkpoint import atomic_write_text, save_weights
-from .engine import Callback, History, TrainState, unwrap
+from ..checkpoint import atomic_write_text, save_weights
+from ..data import stream
+from ..data.loaders import denormalize
+from ..loop.engine import Callback, History, TrainState, unwrap
 from .experiment import evaluation_loader
-from .loaders import denormalize
 
 
 def test_line(loss: float, correct: int, total: int, after: str = "", split: str = "test") -> str:

@@ -23,13 +23,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
+from ..data import manifest
+from ..data.dataset import ImageData
+from ..errors import TrainkitError
+from ..loop.engine import Callback, History, TrainState
+from ..models import count_parameters, model_source
 from . import reports
-from .data import manifest
-from .data.dataset import ImageData
-from .engine import Callback, History, TrainState
-from .errors import TrainkitError
-from .models import count_parameters, model_source
 
 FILES = ("config.json", manifest.FILE, "metrics.csv", "plot.png", "samples.png", "confusion.png", "mistakes.png", "model.pt",
          "summary.txt", "last.pt", "best.pt")
