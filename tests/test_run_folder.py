@@ -21,16 +21,19 @@ from trainkit import rundir
 SMALL = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
 # Starts training processes by fork() from one process that has imported trainkit (and what its
-# reports import) but run no torch operation, so each of the many runs below skips the imports.
-# Each child is a real process running the CLI; TRAINKIT_FAULT_AFTER_WRITES kills it (os._exit(137))
-# at the write boundary asked for. Prints one JSON line: the exit status of each run.
-DRIVER = r'''
+# reports import, and torch._dynamo, which the first optimizer imports: most of a second) but run no
+# torch operation, so each of the many runs below skips the imports. Each child is a real process
+# running the CLI; TRAINKIT_FAULT_AFTER_WRITES kills it (os._exit(137)) at the write boundary asked
+# for. The runs are independent (each its own --out), so up to `parallel` go at once, each with one
+# torch thread: their numbers do not depend on how many run beside them. Prints one JSON line: the
+# exit status of each run, in the order given.
+DRIVER = r"""
 import json, os, sys
 import matplotlib; matplotlib.use("Agg")
-import matplotlib.pyplot, torchinfo
+import matplotlib.pyplot, torchinfo, torch._dynamo
 import trainkit.cli, trainkit.run, trainkit.rundir, trainkit.reports, trainkit.experiment
 
-def run(argv, env):
+def start(argv, env):
     pid = os.fork()
     if pid == 0:
         code = 99
@@ -41,19 +44,27 @@ def run(argv, env):
             code = trainkit.cli.main(argv)
         finally:
             os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return pid
 
-results = []
-for argv, env in json.loads(sys.argv[1]):
-    results.append(run(argv, env))
+runs, parallel = json.loads(sys.argv[1]), int(sys.argv[2])
+results, running = [None] * len(runs), {}
+for i, (argv, env) in enumerate(runs):
+    if len(running) == parallel:
+        pid, status = os.wait()
+        results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    running[start(argv, env)] = i
+while running:
+    pid, status = os.wait()
+    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
 print(json.dumps(results))
-'''
+"""
 
 
 def drive(runs: list[tuple[list, dict]]) -> list[int]:
-    """Run each (argv, env) of `runs` in turn, as described in DRIVER; returns their exit statuses."""
-    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[list(map(str, a)), e] for a, e in runs])],
+    """Run each (argv, env) of `runs`, as described in DRIVER; returns their exit statuses."""
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1"}
+    parallel = str(min(4, len(os.sched_getaffinity(0))))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[list(map(str, a)), e] for a, e in runs]), parallel],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
