@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli
+from conftest import assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli, run_clis
 from trainkit import checkpoint as ckpt
 from trainkit import rundir
 
@@ -139,10 +139,10 @@ def test_a_second_writer_is_refused_while_the_first_goes_on(tmp_path):
     run.mkdir()
     held = rundir.prepare(run)          # this process owns the folder, as a running training would
     try:
-        proc = run_cli("train", *SMALL, "--out", run)
-        assert_one_line_error(proc, f"{run} is in use by another trainkit process (pid {os.getpid()})")
-        proc = run_cli("train", "--resume", run)   # no checkpoint yet: says so (before any lock)
-        assert proc.returncode == 2
+        # no checkpoint yet: --resume says so (before any lock)
+        second, resumed = run_clis(["train", *SMALL, "--out", run], ["train", "--resume", run])
+        assert_one_line_error(second, f"{run} is in use by another trainkit process (pid {os.getpid()})")
+        assert resumed.returncode == 2
     finally:
         held.release()
     assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK]
@@ -158,9 +158,9 @@ def test_two_trainings_into_the_same_out_one_is_refused(tmp_path):
     deadline = time.time() + 120
     while not (run / "last.pt").exists() and time.time() < deadline:
         time.sleep(0.1)
-    second = run_cli("train", *SMALL, "--out", run)
+    # a second training, and --resume too, while the first holds the folder
+    second, resumed = run_clis(["train", *SMALL, "--out", run], ["train", "--resume", run])
     assert_one_line_error(second, "is in use by another trainkit process (pid ")
-    resumed = run_cli("train", "--resume", run)   # --resume too, while the first holds the folder
     assert_one_line_error(resumed, "is in use by another trainkit process (pid ")
     assert first.poll() is None                     # the first run went on meanwhile
     first.send_signal(signal.SIGTERM)
