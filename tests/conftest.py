@@ -120,6 +120,14 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
                           text=True, env=full_env, cwd=cwd, timeout=timeout)
 
 
+def run_clis(*commands, **kwargs) -> list[subprocess.CompletedProcess]:
+    """run_cli for each of several independent commands (argument lists), as many at once as there are
+    cores: most of each one is its single-threaded start-up (Python, torch). Returns them in order."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        return list(pool.map(lambda args: run_cli(*args, **kwargs), commands))
+
+
 def mount_namespace() -> list[str]:
     """`unshare` that gives a command its own mounts (user namespaces: no root needed), or a skip."""
     cmd = ["unshare", "--map-root-user", "--mount"]
@@ -158,6 +166,19 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "quick"
     proc = cli_ok("train", *QUICK, "--out", out)
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, mnist_dir) -> Path:
+    """A real finished 1-epoch run (last.pt, best.pt, model.pt, config.json, the reports), trained once
+    for the whole session: read it, or damage and extend copies of it (shutil.copytree), never itself.
+    fp32 and channels_last off as given settings: no --precision auto measurement (seconds) for a run
+    whose files, not its speed, the tests look at."""
+    from trainkit import TrainConfig, train
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(TrainConfig(limit_train=256, limit_test=128, epochs=1, batch_size=64, progress=False,
+                      precision="fp32", channels_last="off", data_dir=str(mnist_dir)), out=out)
+    return out
 
 
 

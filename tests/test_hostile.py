@@ -24,7 +24,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
-from trainkit import TrainConfig, train
+from trainkit import TrainConfig
 from trainkit import checkpoint as ckpt
 from trainkit.commands.cli import main
 from trainkit.config import field_specs, from_mapping, load_config_file, show, validate
@@ -56,18 +56,9 @@ def snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A real 1-epoch run (last.pt, best.pt, model.pt, config.json) to damage copies of."""
-    out = tmp_path_factory.mktemp("hostile") / "run"
-    cfg = TrainConfig(limit_train=256, limit_test=100, epochs=1, batch_size=64, progress=False,
-                      data_dir=str(data_dir()))
-    train(cfg, out=out)
-    return out
-
-
 @pytest.fixture
 def run_copy(finished_run, tmp_path):
+    """A copy of conftest's finished_run (a real 1-epoch run) to damage."""
     return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 

@@ -2,6 +2,8 @@
 factories that fail, the validation split, extending a run."""
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import assert_one_line_error, cli_ok, run_cli
+from conftest import assert_one_line_error, cli_ok, run_cli, run_clis
 from trainkit import TrainConfig, build_experiment, train
 from trainkit.commands.inference import load_run
 from trainkit.models import build_model, output_kind
@@ -175,17 +177,20 @@ def test_validation_split_chooses_and_the_test_set_is_used_once(mnist, tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_extends_a_finished_run(tmp_path):
-    out = tmp_path / "run"
-    args = ["--limit-train", "256", "--limit-test", "100", "--batch-size", "64", "--no-progress"]
-    cli_ok("train", *args, "--epochs", "1", "--out", out)
+def test_resume_extends_a_finished_run(finished_run, mnist_dir, tmp_path):
+    out = Path(shutil.copytree(finished_run, tmp_path / "run"))          # 1 epoch
     proc = cli_ok("train", "--resume", out, "--epochs", "2", "--no-progress")
     assert "Epoch 2" in proc.stdout and "Epoch 1\n" not in proc.stdout
     assert len(open(out / "metrics.csv").read().splitlines()) == 3
-    cli_ok("train", *args, "--epochs", "3", "--scheduler", "onecycle", "--out", tmp_path / "cycle")
-    assert_one_line_error(run_cli("train", "--resume", tmp_path / "cycle", "--epochs", "4"), "onecycle")
-    assert_one_line_error(run_cli("train", "--resume", out, "--recipe", "fast"), "--recipe cannot be combined")
-    assert_one_line_error(run_cli("train", "--resume", out, "--out", tmp_path / "x"), "--out")
+    cycle = TrainConfig(limit_train=256, limit_test=64, batch_size=64, epochs=1, scheduler="onecycle", progress=False,
+                        data_dir=str(mnist_dir))
+    train(cycle, out=tmp_path / "cycle")
+    refused = run_clis(["train", "--resume", tmp_path / "cycle", "--epochs", "2"],
+                       ["train", "--resume", out, "--recipe", "fast"],
+                       ["train", "--resume", out, "--out", tmp_path / "x"])
+    assert_one_line_error(refused[0], "onecycle")
+    assert_one_line_error(refused[1], "--recipe cannot be combined")
+    assert_one_line_error(refused[2], "--out")
 
 
 @pytest.mark.slow

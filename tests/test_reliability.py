@@ -163,14 +163,10 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, capsys):
     assert not _Exploit.marker.exists()
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """A finished 1-epoch run to damage copies of."""
-    out = tmp_path_factory.mktemp("small") / "run"
-    cfg = TrainConfig(epochs=1, limit_train=256, limit_test=128, batch_size=64, progress=False,
-                      data_dir=str(data_dir()))
-    train(cfg, out=out)
-    return out
+@pytest.fixture
+def small_run(finished_run):
+    """conftest's finished 1-epoch run (shared by the session): damage copies of it only."""
+    return finished_run
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -219,7 +215,10 @@ def test_resume_flag_that_contradicts_the_run(small_run, tmp_path):
 def test_existing_run_is_not_overwritten(small_run, tmp_path):
     run = copy_run(small_run, tmp_path / "run")
     before = (run / "last.pt").read_bytes()
-    assert_one_line_error(run_cli("train", "--out", run, "--epochs", "1"), "already holds a run", "--resume")
+    # (the folder is looked at once the run is built: a small subset in fp32 is built in a moment)
+    proc = run_cli("train", "--out", run, "--epochs", "1", "--limit-train", "64", "--limit-test", "64",
+                   "--precision", "fp32", "--channels-last", "off")
+    assert_one_line_error(proc, "already holds a run", "--resume")
     assert (run / "last.pt").read_bytes() == before
 
 

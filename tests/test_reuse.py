@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli
+from conftest import ROOT, assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli, run_clis
 from trainkit import ImageData, TrainConfig, train
 from trainkit.config import from_mapping, load_config_file
 
@@ -109,9 +109,10 @@ def test_config_files_and_flags(tmp_path):
     cfg, _ = config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "a.yaml"), "--epochs", "9"]))
     assert (cfg.epochs, cfg.batch_size) == (9, 64)                # the flag wins over the file
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
-    assert_one_line_error(run_cli("train", "--config", tmp_path / "bad.yaml"), "unknown setting 'epochz'")
     (tmp_path / "bad2.yaml").write_text("epochs: three\n")
-    assert_one_line_error(run_cli("train", "--config", tmp_path / "bad2.yaml"), "'three' is not a valid int")
+    unknown, not_int = run_clis(["train", "--config", tmp_path / "bad.yaml"], ["train", "--config", tmp_path / "bad2.yaml"])
+    assert_one_line_error(unknown, "unknown setting 'epochz'")
+    assert_one_line_error(not_int, "'three' is not a valid int")
 
 
 @pytest.mark.slow
@@ -156,23 +157,26 @@ def test_predict_a_hand_drawn_digit(quick_run, tmp_path):
     ImageDraw.Draw(image).line([(60, 25), (60, 135)], fill="white", width=14)   # a "1"
     image.save(tmp_path / "one.png")
     image.convert("L").save(tmp_path / "one.jpg")
-    proc = cli_ok("predict", out, tmp_path / "one.png", tmp_path / "one.jpg", "--top", "3")
-    lines = proc.stdout.strip().splitlines()
+    # a dark "1" on white paper, small in a corner: inverted (and said so), framed like MNIST
+    paper = Image.new("L", (300, 200), 235)
+    ImageDraw.Draw(paper).line([(250, 20), (246, 90)], fill=30, width=8)
+    paper.save(tmp_path / "paper.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    ones, inverted, bad, missing = run_clis(["predict", out, tmp_path / "one.png", tmp_path / "one.jpg", "--top", "3"],
+                                            ["predict", out, tmp_path / "paper.png"],
+                                            ["predict", out, tmp_path / "bad.png"],
+                                            ["predict", out, tmp_path / "missing.png"])
+    assert ones.returncode == 0 and inverted.returncode == 0, (ones.stderr[-2000:], inverted.stderr[-2000:])
+    lines = ones.stdout.strip().splitlines()
     assert len(lines) == 2
     for line in lines:
         top = re.search(r": (\S+) (\d+\.\d)%", line)
         assert top.group(1) == "1", line
         assert line.count("%") == 3
-    # a dark "1" on white paper, small in a corner: inverted (and said so), framed like MNIST
-    paper = Image.new("L", (300, 200), 235)
-    ImageDraw.Draw(paper).line([(250, 20), (246, 90)], fill=30, width=8)
-    paper.save(tmp_path / "paper.png")
-    proc = cli_ok("predict", out, tmp_path / "paper.png")
-    assert re.search(r": 1 \d+\.\d%", proc.stdout), proc.stdout
-    assert "note: inverted: a dark digit on a light background" in proc.stderr
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    assert_one_line_error(run_cli("predict", out, tmp_path / "bad.png"), "not a readable image")
-    assert_one_line_error(run_cli("predict", out, tmp_path / "missing.png"), "missing.png does not exist")
+    assert re.search(r": 1 \d+\.\d%", inverted.stdout), inverted.stdout
+    assert "note: inverted: a dark digit on a light background" in inverted.stderr
+    assert_one_line_error(bad, "not a readable image")
+    assert_one_line_error(missing, "missing.png does not exist")
 
 
 @pytest.mark.slow

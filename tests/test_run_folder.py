@@ -14,23 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli
+from conftest import assert_one_line_error, cli_ok, data_dir, metrics_without_time, run_cli, run_clis
 from trainkit import checkpoint as ckpt
 from trainkit.run import rundir
 
 SMALL = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
 # Starts training processes by fork() from one process that has imported trainkit (and what its
-# reports import) but run no torch operation, so each of the many runs below skips the imports.
-# Each child is a real process running the CLI; TRAINKIT_FAULT_AFTER_WRITES kills it (os._exit(137))
-# at the write boundary asked for. Prints one JSON line: the exit status of each run.
-DRIVER = r'''
+# reports import, and torch._dynamo, which the first optimizer imports: most of a second) but run no
+# torch operation, so each of the many runs below skips the imports. Each child is a real process
+# running the CLI; TRAINKIT_FAULT_AFTER_WRITES kills it (os._exit(137)) at the write boundary asked
+# for. The runs are independent (each its own --out), so up to `parallel` go at once, each with one
+# torch thread: their numbers do not depend on how many run beside them. Prints one JSON line: the
+# exit status of each run, in the order given.
+DRIVER = r"""
 import json, os, sys
 import matplotlib; matplotlib.use("Agg")
-import matplotlib.pyplot, torchinfo
+import matplotlib.pyplot, torchinfo, torch._dynamo
 import trainkit.commands.cli, trainkit.run.training, trainkit.run.rundir, trainkit.run.reports, trainkit.run.experiment
 
-def run(argv, env):
+def start(argv, env):
     pid = os.fork()
     if pid == 0:
         code = 99
@@ -41,19 +44,27 @@ def run(argv, env):
             code = trainkit.commands.cli.main(argv)
         finally:
             os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return pid
 
-results = []
-for argv, env in json.loads(sys.argv[1]):
-    results.append(run(argv, env))
+runs, parallel = json.loads(sys.argv[1]), int(sys.argv[2])
+results, running = [None] * len(runs), {}
+for i, (argv, env) in enumerate(runs):
+    if len(running) == parallel:
+        pid, status = os.wait()
+        results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    running[start(argv, env)] = i
+while running:
+    pid, status = os.wait()
+    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
 print(json.dumps(results))
-'''
+"""
 
 
 def drive(runs: list[tuple[list, dict]]) -> list[int]:
-    """Run each (argv, env) of `runs` in turn, as described in DRIVER; returns their exit statuses."""
-    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[list(map(str, a)), e] for a, e in runs])],
+    """Run each (argv, env) of `runs`, as described in DRIVER; returns their exit statuses."""
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1"}
+    parallel = str(min(4, len(os.sched_getaffinity(0))))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[list(map(str, a)), e] for a, e in runs]), parallel],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,10 +139,10 @@ def test_a_second_writer_is_refused_while_the_first_goes_on(tmp_path):
     run.mkdir()
     held = rundir.prepare(run)          # this process owns the folder, as a running training would
     try:
-        proc = run_cli("train", *SMALL, "--out", run)
-        assert_one_line_error(proc, f"{run} is in use by another trainkit process (pid {os.getpid()})")
-        proc = run_cli("train", "--resume", run)   # no checkpoint yet: says so (before any lock)
-        assert proc.returncode == 2
+        # no checkpoint yet: --resume says so (before any lock)
+        second, resumed = run_clis(["train", *SMALL, "--out", run], ["train", "--resume", run])
+        assert_one_line_error(second, f"{run} is in use by another trainkit process (pid {os.getpid()})")
+        assert resumed.returncode == 2
     finally:
         held.release()
     assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK]
@@ -147,9 +158,9 @@ def test_two_trainings_into_the_same_out_one_is_refused(tmp_path):
     deadline = time.time() + 120
     while not (run / "last.pt").exists() and time.time() < deadline:
         time.sleep(0.1)
-    second = run_cli("train", *SMALL, "--out", run)
+    # a second training, and --resume too, while the first holds the folder
+    second, resumed = run_clis(["train", *SMALL, "--out", run], ["train", "--resume", run])
     assert_one_line_error(second, "is in use by another trainkit process (pid ")
-    resumed = run_cli("train", "--resume", run)   # --resume too, while the first holds the folder
     assert_one_line_error(resumed, "is in use by another trainkit process (pid ")
     assert first.poll() is None                     # the first run went on meanwhile
     first.send_signal(signal.SIGTERM)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, data_dir, run_cli
+from conftest import ROOT, assert_one_line_error, data_dir, run_cli, run_clis
 
 httpx = pytest.importorskip("httpx", reason="needs the serve extra: pip install trainkit[serve]")
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install trainkit[serve]")
@@ -181,18 +181,21 @@ def test_a_missing_run_folder_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_damaged_run_folder_is_one_line(served_run, tmp_path):
-    damaged = tmp_path / "damaged"
+    damaged, worse = tmp_path / "damaged", tmp_path / "worse"
     shutil.copytree(served_run, damaged)
     (damaged / "model.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_cli("serve", damaged), "model.pt")
-    (damaged / "config.json").write_text("{")
-    assert_one_line_error(run_cli("serve", damaged), "config.json")
+    shutil.copytree(damaged, worse)
+    (worse / "config.json").write_text("{")
+    bad_weights, bad_config = run_clis(["serve", damaged], ["serve", worse])
+    assert_one_line_error(bad_weights, "model.pt")
+    assert_one_line_error(bad_config, "config.json")
 
 
 @pytest.mark.slow
 def test_bad_serve_flags_are_one_line(served_run):
-    assert_one_line_error(run_cli("serve", served_run, "--workers", "0"), "--workers must be at least 1")
-    assert_one_line_error(run_cli("serve", served_run, "--max-batch", "0"), "--max-batch must be at least 1")
+    workers, max_batch = run_clis(["serve", served_run, "--workers", "0"], ["serve", served_run, "--max-batch", "0"])
+    assert_one_line_error(workers, "--workers must be at least 1")
+    assert_one_line_error(max_batch, "--max-batch must be at least 1")
 
 
 def test_create_app_refuses_a_folder_that_is_not_a_run(tmp_path):
@@ -282,10 +285,10 @@ def test_onnx_runtime_gives_the_same_probabilities_as_pytorch(served_run, mnist)
     assert a.shape == (64, 10) and np.allclose(a, b, atol=1e-4)
 
 
-def test_the_torch_backend_runs_channels_last_only_when_the_model_gives_the_same_answer(served_run, mnist):
+def test_the_torch_backend_runs_channels_last_only_when_the_model_gives_the_same_answer(finished_run, mnist):
     from trainkit import TrainConfig
     from trainkit.commands.inference import TrainedModel, load_run
-    trained = load_run(served_run)
+    trained = load_run(finished_run)        # any trained S5Net: conftest's small run, not the served one
     images = mnist.test_images[:64]
     expected = trained.probabilities(images).numpy()
     predictor = Predictor(trained, "torch")
@@ -311,8 +314,9 @@ def test_the_torch_backend_runs_channels_last_only_when_the_model_gives_the_same
 # ---------------------------------------------------------------------------------------------
 # The page, in a real headless Chromium
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
+    """One headless Chromium for the module's page tests (each opens its page afresh with browser.get)."""
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.skip(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
                     f"apt-get install chromium chromium-driver")
@@ -330,10 +334,13 @@ def browser():
     driver.quit()
 
 
+POLL = 0.05     # seconds between a wait's looks at the page (selenium's default, 0.5 s, adds up over the page tests)
+
+
 def wait_for_text(driver, element_id: str, timeout: float = 30) -> str:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.ID, element_id).text.strip())
+    WebDriverWait(driver, timeout, POLL).until(lambda d: d.find_element(By.ID, element_id).text.strip())
     return driver.find_element(By.ID, element_id).text.strip()
 
 
@@ -351,7 +358,7 @@ def test_the_page_classifies_a_drawn_one_and_an_uploaded_digit(server, browser, 
     for dy in range(-80, 101, 20):
         chain.move_to_element_with_offset(pad, 0, dy)
     chain.release().perform()
-    assert wait_for_text(browser, "predicted") == "1"
+    assert page_settled(browser) == "1"         # the whole stroke's answer, not one sent while it was drawn
     bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
     assert len(bars) == 5 and bars[0].find_element(By.CSS_SELECTOR, ".name").text == "1"
     if os.environ.get("TRAINKIT_SCREENSHOT"):        # docs/serve.png is made by hand with this
@@ -406,6 +413,7 @@ def test_a_client_that_hangs_up_mid_upload_is_one_log_line(served_run, digits):
     assert "Traceback" not in err and "ClientDisconnect" not in err, err
 
 
+@pytest.mark.slow
 def test_the_api_docs_render_offline(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -413,22 +421,22 @@ def test_the_api_docs_render_offline(server, browser):
     html = httpx.get(server + "/docs").text
     assert "cdn." not in html and "https://" not in html.replace("https://github.com", "")   # scripts from the server
     browser.get(server + "/docs")
-    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"))
+    WebDriverWait(browser, 30, POLL).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"))
     assert "trainkit serve" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
     paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
     assert {"/predict", "/info", "/health"} <= paths
     if os.environ.get("TRAINKIT_DOCS_SCREENSHOT"):
         browser.save_screenshot(os.environ["TRAINKIT_DOCS_SCREENSHOT"])
     browser.get(server + "/redoc")
-    WebDriverWait(browser, 30).until(lambda d: "/predict" in d.find_element(By.TAG_NAME, "body").text)
+    WebDriverWait(browser, 30, POLL).until(lambda d: "/predict" in d.find_element(By.TAG_NAME, "body").text)
 
 
 def page_settled(browser, timeout: float = 30) -> str:
     """The page's prediction once no request is on its way (the last drawing's answer)."""
     from selenium.webdriver.support.ui import WebDriverWait
-    WebDriverWait(browser, timeout).until(lambda d: d.execute_script("return !busy && !again"))
+    WebDriverWait(browser, timeout, POLL).until(lambda d: d.execute_script("return !busy && !again"))
     time.sleep(0.3)
-    WebDriverWait(browser, timeout).until(lambda d: d.execute_script("return !busy && !again"))
+    WebDriverWait(browser, timeout, POLL).until(lambda d: d.execute_script("return !busy && !again"))
     return browser.find_element("id", "predicted").text.strip()
 
 

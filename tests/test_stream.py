@@ -119,6 +119,7 @@ def test_a_streamed_run_resumes_in_the_middle_of_an_epoch(folder, tmp_path):
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["config"]["pipeline"] == "stream"
 
 
+@pytest.mark.slow           # trains in trainkit processes
 def test_train_with_pipeline_stream_through_the_cli_and_eval_reproduces(folder, tmp_path):
     out = tmp_path / "run"
     proc = cli_ok("train", "--dataset", f"imagefolder:{folder}", "--pipeline", "stream", "--model", "speednet",
@@ -157,6 +158,7 @@ def test_auto_streams_a_folder_over_the_memory_budget(folder, monkeypatch):
         get_data(cfg)
 
 
+@pytest.mark.slow           # trains in trainkit processes
 def test_a_corrupt_file_is_one_line_naming_it(tmp_path):
     bad_folder = write_folder(tmp_path / "images", per_class=8)
     test = folder_files(bad_folder, seed=1).test     # the split of the run below (--seed 1)
