@@ -352,6 +352,7 @@ def test_compare_labels_runs_by_their_paths_and_draws_the_checks(tmp_path, capsy
     for parent, epochs in (("a", 1), ("b", 2)):        # two folders named "run"; epochs differ
         train(TrainConfig(**{**TINY, "epochs": epochs, "scheduler": "step"}), out=tmp_path / parent / "run")
     runs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    capsys.readouterr()                                 # what the trainings printed
     assert main(["compare", *map(str, runs), "--png", str(tmp_path / "c.png")]) == 0
     table = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
