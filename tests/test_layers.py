@@ -120,3 +120,32 @@ def test_the_architecture_table_names_every_module():
     modules = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     unnamed = sorted(modules - named)
     assert unnamed == [], f"modules missing from docs/architecture.md's table: {unnamed}"
+
+
+def test_the_flat_layouts_module_names_still_import_with_a_warning():
+    """A user's `from trainkit.engine import Callback` (the layout before the floors) gets the module at
+    its new place, the same object, and a DeprecationWarning naming that place."""
+    import importlib
+    import subprocess
+    import sys
+
+    for old, new in trainkit.MOVED.items():
+        assert (ROOT / (new.replace(".", "/") + ".py")).is_file(), f"trainkit.{old} points at a missing {new}"
+        assert not (ROOT / f"{old}.py").exists(), f"trainkit/{old}.py is still there"
+    script = ("import warnings, importlib, trainkit\n"
+              "warnings.simplefilter('error', DeprecationWarning)\n"
+              "for old, new in trainkit.MOVED.items():\n"
+              "    try:\n"
+              "        importlib.import_module('trainkit.' + old)\n"
+              "    except DeprecationWarning as warning:\n"
+              "        assert str(warning) == f'trainkit.{old} is now trainkit.{new}', warning\n"
+              "    else:\n"
+              "        raise AssertionError('no warning for ' + old)\n"
+              "warnings.simplefilter('ignore', DeprecationWarning)\n"
+              "import trainkit.engine, trainkit.loop.engine\n"
+              "assert trainkit.engine is trainkit.loop.engine\n"
+              "from trainkit.engine import Callback\n"
+              "assert Callback is trainkit.Callback\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT.parent)
+    assert done.returncode == 0, done.stderr
+    assert importlib.util.find_spec("trainkit.no_such_module") is None      # only the moved names are found

@@ -2,28 +2,29 @@
 loaders, optimizer, schedule, loss, precision and device: experiment.build_experiment) and the
 callbacks, in one order; `engine.fit(run)` trains it; `Run.state_dict()` is what a checkpoint holds.
 
-The callbacks trainkit adds itself are the rows of BUILT_IN, in the order they are called. A row
-names what turns it on: a TrainConfig setting, or one of build_run's `console` / `signals` (the
-command line's) or a run folder. The user's callbacks come where USER_CALLBACKS says: after those
-that change what is computed or shown, before those that write, so that what they decide at an
-epoch's end (a stop) is in that epoch's checkpoint.
+The callbacks trainkit adds itself register on their own classes in engine.BUILT_IN, each with its
+place in the order, what turns it on (a TrainConfig setting, or one of build_run's `console` /
+`signals` (the command line's) or a run folder) and where it acts. The user's callbacks come at
+USER_PLACE: after those that change what is computed or shown, before those that write, so that
+what they decide at an epoch's end (a stop) is in that epoch's checkpoint.
 
-    order   callback            turned on by              acts
-    1       GradientClipping    --clip-grad-norm          step
-    2       EMA                 --ema                     epochs
-    3       TargetAccuracy      --target-acc              epochs
-    4       EarlyStopping       --patience                epochs
-    5       BestWeights         --final best              epochs
-    6       ConsoleLogger       console (the CLI)         console
-    7       SignalStop          signals (the CLI)         console
-            the user's callbacks, in the order given
-    8       RunDirectory        a run folder              folder
-    9       FinalReports        a run folder              folder
-    10      CheckLog            --evals-per-epoch > 1     folder
-    11      TensorBoardLogger   --tensorboard             folder
-    12      MLflowLogger        --mlflow                  tracking   (after the writers: it logs their files)
+    place   callback            turned on by              acts
+    10      GradientClipping    --clip-grad-norm          step
+    20      EMA                 --ema                     epochs
+    30      TargetAccuracy      --target-acc              epochs
+    40      EarlyStopping       --patience                epochs
+    50      BestWeights         --final best              epochs
+    60      ConsoleLogger       console (the CLI)         console
+    70      SignalStop          signals (the CLI)         console
+    75      the user's callbacks, in the order given
+    80      RunDirectory        a run folder              folder
+    90      FinalReports        a run folder              folder
+    100     CheckLog            --evals-per-epoch > 1     folder
+    110     TensorBoardLogger   --tensorboard             folder
+    120     MLflowLogger        --mlflow                  tracking   (after the writers: it logs their files)
 
-A new built-in callback with a flag: a field in TrainConfig and the callback's class, and its row here.
+A new built-in callback with a flag: a field in TrainConfig, and the callback's class registered
+with its place (`@BUILT_IN.register(place=..., setting=..., acts=..., make=...)`); nothing here.
 """
 from __future__ import annotations
 
@@ -37,13 +38,10 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..data.dataset import ImageData
 from ..errors import TrainkitError
-from ..loop.callbacks import EMA, BestWeights, CheckLog, EarlyStopping, GradientClipping, SignalStop, TargetAccuracy, \
-    TensorBoardLogger
-from ..loop.engine import Callback, History
+from ..loop import callbacks as loop_callbacks
+from ..loop.engine import BUILT_IN, Callback, History
+from . import reports, rundir, tracking
 from .experiment import Experiment, build_experiment
-from .reports import ConsoleLogger, FinalReports
-from .rundir import RunDirectory
-from .tracking import MLflowLogger
 
 
 @dataclass
@@ -105,26 +103,20 @@ class Run(Experiment):
 # ---------------------------------------------------------------------------------------------
 # The built-in callbacks, in order
 
-ACTS = {
-    "step": "inside each training step",
-    "epochs": "on evaluations and epochs",
-    "console": "on the console",
-    "folder": "on the run folder",
-    "tracking": "in a tracking store",
-}
+USER_PLACE = 75     # the user's callbacks: after the built-in ones placed before it, before the others
+REGISTERING = (loop_callbacks, reports, rundir, tracking)   # the modules whose callbacks register in BUILT_IN
 
 
 @dataclass(frozen=True)
 class BuiltIn:
-    """A callback trainkit adds itself when `setting` asks for it."""
+    """A built-in callback's class and the facts it registered with (engine.BUILT_IN)."""
 
-    callback: type                         # its class (main_process_only: made on rank 0 alone)
-    setting: str                           # a TrainConfig field (on unless None or False), or "console",
-                                           # "signals" (build_run's), "folder" (the run has one)
+    callback: type                         # main_process_only: made on rank 0 alone
+    place: int
+    setting: str
+    acts: str
     make: Callable[[Run], Callback]
-    acts: str                              # a key of ACTS; lr-find and bench's steps make "step" ones only
-    on: Callable[[TrainConfig], bool] | None = None   # a setting with more than on and off
-    also: tuple[str, ...] = ()             # settings that only matter with it (refused with it)
+    on: Callable[[TrainConfig], bool] | None = None
 
     def wanted(self, run: Run, options: dict) -> bool:
         if self.acts == "folder" and not options["folder"]:
@@ -134,44 +126,29 @@ class BuiltIn:
         return self.on(run.cfg) if self.on else getattr(run.cfg, self.setting) not in (None, False)
 
 
-BUILT_IN: tuple[BuiltIn, ...] = (
-    BuiltIn(GradientClipping, "clip_grad_norm", lambda run: GradientClipping(run.cfg.clip_grad_norm), "step"),
-    BuiltIn(EMA, "ema", lambda run: EMA(run.cfg.ema), "epochs"),
-    BuiltIn(TargetAccuracy, "target_acc", lambda run: TargetAccuracy(run.cfg.target_acc), "epochs"),
-    BuiltIn(EarlyStopping, "patience", lambda run: EarlyStopping(run.cfg.patience), "epochs"),
-    BuiltIn(BestWeights, "final", lambda run: BestWeights(), "epochs",   # acts only with a validation split
-            on=lambda cfg: cfg.final == "best"),
-    BuiltIn(ConsoleLogger, "console", lambda run: ConsoleLogger(run.cfg.progress), "console"),
-    BuiltIn(SignalStop, "signals", lambda run: SignalStop().install(), "console"),
-    # the user's callbacks: USER_CALLBACKS
-    BuiltIn(RunDirectory, "folder", lambda run: RunDirectory(run, run.run_dir), "folder"),
-    BuiltIn(FinalReports, "folder", lambda run: FinalReports(run.callback(RunDirectory), run.data,
-                                                             run.cfg.test_batch_size, run.device), "folder"),
-    BuiltIn(CheckLog, "evals_per_epoch", lambda run: CheckLog(run.run_dir / "checks.csv"), "folder",
-            on=lambda cfg: cfg.evals_per_epoch > 1),
-    BuiltIn(TensorBoardLogger, "tensorboard", lambda run: TensorBoardLogger(run.run_dir / "tensorboard",
-                                                                           settings=run.cfg.to_dict()), "folder"),
-    BuiltIn(MLflowLogger, "mlflow", lambda run: MLflowLogger(run.cfg.mlflow, run.run_dir,
-                                                            register=run.cfg.mlflow_register), "tracking",
-            also=("mlflow_register",)),
-)
-USER_CALLBACKS = 7      # the user's callbacks go after the first 7 rows
+def built_in() -> list[BuiltIn]:
+    """Every registered built-in callback, in the order they are called."""
+    rows = [BuiltIn(BUILT_IN[name], **BUILT_IN.facts(name)) for name in BUILT_IN]
+    return sorted(rows, key=lambda row: row.place)
 
 
 def assemble(run: Run, user: Sequence[Callback] = (), *, console: bool = False, signals: bool = False,
              steps_only: bool = False) -> list[Callback]:
-    """The run's callbacks: BUILT_IN's rows that its settings and options ask for, in order, the
-    user's at USER_CALLBACKS. A callback that says `main_process_only` runs on rank 0 alone."""
+    """The run's callbacks: the built-in ones that its settings and options ask for, by place, the
+    user's at USER_PLACE. A callback that says `main_process_only` runs on rank 0 alone."""
     main = run.rank.is_main
     options = {"console": console, "signals": signals, "folder": run.run_dir is not None and main}
     run.callbacks = []      # filled in order: a row may use one made before it (FinalReports its folder)
-    for place, row in enumerate(BUILT_IN):
-        if place == USER_CALLBACKS:
-            run.callbacks += [cb for cb in user if main or not getattr(cb, "main_process_only", False)]
+    users = [cb for cb in user if main or not getattr(cb, "main_process_only", False)]
+    for row in built_in():
+        if users and row.place > USER_PLACE:
+            run.callbacks += users
+            users = []
         if steps_only and row.acts != "step":
             continue
         if row.wanted(run, options) and (main or not getattr(row.callback, "main_process_only", False)):
             run.callbacks.append(row.make(run))
+    run.callbacks += users
     return run.callbacks
 
 
