@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
 from trainkit import TrainConfig
@@ -1002,6 +1002,8 @@ range_specs = st.fixed_dictionaries({"low": range_values, "high": range_values},
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["lr", "batch_size", "momentum", "epochs", "pct_start"]), range_specs)
+@example("lr", {"low": float("-inf"), "high": False, "step": 1})    # found: an infinite range's step count
+@example("lr", {"low": 1, "high": 2, "step": 2e-259})                # found: a grid past Optuna's decimal check
 def test_any_search_space_range_samples_or_is_one_short_line(tmp_path, name, spec):
     """A range accepted by load_space is sampled by Optuna without an error (an error there was a
     traceback in the first trial); anything else is one line."""

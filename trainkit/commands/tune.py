@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import time
 import warnings
@@ -86,6 +87,9 @@ def load_space(path: str | Path, base: TrainConfig) -> dict:
             if low is None or high is None:
                 raise TrainkitError(f"search space {path}: {name} needs numbers for low and high, got "
                                     f"{show(spec['low'])} and {show(spec['high'])}")
+            if not (math.isfinite(low) and math.isfinite(high)):      # inf: Optuna's range has no size
+                raise TrainkitError(f"search space {path}: {name} needs finite numbers for low and high, got "
+                                    f"{low} and {high}")
             if not low < high:
                 raise TrainkitError(f"search space {path}: {name} needs low < high, got {low} and {high}")
             log, step = _log_and_step(path, name, kind, spec, low, high)
@@ -125,6 +129,9 @@ def _log_and_step(path, name: str, kind: str, spec: dict, low, high) -> tuple[bo
         raise TrainkitError(f"search space {path}: {name}'s step must be greater than 0 and at most "
                             f"high - low ({high - low:g}), got {show(step)}")
     steps = (high - low) / step
+    if kind == "float" and steps > 1e9:     # Optuna's own check of the grid fails past its decimal precision
+        raise TrainkitError(f"search space {path}: {name}'s step {show(step)} makes more than a billion "
+                            f"values of {low:g}..{high:g}; give a larger step, or none")
     if abs(steps - round(steps)) > 1e-9 * max(1.0, steps):   # Optuna would lower high with a warning
         raise TrainkitError(f"search space {path}: {name}'s high - low ({high - low:g}) is not a whole number of "
                             f"steps of {step:g}; make high {low + int(steps) * step:g} or change the step")
