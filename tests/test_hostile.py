@@ -1004,6 +1004,7 @@ range_specs = st.fixed_dictionaries({"low": range_values, "high": range_values},
 @given(st.sampled_from(["lr", "batch_size", "momentum", "epochs", "pct_start"]), range_specs)
 @example("lr", {"low": float("-inf"), "high": False, "step": 1})    # found: an infinite range's step count
 @example("lr", {"low": 1, "high": 2, "step": 2e-259})                # found: a grid past Optuna's decimal check
+@example("lr", {"low": 1, "high": 999999942.0, "step": 3})           # found: not whole, within a float's tolerance
 def test_any_search_space_range_samples_or_is_one_short_line(tmp_path, name, spec):
     """A range accepted by load_space is sampled by Optuna without an error (an error there was a
     traceback in the first trial); anything else is one line."""

@@ -28,6 +28,7 @@ import math
 import sys
 import time
 import warnings
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ..config import TrainConfig, field_specs, from_mapping, kind_of, load_config_file, show, validate
@@ -129,10 +130,12 @@ def _log_and_step(path, name: str, kind: str, spec: dict, low, high) -> tuple[bo
         raise TrainkitError(f"search space {path}: {name}'s step must be greater than 0 and at most "
                             f"high - low ({high - low:g}), got {show(step)}")
     steps = (high - low) / step
-    if kind == "float" and steps > 1e9:     # Optuna's own check of the grid fails past its decimal precision
-        raise TrainkitError(f"search space {path}: {name}'s step {show(step)} makes more than a billion "
-                            f"values of {low:g}..{high:g}; give a larger step, or none")
-    if abs(steps - round(steps)) > 1e-9 * max(1.0, steps):   # Optuna would lower high with a warning
+    try:        # Optuna's own test, on the numbers' decimal forms: it lowers high with a warning when it fails
+        whole = (Decimal(str(high)) - Decimal(str(low))) % Decimal(str(step)) == 0
+    except InvalidOperation:        # the quotient is past the decimal precision: more values than it counts
+        raise TrainkitError(f"search space {path}: {name}'s step {show(step)} makes too many values of "
+                            f"{low:g}..{high:g}; give a larger step, or none") from None
+    if not whole:
         raise TrainkitError(f"search space {path}: {name}'s high - low ({high - low:g}) is not a whole number of "
                             f"steps of {step:g}; make high {low + int(steps) * step:g} or change the step")
     return log, step
