@@ -323,7 +323,9 @@ def test_ctrl_c_stops_a_search_in_one_line_and_it_continues(tmp_path):
         time.sleep(0.1)
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=60)
-    assert first.returncode == 130, err
+    # 130 from trainkit's own handler; once in four busy full runs the process ended by SIGINT itself
+    # after the line (-2), which a shell reports as 130 too. Either way: the one line, then it continues.
+    assert first.returncode in (130, -signal.SIGINT), err
     assert err.strip().splitlines() == ["trainkit: interrupted"], err
     second = cli_ok(*command[3:])
     assert "0 of 2 trials finished" in second.stdout and "Best: trial" in second.stdout
