@@ -196,3 +196,16 @@ def metrics_without_time(run_dir: Path) -> list[dict]:
     import csv
     with open(Path(run_dir) / "metrics.csv") as f:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+# The files whose tests take longest, longest first (the durations pytest prints). The two test
+# processes (pytest-xdist, --dist loadfile) take files in collection order, so these go first: the
+# short files then fill the gaps instead of one long file running alone at the end.
+LONG_FILES = ("test_run_folder.py", "test_reliability.py", "test_distributed.py", "test_tracking.py",
+              "test_notebook.py", "test_bench.py", "test_hostile.py", "test_serve.py", "test_precision.py",
+              "test_real_models.py", "test_chosen_model.py", "test_settings.py", "test_reuse.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))     # stable: a file keeps its order
