@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import TrainkitError
-from .manifest import make_manifest
+from .manifest import first_names, make_manifest
 
 if TYPE_CHECKING:
     from .cache import ImageCache
@@ -220,9 +220,8 @@ def warn_empty_classes(data: "ImageData", test_too: bool = True) -> None:
         counts = torch.bincount(labels, minlength=len(data.classes)).tolist()
         absent = [name for name, n in zip(data.classes, counts) if n == 0]
         if absent:
-            names = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
             print(f"trainkit: warning: the {split} images hold no image of {len(absent)} of the "
-                  f"{len(data.classes)} classes ({names})", file=sys.stderr)
+                  f"{len(data.classes)} classes ({first_names(absent, 5)})", file=sys.stderr)
 
 
 def warn_absent(subset_labels: torch.Tensor, all_labels: torch.Tensor, classes: list[str]) -> None:
@@ -230,9 +229,8 @@ def warn_absent(subset_labels: torch.Tensor, all_labels: torch.Tensor, classes: 
     present = set(subset_labels.tolist())
     absent = [classes[c] for c in sorted(set(all_labels.tolist()) - present)]
     if absent:
-        names = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
         print(f"trainkit: warning: the {len(subset_labels)} test images of --limit-test hold no image of "
-              f"{len(absent)} classes ({names}): their accuracy is not measured", file=sys.stderr, flush=True)
+              f"{len(absent)} classes ({first_names(absent, 5)}): their accuracy is not measured", file=sys.stderr, flush=True)
 
 
 def validation_indices(n: int, size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

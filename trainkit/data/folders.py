@@ -28,7 +28,7 @@ import torch
 from ..errors import TrainkitError
 from .dataset import ImageData, channel_stats
 from .images import IMAGE_SUFFIXES, decode_image, image_info
-from .manifest import digest
+from .manifest import digest, first_names
 from .registry import Example, ReadOptions, register_dataset
 
 TEST_FRACTION = 0.2     # of a folder without train/ and test/, held out for testing
@@ -125,25 +125,22 @@ def _class_warnings(where: Path, scans: list[Scan], classes: list[str]) -> list[
     lines = []
     repeats = [(name, first) for one in scans for name, first in one.repeats]
     if repeats:
-        shown = ", ".join(f"{name} (leads to {first})" for name, first in repeats[:SHOWN])
-        more = f" and {len(repeats) - SHOWN} more" if len(repeats) > SHOWN else ""
+        shown = first_names([f"{name} (leads to {first})" for name, first in repeats], SHOWN)
         lines.append(f"trainkit: warning: {len(repeats)} class folder{'s' if len(repeats) > 1 else ''} in {where} "
                      f"lead{'' if len(repeats) > 1 else 's'} to another class folder's images through a link: "
-                     f"{shown}{more}; left out, so that the same images are not two classes")
+                     f"{shown}; left out, so that the same images are not two classes")
     if len(scans) > 1:                  # train/, test/ (and val/): a held-out class folder that is a training one
         shared = [(f"{part}/{name}", f"train/{other}") for part, one in zip(("test", "val"), scans[1:])
                   for name, real in one.real.items() for other, seen in scans[0].real.items() if _nested(real, seen)]
         if shared:
-            shown = ", ".join(f"{name} (leads to {other})" for name, other in shared[:SHOWN])
-            more = f" and {len(shared) - SHOWN} more" if len(shared) > SHOWN else ""
+            shown = first_names([f"{name} (leads to {other})" for name, other in shared], SHOWN)
             lines.append(f"trainkit: warning: {len(shared)} held-out class folder{'s' if len(shared) > 1 else ''} in "
                          f"{where} lead{'' if len(shared) > 1 else 's'} to training images through a link: {shown}"
-                         f"{more}; those images are in both splits, so their accuracy is not a held-out one")
+                         f"; those images are in both splits, so their accuracy is not a held-out one")
     empty = sorted({name for one in scans for name in one.empty} - set(classes))
     if empty:
-        shown = ", ".join(empty[:SHOWN]) + (f" and {len(empty) - SHOWN} more" if len(empty) > SHOWN else "")
         lines.append(f"trainkit: warning: {len(empty)} class folder{'s' if len(empty) > 1 else ''} in {where} "
-                     f"hold{'' if len(empty) > 1 else 's'} no image file ({shown}): no class is made for "
+                     f"hold{'' if len(empty) > 1 else 's'} no image file ({first_names(empty, SHOWN)}): no class is made for "
                      f"{'them' if len(empty) > 1 else 'it'}")
     return lines
 
@@ -196,8 +193,7 @@ def report_skipped(root: Path, skipped: list[tuple[Path, str]], total: int, bad_
         except ValueError:
             pass
         return f"{path} ({reason if len(reason) <= 120 else reason[:117] + '...'})"
-    names = ", ".join(shown(p, r) for p, r in skipped[:SHOWN]) + (f" and {len(skipped) - SHOWN} more"
-                                                                  if len(skipped) > SHOWN else "")
+    names = first_names([shown(p, r) for p, r in skipped], SHOWN)
     what = f"{len(skipped)} of {total} files in {root} are not images or could not be read: {names}"
     if bad_files == "error":
         raise TrainkitError(f"{what}; remove them, or leave them out with --bad-files skip")

@@ -44,8 +44,9 @@ def make_manifest(dataset: str, sources: dict[str, tuple[int, str]],
     return out
 
 
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+def first_names(names: list[str], limit: int = SHOWN) -> str:
+    """The first `limit` of `names`, and how many more: what a one-line warning or error names."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def changes(recorded: dict, current: dict, splits: Iterable[str]) -> str | None:
@@ -56,7 +57,7 @@ def changes(recorded: dict, current: dict, splits: Iterable[str]) -> str | None:
     removed = sorted(old.keys() - new.keys())
     modified = sorted(n for n in old.keys() & new.keys() if list(old[n]) != list(new[n]))
     if added or removed or modified:
-        parts = [f"{len(names)} {what}" + (f" ({_shown(names)})" if names else "")
+        parts = [f"{len(names)} {what}" + (f" ({first_names(names)})" if names else "")
                  for what, names in (("added", added), ("removed", removed), ("modified", modified))]
         return "files " + ", ".join(parts)
     for split in splits:
