@@ -43,6 +43,13 @@ def data_dir() -> Path:
 # cache folder is used, by this process and by the trainkit processes the tests start.
 os.environ["TRAINKIT_DATA_DIR"] = str(data_dir().resolve())
 
+# Under pytest-xdist each test process gets its share of the cores for its math (torch's threads,
+# here and in the trainkit processes it starts): two processes of two threads each on two cores wait
+# on each other's spinning threads. A thread count the user set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 # --precision / --channels-last auto keep their measurements in a cache: for the tests, and the
 # trainkit processes they start, one of their own (removed at the end), never the user's.
 os.environ["TRAINKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="trainkit-test-cache-")
