@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cliserver import CliServer, needs_new_process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytest_plugins = ["pytester"]   # tests/test_setup.py runs the suite's own hooks in a scratch folder
@@ -128,11 +130,22 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-def run_cli(*args, env=None, cwd=None, timeout=600):
-    """Run `python -m trainkit ARGS` in a subprocess; returns the CompletedProcess."""
+# TRAINKIT_TEST_NEW_PROCESSES=1 starts every command as a new process (to compare, or to rule the server out).
+NEW_PROCESSES = os.environ.get("TRAINKIT_TEST_NEW_PROCESSES") == "1"
+_cli_server = CliServer()
+atexit.register(_cli_server.close)
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600, new_process=False):
+    """Run `python -m trainkit ARGS` in a process of its own; returns the CompletedProcess. The process
+    is forked from the test process's command server, which has made trainkit's imports once
+    (tests/cliserver.py), unless new_process is asked for or the environment needs it."""
     full_env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "trainkit", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+    argv = list(map(str, args))
+    if new_process or NEW_PROCESSES or needs_new_process(full_env):
+        return subprocess.run([sys.executable, "-m", "trainkit", *argv], capture_output=True,
+                              text=True, env=full_env, cwd=cwd, timeout=timeout)
+    return _cli_server.run(argv, full_env, cwd, timeout)
 
 
 def run_clis(*commands, **kwargs) -> list[subprocess.CompletedProcess]:

@@ -53,6 +53,7 @@ def test_a_missing_system_package_skips_and_names_it(tmp_path):
 def test_ci_fails_a_skipped_test(pytester, monkeypatch):
     """Under TRAINKIT_REQUIRE_ALL=1 (.ci/run) a test that skips fails instead, with its reason."""
     pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(cliserver=(ROOT / "tests" / "cliserver.py").read_text())     # which conftest imports
     pytester.makepyfile(test_skips="import pytest\n\ndef test_needs_a_package():\n"
                                    "    pytest.skip('needs Debian\\'s dataset-x: apt-get install dataset-x')\n")
     monkeypatch.setenv("TRAINKIT_DATA_DIR", str(data_dir()))
