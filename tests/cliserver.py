@@ -68,8 +68,8 @@ def run(request):
     finally:
         threading._shutdown()
         atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            stream.flush()
         os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
