@@ -160,6 +160,7 @@ class CliServer:
                     raise RuntimeError("the tests' trainkit command server stopped answering")
                 if not slot["ended"].wait(timeout):
                     os.killpg(slot["pid"], signal.SIGKILL)      # the command and what it started
+                    slot["ended"].wait(60)                       # reaped, as subprocess.run waits for its child
                     raise subprocess.TimeoutExpired(self._args(argv), timeout, *self._outputs(folder))
                 if "lost" in slot:
                     raise RuntimeError("the tests' trainkit command server stopped answering")

@@ -1,13 +1,18 @@
 """A fresh machine: the README's set-up is enough, the tests find (or fetch) their data, CI runs everything."""
+import fcntl
 import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 
 import pytest
 
-from conftest import MNIST_STEMS, ROOT, cache_dir, data_dir, fetch_mnist, need_system_package
+from cliserver import needs_new_process
+from conftest import (MNIST_STEMS, ROOT, cache_dir, data_dir, fetch_mnist, metrics_without_time,
+                      need_system_package, run_cli)
+from trainkit.checkpoint import LOCK
 from trainkit.datasets import MNIST
 
 MNIST_GZ = sorted(item.stem + ".gz" for item in MNIST.files.values())
@@ -90,3 +95,47 @@ def test_the_notebook_extra_has_what_nbconvert_needs():
     assert any("notebook" in req for req in extras["test"])
     markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
     assert any(m.startswith("slow:") for m in markers)
+
+
+# -- tests/cliserver.py: the commands the tests run, forked from a server that has made the imports ---
+
+@pytest.mark.slow
+def test_a_forked_command_gives_what_a_new_process_gives(tmp_path):
+    commands = [["--help"], ["train", "--epochs", "zero"], ["eval", tmp_path / "no-run"],
+                ["train", "--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--batch-size", "32",
+                 "--precision", "fp32", "--channels-last", "off", "--compile", "off", "--no-progress",
+                 "--out", tmp_path / "{}"]]
+    for argv in commands:
+        forked, new = (run_cli(*[str(a).format(kind) for a in argv], new_process=kind == "new", cwd=tmp_path)
+                       for kind in ("forked", "new"))
+        assert forked.returncode == new.returncode, (argv, forked.stderr, new.stderr)
+        assert forked.stderr.replace(str(tmp_path / "forked"), str(tmp_path / "new")) == new.stderr, argv
+        if new.returncode == 0 and argv[0] == "train":      # the last line names the run folder, which differs
+            assert forked.stdout.count("Test set:") == new.stdout.count("Test set:") == 1
+            assert metrics_without_time(tmp_path / "forked") == metrics_without_time(tmp_path / "new")
+        assert forked.stdout.replace(str(tmp_path / "forked"), str(tmp_path / "new")) == new.stdout, argv
+
+
+@pytest.mark.slow
+def test_a_forked_command_that_runs_out_of_time_is_killed_with_what_it_started(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("--help").returncode == 0            # the server is up: the time below is the command's
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_cli("train", "--limit-train", "256", "--limit-test", "64", "--epochs", "100000", "--precision", "fp32",
+                "--channels-last", "off", "--out", out, timeout=20)
+    assert (out / "last.pt").is_file()                  # it had trained an epoch or more
+    with open(out / LOCK) as lock:      # no process of it holds the run folder now (its children may take a moment)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the killed command's run folder is still held"
+                time.sleep(0.1)
+
+
+def test_only_trainkits_own_variables_can_change_for_a_forked_command():
+    assert not needs_new_process({**os.environ, "TRAINKIT_MIRROR": "http://127.0.0.1:9/"})
+    assert needs_new_process({**os.environ, "CXX": "/nonexistent/g++"})          # read when torch's compiler loads
+    assert needs_new_process({k: v for k, v in os.environ.items() if k != "HOME"})
