@@ -730,6 +730,31 @@ def test_tune_storage_errors_are_one_line(tmp_path, capsys, storage, fragment):
     assert (tmp_path / "text.db").read_text().startswith("plain text")
 
 
+def test_ctrl_c_during_a_storage_write_is_an_interruption_not_a_storage_error():
+    # SQLAlchemy and Optuna wrap what stopped a statement; seen once in a loaded run as
+    # "the study's storage ... cannot be used: KeyboardInterrupt" and exit 2 instead of 130.
+    optuna = pytest.importorskip("optuna")
+    from sqlalchemy.exc import OperationalError
+    from trainkit.commands.tune import storage_errors
+
+    def wrapped(orig_is_interrupt: bool):
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as stop:
+                raise OperationalError("INSERT ...", {}, stop if orig_is_interrupt else Exception("x"))
+        except OperationalError as error:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from error
+
+    for orig_is_interrupt in (True, False):     # behind `orig`, or only behind `__context__`
+        with pytest.raises(KeyboardInterrupt):
+            with storage_errors("sqlite:///study.db"):
+                wrapped(orig_is_interrupt)
+    with pytest.raises(TrainkitError, match="cannot be used: database is locked"):     # a real storage error stays one
+        with storage_errors("sqlite:///study.db"):
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+
+
 @pytest.mark.parametrize("out, fragment", [
     ("afile", "is a file, not a folder"),
     ("a" * 300, "is 300 bytes long, at most 255"),

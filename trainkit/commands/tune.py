@@ -301,12 +301,29 @@ def storage_errors(storage: str):
     try:
         yield
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError) as exc:
+        if _interrupted(exc):   # Ctrl-C during a write: an interruption, not a storage that cannot be used
+            raise KeyboardInterrupt from None
         cause = exc
         while cause.__cause__ is not None and not isinstance(cause, SQLAlchemyError):
             cause = cause.__cause__
         text = getattr(cause, "orig", None) or cause
         reason = (str(text).strip().splitlines() or [type(text).__name__])[0][:200]
         raise TrainkitError(f"the study's storage {show(storage)} cannot be used: {reason}") from None
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is behind `exc`: SQLAlchemy and Optuna wrap what stopped a
+    statement (its `orig`, the `__cause__` or `__context__` of each wrapper)."""
+    seen, waiting = set(), [exc]
+    while waiting:
+        exc = waiting.pop()
+        if not isinstance(exc, BaseException) or id(exc) in seen:
+            continue
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        waiting += [getattr(exc, "orig", None), exc.__cause__, exc.__context__]
+    return False
 
 
 @contextlib.contextmanager
