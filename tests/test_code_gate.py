@@ -17,7 +17,6 @@ import pytest
 
 from trainkit import TrainConfig, train
 from trainkit.commands.cli import main
-from trainkit.commands.inference import load_run
 from trainkit.errors import TrainkitError
 from trainkit.models import MODELS, gated_model_name
 

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from trainkit import (DATASETS, EMA, OPTIMIZERS, SCHEDULERS, Callback, EarlyStopping, GradientClipping,
+from trainkit import (DATASETS, OPTIMIZERS, SCHEDULERS, Callback, GradientClipping,
                       TrainConfig, fit, train)
 from trainkit.checkpoint import load_checkpoint
 from trainkit.loop.engine import StopRequested
