@@ -26,7 +26,8 @@ def test_quick_mode_prints_both_rates_and_their_ratio():
     assert step and lines[-3].startswith("peak: fp32 "), lines[-3:]
     peak = int(peaks[step[3]])
     assert peak > 0 and 0 < int(step[2]) <= 150
-    assert abs(int(step[1]) / peak * 100 - int(step[2])) <= 2
+    # both rates are printed as whole GFLOP/s: each rounding moves the share by up to 50/peak points
+    assert abs(int(step[1]) / peak * 100 - int(step[2])) <= 1 + 100 / peak
     fast = next(line for line in lines if line.startswith("trainkit fast path:"))
     assert re.search(rf"{step[3]} precision, channels_last (on|off), compile (on|off) \(auto: auto, auto, auto\)",
                      fast), fast

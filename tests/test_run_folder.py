@@ -153,11 +153,15 @@ def test_two_trainings_into_the_same_out_one_is_refused(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir())}
     # Far more epochs than the checks below take, on any machine; it is stopped with SIGTERM after them.
-    first = subprocess.Popen([sys.executable, "-m", "trainkit", "train", *SMALL, "--epochs", "100000", "--out", str(run)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (run / "last.pt").exists() and time.time() < deadline:
+    # Fixed settings: with auto ones, 200,000 planned steps would have a compile timed (and maybe
+    # chosen) before the first epoch, for many seconds on a slow machine.
+    fixed = ["--precision", "fp32", "--channels-last", "off", "--compile", "off"]
+    first = subprocess.Popen([sys.executable, "-m", "trainkit", "train", *SMALL, *fixed, "--epochs", "100000",
+                              "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (run / "last.pt").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
+    assert (run / "last.pt").exists(), first.stderr.read()[-2000:] if first.poll() is not None else "no epoch in 300 s"
     # a second training, and --resume too, while the first holds the folder
     second, resumed = run_clis(["train", *SMALL, "--out", run], ["train", "--resume", run])
     assert_one_line_error(second, "is in use by another trainkit process (pid ")
