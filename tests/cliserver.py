@@ -7,13 +7,16 @@ imports and run no torch operation. For each command it forks a child, which bec
 `python -m trainkit ARGS` would be: its own process with the command's environment, working folder,
 sys.path[0], sys.argv, stdin from /dev/null and stdout and stderr in files; it runs the CLI's main,
 then what the interpreter does on the way out (threads joined, atexit handlers), and exits with the
-command's code. A fork copies a process that has imported everything before it ran anything, as
+command's code. Its output is read once it has ended and so has what it started in its process group
+(as subprocess.run reads until every holder of the output has closed it). A fork copies a process that has imported everything before it ran anything, as
 multiprocessing's fork start method does.
 
 What a fork cannot give is a setting read while those modules were imported: a command whose
-environment differs from the server's in anything other than trainkit's own variables (TRAINKIT_*,
-each read when it is used) is started as a new process instead (`needs_new_process`).
+environment differs from the one the server started with in anything other than trainkit's own
+variables (TRAINKIT_*, each read when it is used) and PYTEST_CURRENT_TEST is started as a new
+process instead (`needs_new_process`). A server that dies is replaced at the next command.
 """
+import contextlib
 import json
 import locale
 import os
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 # The server: reads one JSON request a line on fd 0 and answers on fd 1 with {"id", "pid"} when the
@@ -46,17 +50,15 @@ def run(request):
     os.setpgid(0, 0)                # a group of its own: a timeout kills it with its own children
     os.close(requests)
     os.close(answers)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    sys.path[0] = request["cwd"]     # as `python -m` puts the working folder first
-    sys.argv = [MAIN, *request["argv"]]
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     code = 1
-    try:
+    try:            # (torch's threads: OMP_NUM_THREADS is the server's, as the environment must be)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.path[0] = request["cwd"]     # as `python -m` puts the working folder first
+        sys.argv = [MAIN, *request["argv"]]
         code = trainkit.commands.cli.main(request["argv"])
     except SystemExit as stop:
         code = stop.code
@@ -91,6 +93,10 @@ while True:
             pid = os.fork()
             if pid == 0:
                 run(request)
+            try:
+                os.setpgid(pid, pid)    # here too: the group exists before anyone may signal it
+            except OSError:
+                pass                    # the child made it already, or has ended
             running[pid] = request["id"]
             answer({"id": request["id"], "pid": pid})
     while running:
@@ -101,11 +107,31 @@ while True:
 """
 
 
-def needs_new_process(env: dict) -> bool:
-    """True when `env` differs from this process's environment in something that a module may have
-    read when it was imported (anything but trainkit's own TRAINKIT_* variables)."""
-    keys = set(env) | set(os.environ)
-    return any(env.get(k) != os.environ.get(k) for k in keys if not k.startswith("TRAINKIT_"))
+# Read when they are used, never at import: trainkit's own variables, and the test pytest is running.
+READ_WHEN_USED = ("TRAINKIT_", "PYTEST_CURRENT_TEST")
+
+
+def needs_new_process(env: dict, base: dict | None = None) -> bool:
+    """True when `env` differs from `base` (the server's environment; by default this process's) in
+    something that a module may have read when it was imported (anything but READ_WHEN_USED)."""
+    base = os.environ if base is None else base
+    keys = set(env) | set(base)
+    return any(env.get(k) != base.get(k) for k in keys if not k.startswith(READ_WHEN_USED))
+
+
+def _live_members(pgid: int) -> bool:
+    """Whether a process of group `pgid` is alive (a zombie that nobody reaps does not count)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()     # after "pid (comm)": state, ppid, pgrp
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 class CliServer:
@@ -113,17 +139,24 @@ class CliServer:
 
     def __init__(self):
         self._proc = None
+        self._environment = None
         self._lock = threading.Lock()
         self._next = 0
         self._waiting = {}      # id -> {"pid": ..., "status": ..., "event": Event for each answer}
 
-    def _start(self):
-        self._proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
-        threading.Thread(target=self._read, daemon=True).start()
+    @property
+    def environment(self) -> dict:
+        """The environment the server was started with (the one it will start with, before it is)."""
+        return self._environment if self._environment is not None else dict(os.environ)
 
-    def _read(self):
-        for line in self._proc.stdout:
+    def _start(self):
+        self._environment = dict(os.environ)
+        self._proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=self._environment, cwd=Path(__file__).resolve().parents[1])
+        threading.Thread(target=self._read, args=(self._proc,), daemon=True).start()
+
+    def _read(self, proc):
+        for line in proc.stdout:
             message = json.loads(line)
             with self._lock:
                 slot = self._waiting.get(message["id"])
@@ -131,6 +164,8 @@ class CliServer:
                 slot.update(message)
                 slot["started" if "pid" in message else "ended"].set()
         with self._lock:                        # the server ended: nobody waits for it in vain
+            if self._proc is proc:
+                self._proc = self._environment = None       # the next command starts another
             for slot in self._waiting.values():
                 slot["lost"] = True
                 slot["started"].set()
@@ -159,16 +194,26 @@ class CliServer:
                 if not slot["started"].wait(120) or "lost" in slot:
                     raise RuntimeError("the tests' trainkit command server stopped answering")
                 if not slot["ended"].wait(timeout):
-                    os.killpg(slot["pid"], signal.SIGKILL)      # the command and what it started
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(slot["pid"], signal.SIGKILL)  # the command and what it started
                     slot["ended"].wait(60)                       # reaped, as subprocess.run waits for its child
                     raise subprocess.TimeoutExpired(self._args(argv), timeout, *self._outputs(folder))
                 if "lost" in slot:
                     raise RuntimeError("the tests' trainkit command server stopped answering")
+                self._wait_for_group(slot["pid"])
                 code = os.waitstatus_to_exitcode(slot["status"])
                 return subprocess.CompletedProcess(self._args(argv), code, *self._outputs(folder))
             finally:
                 with self._lock:
                     self._waiting.pop(ident, None)
+
+    @staticmethod
+    def _wait_for_group(pgid: int, seconds: float = 10.0):
+        """Until what the command started (a multiprocessing resource tracker, say) has ended too:
+        subprocess.run reads the output until every process holding it has closed it."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and _live_members(pgid):
+            time.sleep(0.02)
 
     @staticmethod
     def _args(argv):

@@ -142,7 +142,7 @@ def run_cli(*args, env=None, cwd=None, timeout=600, new_process=False):
     (tests/cliserver.py), unless new_process is asked for or the environment needs it."""
     full_env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), **(env or {})}
     argv = list(map(str, args))
-    if new_process or NEW_PROCESSES or needs_new_process(full_env):
+    if new_process or NEW_PROCESSES or needs_new_process(full_env, _cli_server.environment):
         return subprocess.run([sys.executable, "-m", "trainkit", *argv], capture_output=True,
                               text=True, env=full_env, cwd=cwd, timeout=timeout)
     return _cli_server.run(argv, full_env, cwd, timeout)

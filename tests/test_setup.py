@@ -135,7 +135,11 @@ def test_a_forked_command_that_runs_out_of_time_is_killed_with_what_it_started(t
                 time.sleep(0.1)
 
 
-def test_only_trainkits_own_variables_can_change_for_a_forked_command():
+def test_only_variables_read_when_used_can_change_for_a_forked_command():
     assert not needs_new_process({**os.environ, "TRAINKIT_MIRROR": "http://127.0.0.1:9/"})
     assert needs_new_process({**os.environ, "CXX": "/nonexistent/g++"})          # read when torch's compiler loads
     assert needs_new_process({k: v for k, v in os.environ.items() if k != "HOME"})
+    assert not needs_new_process({**os.environ, "PYTEST_CURRENT_TEST": "another test (call)"})
+    # compared with the environment the server was started with, not with this process's of now
+    started = {**os.environ, "MPLBACKEND": "svg"}
+    assert needs_new_process(dict(os.environ), started) and not needs_new_process(dict(started), started)
