@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,54 @@ from trainkit.run import rundir
 
 SMALL = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
+# Starts training processes by fork() from one process that has imported trainkit (and what its
+# reports import, and torch._dynamo, which the first optimizer imports: most of a second) but run no
+# torch operation, so each of the many runs below skips the imports. Each child is a real process
+# running the CLI; TRAINKIT_FAULT_AFTER_WRITES kills it (os._exit(137)) at the write boundary asked
+# for. The runs are independent (each its own --out), so up to `parallel` go at once, each with one
+# torch thread: their numbers do not depend on how many run beside them. Prints one JSON line: the
+# exit status of each run, in the order given.
+DRIVER = r"""
+import json, os, sys
+import matplotlib; matplotlib.use("Agg")
+import matplotlib.pyplot, torchinfo, torch._dynamo
+import trainkit.commands.cli, trainkit.run.training, trainkit.run.rundir, trainkit.run.reports, trainkit.run.experiment
+
+def start(argv, env):
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.environ.update(env)
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            code = trainkit.commands.cli.main(argv)
+        finally:
+            os._exit(code)
+    return pid
+
+runs, parallel = json.loads(sys.argv[1]), int(sys.argv[2])
+results, running = [None] * len(runs), {}
+for i, (argv, env) in enumerate(runs):
+    if len(running) == parallel:
+        pid, status = os.wait()
+        results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    running[start(argv, env)] = i
+while running:
+    pid, status = os.wait()
+    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+print(json.dumps(results))
+"""
+
+
 def drive(runs: list[tuple[list, dict]]) -> list[int]:
-    """Each (argv, env) of `runs` as a trainkit command (run_cli: forked from the command server, so
-    the many runs below skip the imports), as many at once as there are cores; their exit statuses,
-    in order. TRAINKIT_FAULT_AFTER_WRITES kills a run (os._exit(137)) at the write boundary asked for.
-    The runs are independent (each its own --out) and all have the server's torch threads, so their
-    numbers do not depend on how many run beside them."""
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
-        return [proc.returncode for proc in pool.map(lambda run: run_cli(*run[0], env=run[1], timeout=900), runs)]
+    """Run each (argv, env) of `runs`, as described in DRIVER; returns their exit statuses."""
+    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1"}
+    parallel = str(min(4, len(os.sched_getaffinity(0))))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[list(map(str, a)), e] for a, e in runs]), parallel],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def weights(path: Path) -> dict:
