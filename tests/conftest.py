@@ -4,14 +4,13 @@ import http.server
 import os
 import subprocess
 import shutil
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from cliserver import CliServer, needs_new_process
+from cli_runner import needs_new_process, run_in_new_process, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +57,7 @@ os.environ["TRAINKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="trainkit-test-cache-
 atexit.register(shutil.rmtree, os.environ["TRAINKIT_CACHE_DIR"], ignore_errors=True)
 
 
-# trainkit.datasets.MNIST's files, named here so that finding them needs no torch import.
+# trainkit.data.idx.MNIST's files, named here so that finding them needs no torch import.
 MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -70,7 +69,7 @@ def mnist_present(root: Path) -> bool:
 def fetch_mnist(root: Path) -> Path:
     """Make sure root/MNIST/raw holds MNIST: trainkit's downloader fetches what is missing (the
     four published .gz files, about 11 MB) and checks every file's MD5. Returns root."""
-    from trainkit.datasets import MNIST, load_idx_dataset
+    from trainkit.data.idx import MNIST, load_idx_dataset
     if not mnist_present(root):
         load_idx_dataset(MNIST, root, download=True, progress=False)
     return Path(root)
@@ -91,7 +90,7 @@ def mnist_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist(mnist_dir):
-    from trainkit.datasets import MNIST, load_idx_dataset
+    from trainkit.data.idx import MNIST, load_idx_dataset
     return load_idx_dataset(MNIST, mnist_dir, download=False)
 
 
@@ -116,7 +115,7 @@ def need_system_package(package: str, path: str | Path):
 @pytest.fixture
 def fashion_mnist_package():
     """Debian's dataset-fashion-mnist, which .ci/run installs; without it the test is skipped."""
-    from trainkit.datasets import FASHION_MNIST
+    from trainkit.data.idx import FASHION_MNIST
     need_system_package("dataset-fashion-mnist", FASHION_MNIST.system_dirs[0])
 
 
@@ -130,30 +129,24 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-# TRAINKIT_TEST_NEW_PROCESSES=1 starts every command as a new process (to compare, or to rule the server out).
+# TRAINKIT_TEST_NEW_PROCESSES=1 starts every command as a new process (to compare, or to rule out the in-process runner).
 NEW_PROCESSES = os.environ.get("TRAINKIT_TEST_NEW_PROCESSES") == "1"
-_cli_server = CliServer()
-atexit.register(_cli_server.close)
 
 
-def run_cli(*args, env=None, cwd=None, timeout=600, new_process=False):
-    """Run `python -m trainkit ARGS` in a process of its own; returns the CompletedProcess. The process
-    is forked from the test process's command server, which has made trainkit's imports once
-    (tests/cliserver.py), unless new_process is asked for or the environment needs it."""
-    full_env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), **(env or {})}
+def run_cli(*args, env=None, cwd=None, timeout=None, new_process=False):
+    """Run `trainkit ARGS`; returns a CompletedProcess (exit code, stdout, stderr). It runs in this
+    process (tests/cli_runner.py) unless a new process is asked for, a `timeout` says that a hang or
+    a kill is what the test looks for, or the environment has a variable read at import time."""
     argv = list(map(str, args))
-    if new_process or NEW_PROCESSES or needs_new_process(full_env, _cli_server.environment):
-        return subprocess.run([sys.executable, "-m", "trainkit", *argv], capture_output=True,
-                              text=True, env=full_env, cwd=cwd, timeout=timeout)
-    return _cli_server.run(argv, full_env, cwd, timeout)
+    env = {"TRAINKIT_DATA_DIR": str(data_dir()), **(env or {})}
+    if new_process or NEW_PROCESSES or timeout is not None or needs_new_process({**os.environ, **env}):
+        return run_in_new_process(argv, env, cwd, timeout=timeout or 600)
+    return run_in_process(argv, env, cwd)
 
 
 def run_clis(*commands, **kwargs) -> list[subprocess.CompletedProcess]:
-    """run_cli for each of several independent commands (argument lists), as many at once as there are
-    cores: most of each one is its single-threaded start-up (Python, torch). Returns them in order."""
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
-        return list(pool.map(lambda args: run_cli(*args, **kwargs), commands))
+    """run_cli for each of several independent commands (argument lists), in order."""
+    return [run_cli(*args, **kwargs) for args in commands]
 
 
 def mount_namespace() -> list[str]:

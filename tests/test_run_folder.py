@@ -20,54 +20,16 @@ from trainkit.run import rundir
 
 SMALL = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
-# Starts training processes by fork() from one process that has imported trainkit (and what its
-# reports import, and torch._dynamo, which the first optimizer imports: most of a second) but run no
-# torch operation, so each of the many runs below skips the imports. Each child is a real process
-# running the CLI; TRAINKIT_FAULT_AFTER_WRITES kills it (os._exit(137)) at the write boundary asked
-# for. The runs are independent (each its own --out), so up to `parallel` go at once, each with one
-# torch thread: their numbers do not depend on how many run beside them. Prints one JSON line: the
-# exit status of each run, in the order given.
-DRIVER = r"""
-import json, os, sys
-import matplotlib; matplotlib.use("Agg")
-import matplotlib.pyplot, torchinfo, torch._dynamo
-import trainkit.commands.cli, trainkit.run.training, trainkit.run.rundir, trainkit.run.reports, trainkit.run.experiment
+def kill_at_writes(runs: list[tuple[list, dict]]) -> list[int]:
+    """Each (argv, env) of `runs` as a process of its own, which TRAINKIT_FAULT_AFTER_WRITES kills
+    (os._exit(137)) at the write boundary asked for; two at a time, each with this process's torch
+    threads, so that what they computed equals what a resume here computes. Returns the exit codes."""
+    from concurrent.futures import ThreadPoolExecutor
 
-def start(argv, env):
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            os.environ.update(env)
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, 1)
-            code = trainkit.commands.cli.main(argv)
-        finally:
-            os._exit(code)
-    return pid
-
-runs, parallel = json.loads(sys.argv[1]), int(sys.argv[2])
-results, running = [None] * len(runs), {}
-for i, (argv, env) in enumerate(runs):
-    if len(running) == parallel:
-        pid, status = os.wait()
-        results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-    running[start(argv, env)] = i
-while running:
-    pid, status = os.wait()
-    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-print(json.dumps(results))
-"""
-
-
-def drive(runs: list[tuple[list, dict]]) -> list[int]:
-    """Run each (argv, env) of `runs`, as described in DRIVER; returns their exit statuses."""
-    env = {**os.environ, "TRAINKIT_DATA_DIR": str(data_dir()), "OMP_NUM_THREADS": "1"}
-    parallel = str(min(4, len(os.sched_getaffinity(0))))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([[list(map(str, a)), e] for a, e in runs]), parallel],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = pool.map(lambda run: run_cli(*run[0], env={**run[1], **threads}, timeout=600), runs)
+        return [proc.returncode for proc in procs]
 
 
 def weights(path: Path) -> dict:
@@ -103,7 +65,7 @@ def assert_same_run(ref: Path, run: Path):
 def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(tmp_path):
     # The uninterrupted run, and the files it writes in order.
     ref, log = tmp_path / "ref", tmp_path / "writes.log"
-    assert drive([(["train", *SMALL, "--out", ref], {"TRAINKIT_WRITE_LOG": str(log)})]) == [0]
+    cli_ok("train", *SMALL, "--out", ref, env={"TRAINKIT_WRITE_LOG": str(log)})
     writes = log.read_text().split()
     epoch = ["last.pt", "best.pt", "metrics.csv"]       # last.pt first: the commit point
     assert writes == ["config.json", "data.json", "samples.png", *epoch, *epoch, "metrics.csv", "model.pt", "plot.png",
@@ -112,23 +74,22 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(tmp_
     # file complete but not yet renamed (before the first write, and before each checkpoint and model.pt).
     points = [(k, False) for k in range(1, len(writes) + 1)]
     points += [(k, True) for k, name in enumerate(writes) if k == 0 or name.endswith(".pt")]
-    runs, resumes = [], []
+    runs = []
     for k, torn in points:
         out = tmp_path / f"killed-{k}{'-torn' if torn else ''}"
         env = {"TRAINKIT_FAULT_AFTER_WRITES": str(k), "TRAINKIT_FAULT_TORN": "1" if torn else "0"}
         runs.append((["train", *SMALL, "--out", out], env))
-    killed = drive(runs)
+    killed = kill_at_writes(runs)
     assert killed == [137] * len(points), killed     # the last one after all its writes, before it exited
     for k, torn in points:
         out = tmp_path / f"killed-{k}{'-torn' if torn else ''}"
         if torn:
             assert [p.name for p in out.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)], out
         if (out / "last.pt").exists():
-            resumes.append((["train", "--resume", out], {}))
+            cli_ok("train", "--resume", out)
         else:   # killed before its first checkpoint: nothing was trained, the folder is used again
             assert writes[:k] == ["config.json", "data.json", "samples.png"][:k]
-            resumes.append((["train", *SMALL, "--out", out], {}))
-    assert drive(resumes) == [0] * len(points)
+            cli_ok("train", *SMALL, "--out", out)
     for k, torn in points:
         assert_same_run(ref, tmp_path / f"killed-{k}{'-torn' if torn else ''}")
 

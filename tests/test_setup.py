@@ -9,11 +9,11 @@ import tomllib
 
 import pytest
 
-from cliserver import needs_new_process
+from cli_runner import needs_new_process
 from conftest import (MNIST_STEMS, ROOT, cache_dir, data_dir, fetch_mnist, metrics_without_time,
                       need_system_package, run_cli)
 from trainkit.checkpoint import LOCK
-from trainkit.datasets import MNIST
+from trainkit.data.idx import MNIST
 
 MNIST_GZ = sorted(item.stem + ".gz" for item in MNIST.files.values())
 
@@ -58,7 +58,7 @@ def test_a_missing_system_package_skips_and_names_it(tmp_path):
 def test_ci_fails_a_skipped_test(pytester, monkeypatch):
     """Under TRAINKIT_REQUIRE_ALL=1 (.ci/run) a test that skips fails instead, with its reason."""
     pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
-    pytester.makepyfile(cliserver=(ROOT / "tests" / "cliserver.py").read_text())     # which conftest imports
+    pytester.makepyfile(cli_runner=(ROOT / "tests" / "cli_runner.py").read_text())     # which conftest imports
     pytester.makepyfile(test_skips="import pytest\n\ndef test_needs_a_package():\n"
                                    "    pytest.skip('needs Debian\\'s dataset-x: apt-get install dataset-x')\n")
     monkeypatch.setenv("TRAINKIT_DATA_DIR", str(data_dir()))
@@ -97,29 +97,28 @@ def test_the_notebook_extra_has_what_nbconvert_needs():
     assert any(m.startswith("slow:") for m in markers)
 
 
-# -- tests/cliserver.py: the commands the tests run, forked from a server that has made the imports ---
+# -- tests/cli_runner.py: the commands the tests run, in the test process -------------------------------
 
 @pytest.mark.slow
-def test_a_forked_command_gives_what_a_new_process_gives(tmp_path):
+def test_a_command_run_in_process_gives_what_a_new_process_gives(tmp_path):
     commands = [["--help"], ["train", "--epochs", "zero"], ["eval", tmp_path / "no-run"],
                 ["train", "--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--batch-size", "32",
                  "--precision", "fp32", "--channels-last", "off", "--compile", "off", "--no-progress",
                  "--out", tmp_path / "{}"]]
     for argv in commands:
-        forked, new = (run_cli(*[str(a).format(kind) for a in argv], new_process=kind == "new", cwd=tmp_path)
-                       for kind in ("forked", "new"))
-        assert forked.returncode == new.returncode, (argv, forked.stderr, new.stderr)
-        assert forked.stderr.replace(str(tmp_path / "forked"), str(tmp_path / "new")) == new.stderr, argv
+        here, new = (run_cli(*[str(a).format(kind) for a in argv], new_process=kind == "new", cwd=tmp_path)
+                       for kind in ("inproc", "new"))
+        assert here.returncode == new.returncode, (argv, here.stderr, new.stderr)
+        assert here.stderr.replace(str(tmp_path / "inproc"), str(tmp_path / "new")) == new.stderr, argv
         if new.returncode == 0 and argv[0] == "train":      # the last line names the run folder, which differs
-            assert forked.stdout.count("Test set:") == new.stdout.count("Test set:") == 1
-            assert metrics_without_time(tmp_path / "forked") == metrics_without_time(tmp_path / "new")
-        assert forked.stdout.replace(str(tmp_path / "forked"), str(tmp_path / "new")) == new.stdout, argv
+            assert here.stdout.count("Test set:") == new.stdout.count("Test set:") == 1
+            assert metrics_without_time(tmp_path / "inproc") == metrics_without_time(tmp_path / "new")
+        assert here.stdout.replace(str(tmp_path / "inproc"), str(tmp_path / "new")) == new.stdout, argv
 
 
 @pytest.mark.slow
-def test_a_forked_command_that_runs_out_of_time_is_killed_with_what_it_started(tmp_path):
+def test_a_command_that_runs_out_of_time_is_killed_with_what_it_started(tmp_path):
     out = tmp_path / "run"
-    assert run_cli("--help").returncode == 0            # the server is up: the time below is the command's
     with pytest.raises(subprocess.TimeoutExpired):
         run_cli("train", "--limit-train", "256", "--limit-test", "64", "--epochs", "100000", "--precision", "fp32",
                 "--channels-last", "off", "--compile", "off", "--out", out, timeout=15)
@@ -135,11 +134,11 @@ def test_a_forked_command_that_runs_out_of_time_is_killed_with_what_it_started(t
                 time.sleep(0.1)
 
 
-def test_only_variables_read_when_used_can_change_for_a_forked_command():
+def test_only_variables_read_when_used_can_change_for_a_command_in_process():
     assert not needs_new_process({**os.environ, "TRAINKIT_MIRROR": "http://127.0.0.1:9/"})
     assert needs_new_process({**os.environ, "CXX": "/nonexistent/g++"})          # read when torch's compiler loads
     assert needs_new_process({k: v for k, v in os.environ.items() if k != "HOME"})
     assert not needs_new_process({**os.environ, "PYTEST_CURRENT_TEST": "another test (call)"})
-    # compared with the environment the server was started with, not with this process's of now
+    # compared with a given environment instead of this process's
     started = {**os.environ, "MPLBACKEND": "svg"}
     assert needs_new_process(dict(os.environ), started) and not needs_new_process(dict(started), started)
