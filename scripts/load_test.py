@@ -74,7 +74,7 @@ def mnist_pngs(data_dir: str, count: int) -> list[tuple[bytes, str]]:
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))
-    from trainkit.datasets import MNIST, load_idx_dataset
+    from trainkit.data.idx import MNIST, load_idx_dataset
 
     data = load_idx_dataset(MNIST, Path(data_dir), download=False, progress=False)
     out = []

@@ -84,7 +84,7 @@ def test_a_runs_state_is_what_its_checkpoint_holds(mnist, tmp_path):
     result = train(cfg, data=data, out=tmp_path / "run")
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     assert list(saved) == CHECKPOINT_KEYS
-    assert isinstance(result.run, Run) and result.experiment is result.run     # the older name still works
+    assert isinstance(result.run, Run)
     fresh = build_run(cfg, data=data)
     fresh.load_state_dict(saved)
     again = fresh.state_dict(best=saved["best"], finished=saved["finished"])

@@ -85,7 +85,7 @@ def test_summary_takes_an_image_size_and_says_its_units(capsys):
     assert main(["summary", "--model", "compact", "--channels", "3", "--image-size", "32x48"]) == 0
     out = capsys.readouterr().out
     assert "[1, 8, 32, 48]" in out and "Total params" in out                  # height x width
-    assert main(["summary", "--model", "compact", "--size", "32"]) == 0        # its earlier name still works
+    assert main(["summary", "--model", "compact", "--image-size", "32"]) == 0  # N: a square
     assert "[1, 8, 32, 32]" in capsys.readouterr().out
 
 
@@ -114,7 +114,7 @@ def test_summary_of_a_run_folder_and_the_model_help_of_run_commands(tmp_path, ca
     (["lr-find", "--end-lr", "1e-6"], "--end-lr (1e-06) must be greater than --start-lr"),
     (["summary", "--channels", "0"], "--channels must be greater than 0"),
     (["summary", "--classes", "-1"], "--classes must be greater than 0"),
-    (["summary", "--size", "3"], "needs 28x28 images, these are 3x3"),
+    (["summary", "--image-size", "3"], "needs 28x28 images, these are 3x3"),
     (["summary", "--image-size", "3"], "needs 28x28 images, these are 3x3"),
     (["summary", "--image-size", "big"], "--image-size must be N or HxW"),
     (["bench", "--quick", "--steps", "0"], "--steps must be greater than 0"),

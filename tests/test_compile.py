@@ -201,7 +201,7 @@ def test_a_short_run_with_compile_auto_trains_as_compile_off(mnist):
     cfg = TrainConfig(epochs=1, batch_size=64, progress=False, precision="fp32", channels_last="on")
     auto = train(cfg, data=data, write=False)
     off = train(cfg.replace(compile="off"), data=data, write=False)
-    assert auto.experiment.cfg.compile == "off" and auto.experiment.train_model is auto.experiment.model
+    assert auto.run.cfg.compile == "off" and auto.run.train_model is auto.run.model
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h.rows()]
     assert strip(auto.history) == strip(off.history)
 
@@ -220,8 +220,8 @@ def test_a_compiled_run_resumes_bit_for_bit(mnist, tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, progress=False, compile="on", precision="fp32",
                       channels_last="on", device="cpu")
     whole = train(cfg, data=data, out=tmp_path / "whole")
-    assert isinstance(whole.experiment.train_model, torch._dynamo.eval_frame.OptimizedModule)
-    assert whole.experiment.optimizer.param_groups[0]["fused"] or whole.experiment.optimizer.param_groups[0]["foreach"]
+    assert isinstance(whole.run.train_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert whole.run.optimizer.param_groups[0]["fused"] or whole.run.optimizer.param_groups[0]["foreach"]
     with pytest.raises(StopRequested) as stopped:
         train(cfg, data=data, out=tmp_path / "cut", callbacks=[InterruptAt()])
     assert stopped.value.partial["batches"] == 2

@@ -24,7 +24,9 @@ from PIL import Image
 from conftest import assert_one_line_error, cli_ok, run_cli
 from trainkit import TrainConfig, datasets
 from trainkit.data.loaders import FlipCrop, SeedAugment, TensorLoader, torchvision_loader
-from trainkit.datasets import CifarFile, IdxFile, load_dataset
+from trainkit.data.cifar import CifarFile
+from trainkit.data.idx import IdxFile
+from trainkit.data.registry import load_dataset
 from trainkit.errors import TrainkitError
 from trainkit.run.experiment import augmentation, make_loaders
 

@@ -5,7 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from trainkit.datasets import FASHION_MNIST, MNIST, load_idx_dataset, parse_idx
+from trainkit.data.formats import parse_idx
+from trainkit.data.idx import FASHION_MNIST, MNIST, load_idx_dataset
 from trainkit.errors import TrainkitError
 
 

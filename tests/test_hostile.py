@@ -28,7 +28,10 @@ from trainkit import TrainConfig
 from trainkit import checkpoint as ckpt
 from trainkit.commands.cli import main
 from trainkit.config import field_specs, from_mapping, load_config_file, show, validate
-from trainkit.datasets import MNIST, download_file, download_timeout, idx_size, load_image, read_idx_file
+from trainkit.data import fetch
+from trainkit.data.fetch import download_timeout
+from trainkit.data.idx import MNIST, idx_size, read_idx_file
+from trainkit.data.images import decode_image
 from trainkit.errors import TrainkitError
 
 
@@ -189,7 +192,9 @@ def test_a_stalling_mirror_meets_the_deadline(trickling_mirror, tmp_path, monkey
     monkeypatch.setenv("TRAINKIT_DOWNLOAD_TIMEOUT", "1.5")
     start = time.monotonic()
     with pytest.raises(TrainkitError, match=r"not done within 1.5 s.*TRAINKIT_DOWNLOAD_TIMEOUT") as info:
-        download_file(MNIST, MNIST.files["train_images"], tmp_path, progress=False)
+        item = MNIST.files["train_images"]
+        fetch.download(MNIST.name, MNIST.mirrors, item.stem + ".gz", item.gz_md5, tmp_path, progress=False,
+                       holds=MNIST.folder + "/raw/")
     assert time.monotonic() - start < 4                     # a byte a second would take 115 days
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []                   # no temporary file left
@@ -348,7 +353,7 @@ def test_a_png_bomb_is_refused(tmp_path, side):
     assert path.stat().st_size < 100_000
     with pytest.raises(TrainkitError, match=rf"bomb.png was refused: Image size \({side * side} pixels\) "
                                             rf"exceeds limit"):
-        load_image(path, 1, (28, 28))
+        decode_image(path, 1, (28, 28))
 
 
 @pytest.mark.slow

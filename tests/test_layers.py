@@ -13,9 +13,9 @@ ROOT = Path(trainkit.__file__).parent
 FLOORS = ("trainkit", "trainkit.data", "trainkit.models", "trainkit.loop", "trainkit.run", "trainkit.commands")
 BASE = {"trainkit.errors", "trainkit.registry", "trainkit.config", "trainkit.checkpoint", "trainkit.inputs",
         "trainkit.outputs", "trainkit.cachedir"}
-# The package's face, above every floor: `import trainkit`'s names, `python -m trainkit`, and the
-# old module names kept working. Nothing inside the package imports them.
-FACE = {"trainkit", "trainkit.__main__", "trainkit.datasets", "trainkit.emnist"}
+# The package's face, above every floor: `import trainkit`'s names and `python -m trainkit`.
+# Nothing inside the package imports them.
+FACE = {"trainkit", "trainkit.__main__"}
 
 
 def module_name(path: Path) -> str:
@@ -122,30 +122,9 @@ def test_the_architecture_table_names_every_module():
     assert unnamed == [], f"modules missing from docs/architecture.md's table: {unnamed}"
 
 
-def test_the_flat_layouts_module_names_still_import_with_a_warning():
-    """A user's `from trainkit.engine import Callback` (the layout before the floors) gets the module at
-    its new place, the same object, and a DeprecationWarning naming that place."""
+def test_no_module_name_of_an_unreleased_layout_is_kept():
+    """The flat layout before the floors never had a release: its names are not served."""
     import importlib
-    import subprocess
-    import sys
 
-    for old, new in trainkit.MOVED.items():
-        assert (ROOT / (new.replace(".", "/") + ".py")).is_file(), f"trainkit.{old} points at a missing {new}"
-        assert not (ROOT / f"{old}.py").exists(), f"trainkit/{old}.py is still there"
-    script = ("import warnings, importlib, trainkit\n"
-              "warnings.simplefilter('error', DeprecationWarning)\n"
-              "for old, new in trainkit.MOVED.items():\n"
-              "    try:\n"
-              "        importlib.import_module('trainkit.' + old)\n"
-              "    except DeprecationWarning as warning:\n"
-              "        assert str(warning) == f'trainkit.{old} is now trainkit.{new}', warning\n"
-              "    else:\n"
-              "        raise AssertionError('no warning for ' + old)\n"
-              "warnings.simplefilter('ignore', DeprecationWarning)\n"
-              "import trainkit.engine, trainkit.loop.engine\n"
-              "assert trainkit.engine is trainkit.loop.engine\n"
-              "from trainkit.engine import Callback\n"
-              "assert Callback is trainkit.Callback\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT.parent)
-    assert done.returncode == 0, done.stderr
-    assert importlib.util.find_spec("trainkit.no_such_module") is None      # only the moved names are found
+    for old in ("engine", "callbacks", "devices", "rundir", "reports", "cli", "datasets", "emnist", "loaders"):
+        assert importlib.util.find_spec(f"trainkit.{old}") is None, old

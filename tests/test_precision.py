@@ -138,13 +138,13 @@ def test_a_measured_run_trains_exactly_as_one_given_its_choice(mnist, tmp_path):
     assert saved["config"]["precision"] == tuning["choice"]["precision"]
     assert saved["environment"]["autocast"] == {"fp32": "fp32", "bf16": "bfloat16"}[tuning["choice"]["precision"]]
     given = train(cfg.replace(**tuning["choice"]), data=data, write=False)
-    assert given.experiment.tuning["timings"] == {}                      # explicit: nothing measured
+    assert given.run.tuning["timings"] == {}                      # explicit: nothing measured
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h.rows()]
     assert strip(measured.history) == strip(given.history)
-    for (name, a), b in zip(measured.experiment.model.state_dict().items(), given.experiment.model.state_dict().values()):
+    for (name, a), b in zip(measured.run.model.state_dict().items(), given.run.model.state_dict().values()):
         assert torch.equal(a, b), name
     cached = train(cfg, data=data, write=False)
-    assert cached.experiment.tuning["cached"] is True and strip(cached.history) == strip(measured.history)
+    assert cached.run.tuning["cached"] is True and strip(cached.history) == strip(measured.history)
 
 
 @pytest.mark.parametrize("autocast, precision", [("fp32", "fp32"), ("bfloat16", "bf16")])

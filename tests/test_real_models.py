@@ -105,7 +105,7 @@ def test_s5net_says_it_needs_28x28(tmp_path):
     for i, colour in enumerate(("black", "white") * 4):
         (tmp_path / "pics" / colour).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 32), colour).save(tmp_path / "pics" / colour / f"{i}.png")
-    from trainkit.datasets import ImageData
+    from trainkit.data import ImageData
     data = ImageData("pics", torch.zeros(8, 1, 32, 32, dtype=torch.uint8), torch.arange(8) % 2,
                      torch.zeros(2, 1, 32, 32, dtype=torch.uint8), torch.arange(2), ["a", "b"], (0.5,), (0.5,))
     with pytest.raises(Exception, match=r"needs 28x28 images, these are 32x32"):

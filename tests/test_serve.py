@@ -165,7 +165,7 @@ def test_bad_input_is_one_4xx_line_and_the_server_keeps_serving(server, digits, 
 
 
 def test_a_bomb_is_refused_from_its_header_before_decoding():
-    from trainkit.datasets import decode_image
+    from trainkit.data.images import decode_image
     start = time.perf_counter()
     with pytest.raises(TrainkitError, match=r"was refused: Image size \(100000000 pixels\) exceeds limit"):
         decode_image(png_bomb(10_000), 1, (28, 28), max_pixels=4096 * 4096)

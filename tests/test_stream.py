@@ -14,7 +14,7 @@ from trainkit import TrainConfig
 from trainkit.data.dataset import FileImages
 from trainkit.data.loaders import FlipCrop, TensorLoader
 from trainkit.data.stream import StreamLoader, folder_files, folder_to_stream, parse_bytes
-from trainkit.datasets import ImageData
+from trainkit.data import ImageData
 from trainkit.errors import TrainkitError
 from trainkit.loop.engine import Callback, StopRequested
 from trainkit.run.experiment import build_experiment, get_data, held_out

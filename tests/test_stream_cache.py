@@ -128,7 +128,7 @@ def test_a_cached_run_resumes_in_the_middle_of_an_epoch_bit_for_bit(folder, tmp_
     cfg = TrainConfig(dataset=f"imagefolder:{folder}", image_size="12", pipeline="stream", model="speednet",
                       epochs=2, batch_size=16, lr=0.05, progress=False, device="cpu", **FIXED)
     whole = train(cfg, write=False)
-    assert whole.experiment.data.train_images.cached
+    assert whole.run.data.train_images.cached
 
     class InterruptAt(Callback):
         def on_batch_end(self, state):
@@ -138,9 +138,9 @@ def test_a_cached_run_resumes_in_the_middle_of_an_epoch_bit_for_bit(folder, tmp_
     with pytest.raises(StopRequested):
         train(cfg, out=tmp_path / "cut", callbacks=[InterruptAt()])
     resumed = train(cfg, resume=tmp_path / "cut")
-    assert resumed.experiment.data.train_images.cached
+    assert resumed.run.data.train_images.cached
     assert [r.train_loss for r in resumed.history] == [r.train_loss for r in whole.history]
-    a = whole.experiment.model.state_dict()
+    a = whole.run.model.state_dict()
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -114,8 +114,7 @@ def add_command(sub) -> None:
     summary.add_argument("--trust-code", action="store_true",
                          help="with RUN_DIR: import the model code its config.json names (module:factory or file.py)")
     summary.add_argument("--channels", type=positive(int, "--channels"), default=1, help="input channels (default: 1)")
-    # --size: its name before it was --image-size, as `train` calls it
-    summary.add_argument("--image-size", "--size", dest="image_size", default="28",
+    summary.add_argument("--image-size", dest="image_size", default="28",
                          help="input size, N or HxW (e.g. 32 or 48x64) (default: 28)")
     summary.add_argument("--classes", type=positive(int, "--classes"), default=10, help="classes (default: 10)")
     summary.add_argument("--png", help="also save a picture of the network to this file")

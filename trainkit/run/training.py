@@ -28,11 +28,6 @@ class RunResult:
     run_dir: Path | None
     run: Run = field(repr=False)
 
-    @property
-    def experiment(self) -> Run:
-        """The run's pieces (a Run is an Experiment): its name before there was a Run."""
-        return self.run
-
 
 def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData | None = None,
           out: str | Path | None = None, resume: str | Path | None = None,
