@@ -102,7 +102,7 @@ def test_ema_is_what_is_evaluated_and_saved(mnist, tmp_path):
     cfg = TrainConfig(model="compact", epochs=1, batch_size=64, lr=0.05, ema=0.9, progress=False)
     result = train(cfg, data=mnist.limit(512, 200), out=tmp_path / "run")
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    raw = result.experiment.model.state_dict()
+    raw = result.run.model.state_dict()
     assert any(not torch.equal(saved[k].cpu(), raw[k].cpu()) for k in raw)   # model.pt is not the raw weights
     ema = load_checkpoint(tmp_path / "run" / "last.pt")["callbacks"]["EMA"]
     for k, v in saved.items():
@@ -228,7 +228,7 @@ def test_every_registered_dataset_loads_and_trains(name, tmp_path, monkeypatch):
                       batch_size=4, limit_train=8, limit_test=4, progress=False, device="cpu",
                       precision="fp32", channels_last="off")
     result = train(cfg, write=False)
-    data = result.experiment.data
+    data = result.run.data
     assert data.train_images.dtype == torch.uint8 and data.train_images.shape[1:] == example.shape
     assert len(data.mean) == len(data.std) == data.image_shape[0]
     assert len(data.classes) >= 2 and int(data.train_labels.max()) < len(data.classes)

@@ -204,6 +204,6 @@ def test_a_run_on_own_cifar_records_its_files(tmp_path):
     cfg = TrainConfig(dataset=f"cifar10:{folder}", model="compact", epochs=1, batch_size=8, progress=False,
                       device="cpu", precision="fp32", channels_last="off")
     result = train(cfg, out=tmp_path / "run")
-    assert result.experiment.cfg.dataset == f"cifar10:{folder.resolve()}"
+    assert result.run.cfg.dataset == f"cifar10:{folder.resolve()}"
     recorded = json.loads((tmp_path / "run" / "data.json").read_text())
     assert set(recorded["files"]) == {"data_batch_1", "data_batch_2", "test_batch", "batches.meta"}

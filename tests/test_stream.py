@@ -113,7 +113,7 @@ def test_a_streamed_run_resumes_in_the_middle_of_an_epoch(folder, tmp_path):
     assert stopped.value.partial == {**stopped.value.partial, "epoch": 2, "batches": 2}
     resumed = train(cfg, resume=tmp_path / "cut")
     assert [r.test_acc for r in resumed.history] == [r.test_acc for r in whole.history]
-    a = whole.experiment.model.state_dict()
+    a = whole.run.model.state_dict()
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)                     # bit for bit
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["config"]["pipeline"] == "stream"

@@ -16,10 +16,9 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..errors import TrainkitError
-from .engine import BUILT_IN, Callback, TrainState
+from .engine import Callback, TrainState
 
 
-@BUILT_IN.register(place=30, setting="target_acc", acts="epochs", make=lambda run: TargetAccuracy(run.cfg.target_acc))
 class TargetAccuracy(Callback):
     """Stop as soon as an evaluation reaches `target` percent (mid-epoch checks included; on the
     validation split when there is one)."""
@@ -37,7 +36,6 @@ class TargetAccuracy(Callback):
             state.stop()
 
 
-@BUILT_IN.register(place=40, setting="patience", acts="epochs", make=lambda run: EarlyStopping(run.cfg.patience))
 class EarlyStopping(Callback):
     """Stop when the end-of-epoch accuracy has not improved for `patience` epochs."""
 
@@ -64,8 +62,6 @@ class EarlyStopping(Callback):
         self.best, self.waited = state["best"], state["waited"]
 
 
-@BUILT_IN.register(place=10, setting="clip_grad_norm", acts="step",
-                  make=lambda run: GradientClipping(run.cfg.clip_grad_norm))
 class GradientClipping(Callback):
     """Rescale the gradients so that their total norm is at most `max_norm`."""
 
@@ -76,7 +72,6 @@ class GradientClipping(Callback):
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), self.max_norm)
 
 
-@BUILT_IN.register(place=20, setting="ema", acts="epochs", make=lambda run: EMA(run.cfg.ema))
 class EMA(Callback):
     """An exponential moving average of the weights (and batch-norm statistics), updated after
     every step and evaluated in place of the raw weights. The run's model.pt holds the average."""
@@ -105,8 +100,6 @@ class EMA(Callback):
         self._saved = state
 
 
-@BUILT_IN.register(place=50, setting="final", acts="epochs", make=lambda run: BestWeights(),
-                  on=lambda cfg: cfg.final == "best")     # it acts only with a validation split
 class BestWeights(Callback):
     """With a validation split, the run ends with the weights of its best validation epoch: they are
     kept (on the device) whenever an epoch is the best so far, and put back before the final test,
@@ -137,7 +130,6 @@ class BestWeights(Callback):
         self.best = dict(state) if state else None
 
 
-@BUILT_IN.register(place=70, setting="signals", acts="console", make=lambda run: SignalStop().install())
 class SignalStop(Callback):
     """SIGINT/SIGTERM interrupt the run at the next step boundary (so a checkpoint of the
     unfinished epoch can be written); a second signal stops at once."""
@@ -160,8 +152,6 @@ class SignalStop(Callback):
             state.interrupt(self.signum)    # the CLI names the signal and exits with 128 + it
 
 
-@BUILT_IN.register(place=100, setting="evals_per_epoch", acts="folder",
-                  make=lambda run: CheckLog(run.run_dir / "checks.csv"), on=lambda cfg: cfg.evals_per_epoch > 1)
 class CheckLog(Callback):
     """Every mid-epoch check, one row appended to the run's checks.csv (for `trainkit compare`):
     epoch, after_batch, batches, split, loss, acc, and seconds since the epoch began. A resumed
@@ -190,8 +180,6 @@ class CheckLog(Callback):
                     f"{time.monotonic() - self._started:.3f}\n")
 
 
-@BUILT_IN.register(place=110, setting="tensorboard", acts="folder",
-                  make=lambda run: TensorBoardLogger(run.run_dir / "tensorboard", settings=run.cfg.to_dict()))
 class TensorBoardLogger(Callback):
     """TensorBoard event files: the training loss and learning rate per step, every check's loss and
     accuracy, the per-epoch numbers, and the run's settings with its final numbers in the HParams tab.

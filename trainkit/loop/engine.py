@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TrainkitError
-from ..registry import Registry
 from .devices import autocast
 
 
@@ -184,24 +183,6 @@ class TrainState:
         reaches the caller of `fit` on the StopRequested it raises."""
         self.interrupted = True
         self.interrupt_reason = reason
-
-
-# The callbacks trainkit adds itself, each registered on its own class (`@BUILT_IN.register(...)`) with
-# its facts: `place` (its place in the order: run.assembly calls them by place, the user's own at
-# assembly.USER_PLACE), `setting` (the TrainConfig field that turns it on unless None or False, or
-# one of build_run's options: "console", "signals", "folder"), `acts` (a key of ACTS: lr-find and
-# bench's timed steps make the "step" ones only), `make` (run -> the callback), `on` (cfg -> bool,
-# for a setting with more than on and off). A new built-in callback with a flag is its TrainConfig
-# field and its registered class.
-ACTS = {
-    "step": "inside each training step",
-    "epochs": "on evaluations and epochs",
-    "console": "on the console",
-    "folder": "on the run folder",
-    "tracking": "in a tracking store",
-}
-BUILT_IN = Registry("built-in callback", facts={"place": None, "setting": None, "acts": None, "make": None,
-                                                "on": None})
 
 
 class Callback:

@@ -1,36 +1,15 @@
 """A run, built once from a config and passed on: `build_run(cfg)` makes every piece (data, model,
 loaders, optimizer, schedule, loss, precision and device: experiment.build_experiment) and the
-callbacks, in one order; `engine.fit(run)` trains it; `Run.state_dict()` is what a checkpoint holds.
+callbacks (`built_in_callbacks`, which says why each sits where it does); `engine.fit(run)` trains
+it; `Run.state_dict()` is what a checkpoint holds.
 
-The callbacks trainkit adds itself register on their own classes in engine.BUILT_IN, each with its
-place in the order, what turns it on (a TrainConfig setting, or one of build_run's `console` /
-`signals` (the command line's) or a run folder) and where it acts. The user's callbacks come at
-USER_PLACE: after those that change what is computed or shown, before those that write, so that
-what they decide at an epoch's end (a stop) is in that epoch's checkpoint.
-
-    place   callback            turned on by              acts
-    10      GradientClipping    --clip-grad-norm          step
-    20      EMA                 --ema                     epochs
-    30      TargetAccuracy      --target-acc              epochs
-    40      EarlyStopping       --patience                epochs
-    50      BestWeights         --final best              epochs
-    60      ConsoleLogger       console (the CLI)         console
-    70      SignalStop          signals (the CLI)         console
-    75      the user's callbacks, in the order given
-    80      RunDirectory        a run folder              folder
-    90      FinalReports        a run folder              folder
-    100     CheckLog            --evals-per-epoch > 1     folder
-    110     TensorBoardLogger   --tensorboard             folder
-    120     MLflowLogger        --mlflow                  tracking   (after the writers: it logs their files)
-
-A new built-in callback with a flag: a field in TrainConfig, and the callback's class registered
-with its place (`@BUILT_IN.register(place=..., setting=..., acts=..., make=...)`); nothing here.
+A new built-in callback with a flag: a field in TrainConfig, and one line in `built_in_callbacks`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch.nn as nn
 
@@ -38,8 +17,8 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..data.dataset import ImageData
 from ..errors import TrainkitError
-from ..loop import callbacks as loop_callbacks
-from ..loop.engine import BUILT_IN, Callback, History
+from ..loop.callbacks import EMA, BestWeights, CheckLog, EarlyStopping, GradientClipping, SignalStop, TargetAccuracy, TensorBoardLogger
+from ..loop.engine import Callback, History
 from . import reports, rundir, tracking
 from .experiment import Experiment, build_experiment
 
@@ -100,69 +79,57 @@ class Run(Experiment):
             raise TrainkitError(f"{source} does not match this run's optimizer, schedule or callbacks ({exc})") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# The built-in callbacks, in order
-
-USER_PLACE = 75     # the user's callbacks: after the built-in ones placed before it, before the others
-REGISTERING = (loop_callbacks, reports, rundir, tracking)   # the modules whose callbacks register in BUILT_IN
-
-
-@dataclass(frozen=True)
-class BuiltIn:
-    """A built-in callback's class and the facts it registered with (engine.BUILT_IN)."""
-
-    callback: type                         # main_process_only: made on rank 0 alone
-    place: int
-    setting: str
-    acts: str
-    make: Callable[[Run], Callback]
-    on: Callable[[TrainConfig], bool] | None = None
-
-    def wanted(self, run: Run, options: dict) -> bool:
-        if self.acts == "folder" and not options["folder"]:
-            return False
-        if self.setting in options:
-            return options[self.setting]
-        return self.on(run.cfg) if self.on else getattr(run.cfg, self.setting) not in (None, False)
-
-
-def built_in() -> list[BuiltIn]:
-    """Every registered built-in callback, in the order they are called."""
-    rows = [BuiltIn(BUILT_IN[name], **BUILT_IN.facts(name)) for name in BUILT_IN]
-    return sorted(rows, key=lambda row: row.place)
-
-
-def assemble(run: Run, user: Sequence[Callback] = (), *, console: bool = False, signals: bool = False,
-             steps_only: bool = False) -> list[Callback]:
-    """The run's callbacks: the built-in ones that its settings and options ask for, by place, the
-    user's at USER_PLACE. A callback that says `main_process_only` runs on rank 0 alone."""
-    main = run.rank.is_main
-    options = {"console": console, "signals": signals, "folder": run.run_dir is not None and main}
-    run.callbacks = []      # filled in order: a row may use one made before it (FinalReports its folder)
+def built_in_callbacks(run: Run, user: Sequence[Callback] = (), *, console: bool = False, signals: bool = False,
+                       steps_only: bool = False) -> list[Callback]:
+    """The run's callbacks in the order they are called: those its settings and options ask for,
+    and the user's. `steps_only` (lr-find, bench's timed steps): those of a training step alone.
+    Under torchrun a callback that says `main_process_only` is made on rank 0 alone."""
+    cfg, main = run.cfg, run.rank.is_main
+    on = lambda value: value not in (None, False)       # a setting left unset (None) or 0 is off
+    # Inside each step: the gradients are clipped before the optimizer uses them.
+    steps = [GradientClipping(cfg.clip_grad_norm)] if on(cfg.clip_grad_norm) else []
     users = [cb for cb in user if main or not getattr(cb, "main_process_only", False)]
-    for row in built_in():
-        if users and row.place > USER_PLACE:
-            run.callbacks += users
-            users = []
-        if steps_only and row.acts != "step":
-            continue
-        if row.wanted(run, options) and (main or not getattr(row.callback, "main_process_only", False)):
-            run.callbacks.append(row.make(run))
-    run.callbacks += users
-    return run.callbacks
+    if steps_only:
+        return steps + users
+    wanted = [
+        # The weights' average first: every check, stop and file below sees the averaged weights.
+        on(cfg.ema) and (lambda: EMA(cfg.ema)),
+        # The stops judge the numbers of the weights that would be saved.
+        on(cfg.target_acc) and (lambda: TargetAccuracy(cfg.target_acc)),
+        on(cfg.patience) and (lambda: EarlyStopping(cfg.patience)),
+        # Puts the best validation epoch's weights back before the final test (with a validation split).
+        cfg.final == "best" and BestWeights,
+        # The console, then Ctrl-C / SIGTERM: both only show or end the run, they change no number.
+        console and main and (lambda: reports.ConsoleLogger(cfg.progress)),
+        signals and (lambda: SignalStop().install()),
+    ]
+    callbacks = steps + [make() for make in wanted if make] + users
+    # The user's come before the writers, so that a stop they decide at an epoch's end is in that
+    # epoch's checkpoint. The writers need the folder, and rank 0 alone writes.
+    if run.run_dir is not None and main:
+        directory = rundir.RunDirectory(run, run.run_dir)
+        callbacks += [directory, reports.FinalReports(directory, run.data, cfg.test_batch_size, run.device)]
+        if cfg.evals_per_epoch > 1:
+            callbacks.append(CheckLog(run.run_dir / "checks.csv"))
+        if cfg.tensorboard:
+            callbacks.append(TensorBoardLogger(run.run_dir / "tensorboard", settings=cfg.to_dict()))
+    # MLflow last: it logs the files the writers above made.
+    if on(cfg.mlflow) and main:
+        callbacks.append(tracking.MLflowLogger(cfg.mlflow, run.run_dir, register=cfg.mlflow_register))
+    return callbacks
 
 
 def build_run(cfg: TrainConfig, *, data: ImageData | None = None, model: nn.Module | None = None,
               callbacks: Sequence[Callback] = (), run_dir: str | Path | None = None, console: bool = False,
               signals: bool = False, steps_only: bool = False, before_manifests: bool = False) -> Run:
     """Every piece of a run from `cfg` (experiment.build_experiment: `data` and `model` replace the
-    configured ones) and its callbacks (assemble). `run_dir`: the folder it writes (taken by
+    configured ones) and its callbacks (built_in_callbacks). `run_dir`: the folder it writes (taken by
     rundir.prepare or resumed before fit: run.py); `console`: the CLI's lines and progress bar;
     `signals`: SIGINT/SIGTERM interrupt it with a checkpoint; `steps_only`: a command that runs
     training steps and no epochs (lr-find, bench's timed steps) gets the callbacks of a step alone."""
     exp = build_experiment(cfg, data=data, model=model, before_manifests=before_manifests)
     run = Run(**{f.name: getattr(exp, f.name) for f in fields(Experiment)},
               run_dir=Path(run_dir) if run_dir is not None else None)
-    assemble(run, callbacks, console=console, signals=signals, steps_only=steps_only)
+    run.callbacks = built_in_callbacks(run, callbacks, console=console, signals=signals, steps_only=steps_only)
     return run
 

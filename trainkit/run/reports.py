@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..checkpoint import atomic_write_text, save_weights
 from ..data import stream
 from ..data.loaders import denormalize
-from ..loop.engine import BUILT_IN, Callback, History, TrainState, unwrap
+from ..loop.engine import Callback, History, TrainState, unwrap
 from .experiment import evaluation_loader
 
 
@@ -46,7 +46,6 @@ def tuning_line(tuning: dict | None) -> str | None:
     return text
 
 
-@BUILT_IN.register(place=60, setting="console", acts="console", make=lambda run: ConsoleLogger(run.cfg.progress))
 class ConsoleLogger(Callback):
     """Prints the seed's lines: the learning rate, `Epoch N`, a tqdm bar and the test result."""
 

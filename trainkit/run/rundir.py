@@ -27,7 +27,7 @@ from .. import checkpoint as ckpt
 from ..data import manifest
 from ..data.dataset import ImageData
 from ..errors import TrainkitError
-from ..loop.engine import BUILT_IN, Callback, History, TrainState
+from ..loop.engine import Callback, History, TrainState
 from ..models import count_parameters, model_source
 from . import reports
 
@@ -157,7 +157,6 @@ def model_info(run) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Writing it
 
-@BUILT_IN.register(place=80, setting="folder", acts="folder", make=lambda run: RunDirectory(run, run.run_dir))
 class RunDirectory(Callback):
     """Writes the run directory: config.json and samples at the start, after every epoch last.pt
     (first: the commit point; what the Run's state_dict holds), best.pt and metrics.csv (or a
@@ -267,10 +266,3 @@ class RunDirectory(Callback):
                 self._save_checkpoint(state, "last.pt", partial=state.partial)
             return
         self._write_metrics(state.history)   # with the final test; then FinalReports' files
-
-
-
-# The final reports are written through the folder (atomic, one line on a failure): their row is here.
-BUILT_IN.register(place=90, setting="folder", acts="folder",
-                  make=lambda run: reports.FinalReports(run.callback(RunDirectory), run.data, run.cfg.test_batch_size,
-                                                        run.device))(reports.FinalReports)

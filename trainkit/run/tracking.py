@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import TrainkitError
-from ..loop.engine import BUILT_IN, Callback, TrainState, unwrap
+from ..loop.engine import Callback, TrainState, unwrap
 
 DEFAULT = "auto"            # what `--mlflow` with no value stores: $MLFLOW_TRACKING_URI, else ./mlflow.db
 EXPERIMENT = "trainkit"
@@ -147,8 +147,6 @@ def _user() -> str:
         return os.environ.get("USER", "unknown")
 
 
-@BUILT_IN.register(place=120, setting="mlflow", acts="tracking",     # after the writers: it logs their files
-                   make=lambda run: MLflowLogger(run.cfg.mlflow, run.run_dir, register=run.cfg.mlflow_register))
 class MLflowLogger(Callback):
     """Logs the run to an MLflow tracking store; see the module's docstring."""
 

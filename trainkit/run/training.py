@@ -35,7 +35,7 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
           signals: bool = False) -> RunResult:
     """Train as `cfg` says and return the history; with `write`, keep it all in a run directory.
 
-    `callbacks` run beside the ones the settings ask for, where assembly.USER_PLACE says (they
+    `callbacks` run beside the ones the settings ask for, where assembly.built_in_callbacks puts them (they
     see each epoch's result before the run directory is written). `console`: the CLI's lines and
     progress bar; `signals`: SIGINT/SIGTERM interrupt the run with a checkpoint. `resume` continues
     the run in that directory from its last checkpoint. Under torchrun only rank 0 shows progress
