@@ -191,6 +191,68 @@ class ImageData:
         return make_manifest(self.name, self.sources, splits)
 
 
+TEST_FRACTION = 0.2     # of a set given as one split (a CSV, an npz of images and labels), held out for testing
+
+
+def from_arrays(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor] | None,
+                classes: list[str], sources: dict[str, tuple[int, str]], seed: int = 0) -> ImageData:
+    """A dataset from uint8 images (N, C, H, W) and int64 labels (N,), as the array sources (csv:,
+    npz:, hf:) read them. Without a test split, a random 20% of the training images is held out
+    from `seed`, as for a flat image folder. Mean and std are the training images' own."""
+    images, labels = train
+    if test is None:
+        if len(labels) < 2:
+            raise TrainkitError(f"{name} holds {len(labels)} image(s): too few to hold some out for testing")
+        held, kept = validation_indices(len(labels), TEST_FRACTION, seed)
+        (images, labels), test = (images[kept], labels[kept]), (images[held], labels[held])
+    if not len(labels) or not len(test[1]):
+        raise TrainkitError(f"{name} holds no {'training' if not len(labels) else 'test'} images")
+    if int(max(labels.max(), test[1].max())) >= len(classes) or int(min(labels.min(), test[1].min())) < 0:
+        raise TrainkitError(f"{name} holds labels outside its {len(classes)} classes")
+    mean, std = channel_stats(images)
+    return ImageData(name, images.contiguous(), labels, test[0].contiguous(), test[1], list(classes), mean, std,
+                     sources=sources)
+
+
+def to_uint8(values: np.ndarray, what: str) -> np.ndarray:
+    """Pixel values as uint8: integers 0-255 as they are, floats in [0, 1] scaled by 255 and
+    rounded; anything else refused in one line naming the range found (`what`: the file)."""
+    if values.dtype == np.uint8:
+        return values
+    if values.dtype.kind not in "iuf" or values.size == 0:
+        raise TrainkitError(f"{what} holds {values.dtype} values, not pixel numbers")
+    low, high = float(values.min()), float(values.max())
+    if values.dtype.kind == "f":
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise TrainkitError(f"{what} holds NaN or infinite pixel values (an empty cell?)")
+        if 0 <= low and high <= 1:
+            return np.rint(values * 255).astype(np.uint8)
+        if not np.array_equal(values, np.rint(values)):
+            raise TrainkitError(f"{what} holds pixel values from {low:g} to {high:g}: floats are read in [0, 1] "
+                                f"and integers in 0-255")
+    if low < 0 or high > 255:
+        raise TrainkitError(f"{what} holds pixel values from {low:g} to {high:g}; trainkit reads 0-255 "
+                            f"(8-bit) or floats in [0, 1]: scale them to one of those first")
+    return values.astype(np.uint8)
+
+
+def class_labels(values: np.ndarray, what: str, names: list[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(int64 labels, class names) of a label column: integers 0..K-1 name classes "0".."K-1"
+    (or `names`), other values (text) are classes sorted by name."""
+    values = np.asarray(values).reshape(len(values), -1)
+    if values.shape[1] != 1:
+        raise TrainkitError(f"{what} holds labels of shape {values.shape}: one label per image is read")
+    values = values[:, 0]
+    if values.dtype.kind in "iu" or values.dtype.kind == "f" and np.array_equal(values, np.rint(values)):
+        labels = values.astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            raise TrainkitError(f"{what} holds negative labels ({int(labels.min())}); classes are numbered from 0")
+        classes = names or [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+        return torch.from_numpy(labels), list(classes)
+    classes, labels = np.unique(values.astype(str), return_inverse=True)
+    return torch.from_numpy(labels.astype(np.int64)), [str(c) for c in classes]
+
+
 def balanced_indices(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor | None:
     """`count` indices of `labels` (sorted), drawn at random from `seed`, class by class in turn:
     every class's first draw, then every class's second... so each class has `count / classes`

@@ -29,7 +29,8 @@ NOTE_FRAMED = "framed like MNIST: the digit fitted into 20x20 and centred by its
 
 def reads_digits(dataset: str, image_shape) -> bool:
     """Whether a run's model reads handwritten digits framed as MNIST's."""
-    return dataset in DIGIT_DATASETS and tuple(image_shape) == (1, SIDE, SIDE)
+    # "mnist:DIR" too: a user's own digits read as MNIST's
+    return dataset.partition(":")[0] in DIGIT_DATASETS and tuple(image_shape) == (1, SIDE, SIDE)
 
 
 def frame_digit(gray: np.ndarray) -> tuple[np.ndarray, list[str]]:
