@@ -6,7 +6,6 @@ import importlib.util
 import io
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config_file, run_settings, validate
 from ..data.loaders import normalize
-from ..data.preprocess import NOTE_FRAMED
 from ..errors import TrainkitError
 from ..models import build_model, gated_model_name, output_kind
 from ..run.rundir import FILES as RUN_FILES
@@ -122,6 +120,8 @@ def cmd_eval(args) -> int:
     from ..run.reports import test_line
 
     trained = _load_from_args(args)
+    if args.score_on:
+        return eval_other(trained, args)
     if trained.cfg.dataset.startswith("python:"):
         raise TrainkitError(f"{args.run_dir} was trained on data given from Python ({trained.cfg.dataset[7:]}); "
                             f"trainkit eval cannot load it again, and will not evaluate another dataset in its place")
@@ -138,6 +138,49 @@ def cmd_eval(args) -> int:
                             f"{len(trained.classes)} classes)")
     check_same_data(Path(args.run_dir), data.manifest(), ("test",), "eval")
     loss, correct, total = evaluate_trained(trained, evaluation_loader(data, cfg.test_batch_size, trained.mean,
+                                                                       trained.std))
+    print(test_line(loss, correct, total))
+    return 0
+
+
+def eval_other(trained: TrainedModel, args) -> int:
+    """`eval RUN --dataset SPEC`: the run's model on another labelled set, read at the run's channels
+    and size where it is image files (as `predict` reads them), else refused unless its images have
+    the run's shape. A set with a test split of its own is scored on it; one split as a whole (a
+    flat image folder, one CSV). Its classes must be among the run's (matched by name)."""
+    from dataclasses import replace
+
+    from ..config import resolve_data_dir
+    from ..data.manifest import first_names
+    from ..data.registry import load_dataset, parse_dataset
+    from ..run.experiment import evaluation_loader
+    from ..run.reports import test_line
+
+    spec = parse_dataset(args.score_on)
+    c, h, w = trained.image_shape
+    files = spec.entry.reads_size                   # image files: decoded at the run's size, as predict does
+    cfg = trained.cfg.replace(**{k: v for k, v in config_flags(args).items() if k != "model"})
+    data = load_dataset(spec, resolve_data_dir(cfg), channels=c if files else None, size=(h, w) if files else None,
+                        progress=cfg.progress, seed=cfg.seed, bad_files=cfg.bad_files, resize=cfg.resize)
+    if tuple(data.image_shape) != trained.image_shape:
+        raise TrainkitError(f"{spec} holds images of {'x'.join(map(str, data.image_shape))}, the run "
+                            f"{args.run_dir} reads {'x'.join(map(str, trained.image_shape))}")
+    index = {name: i for i, name in enumerate(trained.classes)}
+    unknown = [name for name in data.classes if name not in index]
+    if unknown:
+        raise TrainkitError(f"{spec} has classes the run {args.run_dir} does not know ({first_names(unknown)}; "
+                            f"it knows {first_names(trained.classes)}): eval --dataset scores a set of the run's classes")
+    if data.held_out_test:          # the set is one split: all of it is new to the run
+        parts = [(data.train_images, data.train_labels), (data.val_images, data.val_labels),
+                 (data.test_images, data.test_labels)]
+        images = torch.cat([x for x, y in parts if y is not None])
+        labels = torch.cat([y for x, y in parts if y is not None])
+    else:
+        images, labels = data.test_images, data.test_labels
+    labels = torch.tensor([index[name] for name in data.classes], dtype=torch.int64)[labels]
+    scored = replace(data, test_images=images, test_labels=labels)
+    print(f"Scored on {spec}: {len(labels):,} images ({'all of it' if data.held_out_test else 'its test split'})")
+    loss, correct, total = evaluate_trained(trained, evaluation_loader(scored, cfg.test_batch_size, trained.mean,
                                                                        trained.std))
     print(test_line(loss, correct, total))
     return 0
@@ -176,27 +219,6 @@ def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tenso
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
     return trained.probabilities(prepare_files(trained, paths)[0])
-
-
-def cmd_predict(args) -> int:
-    from ..inputs import regular_file
-
-    if args.top < 1:
-        raise TrainkitError(f"--top must be at least 1, got {args.top}")
-    for path in args.images:           # before the model is loaded; a named pipe would block the open for ever
-        regular_file(path, "image")
-    trained = _load_from_args(args)
-    images, notes = prepare_files(trained, args.images)
-    probs = trained.probabilities(images)
-    k = min(args.top, len(trained.classes))
-    for path, p, said in zip(args.images, probs, notes):
-        values, indices = p.topk(k)
-        ranked = ", ".join(f"{trained.classes[i]} {v:.1%}" for v, i in zip(values.tolist(), indices.tolist()))
-        print(f"{path}: {ranked}")
-        for note in said:
-            if note != NOTE_FRAMED:         # framing is what every digit gets; the rest is news
-                print(f"{path}: note: {note}", file=sys.stderr)
-    return 0
 
 
 def preprocessing(trained: TrainedModel) -> dict:
@@ -281,18 +303,14 @@ def _add_model_flags(parser) -> None:
 
 
 def add_command(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate a run's model on its test set")
+    ev = sub.add_parser("eval", help="evaluate a run's model on its test set, or on another labelled set")
     ev.add_argument("run_dir")
     add_config_flags(ev, only=("data_dir",))
+    ev.add_argument("--dataset", dest="score_on", metavar="SPEC",
+                    help="score the run on another labelled set of its classes (imagefolder:DIR, csv:FILE, ...): "
+                         "its test split, or all of it when it is one split (default: the run's own test set)")
     _add_model_flags(ev)
     ev.set_defaults(func=cmd_eval)
-
-    pr = sub.add_parser("predict", help="classify PNG/JPEG files with a run's model")
-    _add_model_flags(pr)
-    pr.add_argument("run_dir")
-    pr.add_argument("images", nargs="+", type=Path)
-    pr.add_argument("--top", type=int, default=3, help="how many classes to show (default: 3)")
-    pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="export a run's model to ONNX, TorchScript or safetensors")
     ex.add_argument("run_dir")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +115,9 @@ def load_csv(arg: str, size: tuple[int, int] | None, seed: int) -> ImageData:
     if test_path is not None:
         test_table, test_stamp = read_table(test_path)
         if label_column(test_table) is None:
-            print(f"trainkit: note: {test_path} has no label column, so it is not the test split: "
-                  f"{round(len(images) * TEST_FRACTION)} training rows are held out for testing instead (trainkit predict "
-                  f"RUN {test_path} --format kaggle classifies its rows)", file=sys.stderr, flush=True)
+            print(f"{test_path} has no label column, so it is not the test split: {round(len(images) * TEST_FRACTION)} "
+                  f"training rows are held out for testing instead (trainkit predict RUN {test_path} --format kaggle "
+                  f"classifies its rows)", flush=True)
         else:
             test_images = pixel_rows(test_table, test_path, size, tuple(images.shape[1:]))
             values.append(test_table[label_column(test_table)].to_numpy())

@@ -104,6 +104,7 @@ class ImageData:
     # (size, digest) by name, and, where images are files, each split's file names in image order.
     sources: dict[str, tuple[int, str]] | None = None
     files: dict[str, list[str]] | None = None
+    held_out_test: bool = False     # the test images were drawn from one set (a flat folder, one CSV)
 
     @property
     def num_classes(self) -> int:
@@ -200,18 +201,19 @@ def from_arrays(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple
     npz:, hf:) read them. Without a test split, a random 20% of the training images is held out
     from `seed`, as for a flat image folder. Mean and std are the training images' own."""
     images, labels = train
-    if test is None:
+    held = test is None
+    if held:
         if len(labels) < 2:
             raise TrainkitError(f"{name} holds {len(labels)} image(s): too few to hold some out for testing")
-        held, kept = validation_indices(len(labels), TEST_FRACTION, seed)
-        (images, labels), test = (images[kept], labels[kept]), (images[held], labels[held])
+        out, kept = validation_indices(len(labels), TEST_FRACTION, seed)
+        (images, labels), test = (images[kept], labels[kept]), (images[out], labels[out])
     if not len(labels) or not len(test[1]):
         raise TrainkitError(f"{name} holds no {'training' if not len(labels) else 'test'} images")
     if int(max(labels.max(), test[1].max())) >= len(classes) or int(min(labels.min(), test[1].min())) < 0:
         raise TrainkitError(f"{name} holds labels outside its {len(classes)} classes")
     mean, std = channel_stats(images)
     return ImageData(name, images.contiguous(), labels, test[0].contiguous(), test[1], list(classes), mean, std,
-                     sources=sources)
+                     sources=sources, held_out_test=held)
 
 
 def to_uint8(values: np.ndarray, what: str) -> np.ndarray:
@@ -322,26 +324,29 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple((mean / 255).tolist()), tuple((var.sqrt() / 255).clamp_min(1e-3).tolist())
 
 
+def convert_tensor(x: torch.Tensor | None, channels: int | None, size: tuple[int, int] | None) -> torch.Tensor | None:
+    """uint8 images (N, c, h, w) -> (N, channels, H, W): 1 channel is luminance (as PIL's "L"),
+    3 is gray repeated; the size bilinear, antialiased. None: that part unchanged."""
+    if x is None:
+        return None
+    if channels == 1 and x.shape[1] == 3:
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        x = (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    if size is not None and tuple(x.shape[2:]) != tuple(size):   # before gray is repeated: a third of the work
+        x = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
+                                            align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    if channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.contiguous()
+
+
 def convert_images(data: ImageData, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageData:
-    """The data with `channels` (1: luminance, as PIL's "L"; 3: gray repeated) and `size` (bilinear,
-    antialiased); the same object when nothing changes, so MNIST stays exactly the seed's."""
+    """The data with `channels` and `size` (convert_tensor); the same object when nothing changes,
+    so MNIST stays exactly the seed's."""
     c, h, w = data.image_shape
     if channels in (None, c) and size in (None, (h, w)) or data.streamed:   # files: decoded at the asked size
         return data
-
-    def fit(x):                                        # (N, c, h, w) uint8 -> (N, channels, H, W) uint8
-        if x is None:
-            return None
-        if channels == 1 and x.shape[1] == 3:
-            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            x = (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-        if size is not None and tuple(x.shape[2:]) != tuple(size):   # before gray is repeated: a third of the work
-            x = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
-                                                align_corners=False).round().clamp(0, 255).to(torch.uint8)
-        if channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return x.contiguous()
-
+    fit = lambda x: convert_tensor(x, channels, size)
     train_x = fit(data.train_images)
     mean, std = channel_stats(train_x) if len(train_x) else (data.mean, data.std)
     return replace(data, train_images=train_x, test_images=fit(data.test_images), val_images=fit(data.val_images),

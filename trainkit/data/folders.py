@@ -308,7 +308,7 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
     val = (val_x, val_y) if split.val is not None else (None, None)
     files = {"train": train_n, "test": test_n, **({"val": val_n} if split.val is not None else {})}
     return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, split.classes, mean, std, *val,
-                     sources=sources, files=files)
+                     sources=sources, files=files, held_out_test=split.layout == "flat")
 
 
 def _example(folder: Path) -> Example:
