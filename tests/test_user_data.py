@@ -335,3 +335,46 @@ def test_predict_kaggle_test_csv_writes_a_submission(folder_run, tmp_path, mnist
                                          ("tfrecords", "ImageData.from_datasets")])
 def test_an_unknown_dataset_names_the_nearest_route(tmp_path, name, route):
     assert_one_line_error(run_cli("train", "--dataset", name, "--out", tmp_path / "run"), "unknown dataset", route)
+
+
+# ---------------------------------------------------------------------------------------------
+# 32-bit and float images: one rule for a whole dataset, recorded, and the same at predict
+
+def deep_folder(root: Path, dtype, maxima) -> Path:
+    """Two classes of 8x8 TIFFs, each holding the value 250 (or 0.75 for floats) at (0, 0) and its
+    own maximum at (7, 7)."""
+    mark = 0.75 if dtype == np.float32 else 250
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i, top in enumerate(maxima):
+            values = np.zeros((8, 8), dtype)
+            values[0, 0], values[7, 7] = mark, top
+            Image.fromarray(values, "F" if dtype == np.float32 else "I").save(root / label / f"{i}.tif")
+    return root
+
+
+@pytest.mark.parametrize("dtype, maxima, white", [(np.int32, [250, 1000, 70000], 70000.0),
+                                                  (np.float32, [1.0, 1.5], 1.5)])
+def test_deep_images_of_one_folder_are_read_by_one_rule(tmp_path, capsys, dtype, maxima, white):
+    root = deep_folder(tmp_path / "deep", dtype, maxima)
+    data = load_dataset(f"imagefolder:{root}", tmp_path, progress=False)
+    images = torch.cat([data.train_images, data.test_images])
+    assert len(set(images[:, 0, 0, 0].tolist())) == 1                     # the same stored value, one grey
+    assert images[:, 0, 7, 7].max() == 255                                # the dataset's maximum is white
+    rule = data.deep.integer if dtype == np.int32 else data.deep.floating
+    assert rule == white and "as white, one rule for every image of the dataset" in capsys.readouterr().out
+    assert data.manifest()["deep_images"] == data.deep.to_dict()
+
+
+@pytest.mark.slow
+def test_predict_reads_deep_images_by_the_runs_rule(tmp_path):
+    from trainkit.commands.inference import load_run, prepare_files
+    root = deep_folder(tmp_path / "deep", np.float32, [1.0, 1.5, 3.0])
+    result = train(TrainConfig(dataset=f"imagefolder:{root}", **SMALL), out=tmp_path / "run")
+    trained = load_run(tmp_path / "run")
+    assert trained.deep == result.experiment.data.deep and trained.deep.floating == 3.0
+    image = prepare_files(trained, [root / "a" / "0.tif"])[0][0]
+    assert image[0, 0, 0] == round(0.75 * 255 / 3.0)                      # as training read it, not 0.75 * 255
+    first = result.experiment.data
+    decoded = torch.cat([first.train_images, first.test_images])[:, 0, 0, 0]
+    assert set(decoded.tolist()) == {int(image[0, 0, 0])}

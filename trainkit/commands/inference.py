@@ -31,6 +31,7 @@ class TrainedModel:
     std: tuple[float, ...]
     image_shape: tuple[int, int, int]
     outputs: str = "log_probs"     # what the model returns: "log_probs" or "logits"
+    deep: object = None            # images.DeepRange: how its data's 32-bit and float images were read (data.json)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, classes) of uint8 images (N, C, H, W) of the run's image shape."""
@@ -107,7 +108,15 @@ def load_run(run_dir: str | Path, *, model: nn.Module | None = None, model_spec:
     model.eval()
     outputs = (_model_section(run_dir / "config.json") or {}).get("outputs") or output_kind(
         model, shape, len(classes), cfg.model)
-    return TrainedModel(model, cfg, classes, mean, std, shape, outputs)
+    return TrainedModel(model, cfg, classes, mean, std, shape, outputs, _deep_rule(run_dir))
+
+
+def _deep_rule(run_dir: Path):
+    """The rule the run's 32-bit and float images were read by (data.json), None without one."""
+    from ..data.images import DeepRange
+    from ..data.manifest import read_manifest
+
+    return DeepRange.from_dict((read_manifest(run_dir) or {}).get("deep_images"))
 
 
 def _load_from_args(args) -> TrainedModel:
@@ -161,7 +170,8 @@ def eval_other(trained: TrainedModel, args) -> int:
     files = spec.entry.reads_size                   # image files: decoded at the run's size, as predict does
     cfg = trained.cfg.replace(**{k: v for k, v in config_flags(args).items() if k != "model"})
     data = load_dataset(spec, resolve_data_dir(cfg), channels=c if files else None, size=(h, w) if files else None,
-                        progress=cfg.progress, seed=cfg.seed, bad_files=cfg.bad_files, resize=cfg.resize)
+                        progress=cfg.progress, seed=cfg.seed, bad_files=cfg.bad_files, resize=cfg.resize,
+                        deep=trained.deep)
     if tuple(data.image_shape) != trained.image_shape:
         raise TrainkitError(f"{spec} holds images of {'x'.join(map(str, data.image_shape))}, the run "
                             f"{args.run_dir} reads {'x'.join(map(str, trained.image_shape))}")
@@ -211,7 +221,8 @@ def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tenso
     prepared = []
     for path in paths:
         path = regular_file(path, "image")     # a pipe or a device is one line, never a hang
-        prepared.append(prepare_image(path, trained.cfg.dataset, trained.image_shape, resize=trained.cfg.resize))
+        prepared.append(prepare_image(path, trained.cfg.dataset, trained.image_shape, resize=trained.cfg.resize,
+                                      deep=trained.deep))
     return torch.stack([image for image, _ in prepared]), [notes for _, notes in prepared]
 
 

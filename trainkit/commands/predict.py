@@ -82,7 +82,8 @@ def read_inputs(trained, files: list[Path], skipped: list[tuple[str, str]]) -> B
                 batch.notes.extend([] for _ in rows)
                 batch.csv_rows.extend((path, i + 1) for i in range(len(rows)))
                 continue
-            image, notes = prepare_image(path, trained.cfg.dataset, trained.image_shape, resize=trained.cfg.resize)
+            image, notes = prepare_image(path, trained.cfg.dataset, trained.image_shape, resize=trained.cfg.resize,
+                                         deep=trained.deep)
         except TrainkitError as exc:
             batch.skipped.append((str(path), str(exc).removeprefix(str(path)).strip(" :")))
             continue

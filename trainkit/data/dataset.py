@@ -16,6 +16,7 @@ from .manifest import first_names, make_manifest
 
 if TYPE_CHECKING:
     from .cache import ImageCache
+    from .images import DeepRange
 
 
 @dataclass
@@ -33,6 +34,7 @@ class FileImages:
     resize: str = "fit"
     root: Path | None = None          # the folder, for the names in a manifest
     cache: ImageCache | None = None   # (M, C, H, W) uint8: the decoded files (data/cache.py), or None
+    deep: DeepRange | None = None     # the dataset's rule for 32-bit and float images (images.DeepRange)
     rows: np.ndarray | None = None    # (N,) int64: each image's row in `cache`
 
     dtype = torch.uint8
@@ -82,7 +84,8 @@ class FileImages:
         indices = [int(i) for i in indices]
         if not indices:
             return torch.zeros(0, self.channels, *self.size, dtype=torch.uint8)
-        return torch.stack([decode_image(self.path(i), self.channels, self.size, self.resize) for i in indices])
+        return torch.stack([decode_image(self.path(i), self.channels, self.size, self.resize, deep=self.deep)
+                            for i in indices])
 
 
 @dataclass
@@ -105,6 +108,7 @@ class ImageData:
     sources: dict[str, tuple[int, str]] | None = None
     files: dict[str, list[str]] | None = None
     held_out_test: bool = False     # the test images were drawn from one set (a flat folder, one CSV)
+    deep: DeepRange | None = None   # the rule its 32-bit and float images were read by (images.DeepRange)
 
     @property
     def num_classes(self) -> int:
@@ -189,7 +193,10 @@ class ImageData:
 
         splits = {split: (len(labels), names(split)) for split, labels in (("train", self.train_labels),
                   ("val", self.val_labels), ("test", self.test_labels)) if labels is not None}
-        return make_manifest(self.name, self.sources, splits)
+        made = make_manifest(self.name, self.sources, splits)
+        if self.deep is not None:        # read back by predict and serve, to read images as training did
+            made["deep_images"] = self.deep.to_dict()
+        return made
 
 
 TEST_FRACTION = 0.2     # of a set given as one split (a CSV, an npz of images and labels), held out for testing

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import TrainkitError
 from .dataset import ImageData, class_labels, from_arrays
+from .folders import deep_rule
 from .images import decode_image, image_info
 from .registry import Example, ReadOptions, register_dataset
 
@@ -122,8 +123,10 @@ def load_hf(folder: Path, options: ReadOptions) -> ImageData:
     if channels is None or size is None:
         found = _natural_format(encoded["train"], folder)
         channels, size = channels or found[0], tuple(size or found[1])
-    images = {split: torch.stack([decode_image(data, channels, size, options.resize, name=f"{folder} {split} image {i}")
-                                  for i, data in enumerate(rows)]) for split, rows in encoded.items()}
+    deep = deep_rule(encoded["train"], options.deep)       # 32-bit and float TIFFs: one rule for all
+    images = {split: torch.stack([decode_image(data, channels, size, options.resize, name=f"{folder} {split} image {i}",
+                                               deep=deep) for i, data in enumerate(rows)])
+              for split, rows in encoded.items()}
     values = np.concatenate([np.asarray(tables[split].column(label).to_pylist()) for split in encoded])
     labels, classes = class_labels(values, f"{folder}'s {label} column", names)
     ends = np.cumsum([len(images[split]) for split in encoded]).tolist()
@@ -132,6 +135,7 @@ def load_hf(folder: Path, options: ReadOptions) -> ImageData:
     data = from_arrays(f"hf:{folder}", by_split["train"], by_split.get("test"), classes, sources, options.seed)
     if "val" in by_split:
         data.val_images, data.val_labels = by_split["val"]
+    data.deep = deep
     return data
 
 

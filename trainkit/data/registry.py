@@ -69,6 +69,7 @@ class ReadOptions:
     seed: int = 0
     bad_files: str = "skip"
     resize: str = "fit"
+    deep: object = None       # images.DeepRange: a run's rule for 32-bit and float images (eval --dataset)
 
 
 @dataclass(frozen=True)
