@@ -23,7 +23,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import assert_one_line_error, cli_ok, data_dir, mount_namespace, run_cli
+from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
 from trainkit import TrainConfig
 from trainkit import checkpoint as ckpt
 from trainkit.commands.cli import main
@@ -355,7 +355,8 @@ def test_a_png_bomb_is_refused(tmp_path, side):
 def test_a_png_bomb_in_predict_is_left_out_in_one_line(finished_run, tmp_path, digit_png):
     path = tmp_path / "bomb.png"
     write_png_bomb(path, 14_000)
-    proc = cli_ok("predict", finished_run, digit_png, path)        # the other file is still predicted
+    proc = run_cli("predict", finished_run, digit_png, path)        # the other file is still predicted
+    assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{digit_png}: ") and len(proc.stdout.splitlines()) == 1
     warning, = [line for line in proc.stderr.splitlines() if line.startswith("trainkit: warning:")]
     assert "bomb.png (was refused" in warning and "decompression bomb" in warning

@@ -370,11 +370,22 @@ def test_deep_images_of_one_folder_are_read_by_one_rule(tmp_path, capsys, dtype,
 def test_predict_reads_deep_images_by_the_runs_rule(tmp_path):
     from trainkit.commands.inference import load_run, prepare_files
     root = deep_folder(tmp_path / "deep", np.float32, [1.0, 1.5, 3.0])
-    result = train(TrainConfig(dataset=f"imagefolder:{root}", **SMALL), out=tmp_path / "run")
+    train(TrainConfig(dataset=f"imagefolder:{root}", **SMALL), out=tmp_path / "run")
     trained = load_run(tmp_path / "run")
-    assert trained.deep == result.experiment.data.deep and trained.deep.floating == 3.0
+    assert trained.deep.floating == 3.0                                   # data.json's rule
     image = prepare_files(trained, [root / "a" / "0.tif"])[0][0]
     assert image[0, 0, 0] == round(0.75 * 255 / 3.0)                      # as training read it, not 0.75 * 255
-    first = result.experiment.data
-    decoded = torch.cat([first.train_images, first.test_images])[:, 0, 0, 0]
+    data = load_dataset(f"imagefolder:{root}", tmp_path, progress=False)
+    decoded = torch.cat([data.train_images, data.test_images])[:, 0, 0, 0]
     assert set(decoded.tolist()) == {int(image[0, 0, 0])}
+
+
+def test_an_image_folder_of_other_files_names_the_routes(tmp_path):
+    (tmp_path / "arrays" / "a").mkdir(parents=True)
+    np.save(tmp_path / "arrays" / "a" / "x.npy", np.zeros(3))
+    line = assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{tmp_path / 'arrays'}", "--out",
+                                         tmp_path / "run"), "needs at least two class subfolders of images")
+    assert "csv:FILE" in line and "npz:FILE" in line and "ImageData.from_datasets" in line
+    kaggle_csv(tmp_path / "train.csv", [0, 1], np.zeros((2, 4, 4)))
+    assert_one_line_error(run_cli("train", "--dataset", f"imagefolder:{tmp_path / 'train.csv'}", "--out",
+                                  tmp_path / "run"), "is a file, not a folder", f"--dataset csv:{tmp_path / 'train.csv'}")

@@ -29,7 +29,7 @@ from ..errors import TrainkitError
 from .dataset import ImageData, channel_stats
 from .images import IMAGE_SUFFIXES, DeepRange, decode_image, image_info, measure_deep
 from .manifest import digest, first_names
-from .registry import Example, ReadOptions, register_dataset
+from .registry import Example, ReadOptions, nearest_route, register_dataset
 
 TEST_FRACTION = 0.2     # of a folder without train/ and test/, held out for testing
 SHOWN = 3               # bad files named in the one line that reports them
@@ -156,7 +156,7 @@ def split_folder(root: Path, seed: int = 0, test_fraction: float = TEST_FRACTION
     if not root.is_dir():
         if root.exists():
             raise TrainkitError(f"image folder {root} is a file, not a folder: imagefolder:PATH takes the folder "
-                                f"that holds the class folders (or train/ and test/)")
+                                f"that holds the class folders (or train/ and test/); " + nearest_route(str(root)))
         raise TrainkitError(f"image folder {root} does not exist")
     val = None
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -179,7 +179,7 @@ def split_folder(root: Path, seed: int = 0, test_fraction: float = TEST_FRACTION
         report_warnings(warnings)           # what was left out, before the refusal it explains
         raise TrainkitError(f"image folder {root} needs at least two class subfolders of images "
                             f"(found {len(classes)} classes, {len(train) + len(test)} images): "
-                            f"class folders, or train/ and test/ holding class folders")
+                            f"class folders, or train/ and test/ holding class folders; " + nearest_route(""))
     return FolderSplit(root, train, test, val, classes, layout, skipped, warnings)
 
 

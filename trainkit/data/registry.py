@@ -44,7 +44,7 @@ def nearest_route(name: str) -> str:
     prefix = ROUTES.get(path.suffix.lower())
     if prefix is not None:
         return f"for this file use --dataset {prefix}{name}"
-    if path.is_dir():
+    if name and path.is_dir():
         return f"for a folder of class folders of images use --dataset imagefolder:{name}"
     return ("for other data use imagefolder:DIR, csv:FILE (label,pixel0,...), npz:FILE (numpy arrays), hf:DIR "
             "(a Hugging Face dataset), or ImageData.from_datasets(train, test, classes) from Python")
