@@ -90,8 +90,9 @@ class TrainConfig:
 
     model: str = _opt("s5net", "a registered model, or module:factory, or file.py:factory", part="model",
                       registry="model")
-    dataset: str = _opt("mnist", "a registered dataset; imagefolder:PATH for a folder of images, cifar10:DIR, "
-                                 "cifar100:DIR or idx:DIR for your own files in those formats", part="data",
+    dataset: str = _opt("mnist", "a registered dataset; imagefolder:PATH for a folder of images, csv:FILE, "
+                                 "npz:FILE, hf:DIR, cifar10:DIR, cifar100:DIR or idx:DIR for your own files in "
+                                 "those formats", part="data",
                         registry="dataset")
     # Where the files are, not what they are: data.json records and checks the data itself.
     data_dir: str | None = _opt(None, "data folder", part="data", computes=False, on_resume="free",

@@ -122,11 +122,11 @@ def add_command(sub) -> None:
 
 
 def build_parser() -> Parser:
-    from . import bench, compare, inference, lr_find, serve, tune
+    from . import bench, compare, inference, lr_find, predict, serve, tune
 
     parser = Parser(prog="trainkit", description="Train image classifiers; the defaults train the seed's MNIST network.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (sys.modules[__name__], bench, lr_find, inference, compare, tune, serve):   # COMMANDS
+    for module in (sys.modules[__name__], bench, lr_find, inference, predict, compare, tune, serve):   # COMMANDS
         module.add_command(sub)
     return parser
 

@@ -6,7 +6,6 @@ import importlib.util
 import io
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config_file, run_settings, validate
 from ..data.loaders import normalize
-from ..data.preprocess import NOTE_FRAMED
 from ..errors import TrainkitError
 from ..models import build_model, gated_model_name, output_kind
 from ..run.rundir import FILES as RUN_FILES
@@ -33,6 +31,7 @@ class TrainedModel:
     std: tuple[float, ...]
     image_shape: tuple[int, int, int]
     outputs: str = "log_probs"     # what the model returns: "log_probs" or "logits"
+    deep: object = None            # images.DeepRange: how its data's 32-bit and float images were read (data.json)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, classes) of uint8 images (N, C, H, W) of the run's image shape."""
@@ -109,7 +108,15 @@ def load_run(run_dir: str | Path, *, model: nn.Module | None = None, model_spec:
     model.eval()
     outputs = (_model_section(run_dir / "config.json") or {}).get("outputs") or output_kind(
         model, shape, len(classes), cfg.model)
-    return TrainedModel(model, cfg, classes, mean, std, shape, outputs)
+    return TrainedModel(model, cfg, classes, mean, std, shape, outputs, _deep_rule(run_dir))
+
+
+def _deep_rule(run_dir: Path):
+    """The rule the run's 32-bit and float images were read by (data.json), None without one."""
+    from ..data.images import DeepRange
+    from ..data.manifest import read_manifest
+
+    return DeepRange.from_dict((read_manifest(run_dir) or {}).get("deep_images"))
 
 
 def _load_from_args(args) -> TrainedModel:
@@ -122,6 +129,8 @@ def cmd_eval(args) -> int:
     from ..run.reports import test_line
 
     trained = _load_from_args(args)
+    if args.score_on:
+        return eval_other(trained, args)
     if trained.cfg.dataset.startswith("python:"):
         raise TrainkitError(f"{args.run_dir} was trained on data given from Python ({trained.cfg.dataset[7:]}); "
                             f"trainkit eval cannot load it again, and will not evaluate another dataset in its place")
@@ -138,6 +147,50 @@ def cmd_eval(args) -> int:
                             f"{len(trained.classes)} classes)")
     check_same_data(Path(args.run_dir), data.manifest(), ("test",), "eval")
     loss, correct, total = evaluate_trained(trained, evaluation_loader(data, cfg.test_batch_size, trained.mean,
+                                                                       trained.std))
+    print(test_line(loss, correct, total))
+    return 0
+
+
+def eval_other(trained: TrainedModel, args) -> int:
+    """`eval RUN --dataset SPEC`: the run's model on another labelled set, read at the run's channels
+    and size where it is image files (as `predict` reads them), else refused unless its images have
+    the run's shape. A set with a test split of its own is scored on it; one split as a whole (a
+    flat image folder, one CSV). Its classes must be among the run's (matched by name)."""
+    from dataclasses import replace
+
+    from ..config import resolve_data_dir
+    from ..data.manifest import first_names
+    from ..data.registry import load_dataset, parse_dataset
+    from ..run.experiment import evaluation_loader
+    from ..run.reports import test_line
+
+    spec = parse_dataset(args.score_on)
+    c, h, w = trained.image_shape
+    files = spec.entry.reads_size                   # image files: decoded at the run's size, as predict does
+    cfg = trained.cfg.replace(**{k: v for k, v in config_flags(args).items() if k != "model"})
+    data = load_dataset(spec, resolve_data_dir(cfg), channels=c if files else None, size=(h, w) if files else None,
+                        progress=cfg.progress, seed=cfg.seed, bad_files=cfg.bad_files, resize=cfg.resize,
+                        deep=trained.deep)
+    if tuple(data.image_shape) != trained.image_shape:
+        raise TrainkitError(f"{spec} holds images of {'x'.join(map(str, data.image_shape))}, the run "
+                            f"{args.run_dir} reads {'x'.join(map(str, trained.image_shape))}")
+    index = {name: i for i, name in enumerate(trained.classes)}
+    unknown = [name for name in data.classes if name not in index]
+    if unknown:
+        raise TrainkitError(f"{spec} has classes the run {args.run_dir} does not know ({first_names(unknown)}; "
+                            f"it knows {first_names(trained.classes)}): eval --dataset scores a set of the run's classes")
+    if data.held_out_test:          # the set is one split: all of it is new to the run
+        parts = [(data.train_images, data.train_labels), (data.val_images, data.val_labels),
+                 (data.test_images, data.test_labels)]
+        images = torch.cat([x for x, y in parts if y is not None])
+        labels = torch.cat([y for x, y in parts if y is not None])
+    else:
+        images, labels = data.test_images, data.test_labels
+    labels = torch.tensor([index[name] for name in data.classes], dtype=torch.int64)[labels]
+    scored = replace(data, test_images=images, test_labels=labels)
+    print(f"Scored on {spec}: {len(labels):,} images ({'all of it' if data.held_out_test else 'its test split'})")
+    loss, correct, total = evaluate_trained(trained, evaluation_loader(scored, cfg.test_batch_size, trained.mean,
                                                                        trained.std))
     print(test_line(loss, correct, total))
     return 0
@@ -168,7 +221,8 @@ def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tenso
     prepared = []
     for path in paths:
         path = regular_file(path, "image")     # a pipe or a device is one line, never a hang
-        prepared.append(prepare_image(path, trained.cfg.dataset, trained.image_shape, resize=trained.cfg.resize))
+        prepared.append(prepare_image(path, trained.cfg.dataset, trained.image_shape, resize=trained.cfg.resize,
+                                      deep=trained.deep))
     return torch.stack([image for image, _ in prepared]), [notes for _, notes in prepared]
 
 
@@ -176,27 +230,6 @@ def prepare_files(trained: TrainedModel, paths: list[Path]) -> tuple[torch.Tenso
 def predict_files(trained: TrainedModel, paths: list[Path]) -> torch.Tensor:
     """Class probabilities (N, classes) for image files, preprocessed as in training."""
     return trained.probabilities(prepare_files(trained, paths)[0])
-
-
-def cmd_predict(args) -> int:
-    from ..inputs import regular_file
-
-    if args.top < 1:
-        raise TrainkitError(f"--top must be at least 1, got {args.top}")
-    for path in args.images:           # before the model is loaded; a named pipe would block the open for ever
-        regular_file(path, "image")
-    trained = _load_from_args(args)
-    images, notes = prepare_files(trained, args.images)
-    probs = trained.probabilities(images)
-    k = min(args.top, len(trained.classes))
-    for path, p, said in zip(args.images, probs, notes):
-        values, indices = p.topk(k)
-        ranked = ", ".join(f"{trained.classes[i]} {v:.1%}" for v, i in zip(values.tolist(), indices.tolist()))
-        print(f"{path}: {ranked}")
-        for note in said:
-            if note != NOTE_FRAMED:         # framing is what every digit gets; the rest is news
-                print(f"{path}: note: {note}", file=sys.stderr)
-    return 0
 
 
 def preprocessing(trained: TrainedModel) -> dict:
@@ -281,18 +314,14 @@ def _add_model_flags(parser) -> None:
 
 
 def add_command(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate a run's model on its test set")
+    ev = sub.add_parser("eval", help="evaluate a run's model on its test set, or on another labelled set")
     ev.add_argument("run_dir")
     add_config_flags(ev, only=("data_dir",))
+    ev.add_argument("--dataset", dest="score_on", metavar="SPEC",
+                    help="score the run on another labelled set of its classes (imagefolder:DIR, csv:FILE, ...): "
+                         "its test split, or all of it when it is one split (default: the run's own test set)")
     _add_model_flags(ev)
     ev.set_defaults(func=cmd_eval)
-
-    pr = sub.add_parser("predict", help="classify PNG/JPEG files with a run's model")
-    _add_model_flags(pr)
-    pr.add_argument("run_dir")
-    pr.add_argument("images", nargs="+", type=Path)
-    pr.add_argument("--top", type=int, default=3, help="how many classes to show (default: 3)")
-    pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="export a run's model to ONNX, TorchScript or safetensors")
     ex.add_argument("run_dir")

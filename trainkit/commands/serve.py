@@ -307,10 +307,11 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         try:
             if len(data) <= INLINE_DECODE:
                 image, notes = prepare_image(data, dataset, (c, h, w), name=name, max_pixels=max_pixels,
-                                             resize=trained.cfg.resize)
+                                             resize=trained.cfg.resize, deep=trained.deep)
             else:
                 image, notes = await asyncio.to_thread(prepare_image, data, dataset, (c, h, w), name=name,
-                                                       max_pixels=max_pixels, resize=trained.cfg.resize)
+                                                       max_pixels=max_pixels, resize=trained.cfg.resize,
+                                                       deep=trained.deep)
         except TrainkitError as exc:
             raise Refused(413 if "was refused" in str(exc) else 400, str(exc)) from None
         probs = (await batcher(image)).tolist()

@@ -16,6 +16,7 @@ from .manifest import first_names, make_manifest
 
 if TYPE_CHECKING:
     from .cache import ImageCache
+    from .images import DeepRange
 
 
 @dataclass
@@ -33,6 +34,7 @@ class FileImages:
     resize: str = "fit"
     root: Path | None = None          # the folder, for the names in a manifest
     cache: ImageCache | None = None   # (M, C, H, W) uint8: the decoded files (data/cache.py), or None
+    deep: DeepRange | None = None     # the dataset's rule for 32-bit and float images (images.DeepRange)
     rows: np.ndarray | None = None    # (N,) int64: each image's row in `cache`
 
     dtype = torch.uint8
@@ -82,7 +84,8 @@ class FileImages:
         indices = [int(i) for i in indices]
         if not indices:
             return torch.zeros(0, self.channels, *self.size, dtype=torch.uint8)
-        return torch.stack([decode_image(self.path(i), self.channels, self.size, self.resize) for i in indices])
+        return torch.stack([decode_image(self.path(i), self.channels, self.size, self.resize, deep=self.deep)
+                            for i in indices])
 
 
 @dataclass
@@ -104,6 +107,8 @@ class ImageData:
     # (size, digest) by name, and, where images are files, each split's file names in image order.
     sources: dict[str, tuple[int, str]] | None = None
     files: dict[str, list[str]] | None = None
+    held_out_test: bool = False     # the test images were drawn from one set (a flat folder, one CSV)
+    deep: DeepRange | None = None   # the rule its 32-bit and float images were read by (images.DeepRange)
 
     @property
     def num_classes(self) -> int:
@@ -188,7 +193,73 @@ class ImageData:
 
         splits = {split: (len(labels), names(split)) for split, labels in (("train", self.train_labels),
                   ("val", self.val_labels), ("test", self.test_labels)) if labels is not None}
-        return make_manifest(self.name, self.sources, splits)
+        made = make_manifest(self.name, self.sources, splits)
+        if self.deep is not None:        # read back by predict and serve, to read images as training did
+            made["deep_images"] = self.deep.to_dict()
+        return made
+
+
+TEST_FRACTION = 0.2     # of a set given as one split (a CSV, an npz of images and labels), held out for testing
+
+
+def from_arrays(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor] | None,
+                classes: list[str], sources: dict[str, tuple[int, str]], seed: int = 0) -> ImageData:
+    """A dataset from uint8 images (N, C, H, W) and int64 labels (N,), as the array sources (csv:,
+    npz:, hf:) read them. Without a test split, a random 20% of the training images is held out
+    from `seed`, as for a flat image folder. Mean and std are the training images' own."""
+    images, labels = train
+    held = test is None
+    if held:
+        if len(labels) < 2:
+            raise TrainkitError(f"{name} holds {len(labels)} image(s): too few to hold some out for testing")
+        out, kept = validation_indices(len(labels), TEST_FRACTION, seed)
+        (images, labels), test = (images[kept], labels[kept]), (images[out], labels[out])
+    if not len(labels) or not len(test[1]):
+        raise TrainkitError(f"{name} holds no {'training' if not len(labels) else 'test'} images")
+    if int(max(labels.max(), test[1].max())) >= len(classes) or int(min(labels.min(), test[1].min())) < 0:
+        raise TrainkitError(f"{name} holds labels outside its {len(classes)} classes")
+    mean, std = channel_stats(images)
+    return ImageData(name, images.contiguous(), labels, test[0].contiguous(), test[1], list(classes), mean, std,
+                     sources=sources, held_out_test=held)
+
+
+def to_uint8(values: np.ndarray, what: str) -> np.ndarray:
+    """Pixel values as uint8: integers 0-255 as they are, floats in [0, 1] scaled by 255 and
+    rounded; anything else refused in one line naming the range found (`what`: the file)."""
+    if values.dtype == np.uint8:
+        return values
+    if values.dtype.kind not in "iuf" or values.size == 0:
+        raise TrainkitError(f"{what} holds {values.dtype} values, not pixel numbers")
+    low, high = float(values.min()), float(values.max())
+    if values.dtype.kind == "f":
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise TrainkitError(f"{what} holds NaN or infinite pixel values (an empty cell?)")
+        if 0 <= low and high <= 1:
+            return np.rint(values * 255).astype(np.uint8)
+        if not np.array_equal(values, np.rint(values)):
+            raise TrainkitError(f"{what} holds pixel values from {low:g} to {high:g}: floats are read in [0, 1] "
+                                f"and integers in 0-255")
+    if low < 0 or high > 255:
+        raise TrainkitError(f"{what} holds pixel values from {low:g} to {high:g}; trainkit reads 0-255 "
+                            f"(8-bit) or floats in [0, 1]: scale them to one of those first")
+    return values.astype(np.uint8)
+
+
+def class_labels(values: np.ndarray, what: str, names: list[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(int64 labels, class names) of a label column: integers 0..K-1 name classes "0".."K-1"
+    (or `names`), other values (text) are classes sorted by name."""
+    values = np.asarray(values).reshape(len(values), -1)
+    if values.shape[1] != 1:
+        raise TrainkitError(f"{what} holds labels of shape {values.shape}: one label per image is read")
+    values = values[:, 0]
+    if values.dtype.kind in "iu" or values.dtype.kind == "f" and np.array_equal(values, np.rint(values)):
+        labels = values.astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            raise TrainkitError(f"{what} holds negative labels ({int(labels.min())}); classes are numbered from 0")
+        classes = names or [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+        return torch.from_numpy(labels), list(classes)
+    classes, labels = np.unique(values.astype(str), return_inverse=True)
+    return torch.from_numpy(labels.astype(np.int64)), [str(c) for c in classes]
 
 
 def balanced_indices(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor | None:
@@ -260,26 +331,29 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple((mean / 255).tolist()), tuple((var.sqrt() / 255).clamp_min(1e-3).tolist())
 
 
+def convert_tensor(x: torch.Tensor | None, channels: int | None, size: tuple[int, int] | None) -> torch.Tensor | None:
+    """uint8 images (N, c, h, w) -> (N, channels, H, W): 1 channel is luminance (as PIL's "L"),
+    3 is gray repeated; the size bilinear, antialiased. None: that part unchanged."""
+    if x is None:
+        return None
+    if channels == 1 and x.shape[1] == 3:
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        x = (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    if size is not None and tuple(x.shape[2:]) != tuple(size):   # before gray is repeated: a third of the work
+        x = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
+                                            align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    if channels == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.contiguous()
+
+
 def convert_images(data: ImageData, channels: int | None = None, size: tuple[int, int] | None = None) -> ImageData:
-    """The data with `channels` (1: luminance, as PIL's "L"; 3: gray repeated) and `size` (bilinear,
-    antialiased); the same object when nothing changes, so MNIST stays exactly the seed's."""
+    """The data with `channels` and `size` (convert_tensor); the same object when nothing changes,
+    so MNIST stays exactly the seed's."""
     c, h, w = data.image_shape
     if channels in (None, c) and size in (None, (h, w)) or data.streamed:   # files: decoded at the asked size
         return data
-
-    def fit(x):                                        # (N, c, h, w) uint8 -> (N, channels, H, W) uint8
-        if x is None:
-            return None
-        if channels == 1 and x.shape[1] == 3:
-            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            x = (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-        if size is not None and tuple(x.shape[2:]) != tuple(size):   # before gray is repeated: a third of the work
-            x = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
-                                                align_corners=False).round().clamp(0, 255).to(torch.uint8)
-        if channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return x.contiguous()
-
+    fit = lambda x: convert_tensor(x, channels, size)
     train_x = fit(data.train_images)
     mean, std = channel_stats(train_x) if len(train_x) else (data.mean, data.std)
     return replace(data, train_images=train_x, test_images=fit(data.test_images), val_images=fit(data.val_images),

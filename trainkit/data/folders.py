@@ -27,9 +27,9 @@ import torch
 
 from ..errors import TrainkitError
 from .dataset import ImageData, channel_stats
-from .images import IMAGE_SUFFIXES, decode_image, image_info
+from .images import IMAGE_SUFFIXES, DeepRange, decode_image, image_info, measure_deep
 from .manifest import digest, first_names
-from .registry import Example, ReadOptions, register_dataset
+from .registry import Example, ReadOptions, nearest_route, register_dataset
 
 TEST_FRACTION = 0.2     # of a folder without train/ and test/, held out for testing
 SHOWN = 3               # bad files named in the one line that reports them
@@ -156,7 +156,7 @@ def split_folder(root: Path, seed: int = 0, test_fraction: float = TEST_FRACTION
     if not root.is_dir():
         if root.exists():
             raise TrainkitError(f"image folder {root} is a file, not a folder: imagefolder:PATH takes the folder "
-                                f"that holds the class folders (or train/ and test/)")
+                                f"that holds the class folders (or train/ and test/); " + nearest_route(str(root)))
         raise TrainkitError(f"image folder {root} does not exist")
     val = None
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -179,7 +179,7 @@ def split_folder(root: Path, seed: int = 0, test_fraction: float = TEST_FRACTION
         report_warnings(warnings)           # what was left out, before the refusal it explains
         raise TrainkitError(f"image folder {root} needs at least two class subfolders of images "
                             f"(found {len(classes)} classes, {len(train) + len(test)} images): "
-                            f"class folders, or train/ and test/ holding class folders")
+                            f"class folders, or train/ and test/ holding class folders; " + nearest_route(""))
     return FolderSplit(root, train, test, val, classes, layout, skipped, warnings)
 
 
@@ -261,16 +261,29 @@ def announce(root: Path, layout: str, classes: int, counts: dict[str, int], chan
           f"{'RGB' if channels == 3 else 'grayscale'} {size[0]}x{size[1]}{how}, resized by {resize}", flush=True)
 
 
+def deep_rule(paths, given: DeepRange | None = None) -> DeepRange | None:
+    """The dataset's rule for its 32-bit and float images: `given` (a run's), else measured on the
+    training images `paths`, and said in one line when there are any."""
+    if given is not None:
+        return given
+    deep, count = measure_deep(paths)
+    if deep is not None:
+        print(deep.line(count), flush=True)
+    return deep
+
+
 def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, int] | None = None,
                       test_fraction: float = TEST_FRACTION, seed: int = 0, bad_files: str = "skip",
-                      resize: str = "fit") -> ImageData:
+                      resize: str = "fit", deep: DeepRange | None = None) -> ImageData:
     """An image folder read whole into uint8 tensors, at `channels` and `size` (default: the
-    folder's own: colour if any image is, the most common size)."""
+    folder's own: colour if any image is, the most common size); 32-bit and float images by one
+    rule (`deep`, else measured on the training images: deep_rule)."""
     split = split_folder(root, seed, test_fraction)
     report_warnings(split.warnings)
     parts = {"training": split.train, "validation": split.val or [], "test": split.test}
     paths = [p for items in parts.values() for p, _ in items]
     channels, size, chosen, unreadable = choose_format(root, paths, channels, size)
+    deep = deep_rule([p for p, _ in split.train], deep)
     bad = {p for p, _ in unreadable}
     index = split.index()
     sources = {}
@@ -284,7 +297,7 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
                 continue
             try:
                 raw = path.read_bytes()         # read once: decoded, and its digest kept for the manifest
-                images[i] = decode_image(raw, channels, size, resize, name=str(path))
+                images[i] = decode_image(raw, channels, size, resize, name=str(path), deep=deep)
             except OSError as exc:
                 unreadable.append((path, exc.strerror or "cannot be read"))
                 continue
@@ -308,7 +321,7 @@ def load_image_folder(root: Path, channels: int | None = None, size: tuple[int, 
     val = (val_x, val_y) if split.val is not None else (None, None)
     files = {"train": train_n, "test": test_n, **({"val": val_n} if split.val is not None else {})}
     return ImageData(f"imagefolder:{root}", train_x, train_y, test_x, test_y, split.classes, mean, std, *val,
-                     sources=sources, files=files)
+                     sources=sources, files=files, held_out_test=split.layout == "flat", deep=deep)
 
 
 def _example(folder: Path) -> Example:
@@ -327,4 +340,4 @@ def imagefolder(arg: str | None, data_dir: Path, options: ReadOptions) -> ImageD
     if not arg:
         raise TrainkitError("--dataset imagefolder needs a folder: imagefolder:PATH")
     return load_image_folder(Path(arg), options.channels, options.size, seed=options.seed,
-                             bad_files=options.bad_files, resize=options.resize)
+                             bad_files=options.bad_files, resize=options.resize, deep=options.deep)

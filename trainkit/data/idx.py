@@ -107,8 +107,10 @@ def idx_size(item: IdxFile) -> int:
 
 
 def _fix_hint(spec: IdxDataset, path: Path) -> str:
-    return (f"delete it and run again to download a fresh copy, or put a good copy of the "
-            f"{spec.name} files in {path.parent}")
+    # The file may be the user's own: point to the route that reads it before advising deletion.
+    return (f"it is not the published {spec.name}; to read your own IDX files use --dataset idx:{path.parent} "
+            f"(or {spec.name}:{path.parent}, with {spec.name}'s class names); else delete it and run again "
+            f"to download a fresh copy")
 
 
 def read_idx_file(path: Path, spec: IdxDataset, item: IdxFile) -> np.ndarray:
@@ -286,9 +288,27 @@ def _example(name: str):
     return example
 
 
+def load_own_as(spec: IdxDataset, folder: Path) -> ImageData:
+    """`--dataset mnist:DIR` (fashion-mnist:DIR, kmnist:DIR): the four IDX files in DIR, read as
+    idx:DIR reads them, named with the set's classes; never the published files instead."""
+    if not folder.is_dir():
+        raise TrainkitError(f"--dataset {spec.name}:{folder}: no such folder")
+    if not any(folder.glob("*-ubyte*")) and (folder / spec.folder / "raw").is_dir():
+        raise TrainkitError(f"--dataset {spec.name}:{folder} reads your own IDX files in {folder}, which holds none; "
+                            f"for the published {spec.name} in {folder / spec.folder / 'raw'} use --dataset "
+                            f"{spec.name} --data-dir {folder}")
+    data = load_own_idx(folder)
+    if len(data.classes) > len(spec.classes):
+        raise TrainkitError(f"{folder} holds labels 0-{len(data.classes) - 1}, more than {spec.name}'s "
+                            f"{len(spec.classes)} classes; use --dataset idx:{folder}")
+    return replace(data, name=f"{spec.name}:{folder}", classes=list(spec.classes))
+
+
 def _register(name: str) -> None:
-    @register_dataset(name, example=_example(name))
+    @register_dataset(name, example=_example(name), arg_is_path=True)
     def load(arg: str | None, data_dir: Path, options: ReadOptions) -> ImageData:
+        if arg:
+            return load_own_as(IDX_DATASETS[name], Path(arg))
         # looked up when called: the registry test swaps in a spec for its own small files
         return load_idx_dataset(IDX_DATASETS[name], data_dir, progress=options.progress)
 

@@ -21,6 +21,7 @@ import stat
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,14 +54,16 @@ _DAMAGED = (OSError, ValueError, SyntaxError, EOFError, zlib.error, struct.error
 
 
 def decode_image(source: bytes | str | os.PathLike, channels: int, size: tuple[int, int], resize: str = "fit",
-                 name: str | None = None, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
+                 name: str | None = None, max_pixels: int | None = MAX_PIXELS,
+                 deep: "DeepRange | None" = None) -> torch.Tensor:
     """One image (a path or a file's bytes) as a (channels, H, W) uint8 tensor, `size` = (H, W).
 
     channels 1 is Pillow's "L" (ITU-R 601-2 luma), 3 is RGB. `resize` "fit" scales the shorter side
     to the target and crops the centre; "stretch" scales to `size` exactly. Both are bilinear and
     agree when the image already has the target's aspect ratio. `name` is what errors call the
     image (default: its path, or "the image" for bytes); an image of more than `max_pixels` pixels
-    is refused from its header."""
+    is refused from its header. `deep`: the dataset's rule for 32-bit and float images
+    (`DeepRange`); without it, such an image alone is scaled by its own range."""
     size = _check_target(channels, size, resize)
     name = _name(source, name)
     with _opened(source, name, max_pixels) as img:
@@ -68,7 +71,7 @@ def decode_image(source: bytes | str | os.PathLike, channels: int, size: tuple[i
             img.load()
             bits = _bit_depth_tag(img)           # read before turning: a turned copy has no format or tags
             img = _upright(img)
-            img = _composited(_eight_bit(img, name, bits))
+            img = _composited(_eight_bit(img, name, bits, deep))
         except _DAMAGED as exc:
             raise _damaged(name, exc) from None
     img = img.convert("L" if channels == 1 else "RGB")
@@ -230,13 +233,13 @@ def _is_gray(img) -> bool:
     return img.mode in _GRAY_MODES
 
 
-def _eight_bit(img, name: str, bits: int | None = None):
+def _eight_bit(img, name: str, bits: int | None = None, deep: "DeepRange | None" = None):
     """`img` as 8-bit L, LA, RGB or RGBA, every transparency made an alpha channel."""
     from PIL import Image
 
     mode, transparency = img.mode, img.info.get("transparency")
     if mode in _HIGH_DEPTH_MODES:
-        grey = _scaled_to_eight_bits(img, bits)
+        grey = _scaled_to_eight_bits(img, bits, deep)
         if isinstance(transparency, int) and mode != "F":                # a 16-bit tRNS grey key
             alpha = np.where(np.asarray(img) == transparency, 0, 255).astype(np.uint8)
             return Image.fromarray(np.stack([grey, alpha], -1), "LA")
@@ -259,9 +262,10 @@ def _eight_bit(img, name: str, bits: int | None = None):
         raise TrainkitError(f"{name} is not a readable image: its colour mode {mode} is not supported") from None
 
 
-def _scaled_to_eight_bits(img, bits: int | None) -> np.ndarray:
+def _scaled_to_eight_bits(img, bits: int | None, deep: "DeepRange | None" = None) -> np.ndarray:
     """A high-bit-depth greyscale image as uint8 (H, W), scaled by the range its values are in and
-    rounded, negative values as 0:
+    rounded, negative values as 0. A 32-bit or float image of a dataset is scaled by the dataset's
+    rule (`deep`: the value that is white in all of its images); alone, by its own range:
 
     - 16-bit (I;16, a PNG's or PGM's "I"): v -> round(v / 257), so 8-bit pixels stored as 16 bits
       (v * 257) come back unchanged;
@@ -273,6 +277,10 @@ def _scaled_to_eight_bits(img, bits: int | None) -> np.ndarray:
     - floats ("F"): in [0, 1], scaled by 255; else read as the integers are (at most 255 as they
       are, else as 16-bit values), clipped to 0-255; NaN and infinities as 0."""
     values = np.asarray(img)
+    white = None if deep is None else deep.floating if img.mode == "F" else deep.integer if bits is None else None
+    if white is not None and not img.mode.startswith("I;16"):
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        return np.rint(np.clip(values * (255 / white), 0, 255)).astype(np.uint8)
     if img.mode == "F":
         values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
@@ -286,6 +294,77 @@ def _scaled_to_eight_bits(img, bits: int | None) -> np.ndarray:
     top = (1 << bits) - 1
     values = np.clip(values.astype(np.int64), 0, top)
     return ((values * 510 + top) // (2 * top)).astype(np.uint8)          # round(v * 255 / top)
+
+
+@dataclass(frozen=True)
+class DeepRange:
+    """A dataset's one rule for its 32-bit integer and float images (TIFFs): the value that is
+    white in every one of them (None: the dataset has none of that kind). Measured once over the
+    training images (`measure_deep`), recorded in data.json, and used at eval, predict and serve,
+    so that a stored 250 is one grey in every image, whatever each image's own maximum."""
+
+    integer: float | None = None
+    floating: float | None = None
+
+    @classmethod
+    def from_maxima(cls, integer: float | None, floating: float | None) -> "DeepRange":
+        """Values in the type's usual range are read as such (integers 0-255, floats 0-1); a
+        dataset beyond it has its own maximum as white."""
+        white = lambda top, usual: None if top is None else usual if top <= usual else top
+        return cls(white(integer, 255.0), white(floating, 1.0))
+
+    def to_dict(self) -> dict:
+        return {"integer_white": self.integer, "float_white": self.floating}
+
+    @classmethod
+    def from_dict(cls, saved) -> "DeepRange | None":
+        """data.json's record (None when absent or not a rule)."""
+        if not isinstance(saved, dict):
+            return None
+        number = lambda v: float(v) if isinstance(v, (int, float)) and 0 < v < float("inf") else None
+        rule = cls(number(saved.get("integer_white")), number(saved.get("float_white")))
+        return rule if rule != cls() else None
+
+    def line(self, count: int) -> str:
+        """What the rule is, in one line, for a dataset of `count` such images."""
+        parts = [f"{kind} with {white:,g} as white" for kind, white in
+                 (("32-bit integers", self.integer), ("floats", self.floating)) if white is not None]
+        return (f"{count} training image(s) are 32-bit or float TIFFs: read as {' and '.join(parts)}, one rule for "
+                f"every image of the dataset (recorded in data.json; eval, predict and serve use it)")
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+def _may_be_deep(source) -> bool:
+    """Whether a file may be a 32-bit or float image: only TIFFs are, among the formats read."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:4]) in _TIFF_MAGIC
+    return os.fspath(source).lower().endswith((".tif", ".tiff"))
+
+
+def measure_deep(sources) -> tuple[DeepRange | None, int]:
+    """(the dataset's DeepRange, how many images it covers) from its training images (paths, or
+    files' bytes); None when none is a 32-bit integer or float TIFF (a TIFF's depth said below 32
+    bits, and 16-bit PNGs and PGMs, have their type's range). Unreadable files are left to the
+    decoder, which reports them."""
+    tops, count = {"I": None, "F": None}, 0
+    for source in filter(_may_be_deep, sources):
+        try:
+            with _opened(source, _name(source, None), MAX_PIXELS) as img:
+                if not (img.mode == "F" or img.mode == "I" and _bit_depth_tag(img) is None):
+                    continue
+                img.load()
+                values = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+                mode = img.mode
+        except (TrainkitError,) + _DAMAGED:
+            continue
+        high = float(values.max()) if values.size else 0.0
+        tops[mode] = high if tops[mode] is None else max(tops[mode], high)
+        count += 1
+    if not count:
+        return None, 0
+    return DeepRange.from_maxima(tops["I"], tops["F"]), count
 
 
 def _bit_depth_tag(img) -> int | None:

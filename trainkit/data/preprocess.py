@@ -29,7 +29,8 @@ NOTE_FRAMED = "framed like MNIST: the digit fitted into 20x20 and centred by its
 
 def reads_digits(dataset: str, image_shape) -> bool:
     """Whether a run's model reads handwritten digits framed as MNIST's."""
-    return dataset in DIGIT_DATASETS and tuple(image_shape) == (1, SIDE, SIDE)
+    # "mnist:DIR" too: a user's own digits read as MNIST's
+    return dataset.partition(":")[0] in DIGIT_DATASETS and tuple(image_shape) == (1, SIDE, SIDE)
 
 
 def frame_digit(gray: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -84,26 +85,27 @@ COLOUR = 24                 # a pixel whose channels differ by more than this is
 
 
 def prepare_image(data, dataset: str, image_shape, name: str | None = None,
-                  max_pixels: int | None = None, resize: str = "fit") -> tuple[torch.Tensor, list[str]]:
+                  max_pixels: int | None = None, resize: str = "fit", deep=None) -> tuple[torch.Tensor, list[str]]:
     """An image file's bytes (or path) -> uint8 (C, H, W) as the run's model takes it, and notes on
-    what was changed beyond a plain resize. Raises TrainkitError for what is not a readable image."""
+    what was changed beyond a plain resize; `deep`: the run's rule for 32-bit and float images
+    (images.DeepRange, from its data.json). Raises TrainkitError for what is not a readable image."""
     from .images import decode_image
 
     c, h, w = image_shape
     header = _header(data, name, max_pixels)
     if header is None:          # decode_image says what is wrong with it, in one line
-        return decode_image(data, c, (h, w), resize, name=name, max_pixels=max_pixels), []
+        return decode_image(data, c, (h, w), resize, name=name, max_pixels=max_pixels, deep=deep), []
     channels, (ih, iw) = header
     notes = []
     if c == 1 and channels == 3:        # a colour file, whose pixels may still be grey
-        rgb = decode_image(data, 3, (ih, iw), name=name, max_pixels=max_pixels).to(torch.int16)
+        rgb = decode_image(data, 3, (ih, iw), name=name, max_pixels=max_pixels, deep=deep).to(torch.int16)
         if (rgb.amax(dim=0) - rgb.amin(dim=0)).max() > COLOUR:
             notes.append("made grayscale: the run's model reads 1-channel images")
     if reads_digits(dataset, image_shape):
-        native = decode_image(data, 1, (ih, iw), name=name, max_pixels=max_pixels)   # (1, H, W), not resized
+        native = decode_image(data, 1, (ih, iw), name=name, max_pixels=max_pixels, deep=deep)   # (1, H, W)
         framed, framing = frame_digit(native[0].numpy())
         return torch.from_numpy(framed).unsqueeze(0), notes + framing
     if abs(iw / ih - w / h) > 0.05 * (w / h):
         change = "squashed" if resize == "stretch" else "centre-cropped"
         notes.append(f"{change} from {iw}x{ih} to {w}x{h}: the run's model reads {w}x{h} images")
-    return decode_image(data, c, (h, w), resize, name=name, max_pixels=max_pixels), notes
+    return decode_image(data, c, (h, w), resize, name=name, max_pixels=max_pixels, deep=deep), notes

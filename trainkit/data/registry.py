@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import TrainkitError
 from ..registry import Registry
 from .dataset import ImageData, convert_images
 
@@ -24,8 +25,29 @@ class DatasetSpec:
 
     @property
     def entry(self) -> "DatasetEntry":
-        """The registered source (a TrainkitError listing the known ones when there is none)."""
+        """The registered source (a TrainkitError listing the known ones and the nearest route
+        when there is none)."""
+        if self.source not in DATASETS:
+            raise TrainkitError(f"unknown dataset {str(self)!r}; choose one of {', '.join(DATASETS)}; "
+                                + nearest_route(str(self)))
         return DATASETS.get(self.source)
+
+
+# Where data in a form trainkit does not read goes instead, by the suffix of the name given.
+ROUTES = {".csv": "csv:", ".npz": "npz:", ".parquet": "hf:", ".arrow": "hf:"}
+
+
+def nearest_route(name: str) -> str:
+    """What a one-line refusal of `name` says to use instead: the prefix for a file of a read
+    format, an image folder, or else the routes every dataset can take."""
+    path = Path(name)
+    prefix = ROUTES.get(path.suffix.lower())
+    if prefix is not None:
+        return f"for this file use --dataset {prefix}{name}"
+    if name and path.is_dir():
+        return f"for a folder of class folders of images use --dataset imagefolder:{name}"
+    return ("for other data use imagefolder:DIR, csv:FILE (label,pixel0,...), npz:FILE (numpy arrays), hf:DIR "
+            "(a Hugging Face dataset), or ImageData.from_datasets(train, test, classes) from Python")
 
 
 def parse_dataset(name: "str | DatasetSpec") -> DatasetSpec:
@@ -47,6 +69,7 @@ class ReadOptions:
     seed: int = 0
     bad_files: str = "skip"
     resize: str = "fit"
+    deep: object = None       # images.DeepRange: a run's rule for 32-bit and float images (eval --dataset)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from ..checkpoint import LOCK
 from ..errors import TrainkitError
 from .cache import build_cache, cache_file, open_cache, read_header
 from .dataset import FileImages, ImageData, channel_stats
-from .folders import (announce, choose_format, file_sources, folder_format, relative_name, report_skipped,
+from .folders import (announce, choose_format, deep_rule, file_sources, folder_format, relative_name, report_skipped,
                             report_warnings, split_folder, without_name)
 from .loaders import PlannedLoader, normalize
 from .manifest import fingerprint
@@ -328,8 +328,11 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
     if bad_files == "error":             # refused before the cache's build decodes every file
         report_skipped(root, files.skipped + no_header + missing, total, bad_files)
     splits = _without(splits, no_header + missing)
-    images = {name: FileImages(f.paths, channels, tuple(size), resize, root) for name, f in splits.items()}
-    images, undecodable = cached_images(root, images, sources)
+    deep = deep_rule([splits["training"].path(i) for i in range(len(splits["training"]))])
+    images = {name: FileImages(f.paths, channels, tuple(size), resize, root, deep=deep) for name, f in splits.items()}
+    # The image cache holds pixels decoded without a dataset's rule for 32-bit and float images:
+    # a folder that has such images is read from its files.
+    images, undecodable = cached_images(root, images, sources) if deep is None else (images, [])
     if undecodable:                      # the same files the in-memory path leaves out
         bad = {os.fsencode(p) for p, _ in undecodable}
         keep = {name: np.array([i for i in range(len(f)) if f.paths[i] not in bad], dtype=np.int64)
@@ -351,7 +354,7 @@ def load_stream_folder(root: Path, channels: int | None = None, size: tuple[int,
     val = splits.get("validation")
     return ImageData(f"imagefolder:{root}", images["training"], splits["training"].labels, images["test"],
                      splits["test"].labels, files.classes, mean, std, images.get("validation"),
-                     None if val is None else val.labels, sources=sources)
+                     None if val is None else val.labels, sources=sources, deep=deep)
 
 
 def _without(splits: dict[str, FileList], unreadable: list[tuple[Path, str]]) -> dict[str, FileList]:
