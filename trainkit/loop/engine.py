@@ -122,6 +122,12 @@ class TrainState:
     _seen: tuple = field(default=(math.nan, (0.0, 0.0, 0.0)), repr=False)
     read_batch: int = -1                   # the batch whose loss the latest read brought to the host
     interrupt_reason: object = None        # what `interrupt` was given
+    # What `fit` trains for: the epochs to reach, the loss, how the schedule steps, the checks an epoch.
+    epochs: int = 0
+    loss_fn: Callable = F.cross_entropy
+    scheduler_per_batch: bool = False
+    evals_per_epoch: int = 1
+    resumed: dict | None = None            # a resumed run's interrupted epoch, as its checkpoint held it
 
     @property
     def module(self) -> nn.Module:
@@ -348,29 +354,6 @@ def _run_epoch(state: TrainState, loss_fn: Callable, per_batch_scheduler, check_
     return None
 
 
-@dataclass
-class Pieces:
-    """What `fit` trains, as attributes. A Run (assembly.build_run: built once from a config) has
-    them all; `fit(model, loaders, ...)` puts its arguments in one of these."""
-
-    train_model: nn.Module                 # what is trained (possibly wrapped: DDP, torch.compile)
-    train_loader: object
-    test_loader: object
-    optimizer: torch.optim.Optimizer
-    epochs: int
-    loss_fn: Callable = F.cross_entropy
-    scheduler: object = None
-    scheduler_per_batch: bool = False
-    device: torch.device = torch.device("cpu")
-    amp_dtype: torch.dtype | None = None
-    callbacks: Sequence[Callback] = ()
-    evals_per_epoch: int = 1
-    val_loader: object = None
-    history: History = field(default_factory=History)   # the finished epochs of a resumed run
-    partial: dict | None = None            # the progress of the epoch it was interrupted in
-    tuning: dict | None = None             # handed to the callbacks (what `auto` measured)
-
-
 def fit(model, train_loader=None, test_loader=None, optimizer: torch.optim.Optimizer | None = None, *,
         epochs: int | None = None, loss_fn: Callable = F.cross_entropy, scheduler=None,
         scheduler_per_batch: bool = False, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
@@ -388,27 +371,30 @@ def fit(model, train_loader=None, test_loader=None, optimizer: torch.optim.Optim
     of an interrupted epoch, or None} (a Run holds them: Run.load_state_dict). `tuning` is handed to the callbacks (what was measured). When a callback interrupts the run, `on_fit_end` still
     runs (with `state.partial`) and then StopRequested is raised.
     """
-    if not isinstance(model, nn.Module):
-        return _fit(model)
+    if not isinstance(model, nn.Module):        # a Run: its pieces, callbacks and history
+        run = model
+        return _fit(TrainState(run.train_model, run.optimizer, run.scheduler, run.train_loader, run.test_loader,
+                               torch.device(run.device), run.amp_dtype, list(run.callbacks), run.history,
+                               num_batches=len(run.train_loader), val_loader=run.val_loader, tuning=run.tuning,
+                               epochs=run.epochs, loss_fn=run.loss_fn, scheduler_per_batch=run.scheduler_per_batch,
+                               evals_per_epoch=run.evals_per_epoch, resumed=run.partial))
     if train_loader is None or optimizer is None or epochs is None:
         raise TypeError("fit(model, train_loader, test_loader, optimizer, epochs=...) needs all four, or fit(run)")
     resume = resume or {}
-    return _fit(Pieces(model, train_loader, test_loader, optimizer, epochs, loss_fn, scheduler, scheduler_per_batch,
-                       torch.device(device), amp_dtype, list(callbacks), evals_per_epoch, val_loader,
-                       History.from_rows(resume.get("history", [])), resume.get("partial"), tuning))
+    return _fit(TrainState(model, optimizer, scheduler, train_loader, test_loader, torch.device(device), amp_dtype,
+                           list(callbacks), History.from_rows(resume.get("history", [])),
+                           num_batches=len(train_loader), val_loader=val_loader, tuning=tuning, epochs=epochs,
+                           loss_fn=loss_fn, scheduler_per_batch=scheduler_per_batch, evals_per_epoch=evals_per_epoch,
+                           resumed=resume.get("partial")))
 
 
-def _fit(run: Pieces) -> History:
-    """fit, on the pieces of `run` (a Pieces or a Run). Its history is the one the epochs are added to."""
-    device = torch.device(run.device)
-    state = TrainState(run.train_model, run.optimizer, run.scheduler, run.train_loader, run.test_loader, device,
-                       run.amp_dtype, list(run.callbacks), run.history, num_batches=len(run.train_loader),
-                       val_loader=run.val_loader, tuning=run.tuning)
-    optimizer, scheduler, scheduler_per_batch = run.optimizer, run.scheduler, run.scheduler_per_batch
-    partial = run.partial
-    check_after = check_points(state.num_batches, run.evals_per_epoch)
+def _fit(state: TrainState) -> History:
+    """The loop of `fit`: epochs of training, each evaluated; the state's history is added to."""
+    optimizer, scheduler, scheduler_per_batch = state.optimizer, state.scheduler, state.scheduler_per_batch
+    partial = state.resumed
+    check_after = check_points(state.num_batches, state.evals_per_epoch)
     emit(state.callbacks, "on_fit_start", state)
-    for epoch in range(len(state.history) + 1, run.epochs + 1):
+    for epoch in range(len(state.history) + 1, state.epochs + 1):
         if state.stop_requested or state.interrupted:
             break
         resume_from = partial if partial and partial["epoch"] == epoch else None
@@ -416,7 +402,7 @@ def _fit(run: Pieces) -> History:
         state.lrs = resume_from["lrs"] if resume_from else [group["lr"] for group in optimizer.param_groups]
         start = time.perf_counter() - (resume_from["seconds"] if resume_from else 0.0)
         emit(state.callbacks, "on_epoch_start", state)
-        checked = _run_epoch(state, run.loss_fn, scheduler if scheduler_per_batch else None, check_after, resume_from)
+        checked = _run_epoch(state, state.loss_fn, scheduler if scheduler_per_batch else None, check_after, resume_from)
         if state.partial is not None:
             state.partial.update(lrs=state.lrs, seconds=time.perf_counter() - start)
             break
@@ -432,7 +418,7 @@ def _fit(run: Pieces) -> History:
         emit(state.callbacks, "on_epoch_end", state)
     if not state.interrupted:
         emit(state.callbacks, "on_train_end", state)
-    if run.val_loader is not None and run.test_loader is not None and state.history and not state.interrupted:
+    if state.val_loader is not None and state.test_loader is not None and state.history and not state.interrupted:
         test = _evaluate_now(state, None, "test")     # the test set, once, of the weights the run ends with
         last = state.history[-1]
         last.test_loss, last.test_acc, last.test_correct, last.test_total = test.loss, test.acc, test.correct, test.total

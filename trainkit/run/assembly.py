@@ -7,76 +7,17 @@ A new built-in callback with a flag: a field in TrainConfig, and one line in `bu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch.nn as nn
 
-from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..data.dataset import ImageData
-from ..errors import TrainkitError
 from ..loop.callbacks import EMA, BestWeights, CheckLog, EarlyStopping, GradientClipping, SignalStop, TargetAccuracy, TensorBoardLogger
-from ..loop.engine import Callback, History
+from ..loop.engine import Callback
 from . import reports, rundir, tracking
-from .experiment import Experiment, build_experiment
-
-
-@dataclass
-class Run(Experiment):
-    """One training run: its pieces (Experiment's fields), its callbacks in their order, its folder
-    (None: nothing written) and its history so far. `engine.fit(run)` trains it."""
-
-    callbacks: list[Callback] = field(default_factory=list)
-    run_dir: Path | None = None
-    history: History = field(default_factory=History)   # the finished epochs (a resumed run's too)
-    partial: dict | None = None    # a resumed run's unfinished epoch, as its checkpoint holds it
-
-    @property
-    def epochs(self) -> int:
-        return self.cfg.epochs
-
-    @property
-    def evals_per_epoch(self) -> int:
-        return self.cfg.evals_per_epoch
-
-    def callback(self, kind: type) -> Callback | None:
-        """The run's first callback of type `kind`, if it has one."""
-        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
-
-    def state_dict(self, *, partial: dict | None = None, best: bool = False, finished: bool = False) -> dict:
-        """What a checkpoint holds: weights, optimizer, schedule, every RNG, history, config, and the
-        state of each callback that keeps one (early stopping's counter, an average of the weights).
-
-        `partial` is the progress of an epoch stopped part way (by a signal), else None. `best`: this
-        is the best epoch so far (best.pt holds the same bytes); `finished`: the run has ended (all
-        its epochs, or stopped by a callback), so only the final files remain to be written.
-        """
-        return {"format": ckpt.FORMAT, "epoch": len(self.history), "partial": partial, "best": best,
-                "finished": finished, "config": self.cfg.to_dict(),
-                "model_name": type(self.model).__name__, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "rng": self.rng_state(), "history": self.history.rows(),
-                "callbacks": {cb.state_key: s for cb in self.callbacks if (s := cb.state_dict())}}
-
-    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
-        """Put a checkpoint's state back: weights, optimizer, schedule, RNGs, each callback's state,
-        and the history and unfinished epoch that `fit(run)` continues from."""
-        ckpt.load_weights_into(self.model, state["model"], source)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            self.set_rng_state(state["rng"])
-            saved = state.get("callbacks", {})
-            for cb in self.callbacks:
-                if cb.state_key in saved:
-                    cb.load_state_dict(saved[cb.state_key])
-            self.history, self.partial = History.from_rows(state["history"]), state.get("partial")
-        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise TrainkitError(f"{source} does not match this run's optimizer, schedule or callbacks ({exc})") from None
+from .experiment import Run, build_experiment
 
 
 def built_in_callbacks(run: Run, user: Sequence[Callback] = (), *, console: bool = False, signals: bool = False,
@@ -127,9 +68,8 @@ def build_run(cfg: TrainConfig, *, data: ImageData | None = None, model: nn.Modu
     rundir.prepare or resumed before fit: run.py); `console`: the CLI's lines and progress bar;
     `signals`: SIGINT/SIGTERM interrupt it with a checkpoint; `steps_only`: a command that runs
     training steps and no epochs (lr-find, bench's timed steps) gets the callbacks of a step alone."""
-    exp = build_experiment(cfg, data=data, model=model, before_manifests=before_manifests)
-    run = Run(**{f.name: getattr(exp, f.name) for f in fields(Experiment)},
-              run_dir=Path(run_dir) if run_dir is not None else None)
+    run = build_experiment(cfg, data=data, model=model, before_manifests=before_manifests)
+    run.run_dir = Path(run_dir) if run_dir is not None else None
     run.callbacks = built_in_callbacks(run, callbacks, console=console, signals=signals, steps_only=steps_only)
     return run
 

@@ -1,12 +1,11 @@
-"""Building the pieces of a run from a config: data, model, loaders, optimizer, schedule, loss,
-device. Every choice is looked up in a registry. The run itself, with its callbacks, is
-assembly.build_run's."""
+"""The Run, and building its pieces from a config: data, model, loaders, optimizer, schedule, loss,
+device. Every choice is looked up in a registry. Its callbacks are assembly.build_run's."""
 from __future__ import annotations
 
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,13 +24,16 @@ from ..errors import TrainkitError
 from ..loop import distributed
 from ..loop.devices import autocast_dtype, check_memory, choose, compile_unavailable, compiled, resolve_device
 from ..loop.distributed import Rank
+from ..loop.engine import Callback, History
 from ..loop.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule
 from ..models import build_model, check_model_name, is_code, output_kind
 
 
 @dataclass
-class Experiment:
-    """Everything a config builds: data, model, loaders, optimizer, schedule, loss, device."""
+class Run:
+    """One training run: everything its config builds (data, model, loaders, optimizer, schedule,
+    loss, device), its callbacks in their order, its folder (None: nothing written) and its history
+    so far. build_experiment makes its pieces, assembly.build_run its callbacks; `engine.fit(run)` trains it."""
 
     cfg: TrainConfig
     data: ImageData                # its images a tensor, or files read in batches (--pipeline stream)
@@ -49,6 +51,10 @@ class Experiment:
     rank: Rank = Rank()
     outputs: str = "log_probs"     # what the model returns: "log_probs" or "logits"
     tuning: dict | None = None     # how --precision / --channels-last / --compile auto were resolved (devices.choose)
+    callbacks: list[Callback] = field(default_factory=list)
+    run_dir: Path | None = None
+    history: History = field(default_factory=History)   # the finished epochs (a resumed run's too)
+    partial: dict | None = None    # a resumed run's unfinished epoch, as its checkpoint holds it
 
     def rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "train_loader": self.train_loader.state_dict()}
@@ -61,6 +67,51 @@ class Experiment:
         self.train_loader.load_state_dict(state["train_loader"])
         if self.device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    @property
+    def epochs(self) -> int:
+        return self.cfg.epochs
+
+    @property
+    def evals_per_epoch(self) -> int:
+        return self.cfg.evals_per_epoch
+
+    def callback(self, kind: type) -> Callback | None:
+        """The run's first callback of type `kind`, if it has one."""
+        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
+
+    def state_dict(self, *, partial: dict | None = None, best: bool = False, finished: bool = False) -> dict:
+        """What a checkpoint holds: weights, optimizer, schedule, every RNG, history, config, and the
+        state of each callback that keeps one (early stopping's counter, an average of the weights).
+
+        `partial` is the progress of an epoch stopped part way (by a signal), else None. `best`: this
+        is the best epoch so far (best.pt holds the same bytes); `finished`: the run has ended (all
+        its epochs, or stopped by a callback), so only the final files remain to be written.
+        """
+        return {"format": ckpt.FORMAT, "epoch": len(self.history), "partial": partial, "best": best,
+                "finished": finished, "config": self.cfg.to_dict(),
+                "model_name": type(self.model).__name__, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "rng": self.rng_state(), "history": self.history.rows(),
+                "callbacks": {cb.state_key: s for cb in self.callbacks if (s := cb.state_dict())}}
+
+    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+        """Put a checkpoint's state back: weights, optimizer, schedule, RNGs, each callback's state,
+        and the history and unfinished epoch that `fit(run)` continues from."""
+        ckpt.load_weights_into(self.model, state["model"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.set_rng_state(state["rng"])
+            saved = state.get("callbacks", {})
+            for cb in self.callbacks:
+                if cb.state_key in saved:
+                    cb.load_state_dict(saved[cb.state_key])
+            self.history, self.partial = History.from_rows(state["history"]), state.get("partial")
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise TrainkitError(f"{source} does not match this run's optimizer, schedule or callbacks ({exc})") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -229,7 +280,7 @@ def make_loss(cfg: TrainConfig, outputs: str) -> Callable:
 
 
 def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
-                     model: nn.Module | None = None, before_manifests: bool = False) -> Experiment:
+                     model: nn.Module | None = None, before_manifests: bool = False) -> Run:
     """Build every piece of a run from `cfg`; `data` and `model` replace the configured ones
     (`before_manifests`: get_data's, for resuming a run made before data.json).
 
@@ -271,7 +322,7 @@ def build_experiment(cfg: TrainConfig, *, data: ImageData | None = None,
     train_loader, test_loader, val_loader = make_loaders(cfg, data, device, ranks.rank, ranks.world)
     optimizer = build_optimizer(model.parameters(), cfg)
     schedule = build_schedule(optimizer, cfg, len(train_loader))
-    return Experiment(cfg, data, model, train_model, train_loader, test_loader, val_loader, optimizer,
+    return Run(cfg, data, model, train_model, train_loader, test_loader, val_loader, optimizer,
                       schedule.scheduler,
                       schedule.per_batch, make_loss(cfg, outputs), device, autocast_dtype(cfg.precision, device), ranks,
                       outputs, tuning)
