@@ -17,6 +17,7 @@ from trainkit.commands.cli import main
 
 TINY = dict(model="speednet", limit_train=384, limit_test=100, val_split=128, epochs=1, batch_size=64,
             evals_per_epoch=2, progress=False)
+FIXED = dict(precision="fp32", channels_last="off", compile="off")   # nothing measured: files, not speed, are tested
 TINY_FLAGS = ["--model", "speednet", "--limit-train", "384", "--limit-test", "100", "--val-split", "128",
               "--epochs", "1", "--batch-size", "64", "--evals-per-epoch", "2"]
 
@@ -231,6 +232,8 @@ def test_a_killed_search_continues_where_it_stopped(tuned):
         assert (study.trials[number].value, study.trials[number].state) == (value, state)
     assert all(p.stat().st_mtime_ns == m for p, m in tuned["mtimes"].items())
     assert "2 of 4 trials finished" in tuned["output"]
+    # the split is the same in every trial: said once (it was said once a trial)
+    assert tuned["output"].count("Validation split (--val-split 128)") == 1, tuned["output"]
     # every trial kept its run folder; the objective was validation accuracy
     for t in done:
         assert (Path(t.user_attrs["run_dir"]) / "metrics.csv").is_file()
@@ -277,7 +280,7 @@ def test_pruning_compares_trials_at_the_same_epoch_fraction():
     steps = {}
     for batches in (4, 7, 9, 16):          # batch sizes differ: so do the batches an epoch
         trial = Trial()
-        pruning = TrialPruning(trial, evals_per_epoch=3, batch_size=8, epochs=2)
+        pruning = TrialPruning(trial, evals_per_epoch=3, epochs=2)
         state = TrainState(model=None, optimizer=None, scheduler=None, train_loader=None, test_loader=None,
                            device=torch.device("cpu"), num_batches=batches)
         for epoch in (1, 2):
@@ -388,3 +391,74 @@ def test_compare_and_tune_refuse_bad_input_in_one_line(tmp_path, capsys):
     assert "low < high" in one_line_error("tune", tmp_path / "space.yaml", "--out", tmp_path / "t")
     (tmp_path / "space.yaml").write_text("lr: [0.1, -1]\n")
     assert "--lr must be greater than 0" in one_line_error("tune", tmp_path / "space.yaml", "--out", tmp_path / "t")
+
+
+@pytest.mark.slow
+def test_a_trial_pruned_at_an_epochs_end_counts_the_images_it_trained_on(tmp_path, capsys):
+    """300 training images in batches of 64: 5 batches, the last of 44. Pruned at the first epoch's
+    end, the trial trained on 300 images (it said 5 x 64 = 320)."""
+    optuna = pytest.importorskip("optuna")
+    from trainkit.commands.tune import TrialPruning
+
+    # ThresholdPruner above 100%: every trial is pruned at its first report (the epoch's end here)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=101.0))
+    pruning = TrialPruning(study.ask(), evals_per_epoch=1, epochs=2)
+    cfg = TrainConfig(**{**TINY, **FIXED, "limit_train": 428, "epochs": 2, "evals_per_epoch": 1})   # 428 - 128 held out
+    result = train(cfg, out=tmp_path / "trial", callbacks=[pruning])
+    assert pruning.pruned_at == 1 and len(result.history) == 1
+    assert pruning.images == 300 == result.history[0].train_seen
+
+
+def test_the_search_history_plot_names_its_axis_as_the_objective():
+    optuna = pytest.importorskip("optuna")
+    from trainkit.commands.tune import history_figure
+
+    study = optuna.create_study(direction="maximize")
+    for value in (80.0, 85.0):
+        study.tell(study.ask(), value)
+    assert history_figure(study).axes[0].get_ylabel() == "validation accuracy %"     # was "Objective Value"
+
+
+@pytest.mark.slow
+def test_a_run_stopped_part_way_through_an_epoch_is_shown_where_it_stopped(tmp_path, capsys):
+    """--target-acc 1 stops the run at its first check, half-way through epoch 1 of 2: compare's
+    table, its curve and plot.png place the run at epoch 0.5, marked as stopped (they said 1)."""
+    from trainkit.commands.compare import curve, load_run, plot
+    from trainkit.commands.inference import load_run as load_model
+    from trainkit.commands.serve import run_summary
+    from trainkit.run.reports import plot_history
+
+    run_dir = tmp_path / "stopped"
+    result = train(TrainConfig(**{**TINY, **FIXED, "epochs": 2, "target_acc": 1.0}), out=run_dir)
+    assert len(result.history) == 1 and result.history[0].train_seen == 128      # 2 of its 4 batches
+    capsys.readouterr()
+    assert main(["compare", str(run_dir), "--png", str(tmp_path / "c.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[header.index("epochs")] == "0.5 of 2 (stopped)"
+    run = load_run(run_dir)
+    ends, _ = curve(run)
+    assert [p[0] for p in ends] == [0.5]
+    crosses = [line for line in plot([run]).axes[0].lines if line.get_marker() == "X"]
+    assert [list(line.get_xdata()) for line in crosses] == [[0.5]]
+    figure = plot_history(result.history, images_per_epoch=256)
+    assert list(figure.axes[0].lines[0].get_xdata()) == [0.5]
+    assert any(line.get_marker() == "X" for line in figure.axes[0].lines)
+    # the page's summary (/info)
+    summary = run_summary(run_dir, load_model(run_dir))
+    assert summary["epochs"] == 0.5 and summary["stopped"] is True
+
+
+def test_plot_png_counts_whole_epochs():
+    from trainkit.loop.engine import EpochResult, History
+    from trainkit.run.reports import plot_history
+
+    for epochs in (1, 2, 3, 7):
+        history = History(EpochResult(e, 0.1, 1.0 / e, 50.0 + e, 256, 1.0, 50.0, 5, 10, 1.0) for e in range(1, epochs + 1))
+        figure = plot_history(history, images_per_epoch=256)
+        figure.canvas.draw()
+        for ax in figure.axes:
+            low, high = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if low <= t <= high]
+            assert ticks and all(float(t).is_integer() for t in ticks), (epochs, ticks)   # not 1.25, 1.5...
