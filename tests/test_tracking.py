@@ -62,7 +62,15 @@ def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypat
     checks = client.get_metric_history(run.info.run_id, "check_val_acc")
     assert [m.step for m in checks] == [2, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"plot.png", "metrics.csv", "config.json", "confusion.png", "summary.txt"} <= artifacts
+    assert {"plot.png", "metrics.csv", "checks.csv", "config.json", "data.json", "confusion.png",
+            "summary.txt"} <= artifacts
+    # the training data as a dataset input: its name, data.json's digest, where it was read
+    (data_input,) = run.inputs.dataset_inputs
+    record = json.loads((run_dir / "data.json").read_text())
+    assert data_input.dataset.name == "mnist" and data_input.dataset.digest
+    assert json.loads(data_input.dataset.source)["uri"] == str(data_dir().resolve())
+    assert json.loads(data_input.dataset.profile)["images"] == {k: v["count"] for k, v in record["splits"].items()}
+    assert {(t.key, t.value) for t in data_input.tags} == {("mlflow.data.context", "training")}
     assert run.data.params["mlflow"] == uri, "the resolved tracking URI, not 'auto'"
     tags = run.data.tags
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
@@ -72,7 +80,13 @@ def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypat
     latest = max(models, key=lambda m: m.creation_timestamp)
     info = mlflow.models.get_model_info(latest.model_uri)
     assert "onnx" in info.flavors and "pytorch" not in info.flavors
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
+    assert info.metadata["image_shape"] == [1, 28, 28]
+    # the run's final numbers, on the model as MLflow 3 shows them, and not twice in the run's history
+    on_model = {m.key: (m.value, m.step) for m in mlflow.get_logged_model(latest.model_id).metrics}
+    final = last_row(run_dir)
+    assert set(on_model) == {"test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss"}
+    assert all(on_model[k] == (pytest.approx(float(final[k])), 2) for k in on_model), on_model
     saved = json.loads((run_dir / "config.json").read_text())["data"]
     assert info.metadata["mean"] == pytest.approx(saved["mean"]) and info.metadata["std"] == pytest.approx(saved["std"])
     assert info.metadata["classes"] == [str(c) for c in saved["classes"]] and info.metadata["output"] == "probabilities"
@@ -115,9 +129,16 @@ class Refuse(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Refuse())
 import numpy as np, mlflow.pyfunc
 images = np.load(sys.argv[2])
-out = mlflow.pyfunc.load_model(sys.argv[1]).predict(images)
-print(json.dumps({"probabilities": out["probabilities"].tolist(), "modules": sorted(
-    m for m in sys.modules if m.split(".")[0] in ("trainkit", "torch"))}))
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(images)
+as_float64 = model.predict(images.astype(np.float64))["probabilities"]      # numpy's default float
+try:
+    model.predict((images * 255).astype(np.uint8))                            # pixels not divided by 255
+    refused = None
+except Exception as exc:
+    refused = str(exc)
+print(json.dumps({"probabilities": out["probabilities"].tolist(), "float64": as_float64.tolist(),
+                  "uint8": refused, "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("trainkit", "torch"))}))
 """
 
 
@@ -130,7 +151,10 @@ def test_the_mlflow_model_loads_and_predicts_without_trainkit_or_torch(tmp_path,
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
-    cli_ok("train", *TINY_FLAGS, "--no-progress", "--out", run_dir, "--mlflow", uri, cwd=tmp_path)
+    trained = cli_ok("train", *TINY_FLAGS, "--no-progress", "--out", run_dir, "--mlflow", uri, cwd=tmp_path)
+    # MLflow's set-up lines ("Creating initial MLflow database tables...") are not among the run's
+    for line in ("mlflow.store.db.utils", "alembic", "Creating initial", "CUDAExecutionProvider"):
+        assert line not in trained.stderr, trained.stderr
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name("trainkit")
     (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
@@ -143,9 +167,14 @@ def test_the_mlflow_model_loads_and_predicts_without_trainkit_or_torch(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["modules"] == []
+    assert "CUDAExecutionProvider" not in proc.stderr, proc.stderr       # a CPU-only machine: no warning
     probs = np.array(out["probabilities"])
     assert probs.shape == (3, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs, own_probabilities(run_dir), rtol=1e-4, atol=1e-5)
+    # a float64 batch is the same batch; a uint8 one is refused in one line that says why (MLflow's
+    # schema check printed the whole array, 16-28 lines)
+    np.testing.assert_allclose(np.array(out["float64"]), probs, rtol=1e-6)
+    assert out["uint8"] and len(out["uint8"].strip().splitlines()) == 1 and "uint8" in out["uint8"], out["uint8"]
 
 
 def test_mlflow_register_needs_mlflow(tmp_path):
