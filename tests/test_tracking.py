@@ -491,3 +491,14 @@ def test_plot_png_counts_whole_epochs():
             low, high = ax.get_xlim()
             ticks = [t for t in ax.get_xticks() if low <= t <= high]
             assert ticks and all(float(t).is_integer() for t in ticks), (epochs, ticks)   # not 1.25, 1.5...
+
+
+def test_the_summary_and_the_table_say_what_their_numbers_are():
+    import torch.nn as nn
+    from trainkit.loop.engine import EpochResult, History
+    from trainkit.run.reports import markdown_table, model_summary
+
+    shown = repr(model_summary(nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 26 * 26, 10)), (1, 28, 28)))
+    assert "Total mult-adds (M):" in shown and "Units." not in shown      # as a notebook cell shows it
+    table = markdown_table(History([EpochResult(1, 0.1, 0.5, 80.0, 256, 0.4, 85.0, 85, 100, 1.0)]))
+    assert "train loss (epoch mean)" in table.splitlines()[0]     # the bar's Loss= is the last batch's
