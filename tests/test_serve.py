@@ -670,3 +670,26 @@ def test_every_answer_validates_against_the_served_openapi_schema(finished_run, 
     # the models carry examples, which Swagger UI and ReDoc show instead of `null`
     models = doc["components"]["schemas"]
     assert models["Prediction"]["properties"]["predicted"]["examples"] and models["Problem"]["properties"]["detail"]["examples"]
+
+
+def test_docs_quote_each_error_as_the_server_says_it(finished_run, digits):
+    """docs/serve.md's table of bad input against the server's answers: each answer's status and
+    detail match one of its rows (`...` standing for what changes). It said `... is not a readable
+    PNG or JPEG image`, and had no detail for most."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    rows = [line for line in (ROOT / "docs" / "serve.md").read_text().splitlines()
+            if re.match(r"\| .* \| \d{3} \| `.*` \|$", line)]
+    documented = [(int(status), re.escape(quote).replace(re.escape("..."), ".*"))
+                  for status, quote in (re.search(r"\| (\d{3}) \| `(.*)` \|$", row).groups() for row in rows)]
+    assert len(documented) >= 8
+    with TestClient(create_app(finished_run, backend="torch", max_upload=1 << 20)) as client:
+        answers = [client.post("/predict", **request) for _, request, _ in BAD_INPUTS.values()]
+        answers.append(client.post("/predict", params={"top": 0}, content=digits[0][0],
+                                   headers={"content-type": "image/png"}))
+    for answer in answers:
+        detail = answer.json()["detail"]
+        assert any(status == answer.status_code and re.fullmatch(pattern, detail) for status, pattern in documented), \
+            (answer.status_code, detail)
