@@ -485,7 +485,7 @@ def test_plot_png_counts_whole_epochs():
 
     for epochs in (1, 2, 3, 7):
         history = History(EpochResult(e, 0.1, 1.0 / e, 50.0 + e, 256, 1.0, 50.0, 5, 10, 1.0) for e in range(1, epochs + 1))
-        figure = plot_history(history, images_per_epoch=256)
+        figure = plot_history(history)
         figure.canvas.draw()
         for ax in figure.axes:
             low, high = ax.get_xlim()

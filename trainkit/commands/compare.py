@@ -4,7 +4,9 @@ A table of each run's final and best accuracy, epochs and wall time, with only t
 that differ between them (one column each), and compare.png: held-out accuracy and loss against
 epoch and against wall time, mid-epoch checks (checks.csv) included as small points. Runs with a
 validation split are drawn on it (their test set is evaluated once, at the end); the others on the
-test set. Each run is named by the shortest end of its path that no other run's path shares.
+test set. Each run is named by the shortest end of its path that no other run's path shares. A
+run stopped part way through an epoch (a pruned trial, --target-acc at a mid-epoch check) is shown
+at the epochs it trained (1.5), marked as stopped.
 """
 from __future__ import annotations
 
