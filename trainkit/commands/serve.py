@@ -3,9 +3,11 @@
 FastAPI + uvicorn (the `serve` extra), imported only when the command runs. The model is loaded
 once (`load_run`, weights_only) and every image goes through the same two steps as `trainkit
 predict` and the exported ONNX model: `preprocess.prepare_image` (convert and resize; digits framed
-as MNIST's for a run on them) and `TrainedModel.preprocess` (normalize). /docs is Swagger UI
-served from the fastapi-offline package's files, so it works offline. Requests that arrive while the model is busy are batched
-into its next forward (`Batcher`). Bad input is a 4xx answer with one line in "detail".
+as MNIST's for a run on them) and `TrainedModel.preprocess` (normalize). /docs (Swagger UI) and
+/redoc are served from the fastapi-offline package's files, so they work offline; the OpenAPI
+document is made from the answers' own models (serve_schema.py). Requests that arrive while the
+model is busy are batched into its next forward (`Batcher`). Bad input is a 4xx answer with one
+line in "detail".
 """
 
 import asyncio
@@ -135,10 +137,9 @@ class Batcher:
 
 def run_summary(run_dir: Path, trained) -> dict:
     """What /info and the page say about the run: model, dataset, classes, accuracy, preprocessing."""
-    from .inference import preprocessing
-
     from ..run.reports import epochs_trained
     from .compare import images_per_epoch
+    from .inference import preprocessing
 
     rows = []
     if (run_dir / "metrics.csv").is_file():
