@@ -15,7 +15,8 @@ class Health(BaseModel):
 class Problem(BaseModel):
     """Every error the server sends: one line saying what was wrong."""
     detail: str = Field(description="what was wrong with the request, in one line",
-                        examples=["the upload digit.txt is not a readable PNG or JPEG image"])
+                        examples=["the upload notes.txt is not a readable image: not a PNG, JPEG, "
+                                  "WebP, BMP, TIFF, GIF or PBM/PGM/PPM file"])
 
 
 class TopClass(BaseModel):
