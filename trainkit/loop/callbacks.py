@@ -225,6 +225,7 @@ class TensorBoardLogger(Callback):
     def on_fit_start(self, state: TrainState) -> None:
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(self.log_dir))
+        self._end_step = len(state.history) * state.num_batches     # a resumed run's epochs so far
 
     @staticmethod
     def _step(state: TrainState, batches: int) -> int:
