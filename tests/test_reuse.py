@@ -1,6 +1,7 @@
 """Reuse: the Python API, user models, other datasets, config files, reports, inference, export."""
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -217,8 +218,8 @@ def test_tensorboard_events(tmp_path, progress):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
     out = tmp_path / "run"
-    cli_ok("train", "--epochs", "2", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
-           "--evals-per-epoch", "2", "--tensorboard", "--out", out, progress)
+    proc = cli_ok("train", "--epochs", "2", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
+                  "--evals-per-epoch", "2", "--scheduler", "onecycle", "--tensorboard", "--out", out, progress)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -226,21 +227,27 @@ def test_tensorboard_events(tmp_path, progress):
     accs = [e.value for e in events.Scalars("test_acc")]
     csv_accs = [float(r.split(",")[6]) for r in open(out / "metrics.csv").read().splitlines()[1:]]
     assert accs == pytest.approx(csv_accs)
-    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    # one x-axis, the batches trained: an epoch's numbers at the step it ended (4 batches an epoch)
+    assert [e.step for e in events.Scalars("train_loss")] == [4, 8]
+    assert [e.step for e in events.Scalars("test_acc")] == [4, 8]
     # every check at the batches trained (4 an epoch: after 2 and 4), the epoch's own among them
     checks = events.Scalars("check/test_acc")
     assert [e.step for e in checks] == [2, 4, 6, 8] and checks[-1].value == pytest.approx(csv_accs[-1])
     losses = events.Scalars("step/train_loss")
     assert losses and all(1 <= e.step <= 8 and 0 < e.value < 10 for e in losses)
     assert losses[-1].step == 8, "the epoch's last batch is read at its end"
-    assert {e.step for e in events.Scalars("step/lr")} == {e.step for e in losses}
+    # the rate each step trained with (onecycle changes it every step): a step's first is the epoch's
+    rates = events.Scalars("step/lr")
+    assert [e.step for e in rates] == list(range(1, 9))
+    said = [float(x) for x in re.findall(r"Adjusting learning rate of group 0 to (\S+)\.\n", proc.stdout)]
+    assert [rates[0].value, rates[4].value] == pytest.approx(said, rel=1e-3)
+    assert "lr" not in tags          # the epoch's starting rate, drawn at its end, was a second, wrong curve
     # the HParams tab: the settings the run ran with, and the final numbers as its metrics
     content = events.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert session.hparams["batch_size"].number_value == 64 and session.hparams["model"].string_value == "s5net"
     assert session.hparams["precision"].string_value in ("fp32", "bf16")     # what auto chose
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} >= {"test_acc", "test_loss"}
+    assert "_hparams_/experiment" not in content    # TensorBoard makes it from every run's session
 
 
 @pytest.mark.slow
@@ -254,7 +261,7 @@ def test_tensorboard_with_a_validation_split_has_the_final_test(tmp_path):
     assert [e.step for e in events.Scalars("check/val_acc")] == [2, 4]
     assert [e.step for e in events.Scalars("check/test_loss")] == [4]      # the test set, once, at the end
     last = open(out / "metrics.csv").read().splitlines()[-1].split(",")
-    assert [(e.step, e.value) for e in events.Scalars("test_acc")] == [(1, pytest.approx(float(last[6])))]
+    assert [(e.step, e.value) for e in events.Scalars("test_acc")] == [(4, pytest.approx(float(last[6])))]
 
 
 @pytest.mark.slow
@@ -272,3 +279,35 @@ def test_patience_flag(tmp_path):
     cli_ok("train", "--epochs", "5", "--limit-train", "256", "--limit-test", "128", "--lr", "1e-9",
                    "--patience", "1", "--out", tmp_path / "run", "--no-progress")
     assert len(open(tmp_path / "run" / "metrics.csv").read().splitlines()) == 1 + 2
+
+
+def test_tensorboard_hparams_keep_a_settings_type_when_one_run_leaves_it_unset(tmp_path):
+    """Two runs' HParams sessions, one with --limit-train 256 and one without, read by TensorBoard
+    itself (its server, in this process): limit_train stays a number column and differs. "None" (a
+    string) made it a string column, and each run's own experiment summary hid that it differs."""
+    import urllib.request
+
+    from tensorboard import program
+    from trainkit.loop.callbacks import TensorBoardLogger
+    from trainkit.loop.engine import EpochResult, History, TrainState
+
+    for name, limit in (("with", 256), ("without", None)):
+        logger = TensorBoardLogger(tmp_path / name, settings=TrainConfig(limit_train=limit, epochs=3).to_dict())
+        state = TrainState(model=None, optimizer=None, scheduler=None, train_loader=None, test_loader=None,
+                           device=torch.device("cpu"), history=History([EpochResult(1, 0.1, 1.0, 50.0, 256, 1.0, 60.0,
+                                                                                    6, 10, 1.0)]))
+        logger.on_fit_start(state)
+        logger.on_fit_end(state)
+    board = program.TensorBoard()
+    board.configure(argv=[None, "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", "0"])
+    url = board.launch()
+    request = urllib.request.Request(url + "data/plugin/hparams/experiment", data=b'{"experimentName": ""}',
+                                     headers={"Content-Type": "application/json"})
+    for _ in range(50):      # the server reads the event files shortly after it starts
+        infos = {h["name"]: h for h in json.load(urllib.request.urlopen(request, timeout=10)).get("hparamInfos", [])}
+        if "limit_train" in infos:
+            break
+        time.sleep(0.2)
+    assert infos["limit_train"]["type"] == "DATA_TYPE_FLOAT64" and infos["limit_train"]["differs"] is True
+    assert infos["epochs"]["type"] == "DATA_TYPE_FLOAT64" and not infos["epochs"].get("differs")
+    assert infos["model"]["type"] == "DATA_TYPE_STRING" and not infos["model"].get("differs")

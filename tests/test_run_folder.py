@@ -106,7 +106,7 @@ def test_a_second_writer_is_refused_while_the_first_goes_on(tmp_path):
         assert resumed.returncode == 2
     finally:
         held.release()
-    assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK]
+    assert sorted(p.name for p in run.iterdir()) == []         # the lock file goes with the lock
 
 
 @pytest.mark.slow
@@ -166,6 +166,31 @@ def test_a_run_stopped_before_its_first_checkpoint_can_start_again(tmp_path):
     (run / (ckpt.TMP_PREFIX + "samples.png.abcdefgh")).write_bytes(b"half")
     held = rundir.prepare(run)              # accepted as a new run; its stale temporary is gone
     held.release()
-    assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK, "config.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
     proc = run_cli("train", "--resume", run)
     assert_one_line_error(proc, "holds no checkpoint", f"start it again with --out {run}")
+
+
+@pytest.mark.slow
+def test_a_finished_run_names_what_it_saved_and_leaves_no_lock_file(tmp_path):
+    run = tmp_path / "run"
+    proc = cli_ok("train", *SMALL, "--epochs", "1", "--evals-per-epoch", "2", "--precision", "fp32",
+                  "--channels-last", "off", "--compile", "off", "--out", run)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("Run saved in"))
+    named = line.split(": ", 1)[1].split()
+    assert "checks.csv" in named and (run / "checks.csv").is_file()      # its mid-epoch checks
+    assert all((run / name).exists() for name in named), named
+    assert not (run / rundir.LOCK).exists()          # an empty .trainkit.lock was left behind
+
+
+def test_a_released_lock_removes_its_file_and_a_new_taker_gets_a_fresh_one(tmp_path):
+    first = rundir.lock_run(tmp_path)
+    first.release()
+    assert not (tmp_path / rundir.LOCK).exists()
+    second = rundir.lock_run(tmp_path)              # a new file, locked as before
+    try:
+        assert (tmp_path / rundir.LOCK).is_file()
+        with pytest.raises(Exception, match="in use by another trainkit process"):
+            rundir.lock_run(tmp_path)
+    finally:
+        second.release()

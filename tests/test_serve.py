@@ -329,6 +329,7 @@ def browser():
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})    # every request it makes
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
     yield driver
@@ -431,8 +432,36 @@ def test_the_api_docs_render_offline(server, browser):
     assert {"/predict", "/info", "/health"} <= paths
     if os.environ.get("TRAINKIT_DOCS_SCREENSHOT"):
         browser.save_screenshot(os.environ["TRAINKIT_DOCS_SCREENSHOT"])
+
+
+
+def requested(browser) -> list[str]:
+    """The addresses the browser asked for since the last call (Chrome's performance log)."""
+    import json
+    messages = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+    return [m["params"]["request"]["url"] for m in messages if m["method"] == "Network.requestWillBeSent"]
+
+
+@pytest.mark.slow
+def test_redoc_renders_offline_and_asks_nothing_of_another_host(server, browser):
+    from urllib.parse import urlsplit
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    requested(browser)                  # what earlier tests asked for
     browser.get(server + "/redoc")
     WebDriverWait(browser, 30, POLL).until(lambda d: "/predict" in d.find_element(By.TAG_NAME, "body").text)
+    WebDriverWait(browser, 30, POLL).until(lambda d: "API docs by Redocly" in d.find_element(By.TAG_NAME, "body").text)
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "Prediction" in body or "predicted" in body        # the response's model, not an empty schema
+    time.sleep(0.5)                     # ReDoc's late images (its logo) are asked for after it renders
+    urls = requested(browser)
+    assert any(u.endswith("/redoc.standalone.js") for u in urls), urls
+    away = [u for u in urls if urlsplit(u).scheme not in ("data", "blob") and urlsplit(u).hostname != "127.0.0.1"]
+    assert away == [], away             # it fetched cdn.redoc.ly/redoc/logo-mini.svg
+    if os.environ.get("TRAINKIT_REDOC_SCREENSHOT"):
+        browser.save_screenshot(os.environ["TRAINKIT_REDOC_SCREENSHOT"])
 
 
 def page_settled(browser, timeout: float = 30) -> str:
@@ -566,3 +595,101 @@ def test_drawn_digits_are_framed_like_mnist(server, browser, served_run):
     print(f"\ndrawn digits 0-9 right: {right}; the page answered {answers}")
     assert right["MNIST framing (page)"] >= max(right["whole canvas"], right["box centred"])
     assert right["MNIST framing (page)"] >= 6
+
+
+@pytest.mark.slow
+def test_the_page_names_the_file_hides_a_broken_preview_closes_on_esc_and_has_an_icon(server, browser, digits,
+                                                                                     tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server + "/")
+    wait_for_text(browser, "accuracy")
+    assert browser.find_element(By.ID, "epochs").text == "1 epoch"
+    icon = browser.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href")
+    answer = httpx.get(icon)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("image/svg+xml")
+    assert "strokes add up" in browser.find_element(By.ID, "hint").text      # what a second stroke does
+    images, labels = digits
+    good, bad = tmp_path / "digit.png", tmp_path / "notes.png"
+    good.write_bytes(images[0])
+    bad.write_bytes(b"not a picture at all" * 10)
+    file_input, preview = browser.find_element(By.ID, "file"), browser.find_element(By.ID, "preview")
+    file_input.send_keys(str(bad))
+    assert "not a readable" in wait_for_text(browser, "error")
+    assert not preview.is_displayed()               # the error alone, no broken picture beside it
+    file_input.send_keys(str(good))
+    wait_for_text(browser, "predicted")
+    assert browser.find_element(By.ID, "filename").text == "digit.png" and preview.is_displayed()
+    if os.environ.get("TRAINKIT_PAGE_SCREENSHOT"):
+        browser.save_screenshot(os.environ["TRAINKIT_PAGE_SCREENSHOT"])
+    browser.find_element(By.CSS_SELECTOR, "#reports img").click()
+    assert browser.find_element(By.ID, "full").is_displayed()
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    assert not browser.find_element(By.ID, "full").is_displayed()
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAPI document says what the server answers
+
+def response_schema(doc: dict, path: str, method: str, status: int) -> dict:
+    """The JSON schema the document gives for an answer, with the document's components (for $ref)."""
+    content = doc["paths"][path][method]["responses"][str(status)]["content"]
+    assert list(content) == ["application/json"], content
+    schema = content["application/json"]["schema"]
+    assert "$ref" in schema, schema          # a model of its own, not an empty schema (Swagger's `null`)
+    return {**schema, "components": doc["components"]}
+
+
+def test_every_answer_validates_against_the_served_openapi_schema(finished_run, digits):
+    from fastapi.testclient import TestClient
+    from jsonschema import Draft202012Validator, ValidationError
+    from openapi_spec_validator import validate
+
+    with TestClient(create_app(finished_run, backend="torch", max_upload=1 << 20)) as client:
+        doc = client.get("/openapi.json").json()
+        validate(doc)                                  # a valid OpenAPI 3.1 document
+        accepted = doc["paths"]["/predict"]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "image/png", "image/jpeg", "image/*", "application/octet-stream"} <= set(accepted)
+        answers = [("/health", "get", client.get("/health")), ("/info", "get", client.get("/info")),
+                   ("/predict", "post", client.post("/predict", content=digits[0][0],
+                                                    headers={"content-type": "image/png"}))]
+        for case in ("not an image", "empty body", "top not a number", "wrong content type", "form without a file",
+                     "50 MB upload"):
+            answers.append(("/predict", "post", client.post("/predict", **BAD_INPUTS[case][1])))
+        answers.append(("/predict", "post", client.post("/predict", params={"top": 0}, content=digits[0][0],
+                                                        headers={"content-type": "image/png"})))
+    statuses = set()
+    for path, method, answer in answers:
+        schema = response_schema(doc, path, method, answer.status_code)
+        Draft202012Validator(schema).validate(answer.json())
+        statuses.add(answer.status_code)
+        with pytest.raises(ValidationError):            # the schema does hold the answer to a shape
+            Draft202012Validator(schema).validate({"unexpected": 1})
+    assert statuses == {200, 400, 413, 415, 422}
+    # the models carry examples, which Swagger UI and ReDoc show instead of `null`
+    models = doc["components"]["schemas"]
+    assert models["Prediction"]["properties"]["predicted"]["examples"] and models["Problem"]["properties"]["detail"]["examples"]
+
+
+def test_docs_quote_each_error_as_the_server_says_it(finished_run, digits):
+    """docs/serve.md's table of bad input against the server's answers: each answer's status and
+    detail match one of its rows (`...` standing for what changes). It said `... is not a readable
+    PNG or JPEG image`, and had no detail for most."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    rows = [line for line in (ROOT / "docs" / "serve.md").read_text().splitlines()
+            if re.match(r"\| .* \| \d{3} \| `.*` \|$", line)]
+    documented = [(int(status), re.escape(quote).replace(re.escape("..."), ".*"))
+                  for status, quote in (re.search(r"\| (\d{3}) \| `(.*)` \|$", row).groups() for row in rows)]
+    assert len(documented) >= 8
+    with TestClient(create_app(finished_run, backend="torch", max_upload=1 << 20)) as client:
+        answers = [client.post("/predict", **request) for _, request, _ in BAD_INPUTS.values()]
+        answers.append(client.post("/predict", params={"top": 0}, content=digits[0][0],
+                                   headers={"content-type": "image/png"}))
+    for answer in answers:
+        detail = answer.json()["detail"]
+        assert any(status == answer.status_code and re.fullmatch(pattern, detail) for status, pattern in documented), \
+            (answer.status_code, detail)

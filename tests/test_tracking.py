@@ -17,6 +17,7 @@ from trainkit.commands.cli import main
 
 TINY = dict(model="speednet", limit_train=384, limit_test=100, val_split=128, epochs=1, batch_size=64,
             evals_per_epoch=2, progress=False)
+FIXED = dict(precision="fp32", channels_last="off", compile="off")   # nothing measured: files, not speed, are tested
 TINY_FLAGS = ["--model", "speednet", "--limit-train", "384", "--limit-test", "100", "--val-split", "128",
               "--epochs", "1", "--batch-size", "64", "--evals-per-epoch", "2"]
 
@@ -61,7 +62,15 @@ def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypat
     checks = client.get_metric_history(run.info.run_id, "check_val_acc")
     assert [m.step for m in checks] == [2, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"plot.png", "metrics.csv", "config.json", "confusion.png", "summary.txt"} <= artifacts
+    assert {"plot.png", "metrics.csv", "checks.csv", "config.json", "data.json", "confusion.png",
+            "summary.txt"} <= artifacts
+    # the training data as a dataset input: its name, data.json's digest, where it was read
+    (data_input,) = run.inputs.dataset_inputs
+    record = json.loads((run_dir / "data.json").read_text())
+    assert data_input.dataset.name == "mnist" and data_input.dataset.digest
+    assert json.loads(data_input.dataset.source)["uri"] == str(data_dir().resolve())
+    assert json.loads(data_input.dataset.profile)["images"] == {k: v["count"] for k, v in record["splits"].items()}
+    assert {(t.key, t.value) for t in data_input.tags} == {("mlflow.data.context", "training")}
     assert run.data.params["mlflow"] == uri, "the resolved tracking URI, not 'auto'"
     tags = run.data.tags
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
@@ -71,7 +80,13 @@ def test_mlflow_run_is_logged_and_a_resumed_run_continues_it(tmp_path, monkeypat
     latest = max(models, key=lambda m: m.creation_timestamp)
     info = mlflow.models.get_model_info(latest.model_uri)
     assert "onnx" in info.flavors and "pytorch" not in info.flavors
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
+    assert info.metadata["image_shape"] == [1, 28, 28]
+    # the run's final numbers, on the model as MLflow 3 shows them, and not twice in the run's history
+    on_model = {m.key: (m.value, m.step) for m in mlflow.get_logged_model(latest.model_id).metrics}
+    final = last_row(run_dir)
+    assert set(on_model) == {"test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss"}
+    assert all(on_model[k] == (pytest.approx(float(final[k])), 2) for k in on_model), on_model
     saved = json.loads((run_dir / "config.json").read_text())["data"]
     assert info.metadata["mean"] == pytest.approx(saved["mean"]) and info.metadata["std"] == pytest.approx(saved["std"])
     assert info.metadata["classes"] == [str(c) for c in saved["classes"]] and info.metadata["output"] == "probabilities"
@@ -114,9 +129,16 @@ class Refuse(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Refuse())
 import numpy as np, mlflow.pyfunc
 images = np.load(sys.argv[2])
-out = mlflow.pyfunc.load_model(sys.argv[1]).predict(images)
-print(json.dumps({"probabilities": out["probabilities"].tolist(), "modules": sorted(
-    m for m in sys.modules if m.split(".")[0] in ("trainkit", "torch"))}))
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(images)
+as_float64 = model.predict(images.astype(np.float64))["probabilities"]      # numpy's default float
+try:
+    model.predict((images * 255).astype(np.uint8))                            # pixels not divided by 255
+    refused = None
+except Exception as exc:
+    refused = str(exc)
+print(json.dumps({"probabilities": out["probabilities"].tolist(), "float64": as_float64.tolist(),
+                  "uint8": refused, "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("trainkit", "torch"))}))
 """
 
 
@@ -129,7 +151,10 @@ def test_the_mlflow_model_loads_and_predicts_without_trainkit_or_torch(tmp_path,
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
-    cli_ok("train", *TINY_FLAGS, "--no-progress", "--out", run_dir, "--mlflow", uri, cwd=tmp_path)
+    trained = cli_ok("train", *TINY_FLAGS, "--no-progress", "--out", run_dir, "--mlflow", uri, cwd=tmp_path)
+    # MLflow's set-up lines ("Creating initial MLflow database tables...") are not among the run's
+    for line in ("mlflow.store.db.utils", "alembic", "Creating initial", "CUDAExecutionProvider"):
+        assert line not in trained.stderr, trained.stderr
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name("trainkit")
     (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
@@ -142,9 +167,14 @@ def test_the_mlflow_model_loads_and_predicts_without_trainkit_or_torch(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["modules"] == []
+    assert "CUDAExecutionProvider" not in proc.stderr, proc.stderr       # a CPU-only machine: no warning
     probs = np.array(out["probabilities"])
     assert probs.shape == (3, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs, own_probabilities(run_dir), rtol=1e-4, atol=1e-5)
+    # a float64 batch is the same batch; a uint8 one is refused in one line that says why (MLflow's
+    # schema check printed the whole array, 16-28 lines)
+    np.testing.assert_allclose(np.array(out["float64"]), probs, rtol=1e-6)
+    assert out["uint8"] and len(out["uint8"].strip().splitlines()) == 1 and "uint8" in out["uint8"], out["uint8"]
 
 
 def test_mlflow_register_needs_mlflow(tmp_path):
@@ -231,6 +261,8 @@ def test_a_killed_search_continues_where_it_stopped(tuned):
         assert (study.trials[number].value, study.trials[number].state) == (value, state)
     assert all(p.stat().st_mtime_ns == m for p, m in tuned["mtimes"].items())
     assert "2 of 4 trials finished" in tuned["output"]
+    # the split is the same in every trial: said once (it was said once a trial)
+    assert tuned["output"].count("Validation split (--val-split 128)") == 1, tuned["output"]
     # every trial kept its run folder; the objective was validation accuracy
     for t in done:
         assert (Path(t.user_attrs["run_dir"]) / "metrics.csv").is_file()
@@ -277,7 +309,7 @@ def test_pruning_compares_trials_at_the_same_epoch_fraction():
     steps = {}
     for batches in (4, 7, 9, 16):          # batch sizes differ: so do the batches an epoch
         trial = Trial()
-        pruning = TrialPruning(trial, evals_per_epoch=3, batch_size=8, epochs=2)
+        pruning = TrialPruning(trial, evals_per_epoch=3, epochs=2)
         state = TrainState(model=None, optimizer=None, scheduler=None, train_loader=None, test_loader=None,
                            device=torch.device("cpu"), num_batches=batches)
         for epoch in (1, 2):
@@ -388,3 +420,85 @@ def test_compare_and_tune_refuse_bad_input_in_one_line(tmp_path, capsys):
     assert "low < high" in one_line_error("tune", tmp_path / "space.yaml", "--out", tmp_path / "t")
     (tmp_path / "space.yaml").write_text("lr: [0.1, -1]\n")
     assert "--lr must be greater than 0" in one_line_error("tune", tmp_path / "space.yaml", "--out", tmp_path / "t")
+
+
+@pytest.mark.slow
+def test_a_trial_pruned_at_an_epochs_end_counts_the_images_it_trained_on(tmp_path, capsys):
+    """300 training images in batches of 64: 5 batches, the last of 44. Pruned at the first epoch's
+    end, the trial trained on 300 images (it said 5 x 64 = 320)."""
+    optuna = pytest.importorskip("optuna")
+    from trainkit.commands.tune import TrialPruning
+
+    # ThresholdPruner above 100%: every trial is pruned at its first report (the epoch's end here)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=101.0))
+    pruning = TrialPruning(study.ask(), evals_per_epoch=1, epochs=2)
+    cfg = TrainConfig(**{**TINY, **FIXED, "limit_train": 428, "epochs": 2, "evals_per_epoch": 1})   # 428 - 128 held out
+    result = train(cfg, out=tmp_path / "trial", callbacks=[pruning])
+    assert pruning.pruned_at == 1 and len(result.history) == 1
+    assert pruning.images == 300 == result.history[0].train_seen
+
+
+def test_the_search_history_plot_names_its_axis_as_the_objective():
+    optuna = pytest.importorskip("optuna")
+    from trainkit.commands.tune import history_figure
+
+    study = optuna.create_study(direction="maximize")
+    for value in (80.0, 85.0):
+        study.tell(study.ask(), value)
+    assert history_figure(study).axes[0].get_ylabel() == "validation accuracy %"     # was "Objective Value"
+
+
+@pytest.mark.slow
+def test_a_run_stopped_part_way_through_an_epoch_is_shown_where_it_stopped(tmp_path, capsys):
+    """--target-acc 1 stops the run at its first check, half-way through epoch 1 of 2: compare's
+    table, its curve and plot.png place the run at epoch 0.5, marked as stopped (they said 1)."""
+    from trainkit.commands.compare import curve, load_run, plot
+    from trainkit.commands.inference import load_run as load_model
+    from trainkit.commands.serve import run_summary
+    from trainkit.run.reports import plot_history
+
+    run_dir = tmp_path / "stopped"
+    result = train(TrainConfig(**{**TINY, **FIXED, "epochs": 2, "target_acc": 1.0}), out=run_dir)
+    assert len(result.history) == 1 and result.history[0].train_seen == 128      # 2 of its 4 batches
+    capsys.readouterr()
+    assert main(["compare", str(run_dir), "--png", str(tmp_path / "c.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[header.index("epochs")] == "0.5 of 2 (stopped)"
+    run = load_run(run_dir)
+    ends, _ = curve(run)
+    assert [p[0] for p in ends] == [0.5]
+    crosses = [line for line in plot([run]).axes[0].lines if line.get_marker() == "X"]
+    assert [list(line.get_xdata()) for line in crosses] == [[0.5]]
+    figure = plot_history(result.history, images_per_epoch=256)
+    assert list(figure.axes[0].lines[0].get_xdata()) == [0.5]
+    assert any(line.get_marker() == "X" for line in figure.axes[0].lines)
+    # the page's summary (/info)
+    summary = run_summary(run_dir, load_model(run_dir))
+    assert summary["epochs"] == 0.5 and summary["stopped"] is True
+
+
+def test_plot_png_counts_whole_epochs():
+    from trainkit.loop.engine import EpochResult, History
+    from trainkit.run.reports import plot_history
+
+    for epochs in (1, 2, 3, 7):
+        history = History(EpochResult(e, 0.1, 1.0 / e, 50.0 + e, 256, 1.0, 50.0, 5, 10, 1.0) for e in range(1, epochs + 1))
+        figure = plot_history(history)
+        figure.canvas.draw()
+        for ax in figure.axes:
+            low, high = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if low <= t <= high]
+            assert ticks and all(float(t).is_integer() for t in ticks), (epochs, ticks)   # not 1.25, 1.5...
+
+
+def test_the_summary_and_the_table_say_what_their_numbers_are():
+    import torch.nn as nn
+    from trainkit.loop.engine import EpochResult, History
+    from trainkit.run.reports import markdown_table, model_summary
+
+    shown = repr(model_summary(nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 26 * 26, 10)), (1, 28, 28)))
+    assert "Total mult-adds (M):" in shown and "Units." not in shown      # as a notebook cell shows it
+    table = markdown_table(History([EpochResult(1, 0.1, 0.5, 80.0, 256, 0.4, 85.0, 85, 100, 1.0)]))
+    assert "train loss (epoch mean)" in table.splitlines()[0]     # the bar's Loss= is the last batch's

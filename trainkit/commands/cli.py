@@ -56,7 +56,8 @@ def cmd_train(args) -> int:
     finally:
         teardown()
     if result.run.rank.is_main:
-        print(f"Run saved in {result.run_dir}/: {' '.join(FILES)}")
+        saved = [name for name in (*FILES, "checks.csv", "tensorboard") if (result.run_dir / name).exists()]
+        print(f"Run saved in {result.run_dir}/: {' '.join(saved)}")
     return 0
 
 

@@ -4,7 +4,9 @@ A table of each run's final and best accuracy, epochs and wall time, with only t
 that differ between them (one column each), and compare.png: held-out accuracy and loss against
 epoch and against wall time, mid-epoch checks (checks.csv) included as small points. Runs with a
 validation split are drawn on it (their test set is evaluated once, at the end); the others on the
-test set. Each run is named by the shortest end of its path that no other run's path shares.
+test set. Each run is named by the shortest end of its path that no other run's path shares. A
+run stopped part way through an epoch (a pruned trial, --target-acc at a mid-epoch check) is shown
+at the epochs it trained (1.5), marked as stopped.
 """
 from __future__ import annotations
 
@@ -46,7 +48,29 @@ def load_run(path: Path) -> dict:
         missing = [c for c in ("epoch", "seconds", f"{split}_acc", f"{split}_loss") if row.get(c) is None]
         if missing:
             raise TrainkitError(f"{path / 'metrics.csv'} is damaged: row {number} has no {', '.join(missing)}")
-    return {"name": path.name or str(path), "path": path, "config": config, "rows": rows, "checks": _checks(path)}
+    return {"name": path.name or str(path), "path": path, "config": config, "rows": rows, "checks": _checks(path),
+            "per_epoch": images_per_epoch(path)}
+
+
+def images_per_epoch(path: Path) -> int | None:
+    """The training images of a whole epoch (config.json's data.train_size), which tells an epoch
+    stopped part way from a whole one; None when config.json does not say."""
+    try:
+        size = json.loads((path / "config.json").read_text()).get("data", {}).get("train_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def trained(run: dict) -> list[float]:
+    """Where each of the run's epochs ended, in epochs: 1.5 for a second epoch stopped half-way."""
+    from ..run.reports import epochs_trained
+    return [epochs_trained(int(r["epoch"]), r.get("train_seen"), run["per_epoch"]) for r in run["rows"]]
+
+
+def stopped(run: dict) -> bool:
+    """Whether the run's last epoch was stopped part way (pruned, --target-acc at a check)."""
+    return trained(run)[-1] < run["rows"][-1]["epoch"]
 
 
 def _checks(path: Path) -> list[dict]:
@@ -98,8 +122,9 @@ def table(runs: list[dict]) -> str:
     for run in runs:
         rows, split = run["rows"], held_out(run)
         accs = [r[f"{split}_acc"] for r in rows if r.get(f"{split}_acc") is not None]
-        planned = run["config"].get("epochs")
-        epochs = str(len(rows)) if planned in (None, len(rows)) else f"{len(rows)} of {planned}"
+        planned, done = run["config"].get("epochs"), trained(run)[-1]
+        epochs = f"{done:.3g}" + ("" if planned in (None, done) else f" of {planned}") + \
+            (" (stopped)" if stopped(run) else "")
         cells = [run["name"], rows[-1].get("test_acc"), rows[-1].get("val_acc"), max(accs), split, epochs,
                  sum(r["seconds"] for r in rows)]
         settings = [f"{v:.4g}" if isinstance(v, float) else show(v) for v in (run["config"].get(k) for k in differ)]
@@ -115,8 +140,8 @@ def curve(run: dict) -> tuple[list[tuple], list[tuple]]:
     for r in rows:
         started[int(r["epoch"])] = total
         total += r["seconds"]
-    ends = [(r["epoch"], started[int(r["epoch"])] + r["seconds"], r[f"{split}_acc"], r[f"{split}_loss"])
-            for r in rows]
+    ends = [(x, started[int(r["epoch"])] + r["seconds"], r[f"{split}_acc"], r[f"{split}_loss"])
+            for x, r in zip(trained(run), rows)]
     checks = [(c["epoch"] - 1 + c["after_batch"] / c["batches"], started.get(c["epoch"], total) + c["seconds"],
                c["acc"], c["loss"]) for c in run["checks"] if c["split"] == split]
     return ends, checks
@@ -125,7 +150,7 @@ def curve(run: dict) -> tuple[list[tuple], list[tuple]]:
 def plot(runs: list[dict], path: Path | None = None):
     """2x2: held-out accuracy and loss against epoch (top) and against wall time (bottom);
     the figure, or saved to `path` (and closed)."""
-    from ..run.reports import _finish, _pyplot
+    from ..run.reports import _finish, _pyplot, mark_stopped, whole_epochs
 
     plt = _pyplot()
     fig, axs = plt.subplots(2, 2, figsize=(14, 9))
@@ -141,15 +166,20 @@ def plot(runs: list[dict], path: Path | None = None):
                 axs[row, col].plot(*pick(ends), "o", color=line.get_color())
                 if checks:
                     axs[row, col].plot(*pick(checks), ".", color=line.get_color(), markersize=5)
+                if stopped(run):     # named once, in the legend's panel
+                    mark_stopped(axs[row, col], *(v[0] for v in pick(ends[-1:])),
+                                 f"{run['name']} stopped at epoch {ends[-1][0]:.3g}" if row == col == 0 else "_")
     for col, key in enumerate(("accuracy %", "loss")):
         axs[0, col].set_xlabel("epoch")
+        whole_epochs(axs[0, col])
         axs[1, col].set_xlabel("wall time (s)")
         for row in (0, 1):
             axs[row, col].set_ylabel(f"held-out {key}")
             axs[row, col].grid(alpha=0.3)
     axs[0, 0].legend(fontsize=8)
     fig.suptitle("held-out accuracy and loss: validation split where a run has one, else the test set\n"
-                 "(large points: the epochs' ends; small: mid-epoch checks)")
+                 "(large points: the epochs' ends; small: mid-epoch checks; a cross: a run stopped part way "
+                 "through an epoch)")
     fig.tight_layout()
     return _finish(fig, path)
 

@@ -3,9 +3,11 @@
 FastAPI + uvicorn (the `serve` extra), imported only when the command runs. The model is loaded
 once (`load_run`, weights_only) and every image goes through the same two steps as `trainkit
 predict` and the exported ONNX model: `preprocess.prepare_image` (convert and resize; digits framed
-as MNIST's for a run on them) and `TrainedModel.preprocess` (normalize). /docs is Swagger UI
-served from the fastapi-offline package's files, so it works offline. Requests that arrive while the model is busy are batched
-into its next forward (`Batcher`). Bad input is a 4xx answer with one line in "detail".
+as MNIST's for a run on them) and `TrainedModel.preprocess` (normalize). /docs (Swagger UI) and
+/redoc are served from the fastapi-offline package's files, so they work offline; the OpenAPI
+document is made from the answers' own models (serve_schema.py). Requests that arrive while the
+model is busy are batched into its next forward (`Batcher`). Bad input is a 4xx answer with one
+line in "detail".
 """
 
 import asyncio
@@ -135,23 +137,28 @@ class Batcher:
 
 def run_summary(run_dir: Path, trained) -> dict:
     """What /info and the page say about the run: model, dataset, classes, accuracy, preprocessing."""
+    from ..run.reports import epochs_trained
+    from .compare import images_per_epoch
     from .inference import preprocessing
 
     rows = []
     if (run_dir / "metrics.csv").is_file():
         try:
             with open(run_dir / "metrics.csv", newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("test_acc")]
+                rows = [r for r in csv.DictReader(f) if r.get("epoch")]
         except (OSError, csv.Error, UnicodeDecodeError):
             rows = []
-    accuracy = None
+    accuracy, epochs, stopped = None, 0.0, False
     if rows:
         try:
-            accuracy = float(rows[-1]["test_acc"])
+            last = rows[-1]
+            accuracy = float(last["test_acc"]) if last.get("test_acc") else None
+            epochs = epochs_trained(int(last["epoch"]), int(last.get("train_seen") or 0), images_per_epoch(run_dir))
+            stopped = epochs < int(last["epoch"])
         except ValueError:
             pass
     return {"run": str(run_dir), "model": trained.cfg.model, "dataset": trained.cfg.dataset,
-            "classes": trained.classes, "accuracy": accuracy, "epochs": len(rows),
+            "classes": trained.classes, "accuracy": accuracy, "epochs": epochs, "stopped": stopped,
             "parameters": sum(p.numel() for p in trained.model.parameters()),
             "reports": [name for name in RUN_IMAGES if (run_dir / name).is_file()],
             "preprocessing": preprocessing(trained)}
@@ -220,13 +227,14 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
     """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
     from contextlib import asynccontextmanager
 
-    from fastapi import Request
+    from fastapi import Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
     from .inference import load_run
     from ..data.preprocess import prepare_image, reads_digits
-    from .serve_page import PAGE
+    from .serve_page import FAVICON, PAGE
+    from .serve_schema import PREDICT_BODY, PREDICT_ERRORS, Health, Info, Prediction, Problem, error_responses
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -241,10 +249,10 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         predictor(torch.zeros(1, c, h, w, dtype=torch.uint8))   # a model that cannot run is refused now
     except Exception as exc:  # noqa: BLE001 - any failure of the model is the run's fault
         raise TrainkitError(f"{run_dir}'s model fails on an image of its own shape: {exc}".splitlines()[0]) from None
-    info = {**run_summary(run_dir, trained), "backend": backend, "max_batch": max_batch, "workers": workers,
-            "threads": torch.get_num_threads() if backend == "torch" else threads or default_threads(),
-            "max_upload_bytes": max_upload, "max_pixels": max_pixels,
-            "digits": reads_digits(dataset, trained.image_shape)}   # images are framed like MNIST's
+    info = Info(**run_summary(run_dir, trained), backend=backend, max_batch=max_batch, workers=workers,
+                threads=torch.get_num_threads() if backend == "torch" else threads or default_threads(),
+                max_upload_bytes=max_upload, max_pixels=max_pixels,
+                digits=reads_digits(dataset, trained.image_shape))   # images are framed like MNIST's
     batcher = Batcher(predictor, max_batch, workers)
 
     @asynccontextmanager
@@ -256,53 +264,50 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
 
     from fastapi_offline import FastAPIOffline
 
-    # /docs (Swagger UI) and /redoc from the package's own copies of their scripts: no CDN, works offline
-    app = FastAPIOffline(title="trainkit serve", lifespan=lifespan,
-                  description=f"The model of {run_dir} ({trained.cfg.model} on {trained.cfg.dataset}).")
+    # /docs (Swagger UI) from the package's own copy of its script: no CDN, works offline; /redoc below
+    app = FastAPIOffline(title="trainkit serve", lifespan=lifespan, redoc_url=None, favicon_url="/favicon.svg",
+                         description=f"The model of {run_dir} ({trained.cfg.model} on {trained.cfg.dataset}).")
 
     @app.exception_handler(Refused)
     async def refused(request, exc: Refused):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse(Problem(detail=str(exc)).model_dump(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):   # ?top=abc: one line, not FastAPI's list
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "the request"
-        return JSONResponse({"detail": f"{where}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"},
-                            status_code=422)
+        detail = f"{where}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"
+        return JSONResponse(Problem(detail=detail).model_dump(), status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return PAGE
 
-    @app.get("/health", summary="Is the server up")
-    async def health():
-        return {"status": "ok"}
+    @app.get("/favicon.svg", include_in_schema=False)
+    async def favicon():
+        return Response(FAVICON, media_type="image/svg+xml")
 
-    @app.get("/info", summary="The run: model, dataset, classes, accuracy, preprocessing")
-    async def get_info():
+    add_redoc(app)
+
+    @app.get("/health", summary="Is the server up", response_model=Health)
+    async def health() -> Health:
+        return Health(status="ok")
+
+    @app.get("/info", summary="The run: model, dataset, classes, accuracy, preprocessing", response_model=Info)
+    async def get_info() -> Info:
         return info
 
     @app.get("/run/{name}", include_in_schema=False)
     async def report(name: str):
-        if name not in info["reports"]:
-            raise Refused(404, f"{name} is not one of the run's reports ({', '.join(info['reports'])})")
+        if name not in info.reports:
+            raise Refused(404, f"{name} is not one of the run's reports ({', '.join(info.reports)})")
         return FileResponse(run_dir / name, media_type="image/png")
 
-    upload_doc = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}}
-
-    @app.post("/predict", summary="Classify an image", openapi_extra=upload_doc,
-              responses={400: {"description": "not an image, or empty"}, 413: {"description": "too large"},
-                         415: {"description": "not an image or form content type"}})
-    async def predict(request: Request, top: int = 5):
+    @app.post("/predict", summary="Classify an image", openapi_extra=PREDICT_BODY, response_model=Prediction,
+              responses=error_responses(PREDICT_ERRORS))
+    async def predict(request: Request, top: int = Query(5, ge=1, description="how many classes `top` lists")):
         """An image file (PNG, JPEG, any size up to the limits), as a multipart form field or as
         the body itself. Answers the predicted class and the top classes with their probabilities."""
-        if top < 1:
-            raise Refused(422, f"top must be at least 1, got {top}")
         data, name = await image_bytes(request, max_upload)
         try:
             if len(data) <= INLINE_DECODE:
@@ -316,12 +321,37 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
             raise Refused(413 if "was refused" in str(exc) else 400, str(exc)) from None
         probs = (await batcher(image)).tolist()
         order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:top]
+        answer = Prediction(predicted=trained.classes[order[0]], notes=notes,
+                            top=[{"class": trained.classes[i], "probability": probs[i]} for i in order],
+                            probabilities=dict(zip(trained.classes, probs)))
         # a JSONResponse returned as it is: FastAPI's jsonable_encoder walk is skipped (plain floats and str)
-        return JSONResponse({"predicted": trained.classes[order[0]],
-                             "top": [{"class": trained.classes[i], "probability": probs[i]} for i in order],
-                             "probabilities": dict(zip(trained.classes, probs)), "notes": notes})
+        return JSONResponse(answer.model_dump(by_alias=True))
 
     return app
+
+
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"   # ReDoc's script loads its maker's logo from here
+
+
+def add_redoc(app) -> None:
+    """/redoc from the fastapi-offline package's copy of ReDoc's script, without the one thing it
+    still fetches from the internet: the small logo by "API docs by Redocly", whose <img> ReDoc
+    removes itself when it does not load (a `data:` address: nothing leaves the machine)."""
+    from fastapi.openapi.docs import get_redoc_html
+    from fastapi.responses import Response
+
+    script = Path(importlib.util.find_spec("fastapi_offline").origin).parent / "static" / "redoc.standalone.js"
+    code = script.read_text(encoding="utf-8").replace(REDOC_LOGO, "data:,")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url=app.openapi_url, title=app.title + " - ReDoc",
+                              redoc_js_url="/redoc.standalone.js", with_google_fonts=False,
+                              redoc_favicon_url="/favicon.svg")
+
+    @app.get("/redoc.standalone.js", include_in_schema=False)
+    async def redoc_script():
+        return Response(code, media_type="application/javascript")
 
 
 def cmd_serve(args) -> int:

@@ -7,6 +7,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>trainkit serve</title>
+<link rel="icon" type="image/svg+xml" href="/favicon.svg">
 <style>
   body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
   h1 { font-size: 1.3rem; margin: 0 0 1rem; }
@@ -28,6 +29,8 @@ PAGE = """<!doctype html>
   #full { display: none; position: fixed; inset: 0; background: rgba(0, 0, 0, .8); overflow: auto; cursor: zoom-out; z-index: 10; }
   #full img { display: block; margin: 1rem auto; background: #fff; max-width: none; }
   button { margin-top: .5rem; }
+  #pick { display: inline-block; border: 1px solid #888; border-radius: 4px; padding: .15rem .5rem; background: #f4f4f4; cursor: pointer; }
+  #filename { color: #333; font-style: italic; }
 </style>
 </head>
 <body>
@@ -36,9 +39,12 @@ PAGE = """<!doctype html>
   <div class="col">
     <div id="draw">
       <canvas id="pad" width="280" height="280"></canvas><br>
-      <button id="clear" type="button">Clear</button> <small>draw a digit with the mouse or a finger</small>
+      <button id="clear" type="button">Clear</button>
+      <small id="hint">draw a digit with the mouse or a finger; strokes add up to one drawing until you press Clear</small>
     </div>
-    <div id="drop">Drop an image here, or <input id="file" type="file" accept="image/*">
+    <div id="drop">Drop an image here, or
+      <label id="pick">choose a file<input id="file" type="file" accept="image/*" hidden></label>
+      <span id="filename"></span>
       <img id="preview" alt="uploaded image"></div>
   </div>
   <div class="col">
@@ -51,7 +57,7 @@ PAGE = """<!doctype html>
   <div class="col" id="summary"></div>
 </div>
 <div id="reports"></div>
-<div id="full" title="click to close"><img id="fullimg" alt=""></div>
+<div id="full" title="click or Esc to close"><img id="fullimg" alt=""></div>
 <script>
 const $ = (id) => document.getElementById(id);
 const pad = $("pad"), ctx = pad.getContext("2d");
@@ -61,8 +67,9 @@ function clearAnswer() {
   $("predicted").textContent = ""; $("bars").innerHTML = ""; $("error").textContent = ""; $("notes").textContent = "";
 }
 function clearUpload() {   // the file input is emptied too: choosing the same file again is a new upload
-  $("file").value = ""; $("preview").removeAttribute("src"); $("preview").style.display = "none";
+  $("file").value = ""; $("filename").textContent = ""; hidePreview();
 }
+function hidePreview() { $("preview").removeAttribute("src"); $("preview").style.display = "none"; }
 function clearPad() {
   ctx.fillStyle = "#000"; ctx.fillRect(0, 0, pad.width, pad.height); inked = false;
 }
@@ -100,7 +107,7 @@ async function send(blob, name) {
     const j = await r.json();
     if (mine !== asked) return;
     clearAnswer();
-    if (!r.ok) { $("error").textContent = j.detail; return; }
+    if (!r.ok) { hidePreview(); $("error").textContent = j.detail; return; }   // no broken picture beside it
     show(j);
   } catch (err) {
     if (mine !== asked) return;
@@ -124,15 +131,18 @@ function show(j) {
 function upload(file) {
   if (!file) return;
   clearPad();                        // the drawing is not what is predicted now
+  $("filename").textContent = file.name;   // the input itself is emptied (below), so the name is shown here
   $("preview").src = URL.createObjectURL(file); $("preview").style.display = "block";
   send(file, file.name);
 }
+$("preview").addEventListener("error", hidePreview);   // a file the browser cannot show either
 $("file").addEventListener("change", () => { const f = $("file").files[0]; upload(f); $("file").value = ""; });
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files[0]); });
 $("full").addEventListener("click", () => { $("full").style.display = "none"; });
+document.addEventListener("keydown", (e) => { if (e.key === "Escape") $("full").style.display = "none"; });
 
 fetch("/info").then((r) => r.json()).then((info) => {
   $("title").textContent = info.model + " on " + info.dataset;
@@ -140,12 +150,14 @@ fetch("/info").then((r) => r.json()).then((info) => {
   const s = $("summary");
   const acc = info.accuracy === null ? "not recorded" : info.accuracy.toFixed(2) + "%";
   s.innerHTML = "<div><b>Run</b> <span id='run'></span></div><div><b>Dataset</b> <span id='dataset'></span></div>" +
-    "<div><b>Test accuracy</b> <span id='accuracy'></span> after <span id='epochs'></span> epoch(s)</div>" +
+    "<div><b>Test accuracy</b> <span id='accuracy'></span> after <span id='epochs'></span></div>" +
     "<div><b>Model</b> <span id='model'></span></div>" +
     (info.digits ? "<div><small>Images are framed like MNIST's digits (20x20, centred by mass); " +
                    "a dark digit on light paper is inverted.</small></div>" : "");
   $("run").textContent = info.run; $("dataset").textContent = info.dataset; $("accuracy").textContent = acc;
-  $("epochs").textContent = info.epochs;
+  // 1.5 epochs for a run stopped half-way through its second (--target-acc, a pruned trial)
+  $("epochs").textContent = +info.epochs.toFixed(2) + (info.epochs === 1 ? " epoch" : " epochs") +
+    (info.stopped ? " (stopped part way through the last)" : "");
   $("model").textContent = info.model + ", " + info.parameters.toLocaleString("en") + " parameters, " + info.backend;
   for (const name of info.reports) {   // shown wide below; a click shows the figure at its full size
     const img = document.createElement("img"); img.src = "/run/" + name; img.alt = name; img.title = "click: full size";
@@ -158,4 +170,11 @@ clearPad();
 </script>
 </body>
 </html>
+"""
+
+# The page's icon: a white 7 on the page's blue
+FAVICON = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
+<rect width="32" height="32" rx="6" fill="#3b6fd8"/>
+<path d="M9 8h14l-8 17" fill="none" stroke="#fff" stroke-width="4" stroke-linecap="round" stroke-linejoin="round"/>
+</svg>
 """

@@ -23,6 +23,7 @@ and the next `trainkit tune` goes on from the finished ones.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import sys
@@ -164,10 +165,10 @@ class TrialPruning(Callback):
     """Reports every validation check to the trial and stops the run when the pruner says so;
     `tune` then marks the trial pruned. The step is the epoch fraction trained, in thousandths
     (1500: half-way through the second epoch), so trials with different batch sizes are compared
-    after the same number of training images; `images` is that number when it stopped."""
+    after the same number of training images; `images` is how many it trained on in all."""
 
-    def __init__(self, trial, evals_per_epoch: int, batch_size: int, epochs: int):
-        self.trial, self.evals_per_epoch, self.batch_size, self.epochs = trial, evals_per_epoch, batch_size, epochs
+    def __init__(self, trial, evals_per_epoch: int, epochs: int):
+        self.trial, self.evals_per_epoch, self.epochs = trial, evals_per_epoch, epochs
         self.pruned_at: float | None = None     # epochs trained when pruned
         self.images = 0
 
@@ -190,9 +191,12 @@ class TrialPruning(Callback):
         self.trial.report(e.acc, step)
         if step < self.epochs * PER_EPOCH and self.trial.should_prune():     # a finished trial is complete
             self.pruned_at = step / PER_EPOCH
-            done = sum(r.train_seen for r in state.history if r.epoch < e.epoch)
-            self.images = done + (e.after_batch if e.after_batch is not None else state.num_batches) * self.batch_size
             state.stop()
+
+    def on_fit_end(self, state: TrainState) -> None:
+        # what the epochs really trained on (an epoch's last batch may be short: 1,843 images in
+        # 15 batches of 128), the stopped one's up to the check it stopped at
+        self.images = sum(r.train_seen for r in state.history)
 
 
 def make_pruner():
@@ -233,14 +237,17 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
                             f"{following} trials: its storage was deleted or another one was given; use another "
                             f"--out, or the --storage and --study-name that the trials in {out} belong to")
 
+    said_once = SaidOnce(sys.stdout, ("Validation split",))    # the same split in every trial: one line
+
     def objective(trial):
         cfg = trial_config(base, suggest(trial, space))
         run_dir = out / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
-        pruning = TrialPruning(trial, cfg.evals_per_epoch, cfg.batch_size, cfg.epochs)
+        pruning = TrialPruning(trial, cfg.evals_per_epoch, cfg.epochs)
         start = time.perf_counter()
         try:
-            result = train(cfg, out=run_dir, callbacks=[pruning])
+            with contextlib.redirect_stdout(said_once):
+                result = train(cfg, out=run_dir, callbacks=[pruning])
         except TrainkitError as exc:    # one line, not Optuna's warning with the traceback (quiet_failures)
             raise TrainkitError(f"trial {trial.number} ({run_dir}): {exc}", exc.exit_code) from None
         last = result.history[-1]
@@ -270,6 +277,29 @@ def run_study(space_path: Path, base: TrainConfig, trials: int, storage: str, st
         with storage_errors(storage), quiet_failures(optuna):
             study.optimize(objective, callbacks=[enough], catch=())
     return study
+
+
+class SaidOnce(io.TextIOBase):
+    """A stream that passes its lines on to `out`, but a line starting with one of `prefixes` only
+    the first time such a line comes (print writes a line's text and its end apart: whole lines
+    are decided on)."""
+
+    def __init__(self, out, prefixes: tuple[str, ...]):
+        self.out, self.prefixes, self.said, self.pending = out, prefixes, set(), ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            prefix = next((p for p in self.prefixes if line.startswith(p)), None)
+            if prefix is None or prefix not in self.said:
+                self.out.write(line + "\n")
+            if prefix is not None:
+                self.said.add(prefix)
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def open_storage(storage: str):
@@ -354,6 +384,15 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def history_figure(study):
+    """Optuna's optimization history, its value axis named as what the trials maximise."""
+    from ..run.reports import _pyplot
+    _pyplot()
+    ax = _optuna().visualization.matplotlib.plot_optimization_history(study)
+    ax.set_ylabel("validation accuracy %")      # Optuna's own label: "Objective Value"
+    return ax.figure
+
+
 def write_results(study, out: Path) -> Path:
     """best.yaml, history.png and importances.png in `out`; returns best.yaml's path."""
     import yaml
@@ -369,11 +408,8 @@ def write_results(study, out: Path) -> Path:
               f"{best.value:.2f}% validation accuracy)\n# trainkit train --config {out / 'best.yaml'}\n")
     # Written as every file a command writes: whole or not at all, never through a link (outputs.py).
     write_output(out / "best.yaml", (header + yaml.safe_dump(config, sort_keys=False)).encode(), "--out")
-    from ..run.reports import _pyplot
-    _pyplot()
     vis = optuna.visualization.matplotlib
-    ax = vis.plot_optimization_history(study)
-    save_figure(ax.figure, out / "history.png", "--out", bbox_inches="tight")
+    save_figure(history_figure(study), out / "history.png", "--out", bbox_inches="tight")
     if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
         try:
             ax = vis.plot_param_importances(study)

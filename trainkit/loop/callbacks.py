@@ -8,6 +8,7 @@ callbacks too.
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -184,13 +185,15 @@ class TensorBoardLogger(Callback):
     """TensorBoard event files: the training loss and learning rate per step, every check's loss and
     accuracy, the per-epoch numbers, and the run's settings with its final numbers in the HParams tab.
 
-    Tags: `step/train_loss`, `step/lr` (x: batches trained); `check/<split>_loss`, `check/<split>_acc`
-    (every evaluation, mid-epoch ones included, at the batches trained when it ran); the epoch's
-    `train_loss`, `test_acc`, ... (x: epoch). The step loss is logged when something else has already
-    brought it to the host (the progress bar, as often as it redraws), else read at most every
-    `read_every` seconds: the loop never waits for it per step."""
+    Every tag has one x-axis, the batches trained since the run began (TensorBoard's step), so an
+    epoch's number sits where the epoch ended and a check's where it ran: `step/train_loss`,
+    `step/lr` (the rate each step trained with); `check/<split>_loss`, `check/<split>_acc` (every
+    evaluation, mid-epoch ones included); the epoch's `train_loss`, `test_acc`, ... at its last step
+    (where it stopped, for an epoch stopped part way). The step loss is logged when something else
+    has already brought it to the host (the progress bar, as often as it redraws), else read at most
+    every `read_every` seconds: the loop never waits for it per step."""
 
-    KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "seconds")
+    KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "seconds")
 
     main_process_only = True     # under torchrun, rank 0 alone writes
 
@@ -204,17 +207,26 @@ class TensorBoardLogger(Callback):
         self.read_every = read_every
         self._logged = (0, -1)          # (epoch, batch) of the last loss written
         self._next_read = 0.0
+        self._lr = None                 # the rate the next step trains with
+        self._end_step = 0              # the step the latest epoch ended at
 
     def on_fit_start(self, state: TrainState) -> None:
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(self.log_dir))
+        self._end_step = len(state.history) * state.num_batches     # a resumed run's epochs so far
 
     @staticmethod
     def _step(state: TrainState, batches: int) -> int:
         """Batches trained since the run began, `batches` of them in this epoch."""
         return (state.epoch - 1) * state.num_batches + batches
 
+    def on_epoch_start(self, state: TrainState) -> None:
+        self._lr = state.optimizer.param_groups[0]["lr"]
+
     def on_batch_end(self, state: TrainState) -> None:
+        # the rate this step trained with: a per-batch schedule has already set the next one
+        used, self._lr = self._lr, state.optimizer.param_groups[0]["lr"]
+        self.writer.add_scalar("step/lr", used, self._step(state, state.batch + 1))
         now = time.monotonic()
         fresh = lambda: state.read_batch >= 0 and (state.epoch, state.read_batch) != self._logged
         if not fresh() and now >= self._next_read:
@@ -225,9 +237,7 @@ class TensorBoardLogger(Callback):
 
     def _log_step(self, state: TrainState) -> None:
         self._logged = (state.epoch, state.read_batch)
-        step = self._step(state, state.read_batch + 1)
-        self.writer.add_scalar("step/train_loss", state.last_read_loss, step)
-        self.writer.add_scalar("step/lr", state.optimizer.param_groups[0]["lr"], step)
+        self.writer.add_scalar("step/train_loss", state.last_read_loss, self._step(state, state.read_batch + 1))
 
     def on_evaluate(self, state: TrainState) -> None:
         e = state.evaluation
@@ -238,29 +248,47 @@ class TensorBoardLogger(Callback):
     def on_epoch_end(self, state: TrainState) -> None:
         if state.read_batch >= 0 and (state.epoch, state.read_batch) != self._logged:
             self._log_step(state)       # the epoch's last loss, read at its end
+        self._end_step = self._step(state, state.batch + 1)     # the epoch's last step, whole or stopped
         for key in self.KEYS:
             if getattr(state.result, key) is not None:
-                self.writer.add_scalar(key, getattr(state.result, key), state.result.epoch)
+                self.writer.add_scalar(key, getattr(state.result, key), self._end_step)
         self.writer.flush()
 
     def on_fit_end(self, state: TrainState) -> None:
         last = state.history[-1] if state.history else None
         if last is not None and last.val_acc is not None and last.test_acc is not None:
             # with a validation split the test set is evaluated once, after the last epoch's end
-            self.writer.add_scalar("test_acc", last.test_acc, last.epoch)
-            self.writer.add_scalar("test_loss", last.test_loss, last.epoch)
+            self.writer.add_scalar("test_acc", last.test_acc, self._end_step)
+            self.writer.add_scalar("test_loss", last.test_loss, self._end_step)
         if last is not None and self.settings:
             self._hparams(state)
         self.writer.close()
 
     def _hparams(self, state: TrainState) -> None:
         """The settings and final numbers as one HParams session (this run's folder): the tab reads
-        each metric's latest value from the scalars of the same tag written above."""
+        each metric's latest value from the scalars of the same tag written above. No experiment
+        summary: each run would write its own and TensorBoard would take one run's at random; without,
+        it types each setting and finds which differ from all the runs' sessions together."""
         from torch.utils.tensorboard.summary import hparams
 
         last = state.history[-1]
         metrics = {k: getattr(last, k) for k in ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss",
                                                   "train_acc") if getattr(last, k) is not None}
-        settings = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.settings.items()}
-        for summary in hparams(settings, metrics):
+        _, start, end = hparams(hparam_values(self.settings), metrics)
+        for summary in (start, end):
             self.writer.file_writer.add_summary(summary)
+
+
+def hparam_values(settings: dict) -> dict:
+    """Settings as HParams values of their own type. An unset number is NaN, which TensorBoard
+    shows as unset in a number column ("None", a string, made the column a string one, or hid the
+    run from it); an unset string is ""; anything else (a list) is its text."""
+    from ..config import field_specs, kind_of
+
+    kinds = {f.name: kind_of(f) for f in field_specs()}
+    values = {}
+    for name, value in settings.items():
+        if value is None:
+            value = math.nan if kinds.get(name) in ("int", "float") else ""
+        values[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return values

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -135,8 +136,9 @@ def metrics_csv(history: History) -> str:
 
 
 def markdown_table(history: History) -> str:
+    """One row per epoch. Its train loss is the epoch's mean; the bar's `Loss=` is the last batch's."""
     split = "val" if history and history[0].val_acc is not None else "test"
-    lines = [f"| epoch | lr | train loss | train acc % | {split} loss | {split} acc % | seconds |",
+    lines = [f"| epoch | lr | train loss (epoch mean) | train acc % | {split} loss | {split} acc % | seconds |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in history:
         loss, acc = getattr(r, f"{split}_loss"), getattr(r, f"{split}_acc")
@@ -159,18 +161,50 @@ def _in_notebook() -> bool:
     return "ipykernel" in sys.modules
 
 
-def plot_history(history: History, path: Path | None = None):
-    """The seed's 2x2 figure: training loss, training accuracy, test loss, test accuracy."""
+def epochs_trained(epoch: int, seen: int | None, per_epoch: int | None) -> float:
+    """Where an epoch's row ends, in epochs: `epoch`, or less for an epoch stopped part way (a
+    pruned trial, --target-acc at a mid-epoch check), whose row counts the `seen` images it
+    trained on out of the `per_epoch` of a whole one (1.5: half-way through the second)."""
+    if not seen or not per_epoch or seen >= per_epoch:
+        return float(epoch)
+    return epoch - 1 + seen / per_epoch
+
+
+def mark_stopped(ax, x: float, y: float, label: str | None = None) -> None:
+    """A cross on a curve's last point when its epoch was stopped part way (x: the epochs trained)."""
+    ax.plot([x], [y], "X", color="C3", markersize=11, label=label or f"stopped at epoch {x:.3g}", zorder=3)
+
+
+def whole_epochs(ax) -> None:
+    """Ticks on the epoch axis at whole epochs only (1, 2, 3; not 1.25), at least one of them."""
+    import math
+
+    from matplotlib.ticker import MaxNLocator
+    low, high = ax.get_xlim()
+    if math.ceil(low) > high:           # a lone point part way through an epoch (0.5)
+        ax.set_xlim(math.floor(low), math.ceil(high))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def plot_history(history: History, path: Path | None = None, images_per_epoch: int | None = None):
+    """The seed's 2x2 figure: training loss, training accuracy, test loss, test accuracy. With
+    `images_per_epoch`, an epoch stopped part way is drawn where it stopped, marked."""
     plt = _pyplot()
-    epochs = [r.epoch for r in history]
+    epochs = [epochs_trained(r.epoch, r.train_seen, images_per_epoch) for r in history]
+    stopped = bool(history) and epochs[-1] < history[-1].epoch
     fig, axs = plt.subplots(2, 2, figsize=(15, 10))
     held_out = ("val", "Validation") if history and history[0].val_acc is not None else ("test", "Test")
     panels = [("train_loss", "Training Loss"), ("train_acc", "Training Accuracy"),
               (f"{held_out[0]}_loss", f"{held_out[1]} Loss"), (f"{held_out[0]}_acc", f"{held_out[1]} Accuracy")]
     for ax, (key, title) in zip(axs.T.flat, panels):
-        ax.plot(epochs, [getattr(r, key) for r in history], marker="o")
+        values = [getattr(r, key) for r in history]
+        ax.plot(epochs, values, marker="o")
+        if stopped:
+            mark_stopped(ax, epochs[-1], values[-1])
+            ax.legend(fontsize=9)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        whole_epochs(ax)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _finish(fig, path)
@@ -259,22 +293,28 @@ def plot_mistakes(images, out, labels, losses, classes, mean, std, path: Path | 
 
 
 def model_summary(model: nn.Module, input_shape: tuple[int, ...]):
-    """torchinfo's per-layer table (layer, output shape, parameters) for one input of `input_shape`."""
-    from torchinfo import summary
+    """torchinfo's per-layer table (layer, output shape, parameters) for one input of `input_shape`,
+    shown (in a notebook too) with its units as torchinfo means them: "Total mult-adds (M)", where
+    its 1.8 prints "(Units.MEGABYTES)" under Python 3.11+ (an enum formatted by name)."""
+    from torchinfo import Units, summary
+    from torchinfo.model_statistics import ModelStatistics
 
-    return summary(model, input_size=(1, *input_shape), col_names=("output_size", "num_params"),
-                   device="cpu", verbose=0, depth=4)
+    class Summary(ModelStatistics):
+        def __repr__(self) -> str:
+            text = super().__repr__()
+            for unit in Units:
+                text = text.replace(f"({unit})", f"({unit.value})")
+            return text
+
+    stats = summary(model, input_size=(1, *input_shape), col_names=("output_size", "num_params"),
+                    device="cpu", verbose=0, depth=4)
+    stats.__class__ = Summary       # the same statistics; only how they print changes
+    return stats
 
 
 def summary_table(model: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """model_summary as text, its units as torchinfo means them: "Total mult-adds (M)", where its
-    1.8 prints "(Units.MEGABYTES)" under Python 3.11+ (an enum formatted by name)."""
-    from torchinfo import Units
-
-    text = str(model_summary(model, input_shape))
-    for unit in Units:
-        text = text.replace(f"({unit})", f"({unit.value})")
-    return text
+    """model_summary as text."""
+    return str(model_summary(model, input_shape))
 
 
 def architecture_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, int]]:
@@ -422,7 +462,7 @@ class FinalReports(Callback):
 
         def write_all():
             save_weights(model, folder.dir / "model.pt")
-            folder.figure(plot_history, history, name="plot.png")
+            folder.figure(partial(plot_history, images_per_epoch=len(data.train_labels)), history, name="plot.png")
             folder.figure(plot_confusion, matrix, data.classes, name="confusion.png")
             folder.figure(plot_mistakes, images, out, labels, losses, data.classes, data.mean, data.std,
                           name="mistakes.png")

@@ -13,6 +13,7 @@ final files at the end of `fit`). The run owns its folder for as long as it runs
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -45,13 +46,17 @@ def default_run_dir() -> Path:
 
 
 class RunLock:
-    """An exclusive flock on a run folder's `.trainkit.lock`, held until `release` (or the process ends)."""
+    """An exclusive flock on a run folder's `.trainkit.lock`, held until `release` (or the process
+    ends). `release` removes the file, so a run that ended leaves no empty lock file behind."""
 
-    def __init__(self, fd: int | None):
-        self.fd = fd
+    def __init__(self, fd: int | None, path: Path | None = None):
+        self.fd, self.path = fd, path
 
     def release(self) -> None:
         if self.fd is not None:
+            if self.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)    # while still held: whoever opens the name next makes a new file
             os.close(self.fd)   # closing the only descriptor releases the flock
             self.fd = None
 
@@ -60,22 +65,34 @@ def lock_run(path: Path) -> RunLock:
     """Take the run folder `path` (which exists) for this process, or refuse in one line when
     another trainkit process holds it. Writes nothing but the (empty) lock file."""
     lock_path = path / LOCK
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        raise TrainkitError(f"cannot write to the run directory {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainkitError(f"{path} is in use by another trainkit process (pid {_lock_holder(lock_path)}); "
-                            f"wait for it to end, or choose another --out") from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise TrainkitError(f"cannot write to the run directory {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
-            raise TrainkitError(f"cannot lock the run directory {path}: {exc.strerror}") from None
-        # a filesystem without flock (some network mounts): the run goes on unlocked
-    return RunLock(fd)
+            raise TrainkitError(f"{path} is in use by another trainkit process (pid {_lock_holder(lock_path)}); "
+                                f"wait for it to end, or choose another --out") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                os.close(fd)
+                raise TrainkitError(f"cannot lock the run directory {path}: {exc.strerror}") from None
+            return RunLock(fd)      # a filesystem without flock (some network mounts): the run goes on unlocked
+        if _same_file(fd, lock_path):
+            return RunLock(fd, lock_path)
+        os.close(fd)    # the holder removed the file between our open and our lock: take the new one
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (a releasing holder unlinks it)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _lock_holder(lock_path: Path) -> str:

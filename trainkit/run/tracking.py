@@ -2,10 +2,11 @@
 
     train(cfg, callbacks=[MLflowLogger("sqlite:///mlflow.db", run_dir)])
 
-Every setting is a param; every epoch's numbers are metrics at step = epoch, and every mid-epoch
-check is a `check_<split>_acc/loss` metric at step = the global batch; at the end the run folder's
-plots, metrics.csv, config.json and summary.txt are artifacts, and the model is an MLflow ONNX model
-that needs neither trainkit nor torch to load (`mlflow_model`):
+Every setting is a param and the data a dataset input (data.json's digest); every epoch's numbers
+are metrics at step = epoch, and every mid-epoch check is a `check_<split>_acc/loss` metric at step =
+the global batch; at the end the run folder's plots, metrics.csv, checks.csv, config.json, data.json
+and summary.txt are artifacts, and the model is an MLflow ONNX model, with the run's final numbers
+on it, that needs neither trainkit nor torch to load (`mlflow_model`):
 
     mlflow.pyfunc.load_model(uri).predict(images)["probabilities"]    # images: float32 (N, C, H, W) in [0, 1]
 
@@ -37,7 +38,13 @@ from ..loop.engine import Callback, TrainState, unwrap
 
 DEFAULT = "auto"            # what `--mlflow` with no value stores: $MLFLOW_TRACKING_URI, else ./mlflow.db
 EXPERIMENT = "trainkit"
-ARTIFACTS = ("plot.png", "confusion.png", "mistakes.png", "samples.png", "metrics.csv", "config.json", "summary.txt")
+ARTIFACTS = ("plot.png", "confusion.png", "mistakes.png", "samples.png", "metrics.csv", "checks.csv", "config.json",
+             "data.json", "summary.txt")
+# The numbers shown on the logged model (MLflow 3's model page): the last epoch's, and the final test
+FINAL = ("test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss")
+# MLflow's own INFO lines when it opens a store (creating or upgrading the database's tables): said on
+# stderr in the middle of the run's lines on stdout, and of no use to a user
+SETUP_LOGGERS = ("mlflow.store.db.utils", "alembic")
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -95,6 +102,26 @@ class Probabilities(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model((images - self.mean) / self.std).float(), dim=1)
+
+
+def dataset_entity(run_dir: Path, settings: dict):
+    """The run's data as an MLflow dataset input: its name, a digest of data.json (which records
+    every file's size and checksum and each split's images), where it was read, and its splits'
+    sizes; None when the run folder has no data.json."""
+    import hashlib
+
+    from mlflow.entities import Dataset
+
+    try:
+        record = json.loads((Path(run_dir) / "data.json").read_text())
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    splits = {name: part.get("count") for name, part in record.get("splits", {}).items() if isinstance(part, dict)}
+    where = settings.get("data_dir") or ""
+    return Dataset(name=str(record.get("dataset") or settings.get("dataset", "data")), digest=digest,
+                   source_type="local", source=json.dumps({"uri": str(Path(where).resolve()) if where else ""}),
+                   profile=json.dumps({"images": splits}))
 
 
 def model_metadata(data: dict, dataset: str) -> dict:
@@ -166,6 +193,7 @@ class MLflowLogger(Callback):
         self.run_id: str | None = None
         self.failed = False
         self.client = None
+        self.latest: dict = {}          # each metric's latest (value, timestamp, step), for the model
 
     # -- every MLflow call goes through here: a failure warns once and logging stops ----------
     def _safe(self, what: str, call) -> None:
@@ -189,6 +217,8 @@ class MLflowLogger(Callback):
         problem = sqlite_problem(self.uri)
         if problem:       # MLflow would retry for about 100 s, logging each attempt
             raise RuntimeError(problem)
+        for name in SETUP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = client = MlflowClient(self.uri)
         if self.run_id is not None:             # a resumed run: the same MLflow run goes on
             client.update_run(self.run_id, status="RUNNING")
@@ -206,6 +236,10 @@ class MLflowLogger(Callback):
         self.run_id = run.info.run_id
         client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in self._settings().items()],
                          tags=[RunTag("mlflow.runName", run.info.run_name)])
+        dataset = dataset_entity(self.run_dir, self._saved().get("config", {})) if self.run_dir else None
+        if dataset is not None:
+            from mlflow.entities import DatasetInput, InputTag
+            client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def _settings(self) -> dict:
         settings = self._saved().get("config", {})
@@ -219,8 +253,9 @@ class MLflowLogger(Callback):
     def _metrics(self, values: dict, step: int) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
-                                                    if v is not None])
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=metrics)
+        self.latest.update({m.key: m for m in metrics})
 
     def on_evaluate(self, state: TrainState) -> None:
         e = state.evaluation
@@ -262,7 +297,7 @@ class MLflowLogger(Callback):
         """Log the model as ONNX (mlflow.onnx: loads with onnxruntime, no trainkit, no torch)."""
         import mlflow
         import onnx
-        from mlflow.models import infer_signature
+        from mlflow.models import ModelSignature, infer_signature
 
         from ..data.loaders import denormalize
 
@@ -280,15 +315,30 @@ class MLflowLogger(Callback):
             entry.key, entry.value = f"trainkit.{key}", json.dumps(value)
         with torch.no_grad():
             output = wrapped(example).numpy()
-        signature = infer_signature(example.numpy(), {"probabilities": output})
+        # The outputs only: an input schema makes MLflow refuse a float64 or uint8 batch with a dump of
+        # the whole array. Without one, float64 is cast to float32 (mlflow.onnx does it) and uint8 is
+        # refused by ONNX Runtime in one line ("Unexpected input data type. Actual: (tensor(uint8))");
+        # the input's shape and scale are in the metadata and the input example.
+        signature = ModelSignature(outputs=infer_signature(example.numpy(), {"probabilities": output}).outputs)
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():     # ends the run FINISHED
             warnings.simplefilter("ignore")
             for name in ("mlflow.models.model", "mlflow.store.model_registry", "mlflow.tracking._model_registry"):
                 logging.getLogger(name).setLevel(logging.WARNING)     # its lines on every registration
-            mlflow.onnx.log_model(proto, name="model", signature=signature, input_example=example[:1].numpy(),
-                                  metadata=metadata, registered_model_name=self.register,
-                                  save_as_external_data=False)
+            # CPU alone: MLflow's default asks for CUDA first, and warns on every load where it is missing
+            info = mlflow.onnx.log_model(proto, name="model", signature=signature, input_example=example[:1].numpy(),
+                                         metadata=metadata, registered_model_name=self.register,
+                                         save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
+            self.final_metrics_on(info.model_id, state.history[-1].epoch)
+
+    def final_metrics_on(self, model_id: str, epoch: int) -> None:
+        """The run's final numbers on the logged model too: the same metric entries (value, time,
+        step) as the run's, so its history gains nothing."""
+        from mlflow.entities import Metric
+
+        final = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=self.run_id)
+                 for key, m in self.latest.items() if key in FINAL and m.step == epoch]
+        self.client.log_batch(self.run_id, metrics=final)
 
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "uri": self.uri} if self.run_id else {}
