@@ -10,7 +10,6 @@ from trainkit.checkpoint import load_checkpoint
 from trainkit.commands.cli import main
 from trainkit.commands.lr_find import lr_sweep
 from trainkit.loop.engine import StopRequested
-from trainkit.run import assembly
 
 # nothing measured (auto would time candidates), nothing compiled: quick to build
 FAST = TrainConfig(model="compact", batch_size=32, progress=False, device="cpu", precision="fp32",

@@ -2,7 +2,6 @@
 files written here in the real formats (pandas' CSV, numpy.savez, the datasets package's
 save_to_disk and the Hub's parquet files); eval RUN --dataset SPEC; predict on folders and CSVs."""
 import csv
-import gzip
 import io
 import shutil
 import time
