@@ -150,9 +150,9 @@ def curve(run: dict) -> tuple[list[tuple], list[tuple]]:
 def plot(runs: list[dict], path: Path | None = None):
     """2x2: held-out accuracy and loss against epoch (top) and against wall time (bottom);
     the figure, or saved to `path` (and closed)."""
-    from ..run.reports import _finish, _pyplot, mark_stopped, whole_epochs
+    from ..run.reports import mark_stopped, pyplot, save_figure_to, whole_epochs
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axs = plt.subplots(2, 2, figsize=(14, 9))
     for run in runs:
         split = held_out(run)
@@ -181,7 +181,7 @@ def plot(runs: list[dict], path: Path | None = None):
                  "(large points: the epochs' ends; small: mid-epoch checks; a cross: a run stopped part way "
                  "through an epoch)")
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure_to(fig, path)
 
 
 def cmd_compare(args) -> int:

@@ -67,9 +67,9 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 
 
 def plot(lrs, losses, suggestion: float, path: Path | None = None):
-    from ..run.reports import _finish, _pyplot
+    from ..run.reports import pyplot, save_figure_to
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(lrs, losses)
     ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
@@ -80,7 +80,7 @@ def plot(lrs, losses, suggestion: float, path: Path | None = None):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure_to(fig, path)
 
 
 def cmd_lr_find(args) -> int:

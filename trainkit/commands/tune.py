@@ -386,8 +386,8 @@ def _short(value) -> str:
 
 def history_figure(study):
     """Optuna's optimization history, its value axis named as what the trials maximise."""
-    from ..run.reports import _pyplot
-    _pyplot()
+    from ..run.reports import pyplot
+    pyplot()
     ax = _optuna().visualization.matplotlib.plot_optimization_history(study)
     ax.set_ylabel("validation accuracy %")      # Optuna's own label: "Objective Value"
     return ax.figure

@@ -147,7 +147,8 @@ def markdown_table(history: History) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot, on the Agg backend outside a notebook (runs on machines without a display)."""
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg",) and not _in_notebook():
@@ -189,7 +190,7 @@ def whole_epochs(ax) -> None:
 def plot_history(history: History, path: Path | None = None, images_per_epoch: int | None = None):
     """The seed's 2x2 figure: training loss, training accuracy, test loss, test accuracy. With
     `images_per_epoch`, an epoch stopped part way is drawn where it stopped, marked."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [epochs_trained(r.epoch, r.train_seen, images_per_epoch) for r in history]
     stopped = bool(history) and epochs[-1] < history[-1].epoch
     fig, axs = plt.subplots(2, 2, figsize=(15, 10))
@@ -207,20 +208,20 @@ def plot_history(history: History, path: Path | None = None, images_per_epoch: i
         whole_epochs(ax)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure_to(fig, path)
 
 
-def _finish(fig, path: Path | None):
+def save_figure_to(fig, path: Path | None):
     if path is not None:
         fig.savefig(path, dpi=80)
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return fig
 
 
 def image_grid(images: torch.Tensor, titles: list[str], path: Path | None = None, cols: int = 4,
                suptitle: str | None = None):
     """Images (B, C, H, W) in [0, 1] with a title each."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = (len(images) + cols - 1) // cols
     fig, axs = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
     for ax in axs.flat:
@@ -232,7 +233,7 @@ def image_grid(images: torch.Tensor, titles: list[str], path: Path | None = None
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure_to(fig, path)
 
 
 def plot_samples(loader, classes: list[str], mean, std, path: Path | None = None, count: int = 12):
@@ -267,7 +268,7 @@ def per_class_accuracy(matrix: torch.Tensor) -> list[float]:
 
 
 def plot_confusion(matrix: torch.Tensor, classes: list[str], path: Path | None = None):
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1 + 0.7 * n, 0.8 + 0.7 * n))
     ax.imshow(matrix.numpy(), cmap="Blues")
@@ -280,7 +281,7 @@ def plot_confusion(matrix: torch.Tensor, classes: list[str], path: Path | None =
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (test set)")
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure_to(fig, path)
 
 
 def plot_mistakes(images, out, labels, losses, classes, mean, std, path: Path | None = None, count: int = 16):
@@ -369,7 +370,7 @@ def _describe(module: nn.Module) -> str:
 
 def plot_architecture(model: nn.Module, input_shape: tuple[int, ...], path: Path | None = None):
     """A picture of the network made from the model itself: one box per step of its forward pass."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [("input", str([1, *input_shape]), 0)] + architecture_layers(model, input_shape)
     total = sum(p.numel() for p in model.parameters())
     fig, ax = plt.subplots(figsize=(8, 0.62 * len(layers) + 0.8))
@@ -390,7 +391,7 @@ def plot_architecture(model: nn.Module, input_shape: tuple[int, ...], path: Path
             ax.annotate("", xy=(3.0, y + 0.3), xytext=(3.0, y + 0.7), arrowprops=dict(arrowstyle="->", lw=0.8))
     ax.set_title(f"{type(model).__name__}: {total:,} parameters (operation, output shape, parameters)", fontsize=10)
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure_to(fig, path)
 
 
 def _cpu_name() -> str:

@@ -199,7 +199,7 @@ class RunDirectory(Callback):
         fig = plot(*args)
         buffer = io.BytesIO()
         fig.savefig(buffer, dpi=80, format="png")
-        reports._pyplot().close(fig)
+        reports.pyplot().close(fig)
         ckpt.atomic_write_bytes(self.dir / name, buffer.getvalue())
 
     def start(self) -> None:
