@@ -221,38 +221,41 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 16, threads: int | None = None,
-               workers: int = 1,
-               max_upload: int = MAX_UPLOAD_MB << 20, max_pixels: int = MAX_PIXELS):
-    """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-
+def load_served_model(run_dir: Path, backend: str, threads: int | None):
+    """The run's model behind a Predictor, tried on an image of its own shape (a model that cannot
+    run is refused before serving). Returns (the loaded run, the predictor, the backend chosen)."""
     from .inference import load_run
-    from ..data.preprocess import prepare_image, reads_digits
-    from .serve_page import FAVICON, PAGE
-    from .serve_schema import PREDICT_BODY, PREDICT_ERRORS, Health, Info, Prediction, Problem, error_responses
 
-    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TrainkitError(f"{run_dir} does not exist or is not a folder: give a run directory (runs/...)")
     trained = load_run(run_dir)
     if backend == "auto":
         backend = "onnx" if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")) else "torch"
     predictor = Predictor(trained, backend, threads or default_threads())
-    c, h, w = trained.image_shape
-    dataset = trained.cfg.dataset
     try:
-        predictor(torch.zeros(1, c, h, w, dtype=torch.uint8))   # a model that cannot run is refused now
+        predictor(torch.zeros(1, *trained.image_shape, dtype=torch.uint8))
     except Exception as exc:  # noqa: BLE001 - any failure of the model is the run's fault
         raise TrainkitError(f"{run_dir}'s model fails on an image of its own shape: {exc}".splitlines()[0]) from None
+    return trained, predictor, backend
+
+
+def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 16, threads: int | None = None,
+               workers: int = 1,
+               max_upload: int = MAX_UPLOAD_MB << 20, max_pixels: int = MAX_PIXELS):
+    """The FastAPI app serving a run; its model is loaded here, so a bad run fails before serving."""
+    from contextlib import asynccontextmanager
+
+    from fastapi_offline import FastAPIOffline
+
+    from ..data.preprocess import reads_digits
+    from .serve_schema import Info
+
+    run_dir = Path(run_dir)
+    trained, predictor, backend = load_served_model(run_dir, backend, threads)
     info = Info(**run_summary(run_dir, trained), backend=backend, max_batch=max_batch, workers=workers,
                 threads=torch.get_num_threads() if backend == "torch" else threads or default_threads(),
                 max_upload_bytes=max_upload, max_pixels=max_pixels,
-                digits=reads_digits(dataset, trained.image_shape))   # images are framed like MNIST's
+                digits=reads_digits(trained.cfg.dataset, trained.image_shape))   # images are framed like MNIST's
     batcher = Batcher(predictor, max_batch, workers)
 
     @asynccontextmanager
@@ -262,11 +265,21 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         task.cancel()
         batcher.executor.shutdown(wait=False)
 
-    from fastapi_offline import FastAPIOffline
-
     # /docs (Swagger UI) from the package's own copy of its script: no CDN, works offline; /redoc below
     app = FastAPIOffline(title="trainkit serve", lifespan=lifespan, redoc_url=None, favicon_url="/favicon.svg",
                          description=f"The model of {run_dir} ({trained.cfg.model} on {trained.cfg.dataset}).")
+    add_error_handlers(app)
+    add_pages(app, run_dir, info)
+    add_predict(app, trained, batcher, max_upload, max_pixels)
+    return app
+
+
+def add_error_handlers(app) -> None:
+    """Every refusal as {"detail": "..."}, the shape the OpenAPI document gives (serve_schema.Problem)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    from .serve_schema import Problem
 
     @app.exception_handler(Refused)
     async def refused(request, exc: Refused):
@@ -278,6 +291,14 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "the request"
         detail = f"{where}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"
         return JSONResponse(Problem(detail=detail).model_dump(), status_code=422)
+
+
+def add_pages(app, run_dir: Path, info) -> None:
+    """The page, its icon, ReDoc, /health, /info and the run's report pictures."""
+    from fastapi.responses import FileResponse, HTMLResponse, Response
+
+    from .serve_page import FAVICON, PAGE
+    from .serve_schema import Health, Info
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -303,6 +324,18 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
             raise Refused(404, f"{name} is not one of the run's reports ({', '.join(info.reports)})")
         return FileResponse(run_dir / name, media_type="image/png")
 
+
+def add_predict(app, trained, batcher: "Batcher", max_upload: int, max_pixels: int) -> None:
+    """POST /predict: an image in, the top classes out, through the batcher."""
+    from fastapi import Query, Request
+    from fastapi.responses import JSONResponse
+
+    from ..data.preprocess import prepare_image
+    from .serve_schema import PREDICT_BODY, PREDICT_ERRORS, Prediction, error_responses
+
+    dataset, shape = trained.cfg.dataset, trained.image_shape
+    read = dict(max_pixels=max_pixels, resize=trained.cfg.resize, deep=trained.deep)
+
     @app.post("/predict", summary="Classify an image", openapi_extra=PREDICT_BODY, response_model=Prediction,
               responses=error_responses(PREDICT_ERRORS))
     async def predict(request: Request, top: int = Query(5, ge=1, description="how many classes `top` lists")):
@@ -311,12 +344,9 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
         data, name = await image_bytes(request, max_upload)
         try:
             if len(data) <= INLINE_DECODE:
-                image, notes = prepare_image(data, dataset, (c, h, w), name=name, max_pixels=max_pixels,
-                                             resize=trained.cfg.resize, deep=trained.deep)
+                image, notes = prepare_image(data, dataset, shape, name=name, **read)
             else:
-                image, notes = await asyncio.to_thread(prepare_image, data, dataset, (c, h, w), name=name,
-                                                       max_pixels=max_pixels, resize=trained.cfg.resize,
-                                                       deep=trained.deep)
+                image, notes = await asyncio.to_thread(prepare_image, data, dataset, shape, name=name, **read)
         except TrainkitError as exc:
             raise Refused(413 if "was refused" in str(exc) else 400, str(exc)) from None
         probs = (await batcher(image)).tolist()
@@ -326,8 +356,6 @@ def create_app(run_dir: str | Path, *, backend: str = "auto", max_batch: int = 1
                             probabilities=dict(zip(trained.classes, probs)))
         # a JSONResponse returned as it is: FastAPI's jsonable_encoder walk is skipped (plain floats and str)
         return JSONResponse(answer.model_dump(by_alias=True))
-
-    return app
 
 
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"   # ReDoc's script loads its maker's logo from here
