@@ -24,25 +24,45 @@ def test_line(loss: float, correct: int, total: int, after: str = "", split: str
             f"({100.0 * correct / max(total, 1):.2f}%)")
 
 
+def _how_measured(tuning: dict) -> str:
+    """How far the measurement can be trusted: its spread, and for a noisy one the tries and how
+    long our threads waited for a core (devices.timed_rounds)."""
+    tries = [t for t in tuning.get("tries") or [] if isinstance(t, dict) and "spread" in t]
+    if not tries:
+        return ""
+    quiet = [t for t in tries if not t.get("noisy")]
+    used = quiet[0] if quiet else min(tries, key=lambda t: t["spread"])
+    text = f"spread {used['spread']:.0%}"
+    if tuning.get("noisy"):
+        text += f" after {len(tries)} tr{'y' if len(tries) == 1 else 'ies'}"
+        if isinstance(used.get("waited"), (int, float)):
+            text += f", our threads waited for a core {used['waited']:.0%} of the time"
+    return f" ({text})"
+
+
 def tuning_line(tuning: dict | None) -> str | None:
-    """One line saying what `auto` measured and chose (devices.choose), with the compile's payback;
-    None when nothing was measured (every setting given)."""
+    """One line saying what `auto` measured and chose (devices.choose): the warm median step of
+    the choice, how far the timings can be trusted (noisy ones are not cached), and the compile's
+    payback; None when nothing was measured (every setting given)."""
     if not tuning or not tuning.get("timings"):
         return None
     choice = tuning["choice"]
     timings = tuning["timings"]
     label = f"{choice['precision']}, channels_last {choice['channels_last']}"
     eager = (timings.get(label) or {}).get("seconds")
-    text = f"Measured{' (cached)' if tuning.get('cached') else ''}: {label}" + \
-           (f" at {eager:.3f} s/step" if isinstance(eager, (int, float)) else "")
+    how = ", ".join(["cached"] * bool(tuning.get("cached")) + ["noisy, so not cached"] * bool(tuning.get("noisy")))
+    text = f"Measured{f' ({how})' if how else ''}: {label}" + \
+           (f" at {eager:.3f} s/step" if isinstance(eager, (int, float)) else "") + _how_measured(tuning)
     decided = tuning.get("compile")
+    compiled = timings.get(label + ", compiled") or {}
     if decided and "payback" in decided:
-        p, step = decided["payback"], (timings.get(label + ", compiled") or {}).get("seconds")
+        p = decided["payback"]
         verdict = "saves" if p["pays"] else "would save only"
-        text += (f"; compiled {step:.3f} s/step, {verdict} {p['saved_seconds']:.0f} s over {p['steps']:,} steps "
+        text += (f"; compiled {compiled['seconds']:.3f} s/step{' (noisy, so not cached)' if compiled.get('noisy') else ''}, "
+                 f"{verdict} {p['saved_seconds']:.0f} s over {p['steps']:,} steps "
                  f"against {p['compile_seconds']:.0f} s to compile: compile {decided['chosen']}")
     elif decided:
-        text += f"; compile off ({decided['why']})"
+        text += f"; compile off ({decided['why']}{'; noisy, so not cached' if compiled.get('noisy') else ''})"
     return text
 
 
