@@ -129,6 +129,11 @@ def test_a_noisy_compile_timing_is_not_cached(monkeypatch, own_cache):
     assert first["choice"]["compile"] == "on" and not (own_cache / "choices.json").exists()   # 3x faster: clear
     assert ask()["cached"] is False
     assert "; compiled 0.100 s/step (noisy, so not cached), saves " in tuning_line(first)
+    # Uncompiled steps timed on busy cores: no compile is timed (minutes there), nothing is cached.
+    monkeypatch.setattr(devices, "measure", lambda *a, **k: {**measured(), "tries": [], "noisy": True})
+    busy = ask()
+    assert busy["choice"]["compile"] == "off" and busy["compile"]["why"] == "not timed: the uncompiled steps' timing was noisy"
+    assert not (own_cache / "choices.json").exists()
 
 
 def test_a_compile_that_fails_is_recorded_with_its_error_and_left_out(monkeypatch):

@@ -15,6 +15,7 @@ from trainkit.loop import devices
 from trainkit.loop.devices import Choice, candidates, choose, measure
 
 CPU = torch.device("cpu")
+STEPS = 40      # a run this long is worth measuring (devices.worth_measuring), too short to compile
 
 
 @pytest.fixture(autouse=True)
@@ -103,14 +104,12 @@ def test_a_noisy_measurement_needs_a_wide_margin_and_is_said_and_not_cached(monk
     assert devices.pick({**steady, "b": {**steady["b"], "seconds": 0.05}}, "a", noisy=True) == "b"   # 2x: still
     # A measurement judged noisy (here: every one) is said in the run's line and never cached.
     monkeypatch.setattr(devices, "NOISY_SPREAD", -1.0)
-    ask = lambda: choose(small_net(), sgd, F.cross_entropy, *batch(), precision="fp32", channels_last="auto",
-                         name="small")
-    first = ask()
+    first = choose(small_net(), sgd, F.cross_entropy, *batch(), precision="fp32", channels_last="auto",
+                   name="small", steps=STEPS)
     assert first["noisy"] and first["cached"] is False and len(first["tries"]) >= 1
     assert devices.pick(first["timings"], "fp32, channels_last on", noisy=True) == \
         f"fp32, channels_last {first['choice']['channels_last']}"             # with the noisy margin
-    assert not (own_cache / "choices.json").exists()
-    assert ask()["cached"] is False                                  # measured again
+    assert not (own_cache / "choices.json").exists()                 # the next run measures again
     from trainkit.run.reports import tuning_line
     assert tuning_line(first).startswith("Measured (noisy, so not cached): fp32, channels_last ")
     assert re.search(r" s/step \(spread \d+% after \d tr(y|ies)", tuning_line(first)), tuning_line(first)
@@ -154,7 +153,7 @@ def test_the_cache_keeps_a_choice_and_a_damaged_cache_is_measured_again(monkeypa
     real = devices.measure
     monkeypatch.setattr(devices, "measure", lambda *a, **k: calls.append(1) or real(*a, **k, seconds=0.2))
     ask = lambda n=16: choose(small_net(), sgd, F.cross_entropy, *batch(n), precision="fp32", channels_last="auto",
-                              name="small")
+                              name="small", steps=STEPS)
     first = ask()
     assert first["cached"] is False and len(calls) == 1 and len(first["timings"]) == 2
     again = ask()
@@ -200,7 +199,7 @@ def test_a_busy_machine_never_makes_a_choice_slower_on_quiet_cores(monkeypatch, 
 
     from trainkit.run.reports import tuning_line
     ask = lambda: choose(net(), sgd, F.cross_entropy, *batch(64), precision="auto", channels_last="auto",
-                         name="net", compile="auto", steps=10)
+                         name="net", compile="auto", steps=STEPS)
     monkeypatch.setenv("TRAINKIT_CACHE_DIR", str(tmp_path / "quiet"))
     quiet = ask()
     monkeypatch.setenv("TRAINKIT_CACHE_DIR", str(tmp_path / "busy"))
@@ -224,11 +223,24 @@ def test_a_busy_machine_never_makes_a_choice_slower_on_quiet_cores(monkeypatch, 
     assert took < devices.MEASURE_SECONDS + devices.MEASURE_CAP_SECONDS
 
 
+def test_a_run_too_short_to_win_back_the_measuring_keeps_the_defaults(own_cache):
+    from trainkit.run.reports import tuning_line
+    short = choose(small_net(), sgd, F.cross_entropy, *batch(), precision="auto", channels_last="auto", name="s",
+                   compile="auto", steps=4)
+    assert short["choice"] == {"precision": "fp32", "channels_last": "on", "compile": "off"} and short["timings"] == {}
+    count = len(candidates("auto", "auto", CPU))
+    assert tuning_line(short) == f"Not measured (4 steps cannot win back timing {count} candidates): fp32, " \
+                                 "channels_last on, the default; compile off"
+    assert not (own_cache / "choices.json").exists()
+    assert devices.worth_measuring(2, 20) and not devices.worth_measuring(2, 19) and devices.worth_measuring(1, 10)
+
+
 def test_an_unwritable_cache_is_no_error(monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("TRAINKIT_CACHE_DIR", str(tmp_path / "file" / "cache"))      # under a file: cannot exist
-    found = choose(small_net(), sgd, F.cross_entropy, *batch(), precision="fp32", channels_last="auto", name="s")
-    assert found["cached"] is False and found["choice"]["precision"] == "fp32"
+    found = choose(small_net(), sgd, F.cross_entropy, *batch(), precision="fp32", channels_last="auto", name="s",
+                   steps=STEPS)
+    assert found["cached"] is False and found["choice"]["precision"] == "fp32" and found["timings"]
 
 
 def test_config_files_from_before_auto_still_load():
@@ -239,8 +251,8 @@ def test_config_files_from_before_auto_still_load():
 
 @pytest.mark.slow
 def test_a_measured_run_trains_exactly_as_one_given_its_choice(mnist, tmp_path, judged_quiet):
-    data = mnist.limit(256, 100)
-    cfg = TrainConfig(model="compact", epochs=1, batch_size=64, progress=False)
+    data = mnist.limit(160, 100)
+    cfg = TrainConfig(model="compact", epochs=1, batch_size=4, progress=False, compile="off")   # 40 steps: measured
     measured = train(cfg, data=data, out=tmp_path / "auto")
     saved = json.loads((tmp_path / "auto" / "config.json").read_text())
     tuning = saved["tuning"]

@@ -94,7 +94,7 @@ class _Stamps(Callback):
 def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -> tuple[float, TrainConfig, dict]:
     """(images per second over `steps` training steps after `warmup` untimed ones, the config with
     --precision, --channels-last and --compile auto resolved as the experiment resolved them, and
-    how steady the timing was: {"spread" of up to five equal groups of steps, "groups" (seconds),
+    how steady the timing was: {"spread" over equal groups of the steps (about five), "groups" (seconds),
     "waited": the share of the time our threads waited for a core}). The warm-up steps include the
     compile of a compiled step."""
     run = build_run(cfg, data=data, steps_only=True)   # the callbacks of a step alone

@@ -76,7 +76,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 WARMUP_STEPS = 2          # per candidate, untimed: the first allocates, picks kernels (or compiles)
 MIN_ROUNDS, MAX_ROUNDS = 3, 15
 ROUND_SECONDS = 0.5       # a try's rounds go on past MIN_ROUNDS while they last under this
-MEASURE_SECONDS = 10.0    # a noisy try is repeated only while the whole measurement stays under this
+MEASURE_SECONDS = 10.0    # a noisy try is repeated only while the tries stay under this in all
 MAX_TRIES = 3
 MEASURE_CAP_SECONDS = 30.0  # past this, the candidates not yet warmed up are left out (a step can take seconds)
 NOISY_SPREAD = 0.10       # rounds that vary more than this (interquartile range / median) cannot be trusted
@@ -347,13 +347,12 @@ def timed_rounds(steps: dict[str, Callable], seconds: float = ROUND_SECONDS) -> 
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-def timed_tries(steps: dict[str, Callable], started: float, seconds: float = ROUND_SECONDS,
-                budget: float = MEASURE_SECONDS) -> list[dict]:
+def timed_tries(steps: dict[str, Callable], seconds: float = ROUND_SECONDS, budget: float = MEASURE_SECONDS) -> list[dict]:
     """`timed_rounds` of `steps`, tried again while noisy: at most MAX_TRIES, and only while one
-    more try keeps the measurement (begun at `started`) within `budget` seconds."""
+    more try (as long as the last) keeps the tries within `budget` seconds."""
     tries = [timed_rounds(steps, seconds)]
     while tries[-1]["noisy"] and len(tries) < MAX_TRIES and \
-            time.perf_counter() - started + tries[-1]["seconds"] <= budget:
+            sum(t["seconds"] for t in tries) + tries[-1]["seconds"] <= budget:
         tries.append(timed_rounds(steps, seconds))
     return tries
 
@@ -432,7 +431,11 @@ def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: to
                 failed[option.label] = _first_line(exc)[:200]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        tries = timed_tries(steps, start, seconds, budget) if steps else []
+        try:
+            tries = timed_tries(steps, seconds, budget) if steps else []
+        except Exception as exc:    # out of memory with every candidate held at once, ...: the default
+            failed.update({label: f"failed in the timed rounds: {_first_line(exc)}"[:200] for label in warm})
+            warm, tries = {}, []
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
@@ -464,12 +467,12 @@ def measure_compiled(model: nn.Module, make_optimizer: Callable, loss_fn: Callab
         return {"seconds": None, "finite": False, "error": missing}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if x.device.type == "cuda" else None
-    start, steps = time.perf_counter(), {}
+    steps: dict[str, Callable] = {}
     try:
         warm = {"eager": _warm_up(steps, "eager", stepper(model, make_optimizer, loss_fn, x, y, choice)),
                 "compiled": _warm_up(steps, "compiled", stepper(model, make_optimizer, loss_fn, x, y,
                                                                 replace(choice, compile="on")))}
-        tries = timed_tries(steps, start, seconds, budget)
+        tries = timed_tries(steps, seconds, budget)
     except Exception as exc:    # noqa: BLE001 - torch.compile raises many types; the candidate is left out
         return {"seconds": None, "finite": False, "error": f"{type(exc).__name__}: {_first_line(exc)}"[:200]}
     finally:
@@ -483,15 +486,21 @@ def measure_compiled(model: nn.Module, make_optimizer: Callable, loss_fn: Callab
             "eager": {k: eager[k] for k in ("seconds", "spread", "rounds")}, **summary}
 
 
-# Compiling is timed only for a run long enough that it could pay back: at best it saves this
-# fraction of a step, and it costs at least this many seconds per batch shape (a warm inductor
-# cache included). Short runs (every test's) then never compile to find out.
-MAX_COMPILE_SAVING = 0.5
+# Measuring is done only for a run long enough that it could pay back: a choice saves at best this
+# fraction of a step, and compiling costs at least this many seconds per batch shape (a warm
+# inductor cache included). Short runs (a smoke test's, most tests') keep the defaults.
+MAX_SAVING = 0.5
 MIN_COMPILE_SECONDS = 15.0
 
 
+def worth_measuring(options: int, steps: int) -> bool:
+    """Whether a run of `steps` could win back the steps that timing `options` candidates takes
+    (each warmed up and timed for MIN_ROUNDS rounds, at the least)."""
+    return steps * MAX_SAVING >= options * (WARMUP_STEPS + MIN_ROUNDS)
+
+
 def could_pay_back(step_seconds: float, steps: int, shapes: int = 1) -> bool:
-    return step_seconds * steps * MAX_COMPILE_SAVING > MIN_COMPILE_SECONDS * shapes
+    return step_seconds * steps * MAX_SAVING > MIN_COMPILE_SECONDS * shapes
 
 
 def payback(eager: float, compiled_step: float, compile_seconds: float, steps: int, shapes: int = 1) -> dict:
@@ -525,7 +534,9 @@ def decide_compile(result: dict, compile: str, steps: int, shapes: int = 1) -> d
     timed = _timing(result["timings"], replace(best, compile="on"))
     eager = timed.get("eager") if isinstance(timed.get("eager"), dict) else _timing(result["timings"], best)
     if not timed or not _number(eager.get("seconds")):
-        result["compile"] = {"chosen": "off", "why": f"not timed: {steps} steps cannot pay back a compile"}
+        why = "the uncompiled steps' timing was noisy" if result.get("noisy") else \
+            f"{steps} steps cannot pay back a compile"
+        result["compile"] = {"chosen": "off", "why": f"not timed: {why}"}
     elif not _number(timed.get("seconds")) or not _number(timed.get("compile_seconds")) or not timed.get("finite"):
         result["compile"] = {"chosen": "off", "why": f"torch.compile failed: {timed.get('error', 'a loss not finite')}"}
     elif pick({"eager": {**eager, "finite": True}, "compiled": timed}, "eager", bool(timed.get("noisy"))) != "compiled":
@@ -593,8 +604,9 @@ def choose(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: tor
            shapes: int = 1) -> dict:
     """Resolve `auto` in --precision, --channels-last and --compile for `model` on batches like (x, y).
 
-    Precision and memory format: `measure` (warm-up, interleaved rounds, `pick`), uncompiled.
-    Compile auto: `measure_compiled` times the compiled step of that choice against the
+    Precision and memory format: `measure` (warm-up, interleaved rounds, `pick`), uncompiled;
+    the defaults (the first candidate) for a run too short to win back the measuring
+    (`worth_measuring`, "not_measured" says so). Compile auto: `measure_compiled` times the compiled step of that choice against the
     uncompiled one, and it is chosen only when it is faster and pays back within the run's
     `steps` (`decide_compile`; `shapes`: the batch shapes it trains on, each compiled once); it is
     not timed at all for a run too short to pay back any compile. `make_optimizer(params,
@@ -617,16 +629,23 @@ def choose(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: tor
         key = cache_key(device, name, parameters, tuple(x.shape), options, compile)
         result = cached_choice(key, options)
         cached = result is not None
-        if not cached:
+        if not cached and not worth_measuring(len(options), steps):
+            result = {"choice": {"precision": options[0].precision, "channels_last": options[0].channels_last},
+                      "timings": {}, "not_measured": f"{steps} steps cannot win back timing {len(options)} "
+                                                     f"candidate{'s' * (len(options) > 1)}"}
+        elif not cached:
             result = measure(model, make_optimizer, loss_fn, x, y, options)
         best = Choice(**result["choice"])
         eager = _timing(result["timings"], best).get("seconds")
         timed = _timing(result["timings"], replace(best, compile="on"))
-        if compile == "auto" and not timed and _number(eager) and could_pay_back(eager, steps, shapes):
+        # Not on a noisy measurement: a compile takes minutes on busy cores, to be judged on noisy rounds.
+        if compile == "auto" and not timed and not result.get("noisy") and _number(eager) \
+                and could_pay_back(eager, steps, shapes):
             timed = result["timings"][replace(best, compile="on").label] = \
                 measure_compiled(model, make_optimizer, loss_fn, x, y, best)
             cached = False
-        if not cached and not result.get("noisy") and not timed.get("noisy"):   # a noisy one serves this run only
+        if not cached and "not_measured" not in result and not result.get("noisy") and not timed.get("noisy"):
+            # a noisy measurement serves this run only
             store_choice(key, result)
         result = decide_compile(result, compile, steps, shapes)
         result["cached"] = cached

@@ -43,12 +43,15 @@ def _how_measured(tuning: dict) -> str:
 def tuning_line(tuning: dict | None) -> str | None:
     """One line saying what `auto` measured and chose (devices.choose): the warm median step of
     the choice, how far the timings can be trusted (noisy ones are not cached), and the compile's
-    payback; None when nothing was measured (every setting given)."""
-    if not tuning or not tuning.get("timings"):
+    payback; None when there was nothing to choose (every setting given)."""
+    if not tuning or not (tuning.get("timings") or tuning.get("not_measured")):
         return None
     choice = tuning["choice"]
     timings = tuning["timings"]
     label = f"{choice['precision']}, channels_last {choice['channels_last']}"
+    if tuning.get("not_measured"):
+        return f"Not measured ({tuning['not_measured']}): {label}, the default" + \
+            ("; compile off" if tuning.get("compile") else "")
     eager = (timings.get(label) or {}).get("seconds")
     how = ", ".join(["cached"] * bool(tuning.get("cached")) + ["noisy, so not cached"] * bool(tuning.get("noisy")))
     text = f"Measured{f' ({how})' if how else ''}: {label}" + \
