@@ -36,7 +36,8 @@ def test_quick_mode_prints_both_rates_and_their_ratio():
     ratio = rates["trainkit fast path"] / rates["seed pipeline"]
     assert abs(float(last[1]) - ratio) < 0.01 * ratio + 0.01
     # Each side's spread over groups of its timed steps, and whether the machine was quiet.
-    spreads = [int(m[1]) for line in lines if (m := re.search(r"\); spread (\d+)% over 2 groups of 1 step\(s\)$", line))]
+    spreads = [int(m[1]) for line in lines
+               if (m := re.search(r"\); spread (\d+)% over 2 groups of 1 step\(s\)$", line))]
     assert len(spreads) == 2, lines
     machine = re.fullmatch(r"machine: (quiet|busy) \(load average (\d+\.\d\d) before the bench, (\d+) cores; "
                            r"spread up to (\d+)%(; our threads waited for a core (\d+)% of the time)?\)"

@@ -92,8 +92,8 @@ def test_the_payback_compares_warm_steps_of_the_same_rounds():
     assert decide_compile(measured(compiled=within), "auto", steps=10**6)["choice"]["compile"] == "off"
     noisy = compiled_timing(seconds=0.080, eager=0.100, compile_seconds=1.0, noisy=True)    # 20% < the noisy margin
     assert decide_compile(measured(compiled=noisy), "auto", steps=10**6)["choice"]["compile"] == "off"
-    faster = decide_compile(measured(eager=2.04, compiled=compiled_timing(seconds=0.05, eager=0.106, compile_seconds=10.0)),
-                            "auto", steps=540)
+    quick = compiled_timing(seconds=0.05, eager=0.106, compile_seconds=10.0)
+    faster = decide_compile(measured(eager=2.04, compiled=quick), "auto", steps=540)
     assert faster["compile"]["payback"]["saved_seconds"] == pytest.approx((0.106 - 0.05) * 540)   # not 2.04 s a step
     assert faster["compile"]["payback"]["pays"] is True
 
@@ -132,7 +132,8 @@ def test_a_noisy_compile_timing_is_not_cached(monkeypatch, own_cache):
     # Uncompiled steps timed on busy cores: no compile is timed (minutes there), nothing is cached.
     monkeypatch.setattr(devices, "measure", lambda *a, **k: {**measured(), "tries": [], "noisy": True})
     busy = ask()
-    assert busy["choice"]["compile"] == "off" and busy["compile"]["why"] == "not timed: the uncompiled steps' timing was noisy"
+    assert busy["choice"]["compile"] == "off"
+    assert busy["compile"]["why"] == "not timed: the uncompiled steps' timing was noisy"
     assert not (own_cache / "choices.json").exists()
 
 

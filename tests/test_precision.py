@@ -99,7 +99,8 @@ def test_a_noisy_measurement_needs_a_wide_margin_and_is_said_and_not_cached(monk
     timings, summary = devices.summarize([busy], {label: [] for label in busy["rounds"]})
     assert summary["noisy"] and timings["fp32, channels_last on"]["seconds"] == 0.193237
     assert devices.pick(timings, "fp32, channels_last on", noisy=True) == "fp32, channels_last on"
-    steady = {"a": {"seconds": 0.100, "spread": 0.02, "finite": True}, "b": {"seconds": 0.080, "spread": 0.01, "finite": True}}
+    steady = {"a": {"seconds": 0.100, "spread": 0.02, "finite": True},
+              "b": {"seconds": 0.080, "spread": 0.01, "finite": True}}
     assert devices.pick(steady, "a", noisy=True) == "a"              # 20%: not enough while noisy
     assert devices.pick({**steady, "b": {**steady["b"], "seconds": 0.05}}, "a", noisy=True) == "b"   # 2x: still
     # A measurement judged noisy (here: every one) is said in the run's line and never cached.
@@ -219,7 +220,8 @@ def test_a_busy_machine_never_makes_a_choice_slower_on_quiet_cores(monkeypatch, 
     if devices.cpu_wait() is not None:               # Linux tells how long our threads waited for a core
         assert busy["noisy"] and max(t["waited"] for t in busy["tries"]) > devices.BUSY_WAIT, busy["tries"]
     if busy["noisy"]:
-        assert line.startswith("Measured (noisy, so not cached): ") and not (tmp_path / "busy" / "choices.json").exists()
+        assert line.startswith("Measured (noisy, so not cached): ")
+        assert not (tmp_path / "busy" / "choices.json").exists()
     assert took < devices.MEASURE_SECONDS + devices.MEASURE_CAP_SECONDS
 
 
@@ -258,7 +260,8 @@ def test_a_measured_run_trains_exactly_as_one_given_its_choice(mnist, tmp_path, 
     tuning = saved["tuning"]
     assert tuning["cached"] is False and len(tuning["timings"]) in (2, 4)
     for timing in tuning["timings"].values():        # config.json keeps every round of every try
-        assert len(timing["rounds"]) == len(tuning["tries"]) and all(len(r) >= devices.MIN_ROUNDS for r in timing["rounds"])
+        assert len(timing["rounds"]) == len(tuning["tries"])
+        assert all(len(r) >= devices.MIN_ROUNDS for r in timing["rounds"])
     assert {saved["config"]["precision"], saved["config"]["channels_last"]} <= {"fp32", "bf16", "on", "off"}
     assert saved["config"]["precision"] == tuning["choice"]["precision"]
     assert saved["environment"]["autocast"] == {"fp32": "fp32", "bf16": "bfloat16"}[tuning["choice"]["precision"]]

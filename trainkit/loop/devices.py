@@ -347,7 +347,8 @@ def timed_rounds(steps: dict[str, Callable], seconds: float = ROUND_SECONDS) -> 
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-def timed_tries(steps: dict[str, Callable], seconds: float = ROUND_SECONDS, budget: float = MEASURE_SECONDS) -> list[dict]:
+def timed_tries(steps: dict[str, Callable], seconds: float = ROUND_SECONDS,
+                budget: float = MEASURE_SECONDS) -> list[dict]:
     """`timed_rounds` of `steps`, tried again while noisy: at most MAX_TRIES, and only while one
     more try (as long as the last) keeps the tries within `budget` seconds."""
     tries = [timed_rounds(steps, seconds)]
@@ -606,10 +607,11 @@ def choose(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: tor
 
     Precision and memory format: `measure` (warm-up, interleaved rounds, `pick`), uncompiled;
     the defaults (the first candidate) for a run too short to win back the measuring
-    (`worth_measuring`, "not_measured" says so). Compile auto: `measure_compiled` times the compiled step of that choice against the
-    uncompiled one, and it is chosen only when it is faster and pays back within the run's
-    `steps` (`decide_compile`; `shapes`: the batch shapes it trains on, each compiled once); it is
-    not timed at all for a run too short to pay back any compile. `make_optimizer(params,
+    (`worth_measuring`, "not_measured" says so). Compile auto: `measure_compiled` times the
+    compiled step of that choice against the uncompiled one, and it is chosen only when it is
+    faster and pays back within the run's `steps` (`decide_compile`; `shapes`: the batch shapes
+    it trains on, each compiled once); it is not timed at all for a run too short to pay back
+    any compile, nor after a noisy measurement. `make_optimizer(params,
     fused=True)` makes the compiled step's optimizer. A measurement is cached per machine, model
     and batch, unless it was noisy (then the next run measures again).
 

@@ -58,14 +58,14 @@ def tuning_line(tuning: dict | None) -> str | None:
            (f" at {eager:.3f} s/step" if isinstance(eager, (int, float)) else "") + _how_measured(tuning)
     decided = tuning.get("compile")
     compiled = timings.get(label + ", compiled") or {}
-    if decided and "payback" in decided:
+    noisy = " (noisy, so not cached)" if compiled.get("noisy") else ""
+    if decided and "payback" in decided:      # only a compiled step faster than the uncompiled: no negative saving
         p = decided["payback"]
         verdict = "saves" if p["pays"] else "would save only"
-        text += (f"; compiled {compiled['seconds']:.3f} s/step{' (noisy, so not cached)' if compiled.get('noisy') else ''}, "
-                 f"{verdict} {p['saved_seconds']:.0f} s over {p['steps']:,} steps "
-                 f"against {p['compile_seconds']:.0f} s to compile: compile {decided['chosen']}")
+        text += (f"; compiled {compiled['seconds']:.3f} s/step{noisy}, {verdict} {p['saved_seconds']:.0f} s over "
+                 f"{p['steps']:,} steps against {p['compile_seconds']:.0f} s to compile: compile {decided['chosen']}")
     elif decided:
-        text += f"; compile off ({decided['why']}{'; noisy, so not cached' if compiled.get('noisy') else ''})"
+        text += f"; compile off ({decided['why']}){noisy}"
     return text
 
 
