@@ -76,6 +76,14 @@ def test_a_clear_winner_beats_the_default_by_more_than_the_spread():
     assert devices.pick(failed, "fp32, channels_last on") == "fp32, channels_last off"
     nothing = {k: {**t, "finite": False} for k, t in timings.items()}
     assert devices.pick(nothing, "fp32, channels_last on") == "fp32, channels_last on"
+    # Issue 31's case, compact at batch 32: one cold step each made bf16 the winner (1.85 s against
+    # 2.04 s); the warm steps (fp32 0.106 s, bf16 0.185 s; spreads not recorded there, 3% here) keep fp32.
+    cold = {"fp32, channels_last on": {"seconds": 2.04, "spread": 0.03, "finite": True},
+            "bf16, channels_last on": {"seconds": 1.85, "spread": 0.03, "finite": True}}
+    warm = {"fp32, channels_last on": {**cold["fp32, channels_last on"], "seconds": 0.106},
+            "bf16, channels_last on": {**cold["bf16, channels_last on"], "seconds": 0.185}}
+    assert devices.pick(cold, "fp32, channels_last on") == "bf16, channels_last on"     # 9%: a clear win, as timed
+    assert devices.pick(warm, "fp32, channels_last on") == "fp32, channels_last on"
 
 
 def test_a_tie_or_a_win_within_the_spread_keeps_the_default():
