@@ -209,19 +209,21 @@ def test_the_compile_flag():
 
 
 def test_the_line_a_run_prints_about_its_measured_choices():
-    tries = [{"rounds": 5, "spread": 0.03, "waited": 0.01, "noisy": False}]
+    quiet = {"tries": [{"rounds": 5, "spread": 0.03, "waited": 0.01, "noisy": False}], "noisy": False,
+             "spread": 0.03, "waited": 0.01}
     line = tuning_line({**decide_compile(measured(compiled=compiled_timing()), "auto", steps=300), "cached": True,
-                        "tries": tries, "noisy": False})
+                        **quiet})
     assert line == ("Measured (cached): fp32, channels_last on at 0.300 s/step (spread 3%); compiled 0.200 s/step, "
                     "saves 30 s over 300 steps against 20 s to compile: compile on")
-    line = tuning_line({**decide_compile(measured(), "auto", steps=5), "cached": False, "tries": tries})
+    line = tuning_line({**decide_compile(measured(), "auto", steps=5), "cached": False, **quiet})
     assert line == ("Measured: fp32, channels_last on at 0.300 s/step (spread 3%); compile off (not timed: 5 steps "
                     "cannot pay back a compile)")
-    noisy = [{"rounds": 3, "spread": 0.40, "waited": 0.86, "noisy": True}, {"rounds": 3, "spread": 0.25, "waited": 0.7,
-                                                                           "noisy": True}]
+    noisy = {"tries": [{"rounds": 3, "spread": 0.40, "waited": 0.86, "noisy": True},
+                       {"rounds": 3, "spread": 0.25, "waited": 0.7, "noisy": True}],
+             "noisy": True, "spread": 0.31, "waited": 0.7}
     line = tuning_line({**decide_compile(measured(compiled=compiled_timing(seconds=0.35)), "auto", steps=10**6),
-                        "cached": False, "tries": noisy, "noisy": True})
-    assert line == ("Measured (noisy, so not cached): fp32, channels_last on at 0.300 s/step (spread 25% after 2 "
+                        "cached": False, **noisy})
+    assert line == ("Measured (noisy, so not cached): fp32, channels_last on at 0.300 s/step (spread 31% over 2 "
                     "tries, our threads waited for a core 70% of the time); compile off (compiled 0.350 s/step "
                     "against 0.300: not faster by more than 5%)")            # a slower compile: no negative saving
     assert tuning_line({"choice": {"precision": "fp32", "channels_last": "on", "compile": "off"}, "timings": {}}) is None

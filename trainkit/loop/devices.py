@@ -360,17 +360,21 @@ def timed_tries(steps: dict[str, Callable], seconds: float = ROUND_SECONDS,
 
 def summarize(tries: list[dict], warmups: dict[str, list[float]]) -> tuple[dict, dict]:
     """({label: {"seconds": median, "spread", "finite", "rounds": [[...] of each try], "warmup"}},
-    {"tries": [{"rounds", "spread", "waited", "noisy"}], "noisy"}). The medians are those of the
-    first quiet try, else of the least noisy one; every round of every try is kept."""
+    {"tries": [{"rounds", "spread", "waited", "noisy"}], "noisy", "spread": the widest of the
+    candidates', "waited": the least share of any try}). The medians and spreads are those of the
+    first quiet try; when every try was noisy, those of all their rounds together."""
     quiet = [t for t in tries if not t["noisy"]]
-    used = quiet[0] if quiet else min(tries, key=lambda t: max(t["spread"].values()))
-    timings = {label: {"seconds": round(statistics.median(used["rounds"][label]), 6), "spread": used["spread"][label],
+    rounds = {label: quiet[0]["rounds"][label] if quiet else [s for t in tries for s in t["rounds"][label]]
+              for label in warmups}
+    timings = {label: {"seconds": round(statistics.median(rounds[label]), 6), "spread": spread(rounds[label]),
                        "finite": all(t.get("finite", {}).get(label, True) for t in tries),
                        "rounds": [t["rounds"][label] for t in tries], "warmup": warmup}
                for label, warmup in warmups.items()}
     summary = [{"rounds": len(next(iter(t["rounds"].values()))), "spread": max(t["spread"].values()),
                 "waited": t["waited"], "noisy": t["noisy"]} for t in tries]
-    return timings, {"tries": summary, "noisy": not quiet}
+    waits = [t["waited"] for t in tries if t["waited"] is not None]
+    return timings, {"tries": summary, "noisy": not quiet, "spread": max(t["spread"] for t in timings.values()),
+                     "waited": min(waits, default=None)}
 
 
 def margin(timing: dict, default: dict, noisy: bool = False) -> float:
@@ -442,7 +446,7 @@ def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: to
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     timings, summary = summarize(tries, {label: w["warmup"] for label, w in warm.items()}) if tries else \
-        ({}, {"tries": [], "noisy": False})
+        ({}, {"tries": [], "noisy": False, "spread": None, "waited": None})
     for label, w in warm.items():
         timings[label]["finite"] = timings[label]["finite"] and w["finite"]
     timings.update({label: {"seconds": None, "finite": False, "error": why} for label, why in failed.items()})

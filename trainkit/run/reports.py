@@ -25,18 +25,16 @@ def test_line(loss: float, correct: int, total: int, after: str = "", split: str
 
 
 def _how_measured(tuning: dict) -> str:
-    """How far the measurement can be trusted: its spread, and for a noisy one the tries and how
-    long our threads waited for a core (devices.timed_rounds)."""
-    tries = [t for t in tuning.get("tries") or [] if isinstance(t, dict) and "spread" in t]
-    if not tries:
+    """How far the measurement can be trusted: the widest spread of its timings, and for a noisy
+    one the tries and how long our threads waited for a core (devices.summarize)."""
+    if not isinstance(tuning.get("spread"), (int, float)):
         return ""
-    quiet = [t for t in tries if not t.get("noisy")]
-    used = quiet[0] if quiet else min(tries, key=lambda t: t["spread"])
-    text = f"spread {used['spread']:.0%}"
+    text = f"spread {tuning['spread']:.0%}"
+    tries = len(tuning.get("tries") or [])
     if tuning.get("noisy"):
-        text += f" after {len(tries)} tr{'y' if len(tries) == 1 else 'ies'}"
-        if isinstance(used.get("waited"), (int, float)):
-            text += f", our threads waited for a core {used['waited']:.0%} of the time"
+        text += f" over {tries} tr{'y' if tries == 1 else 'ies'}"
+        if isinstance(tuning.get("waited"), (int, float)):
+            text += f", our threads waited for a core {tuning['waited']:.0%} of the time"
     return f" ({text})"
 
 
