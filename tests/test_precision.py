@@ -157,7 +157,7 @@ def test_measuring_leaves_the_model_and_random_state_alone():
     # Each warmed up, then timed in the same rounds (every try kept); its time is the median of the used try.
     assert 1 <= len(found["tries"]) <= devices.MAX_TRIES and found["measure_seconds"] > 0
     for t in found["timings"].values():
-        assert t["finite"] and 1 <= len(t["warmup"]) <= devices.WARMUP_STEPS and len(t["rounds"]) == len(found["tries"])
+        assert t["finite"] and len(t["warmup"]) == devices.WARMUP_STEPS and len(t["rounds"]) == len(found["tries"])
         assert all(devices.MIN_ROUNDS <= len(r) <= devices.MAX_ROUNDS for r in t["rounds"])
         quiet = [r for r, one in zip(t["rounds"], found["tries"]) if not one["noisy"]]
         used = quiet[0] if quiet else [s for r in t["rounds"] for s in r]    # the first quiet try, else all
@@ -337,7 +337,7 @@ def test_the_measurement_has_a_time_cap():
     options = candidates("fp32", "auto", CPU)
     found = measure(small_net(), sgd, F.cross_entropy, *batch(), options, seconds=0.0, cap=0.0, budget=0.0)
     first, second = (found["timings"][o.label] for o in options)
-    assert first["finite"] and 1 <= len(first["warmup"]) <= devices.WARMUP_STEPS
+    assert first["finite"] and len(first["warmup"]) == devices.WARMUP_STEPS
     assert [len(r) for r in first["rounds"]] == [devices.MIN_ROUNDS]    # one try: no time for another
     assert second["seconds"] is None and "passed its cap" in second["error"]
     assert found["choice"] == {"precision": "fp32", "channels_last": "on"}

@@ -73,7 +73,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # machine's speed falls on all of them alike. The default (the first candidate) stays unless
 # another beats it by more than the spread of the rounds (`pick`).
 
-WARMUP_STEPS = 2          # per candidate, untimed: the first allocates, picks kernels (or compiles)
+WARMUP_STEPS = 2          # per candidate, untimed: the first allocates, picks kernels (or compiles),
+                          # makes the optimizer's state; the second shows it all done
 MIN_ROUNDS, MAX_ROUNDS = 3, 15
 ROUND_SECONDS = 0.5       # a try's rounds go on past MIN_ROUNDS while they last under this
 MEASURE_SECONDS = 10.0    # a noisy try is repeated only while the tries stay under this in all
@@ -401,12 +402,8 @@ def pick(timings: dict[str, dict], default: str, noisy: bool = False) -> str:
 
 
 def _warm_up(steps: dict[str, Callable], label: str, step: Callable) -> dict:
-    """Run `step`'s untimed warm-up and add it to `steps`: {"warmup": [seconds], "finite"}. A
-    first step longer than ROUND_SECONDS is warm-up enough (a compile, or a step of seconds whose
-    second run is already warm)."""
-    warm = [step()]
-    while len(warm) < WARMUP_STEPS and warm[0][0] < ROUND_SECONDS:
-        warm.append(step())
+    """Run `step`'s untimed warm-up steps and add it to `steps`: {"warmup": [seconds], "finite"}."""
+    warm = [step() for _ in range(WARMUP_STEPS)]
     steps[label] = step
     return {"warmup": [round(t, 6) for t, _ in warm], "finite": all(ok for _, ok in warm)}
 
