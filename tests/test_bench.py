@@ -35,6 +35,27 @@ def test_quick_mode_prints_both_rates_and_their_ratio():
     assert "fp32 precision, channels_last off, compile off)" in seed, seed
     ratio = rates["trainkit fast path"] / rates["seed pipeline"]
     assert abs(float(last[1]) - ratio) < 0.01 * ratio + 0.01
+    # Each side's spread over groups of its timed steps, and whether the machine was quiet.
+    spreads = [int(m[1]) for line in lines
+               if (m := re.search(r"\); spread (\d+)% over 2 groups of 1 step\(s\)$", line))]
+    assert len(spreads) == 2, lines
+    machine = re.fullmatch(r"machine: (quiet|busy) \(load average (\d+\.\d\d) before the bench, (\d+) cores; "
+                           r"spread up to (\d+)%(; our threads waited for a core (\d+)% of the time)?\)"
+                           r"(: these figures are rough; rerun on quiet cores to trust them)?", lines[-4])
+    assert machine and int(machine[4]) == max(spreads), lines[-4]
+    assert (machine[1] == "busy") == bool(machine[7])
+
+
+def test_the_machine_is_quiet_only_when_every_sign_says_so():
+    from trainkit.commands.bench import machine_line
+    steady = {"seed pipeline": {"spread": 0.02, "waited": 0.01}, "fast": {"spread": 0.04, "waited": None}}
+    assert machine_line(0.3, steady).startswith("machine: quiet (load average 0.30 before the bench, ")
+    assert "; spread up to 4%; our threads waited for a core 1% of the time)" in machine_line(0.3, steady)
+    wide = {**steady, "fast": {"spread": 0.35, "waited": 0.02}}
+    waited = {**steady, "fast": {"spread": 0.02, "waited": 0.6}}
+    for load, sides in [(0.3, wide), (0.3, waited), (64.0, steady)]:
+        assert machine_line(load, sides).startswith("machine: busy ("), (load, sides)
+        assert machine_line(load, sides).endswith("): these figures are rough; rerun on quiet cores to trust them")
 
 
 def test_full_mode_times_each_side_to_the_target(mnist, tmp_path, capsys):

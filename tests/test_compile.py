@@ -55,14 +55,22 @@ def test_compiling_pays_back_only_within_the_planned_steps():
 
 
 def measured(eager=0.30, compiled=None):
-    timings = {"fp32, channels_last on": {"seconds": eager, "finite": True}}
+    timings = {"fp32, channels_last on": {"seconds": eager, "spread": 0.02, "finite": True}}
     if compiled is not None:
         timings["fp32, channels_last on, compiled"] = compiled
     return {"choice": {"precision": "fp32", "channels_last": "on"}, "timings": timings}
 
 
+def compiled_timing(seconds=0.20, eager=0.30, compile_seconds=20.0, spread=0.02, noisy=False):
+    """A compiled step's timing as measure_compiled records it: its median and the uncompiled
+    step's, from the same interleaved rounds."""
+    return {"seconds": seconds, "spread": spread, "finite": True, "compile_seconds": compile_seconds,
+            "rounds": [[seconds] * 3], "warmup": [compile_seconds + seconds],
+            "eager": {"seconds": eager, "spread": spread, "rounds": [[eager] * 3]}, "noisy": noisy}
+
+
 def test_auto_resolves_by_the_payback_and_on_off_as_asked():
-    timed = {"seconds": 0.20, "finite": True, "compile_seconds": 20.0, "steps": [0.2]}
+    timed = compiled_timing()
     on = decide_compile(measured(compiled=timed), "auto", steps=300)
     assert on["choice"] == {"precision": "fp32", "channels_last": "on", "compile": "on"}
     assert on["compile"]["chosen"] == "on" and on["compile"]["payback"]["saved_seconds"] == pytest.approx(30.0)
@@ -77,11 +85,27 @@ def test_auto_resolves_by_the_payback_and_on_off_as_asked():
         assert decide_compile(measured(), asked, steps=5)["choice"]["compile"] == asked
 
 
+def test_the_payback_compares_warm_steps_of_the_same_rounds():
+    """The issue's case: a cold uncompiled step (2.04 s) against a warm compiled one made compiling
+    "save 976 s over 540 steps". Warm steps from the same rounds decide, and over the real steps."""
+    timings = measured(eager=2.04, compiled=compiled_timing(seconds=0.110, eager=0.106, compile_seconds=132.0))
+    slower = decide_compile(timings, "auto", steps=540)
+    assert slower["choice"]["compile"] == "off" and "payback" not in slower["compile"]
+    assert slower["compile"]["why"] == "compiled 0.110 s/step against 0.106: not faster by more than 5%"
+    within = compiled_timing(seconds=0.090, eager=0.100, compile_seconds=1.0, spread=0.15)   # 10% < its 15% spread
+    assert decide_compile(measured(compiled=within), "auto", steps=10**6)["choice"]["compile"] == "off"
+    noisy = compiled_timing(seconds=0.080, eager=0.100, compile_seconds=1.0, noisy=True)    # 20% < the noisy margin
+    assert decide_compile(measured(compiled=noisy), "auto", steps=10**6)["choice"]["compile"] == "off"
+    quick = compiled_timing(seconds=0.05, eager=0.106, compile_seconds=10.0)
+    faster = decide_compile(measured(eager=2.04, compiled=quick), "auto", steps=540)
+    assert faster["compile"]["payback"]["saved_seconds"] == pytest.approx((0.106 - 0.05) * 540)   # not 2.04 s a step
+    assert faster["compile"]["payback"]["pays"] is True
+
+
 def test_compile_is_timed_once_when_it_could_pay_and_cached_with_the_other_choices(monkeypatch, own_cache):
     timed = []
-    monkeypatch.setattr(devices, "time_choice", lambda *a, **k: ([0.30], True))
-    monkeypatch.setattr(devices, "time_compiled", lambda *a, **k: timed.append(a[5]) or
-                        {"seconds": 0.20, "finite": True, "compile_seconds": 20.0, "steps": [0.2]})
+    monkeypatch.setattr(devices, "measure", lambda *a, **k: {**measured(), "tries": [], "noisy": False})
+    monkeypatch.setattr(devices, "measure_compiled", lambda *a, **k: timed.append(a[5]) or compiled_timing())
     ask = lambda steps, compile="auto": choose(small_net(), sgd, F.cross_entropy, *batch(), precision="fp32",
                                                channels_last="auto", name="small", compile=compile, steps=steps)
     short = ask(10)                  # 10 x 0.3 s: no compile could pay back, so none is timed
@@ -100,12 +124,29 @@ def test_compile_is_timed_once_when_it_could_pay_and_cached_with_the_other_choic
         ["auto", "on"]
 
 
+def test_a_noisy_compile_timing_is_not_cached(monkeypatch, own_cache):
+    monkeypatch.setattr(devices, "measure", lambda *a, **k: {**measured(), "tries": [], "noisy": False})
+    monkeypatch.setattr(devices, "measure_compiled", lambda *a, **k: compiled_timing(seconds=0.1, noisy=True))
+    ask = lambda: choose(small_net(), sgd, F.cross_entropy, *batch(), precision="fp32", channels_last="auto",
+                         name="small", compile="auto", steps=1000)
+    first = ask()
+    assert first["choice"]["compile"] == "on" and not (own_cache / "choices.json").exists()   # 3x faster: clear
+    assert ask()["cached"] is False
+    assert "; compiled 0.100 s/step (noisy, so not cached), saves " in tuning_line(first)
+    # Uncompiled steps timed on busy cores: no compile is timed (minutes there), nothing is cached.
+    monkeypatch.setattr(devices, "measure", lambda *a, **k: {**measured(), "tries": [], "noisy": True})
+    busy = ask()
+    assert busy["choice"]["compile"] == "off"
+    assert busy["compile"]["why"] == "not timed: the uncompiled steps' timing was noisy"
+    assert not (own_cache / "choices.json").exists()
+
+
 def test_a_compile_that_fails_is_recorded_with_its_error_and_left_out(monkeypatch):
     def no_compiler(model):
         raise RuntimeError("InductorError: CppCompileError: C++ compile error\ncommand: g++ ...")
     monkeypatch.setattr(devices, "compiled", no_compiler)
     rng = torch.get_rng_state()
-    found = devices.time_compiled(small_net(), sgd, F.cross_entropy, *batch(), Choice("fp32", "on"))
+    found = devices.measure_compiled(small_net(), sgd, F.cross_entropy, *batch(), Choice("fp32", "on"))
     assert found == {"seconds": None, "finite": False,
                      "error": "RuntimeError: InductorError: CppCompileError: C++ compile error"}
     assert torch.equal(torch.get_rng_state(), rng)
@@ -127,8 +168,8 @@ torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
 x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
 sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)
-found = devices.time_compiled(net, sgd, F.cross_entropy, x, y, devices.Choice("fp32", "on"))
-print("time_compiled:", found["seconds"], found["error"])
+found = devices.measure_compiled(net, sgd, F.cross_entropy, x, y, devices.Choice("fp32", "on"))
+print("measure_compiled:", found["seconds"], found["error"])
 try:
     build_experiment(TrainConfig(compile="on", progress=False, device="cpu"), data=load_dataset("mnist", os.environ["TRAINKIT_DATA_DIR"], progress=False, limit_train=64, limit_test=64))
 except TrainkitError as exc:
@@ -142,7 +183,7 @@ def test_without_a_cpp_compiler_compile_is_left_out_or_one_line():
                           env={**os.environ, "CXX": "/nonexistent/g++"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     timed, built = proc.stdout.splitlines()[-2:]
-    assert timed.startswith("time_compiled: None") and "no C++ compiler" in timed
+    assert timed.startswith("measure_compiled: None") and "no C++ compiler" in timed
     assert re.search("build_experiment: --compile on: torch.compile found no C\\+\\+ compiler.*--compile off", built), built
 
 
@@ -186,12 +227,23 @@ def test_the_compile_flag():
 
 
 def test_the_line_a_run_prints_about_its_measured_choices():
-    timed = {"seconds": 0.20, "finite": True, "compile_seconds": 20.0, "steps": [0.2]}
-    line = tuning_line({**decide_compile(measured(compiled=timed), "auto", steps=300), "cached": True})
-    assert line == ("Measured (cached): fp32, channels_last on at 0.300 s/step; compiled 0.200 s/step, saves 30 s "
-                    "over 300 steps against 20 s to compile: compile on")
-    line = tuning_line({**decide_compile(measured(), "auto", steps=5), "cached": False})
-    assert line == "Measured: fp32, channels_last on at 0.300 s/step; compile off (not timed: 5 steps cannot pay back a compile)"
+    quiet = {"tries": [{"rounds": 5, "spread": 0.03, "waited": 0.01, "noisy": False}], "noisy": False,
+             "spread": 0.03, "waited": 0.01}
+    line = tuning_line({**decide_compile(measured(compiled=compiled_timing()), "auto", steps=300), "cached": True,
+                        **quiet})
+    assert line == ("Measured (cached): fp32, channels_last on at 0.300 s/step (spread 3%); compiled 0.200 s/step, "
+                    "saves 30 s over 300 steps against 20 s to compile: compile on")
+    line = tuning_line({**decide_compile(measured(), "auto", steps=5), "cached": False, **quiet})
+    assert line == ("Measured: fp32, channels_last on at 0.300 s/step (spread 3%); compile off (not timed: 5 steps "
+                    "cannot pay back a compile)")
+    noisy = {"tries": [{"rounds": 3, "spread": 0.40, "waited": 0.86, "noisy": True},
+                       {"rounds": 3, "spread": 0.25, "waited": 0.7, "noisy": True}],
+             "noisy": True, "spread": 0.31, "waited": 0.7}
+    line = tuning_line({**decide_compile(measured(compiled=compiled_timing(seconds=0.35)), "auto", steps=10**6),
+                        "cached": False, **noisy})
+    assert line == ("Measured (noisy, so not cached): fp32, channels_last on at 0.300 s/step (spread 31% over 2 "
+                    "tries, our threads waited for a core 70% of the time); compile off (compiled 0.350 s/step "
+                    "against 0.300: not faster by more than 5%)")            # a slower compile: no negative saving
     assert tuning_line({"choice": {"precision": "fp32", "channels_last": "on", "compile": "off"}, "timings": {}}) is None
 
 

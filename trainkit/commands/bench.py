@@ -1,6 +1,7 @@
 """`trainkit bench`: the seed's pipeline against trainkit's fast path, measured in one run.
 
-quick:    a fixed number of training steps of each side; images/s and the speedup.
+quick:    a fixed number of training steps of each side; images/s, their spread, whether the machine
+          was quiet, and the speedup.
 full:     the time each side takes to reach a test accuracy (99.2% by default); JSON and markdown.
 speedrun: the speedrun recipe over several seeds; the time each takes to reach 99.0%.
 
@@ -11,6 +12,7 @@ whether the target was reached.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -20,7 +22,8 @@ import torch
 
 from ..config import RECIPES, TrainConfig, validate
 from ..data.dataset import ImageData
-from ..loop.devices import autocast_dtype, bf16_native, resolve_device
+from ..loop.devices import (BUSY_WAIT, NOISY_SPREAD, autocast_dtype, bf16_native, cpu_wait, resolve_device,
+                            spread, waited_share)
 from ..loop.engine import Callback, TrainState, train_one_epoch, train_step
 from ..run.assembly import build_run
 from ..run.experiment import get_data
@@ -74,35 +77,72 @@ class _Steps:
             yield batch
 
 
-def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -> tuple[float, TrainConfig]:
+class _Stamps(Callback):
+    """The time at the end of every `every`-th batch, after waiting for the device: the timed
+    steps in equal groups, whose spread tells how steady the machine was (a wait after every
+    step would slow a GPU's steps)."""
+
+    def __init__(self, device: torch.device, every: int):
+        self.device, self.every, self.times = device, every, []
+
+    def on_batch_end(self, state: TrainState) -> None:
+        if (state.batch + 1) % self.every == 0:
+            _sync(self.device)
+            self.times.append(time.perf_counter())
+
+
+def time_steps(cfg: TrainConfig, data: ImageData, steps: int, warmup: int = 3) -> tuple[float, TrainConfig, dict]:
     """(images per second over `steps` training steps after `warmup` untimed ones, the config with
-    --precision, --channels-last and --compile auto resolved as the experiment resolved them). The
-    warm-up steps include the compile of a compiled step."""
+    --precision, --channels-last and --compile auto resolved as the experiment resolved them, and
+    how steady the timing was: {"spread" over equal groups of the steps (about five), "groups" (seconds),
+    "waited": the share of the time our threads waited for a core}). The warm-up steps include the
+    compile of a compiled step."""
     run = build_run(cfg, data=data, steps_only=True)   # the callbacks of a step alone
     loader = run.train_loader
-    steps_of = lambda n: train_one_epoch(run.train_model, _Steps(loader, n), run.optimizer, run.loss_fn,
-                                         device=run.device, amp_dtype=run.amp_dtype, callbacks=run.callbacks)
+    stamps = _Stamps(run.device, max(1, steps // 5))
+    steps_of = lambda n, extra=(): train_one_epoch(run.train_model, _Steps(loader, n), run.optimizer, run.loss_fn,
+                                                   device=run.device, amp_dtype=run.amp_dtype,
+                                                   callbacks=[*run.callbacks, *extra])
     steps_of(warmup)
     _sync(run.device)
-    start = time.perf_counter()
-    _, _, seen = steps_of(steps)
+    before, start = cpu_wait(), time.perf_counter()
+    _, _, seen = steps_of(steps, [stamps])
     _sync(run.device)
-    return seen / (time.perf_counter() - start), run.cfg
+    took, waited = time.perf_counter() - start, waited_share(before, cpu_wait())
+    groups = [round(b - a, 6) for a, b in zip([start] + stamps.times, stamps.times)]
+    return seen / took, run.cfg, {"spread": spread(groups), "groups": groups, "waited": waited}
 
 
 def quick(device: str, data: ImageData, steps: int, batch_size: int = 512,
-          compile: str = "auto") -> tuple[dict, dict]:
+          compile: str = "auto") -> tuple[dict, dict, dict]:
     """Throughput of both sides on S5Net at the same batch size: ({side: images/s}, {side: config
-    as run}). The fast path's auto precision and memory format are chosen (timed) before its timer."""
-    results, configs = {}, {}
+    as run}, {side: how steady its timing was, see `time_steps`}). The fast path's auto precision
+    and memory format are chosen (timed) before its timer."""
+    results, configs, steadiness = {}, {}, {}
     for name, cfg in sides(device, compile).items():
-        results[name], configs[name] = time_steps(cfg.replace(batch_size=batch_size), data, steps)
-        ran = configs[name]
+        results[name], configs[name], steadiness[name] = time_steps(cfg.replace(batch_size=batch_size), data, steps)
+        ran, steady = configs[name], steadiness[name]
         asked = (cfg.precision, cfg.channels_last, cfg.compile)
         asked = f" (auto: {', '.join(asked)})" if "auto" in asked else ""
         print(f"{name}: {results[name]:.0f} images/s ({ran.pipeline} pipeline, "
-              f"{ran.precision} precision, channels_last {ran.channels_last}, compile {ran.compile}{asked})", flush=True)
-    return results, configs
+              f"{ran.precision} precision, channels_last {ran.channels_last}, compile {ran.compile}{asked}); "
+              f"spread {steady['spread']:.0%} over {len(steady['groups'])} groups of {max(1, steps // 5)} step(s)",
+              flush=True)
+    return results, configs, steadiness
+
+
+def machine_line(load: float, steadiness: dict) -> str:
+    """Whether the bench's figures can be trusted: quiet when the 1-minute load average before it
+    was below the cores it may use, every side's timings varied by at most devices.NOISY_SPREAD,
+    and our threads waited for a core at most devices.BUSY_WAIT of the time (where Linux tells)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    worst = max(s["spread"] for s in steadiness.values())
+    waits = [s["waited"] for s in steadiness.values() if s["waited"] is not None]
+    quiet = load < cores and worst <= NOISY_SPREAD and max(waits, default=0.0) <= BUSY_WAIT
+    facts = f"load average {load:.2f} before the bench, {cores} cores; spread up to {worst:.0%}" + \
+        (f"; our threads waited for a core {max(waits):.0%} of the time" if waits else "")
+    return f"machine: quiet ({facts})" if quiet else \
+        f"machine: busy ({facts}): these figures are rough; rerun on quiet cores to trust them"
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
@@ -335,12 +375,14 @@ def speedrun_table(report: dict, model: str) -> str:
 
 def cmd_bench(args) -> int:
     cfg, _ = config_from_args(args)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0   # before our own work adds to it
     device = str(resolve_device(cfg.device))
     data = get_data(cfg.replace(progress=False))
     if args.speedrun:
         speedrun(device, data, args.seeds, Path(args.out), cfg.compile)
     elif args.quick:
-        results, configs = quick(device, data, args.steps, compile=cfg.compile)
+        results, configs, steadiness = quick(device, data, args.steps, compile=cfg.compile)
+        print(machine_line(load, steadiness))
         fast = configs["trainkit fast path"]
         achieved, fraction, found = roofline(fast, data, results["trainkit fast path"])
         print("peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in found.items())

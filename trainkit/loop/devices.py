@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -66,15 +67,26 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Choices made by measurement: --precision auto and --channels-last auto time a few training steps
-# of each candidate (the run's model and batch, on this device) and keep the fastest.
+# Choices made by measurement: --precision auto and --channels-last auto time training steps of
+# each candidate (the run's model and batch, on this device) as a benchmark does: every candidate
+# is warmed up first, then timed in interleaved rounds (A B C, A B C, ...) so that a change in the
+# machine's speed falls on all of them alike. The default (the first candidate) stays unless
+# another beats it by more than the spread of the rounds (`pick`).
 
-MEASURE_SECONDS = 4.0     # all candidates together; each still gets one warm-up and one timed step
-MAX_TIMED_STEPS = 3
-MEASURE_CAP_SECONDS = 30.0  # past this, the candidates not yet timed are left out (a step can take seconds)
+WARMUP_STEPS = 2          # per candidate, untimed: the first allocates, picks kernels (or compiles),
+                          # makes the optimizer's state; the second shows it all done
+MIN_ROUNDS, MAX_ROUNDS = 3, 15
+ROUND_SECONDS = 0.5       # a try's rounds go on past MIN_ROUNDS while they last under this
+MEASURE_SECONDS = 10.0    # a noisy try is repeated only while the tries stay under this in all
+MAX_TRIES = 3
+MEASURE_CAP_SECONDS = 30.0  # past this, the candidates not yet warmed up are left out (a step can take seconds)
+NOISY_SPREAD = 0.10       # rounds that vary more than this (interquartile range / median) cannot be trusted
+BUSY_WAIT = 0.10          # nor can rounds in which our threads waited this share of their time for a core
+MIN_MARGIN, NOISY_MARGIN = 0.05, 0.25   # the least a non-default must win by (of the default's median)
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # CPU instructions that compute in bf16 (else emulated)
 CPU_KEY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 CACHE_FILE = "choices.json"
+TIMING_METHOD = "warm interleaved rounds"   # in the cache key: entries timed by earlier rules are not reused
 
 
 def cpu_flags() -> set[str]:
@@ -240,9 +252,10 @@ def compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model, dynamic=False)
 
 
-def _time_steps(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-                choice: Choice, seconds: float, max_steps: int) -> tuple[float, list[float], bool]:
-    """(seconds of the warm-up step, seconds of each timed step, whether every loss was finite)."""
+def stepper(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+            choice: Choice) -> Callable[[], tuple[float, bool]]:
+    """A training step of `choice` on its own copy of `model` with its own optimizer: each call
+    runs one step and returns (its seconds, whether the loss was finite)."""
     device = x.device
     model = copy.deepcopy(model).train()
     if choice.channels_last == "on":
@@ -254,72 +267,242 @@ def _time_steps(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x
         model = compiled(model)
     dtype = torch.bfloat16 if choice.precision == "bf16" else None
 
-    def step() -> float:
+    def step() -> tuple[float, bool]:
+        start = time.perf_counter()
         with autocast(device, dtype):
             loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.item()      # waits for the step
-
-    begin = time.perf_counter()
-    finite = math.isfinite(step())     # compiled: the forward's and the backward's compile happen here
-    _sync(device)
-    warmup = time.perf_counter() - begin
-    if warmup > seconds and choice.compile != "on":   # one step is already over the budget: it stands as the timing
-        return warmup, [warmup], finite
-    times: list[float] = []
-    begin = time.perf_counter()
-    while not times or (len(times) < max_steps and time.perf_counter() - begin < seconds):
-        start = time.perf_counter()
-        finite = math.isfinite(step()) and finite
+        optimizer.zero_grad(set_to_none=True)    # gradients freed while the other candidates step
+        finite = math.isfinite(loss.item())      # waits for the step
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return warmup, times, finite
+        return time.perf_counter() - start, finite
+
+    return step
 
 
-def time_choice(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-                choice: Choice, seconds: float, max_steps: int = MAX_TIMED_STEPS) -> tuple[list[float], bool]:
-    """(seconds of each timed step, whether every loss was finite): one warm-up step, then timed
-    steps while `seconds` last (at least one), on a copy of `model` with its own optimizer."""
-    _, times, finite = _time_steps(model, make_optimizer, loss_fn, x, y, choice, seconds, max_steps)
-    return times, finite
+def _first_line(exc: Exception) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
-def time_compiled(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-                  choice: Choice, seconds: float = MEASURE_SECONDS / 2) -> dict:
-    """The compiled step of `choice`, timed after its warm-up: {"seconds", "steps", "finite",
-    "compile_seconds" (the warm-up less one step: what compiling cost)}, or {"error"} where
-    torch.compile fails (no C++ compiler, an operation it cannot trace, ...). The run's random
-    number generators are left as they were."""
-    choice = replace(choice, compile="on")
+def cpu_wait() -> tuple[int, int] | None:
+    """(nanoseconds on a core, nanoseconds waiting for one) of this process's threads so far, from
+    Linux's /proc/self/task/*/schedstat; None where that cannot be read."""
+    run = wait = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            fields = Path(f"/proc/self/task/{task}/schedstat").read_text().split()
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue        # a thread that ended meanwhile
+    return (run, wait) if run else None
+
+
+def waited_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of their time this process's threads spent waiting for a core between two
+    `cpu_wait` readings: near 0 on quiet cores, large where other processes take them."""
+    if before is None or after is None:
+        return None
+    run, wait = max(after[0] - before[0], 0), max(after[1] - before[1], 0)
+    return round(wait / (run + wait), 3) if run + wait else None
+
+
+def spread(times: list[float]) -> float:
+    """How much timings of one thing vary: their interquartile range over their median (0.05 is
+    5%); 1.0 (unknown) for fewer than two."""
+    if len(times) < 2:
+        return 1.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return round((q3 - q1) / statistics.median(times), 4)
+
+
+def judge_rounds(times: dict[str, list[float]], waited: float | None = None) -> dict:
+    """Rounds of timings ({label: [seconds, ...]}) judged: {"rounds", "spread": {label: spread},
+    "waited", "noisy"}. Noisy: a spread past NOISY_SPREAD, or our threads waited for a core more
+    than BUSY_WAIT of the time (another process took the cores)."""
+    spreads = {label: spread(t) for label, t in times.items()}
+    noisy = max(spreads.values()) > NOISY_SPREAD or (waited or 0.0) > BUSY_WAIT
+    return {"rounds": times, "spread": spreads, "waited": waited, "noisy": noisy}
+
+
+def timed_rounds(steps: dict[str, Callable], seconds: float = ROUND_SECONDS) -> dict:
+    """Interleaved rounds: each runs one step of every candidate in turn (A B C, A B C, ...), so
+    that a change in the machine's speed falls on all alike; at least MIN_ROUNDS, more while
+    `seconds` last, at most MAX_ROUNDS. Returns `judge_rounds`'s dict with "finite": {label: bool}
+    and "seconds" (how long the rounds took) added."""
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    finite = dict.fromkeys(steps, True)
+    before, start = cpu_wait(), time.perf_counter()
+    done = 0
+    while done < MIN_ROUNDS or (done < MAX_ROUNDS and time.perf_counter() - start < seconds):
+        for label, step in steps.items():
+            took, ok = step()
+            times[label].append(round(took, 6))
+            finite[label] = finite[label] and ok
+        done += 1
+    return {**judge_rounds(times, waited_share(before, cpu_wait())), "finite": finite,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def timed_tries(steps: dict[str, Callable], seconds: float = ROUND_SECONDS,
+                budget: float = MEASURE_SECONDS) -> list[dict]:
+    """`timed_rounds` of `steps`, tried again while noisy: at most MAX_TRIES, and only while one
+    more try (as long as the last) keeps the tries within `budget` seconds."""
+    tries = [timed_rounds(steps, seconds)]
+    while tries[-1]["noisy"] and len(tries) < MAX_TRIES and \
+            sum(t["seconds"] for t in tries) + tries[-1]["seconds"] <= budget:
+        tries.append(timed_rounds(steps, seconds))
+    return tries
+
+
+def summarize(tries: list[dict], warmups: dict[str, list[float]]) -> tuple[dict, dict]:
+    """({label: {"seconds": median, "spread", "finite", "rounds": [[...] of each try], "warmup"}},
+    {"tries": [{"rounds", "spread", "waited", "noisy"}], "noisy", "spread": the widest of the
+    candidates', "waited": the least share of any try}). The medians and spreads are those of the
+    first quiet try; when every try was noisy, those of all their rounds together."""
+    quiet = [t for t in tries if not t["noisy"]]
+    rounds = {label: quiet[0]["rounds"][label] if quiet else [s for t in tries for s in t["rounds"][label]]
+              for label in warmups}
+    timings = {label: {"seconds": round(statistics.median(rounds[label]), 6), "spread": spread(rounds[label]),
+                       "finite": all(t.get("finite", {}).get(label, True) for t in tries),
+                       "rounds": [t["rounds"][label] for t in tries], "warmup": warmup}
+               for label, warmup in warmups.items()}
+    summary = [{"rounds": len(next(iter(t["rounds"].values()))), "spread": max(t["spread"].values()),
+                "waited": t["waited"], "noisy": t["noisy"]} for t in tries]
+    waits = [t["waited"] for t in tries if t["waited"] is not None]
+    return timings, {"tries": summary, "noisy": not quiet, "spread": max(t["spread"] for t in timings.values()),
+                     "waited": min(waits, default=None)}
+
+
+def margin(timing: dict, default: dict, noisy: bool = False) -> float:
+    """The share of the default's median that `timing` must beat it by: the larger spread of the
+    two, and at least MIN_MARGIN (NOISY_MARGIN for a noisy measurement; a spread not recorded
+    counts as 100%)."""
+    return max(timing.get("spread", 1.0), default.get("spread", 1.0), NOISY_MARGIN if noisy else MIN_MARGIN)
+
+
+def pick(timings: dict[str, dict], default: str, noisy: bool = False) -> str:
+    """The decision rule, on recorded timings ({label: {"seconds": median, "spread", "finite"}}):
+    the default stays unless another candidate's median beats it by more than the larger of their
+    two spreads and at least MIN_MARGIN (NOISY_MARGIN when the measurement was noisy) of the
+    default's median; of those that do, the fastest. A default that did not time (an error, a loss
+    not finite) yields to the fastest that did."""
+    usable = {label: t for label, t in timings.items()
+              if t.get("finite") and isinstance(t.get("seconds"), (int, float))}
+    if default not in usable:
+        return min(usable, key=lambda label: usable[label]["seconds"]) if usable else default
+    base = usable[default]
+    winners = [label for label, t in usable.items()
+               if label != default and base["seconds"] - t["seconds"] > margin(t, base, noisy) * base["seconds"]]
+    return min(winners, key=lambda label: usable[label]["seconds"]) if winners else default
+
+
+def _warm_up(steps: dict[str, Callable], label: str, step: Callable) -> dict:
+    """Run `step`'s untimed warm-up steps and add it to `steps`: {"warmup": [seconds], "finite"}."""
+    warm = [step() for _ in range(WARMUP_STEPS)]
+    steps[label] = step
+    return {"warmup": [round(t, 6) for t, _ in warm], "finite": all(ok for _, ok in warm)}
+
+
+def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+            options: list[Choice], seconds: float = ROUND_SECONDS, cap: float = MEASURE_CAP_SECONDS,
+            budget: float = MEASURE_SECONDS) -> dict:
+    """Warm up every option, time them in interleaved rounds (again while noisy) and `pick`, the
+    first option being the default. Returns {"choice": {"precision", "channels_last"}, "timings":
+    {label: see `summarize`, or {"seconds": None, "finite": False, "error"}}, "tries", "noisy",
+    "measure_seconds"}. The run's model, optimizer and random number generators are left as they were."""
+    device = x.device
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    start = time.perf_counter()
+    steps: dict[str, Callable] = {}
+    warm, failed = {}, {}
+    try:
+        for option in options:
+            if steps and time.perf_counter() - start > cap:   # the time cap: the rest are not timed
+                failed[option.label] = f"not timed: the measurement passed its cap of {cap:g} s"
+                continue
+            try:
+                warm[option.label] = _warm_up(steps, option.label,
+                                              stepper(model, make_optimizer, loss_fn, x, y, option))
+            except Exception as exc:    # an operation without bf16 kernels, out of memory, ...: not a candidate
+                failed[option.label] = _first_line(exc)[:200]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        try:
+            tries = timed_tries(steps, seconds, budget) if steps else []
+        except Exception as exc:    # out of memory with every candidate held at once, ...: the default
+            failed.update({label: f"failed in the timed rounds: {_first_line(exc)}"[:200] for label in warm})
+            warm, tries = {}, []
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    timings, summary = summarize(tries, {label: w["warmup"] for label, w in warm.items()}) if tries else \
+        ({}, {"tries": [], "noisy": False, "spread": None, "waited": None})
+    for label, w in warm.items():
+        timings[label]["finite"] = timings[label]["finite"] and w["finite"]
+    timings.update({label: {"seconds": None, "finite": False, "error": why} for label, why in failed.items()})
+    timings = {o.label: timings[o.label] for o in options}     # in the candidates' order
+    best = next(o for o in options if o.label == pick(timings, options[0].label, summary["noisy"]))
+    # The uncompiled choice, as the cache has always held it: compiling is decided after (decide_compile).
+    return {"choice": {"precision": best.precision, "channels_last": best.channels_last}, "timings": timings,
+            **summary, "measure_seconds": round(time.perf_counter() - start, 3)}
+
+
+def measure_compiled(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor,
+                     y: torch.Tensor, choice: Choice, seconds: float = ROUND_SECONDS,
+                     budget: float = MEASURE_SECONDS) -> dict:
+    """The compiled step of `choice` against the uncompiled one, both warmed up (the compile
+    happens in the compiled warm-up) and then timed in interleaved rounds, again while noisy:
+    {"seconds": median, "spread", "finite", "rounds", "warmup", "compile_seconds" (the first step
+    less the median: what compiling cost), "eager": the uncompiled step's {"seconds", "spread",
+    "rounds"} from the same rounds, "tries", "noisy"}, or {"seconds": None, "finite": False,
+    "error"} where torch.compile fails (no C++ compiler, an operation it cannot trace, ...). The
+    run's random number generators are left as they were."""
     missing = compile_unavailable(x.device)
     if missing:
         return {"seconds": None, "finite": False, "error": missing}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if x.device.type == "cuda" else None
+    steps: dict[str, Callable] = {}
     try:
-        warmup, steps, finite = _time_steps(model, make_optimizer, loss_fn, x, y, choice, seconds, MAX_TIMED_STEPS)
+        warm = {"eager": _warm_up(steps, "eager", stepper(model, make_optimizer, loss_fn, x, y, choice)),
+                "compiled": _warm_up(steps, "compiled", stepper(model, make_optimizer, loss_fn, x, y,
+                                                                replace(choice, compile="on")))}
+        tries = timed_tries(steps, seconds, budget)
     except Exception as exc:    # noqa: BLE001 - torch.compile raises many types; the candidate is left out
-        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        return {"seconds": None, "finite": False, "error": f"{type(exc).__name__}: {reason}"[:200]}
+        return {"seconds": None, "finite": False, "error": f"{type(exc).__name__}: {_first_line(exc)}"[:200]}
     finally:
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    return {"seconds": min(steps), "steps": [round(s, 6) for s in steps], "finite": finite,
-            "compile_seconds": round(max(warmup - min(steps), 0.0), 3)}
+    timings, summary = summarize(tries, {label: w["warmup"] for label, w in warm.items()})
+    found, eager = timings["compiled"], timings["eager"]
+    return {**found, "finite": found["finite"] and warm["compiled"]["finite"],
+            "compile_seconds": round(max(found["warmup"][0] - found["seconds"], 0.0), 3),
+            "eager": {k: eager[k] for k in ("seconds", "spread", "rounds")}, **summary}
 
 
-# Compiling is timed only for a run long enough that it could pay back: at best it saves this
-# fraction of a step, and it costs at least this many seconds per batch shape (a warm inductor
-# cache included). Short runs (every test's) then never compile to find out.
-MAX_COMPILE_SAVING = 0.5
+# Measuring is done only for a run long enough that it could pay back: a choice saves at best this
+# fraction of a step, and compiling costs at least this many seconds per batch shape (a warm
+# inductor cache included). Short runs (a smoke test's, most tests') keep the defaults.
+MAX_SAVING = 0.5
 MIN_COMPILE_SECONDS = 15.0
 
 
+def worth_measuring(options: int, steps: int) -> bool:
+    """Whether a run of `steps` could win back the steps that timing `options` candidates takes
+    (each warmed up and timed for MIN_ROUNDS rounds, at the least)."""
+    return steps * MAX_SAVING >= options * (WARMUP_STEPS + MIN_ROUNDS)
+
+
 def could_pay_back(step_seconds: float, steps: int, shapes: int = 1) -> bool:
-    return step_seconds * steps * MAX_COMPILE_SAVING > MIN_COMPILE_SECONDS * shapes
+    return step_seconds * steps * MAX_SAVING > MIN_COMPILE_SECONDS * shapes
 
 
 def payback(eager: float, compiled_step: float, compile_seconds: float, steps: int, shapes: int = 1) -> dict:
@@ -337,59 +520,37 @@ def _timing(timings: dict, choice: Choice) -> dict:
     return found if isinstance(found, dict) else {}
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def decide_compile(result: dict, compile: str, steps: int, shapes: int = 1) -> dict:
     """`result` (a measurement of the uncompiled candidates, with the compiled one of its choice
-    timed or not) with --compile resolved: "on"/"off" as asked, auto by `payback`."""
+    timed or not) with --compile resolved: "on"/"off" as asked; auto: on only when the compiled
+    step beats the uncompiled one timed in the same rounds (`pick`, the uncompiled the default)
+    and the time that saves over the run's `steps` pays for the compile (`payback`)."""
     best = Choice(**result["choice"])
     result = {**result, "choice": asdict(replace(best, compile=compile if compile != "auto" else "off"))}
     if compile != "auto":
         return result
-    eager = _timing(result["timings"], best).get("seconds")
     timed = _timing(result["timings"], replace(best, compile="on"))
-    if not timed or not isinstance(eager, (int, float)):
-        result["compile"] = {"chosen": "off", "why": f"not timed: {steps} steps cannot pay back a compile"}
-    elif not isinstance(timed.get("seconds"), (int, float)) or not isinstance(timed.get("compile_seconds"), (int, float)) \
-            or not timed.get("finite"):
+    eager = timed.get("eager") if isinstance(timed.get("eager"), dict) else _timing(result["timings"], best)
+    if not timed or not _number(eager.get("seconds")):
+        why = "the uncompiled steps' timing was noisy" if result.get("noisy") else \
+            f"{steps} steps cannot pay back a compile"
+        result["compile"] = {"chosen": "off", "why": f"not timed: {why}"}
+    elif not _number(timed.get("seconds")) or not _number(timed.get("compile_seconds")) or not timed.get("finite"):
         result["compile"] = {"chosen": "off", "why": f"torch.compile failed: {timed.get('error', 'a loss not finite')}"}
+    elif pick({"eager": {**eager, "finite": True}, "compiled": timed}, "eager", bool(timed.get("noisy"))) != "compiled":
+        needed = margin(timed, eager, bool(timed.get("noisy")))
+        result["compile"] = {"chosen": "off", "why": f"compiled {timed['seconds']:.3f} s/step against "
+                             f"{eager['seconds']:.3f}: not faster by more than {needed:.0%}"}
     else:
-        found = payback(eager, timed["seconds"], timed["compile_seconds"], steps, shapes)
+        found = payback(eager["seconds"], timed["seconds"], timed["compile_seconds"], steps, shapes)
         result["compile"] = {"chosen": "on" if found["pays"] else "off", "payback": found}
         if found["pays"]:
             result["choice"]["compile"] = "on"
     return result
-
-
-def measure(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-            options: list[Choice], seconds: float = MEASURE_SECONDS, cap: float = MEASURE_CAP_SECONDS) -> dict:
-    """Time each option and pick the fastest whose loss stayed finite (the first when none did).
-    The run's model, optimizer and random number generators are left as they were."""
-    device = x.device
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-    timings = {}
-    start = time.perf_counter()
-    try:
-        for option in options:
-            if timings and time.perf_counter() - start > cap:   # the time cap: the rest are not timed
-                timings[option.label] = {"seconds": None, "finite": False, "error": f"not timed: the measurement "
-                                         f"passed its cap of {cap:g} s"}
-                continue
-            try:
-                steps, finite = time_choice(model, make_optimizer, loss_fn, x, y, option, seconds / len(options))
-            except Exception as exc:    # an operation without bf16 kernels, out of memory, ...: not a candidate
-                timings[option.label] = {"seconds": None, "finite": False, "error": str(exc).split("\n")[0][:200]}
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            timings[option.label] = {"seconds": min(steps), "steps": [round(s, 6) for s in steps], "finite": finite}
-    finally:
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    usable = [o for o in options if timings[o.label]["finite"]]
-    best = min(usable, key=lambda o: timings[o.label]["seconds"]) if usable else options[0]
-    # The uncompiled choice, as the cache has always held it: compiling is decided after (decide_compile).
-    return {"choice": {"precision": best.precision, "channels_last": best.channels_last}, "timings": timings}
 
 
 def cache_key(device: torch.device, model: str, parameters: int, input_shape: tuple, options: list[Choice],
@@ -403,7 +564,8 @@ def cache_key(device: torch.device, model: str, parameters: int, input_shape: tu
                    "threads": torch.get_num_threads()}
     return json.dumps({"device": device.type, **machine, "torch": torch.__version__, "model": model,
                        "parameters": parameters, "input": list(input_shape),
-                       "options": [o.label for o in options], "compile": compile}, sort_keys=True)
+                       "options": [o.label for o in options], "compile": compile, "timing": TIMING_METHOD},
+                      sort_keys=True)
 
 
 def _read_cache(path: Path) -> dict:
@@ -418,8 +580,8 @@ def cached_choice(key: str, options: list[Choice]) -> dict | None:
     """The cached measurement for `key`, or None (none, or a damaged file or entry: measured again)."""
     entry = _read_cache(cache_dir() / CACHE_FILE).get(key)
     try:
-        if Choice(**entry["choice"]) in options and isinstance(entry["timings"], dict):
-            return {"choice": dict(entry["choice"]), "timings": entry["timings"]}
+        if Choice(**entry["choice"]) in options and isinstance(entry["timings"], dict) and not entry.get("noisy"):
+            return {**entry, "choice": dict(entry["choice"])}
     except (TypeError, KeyError):
         pass
     return None
@@ -444,16 +606,20 @@ def choose(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: tor
            shapes: int = 1) -> dict:
     """Resolve `auto` in --precision, --channels-last and --compile for `model` on batches like (x, y).
 
-    Precision and memory format: the fastest of their candidates, uncompiled. Compile auto: the
-    compiled step of that choice is timed after its warm-up, and chosen only when it pays back
-    within the run's `steps` planned steps (`payback`; `shapes`: the batch shapes it trains on,
-    each compiled once); it is not timed at all for a run too short to pay back any compile.
-    `make_optimizer(params, fused=True)` makes the compiled step's optimizer.
+    Precision and memory format: `measure` (warm-up, interleaved rounds, `pick`), uncompiled;
+    the defaults (the first candidate) for a run too short to win back the measuring
+    (`worth_measuring`, "not_measured" says so). Compile auto: `measure_compiled` times the
+    compiled step of that choice against the uncompiled one, and it is chosen only when it is
+    faster and pays back within the run's `steps` (`decide_compile`; `shapes`: the batch shapes
+    it trains on, each compiled once); it is not timed at all for a run too short to pay back
+    any compile, nor after a noisy measurement. `make_optimizer(params,
+    fused=True)` makes the compiled step's optimizer. A measurement is cached per machine, model
+    and batch, unless it was noisy (then the next run measures again).
 
-    Returns {"choice": {"precision", "channels_last", "compile"}, "timings": {label: seconds...},
-    "cached": bool} and, for compile auto, "compile": {"chosen", "payback" or "why"} ("timings" is
-    empty when there was nothing to choose). Under torchrun rank 0 measures and every rank takes
-    its choice, so that all ranks train alike.
+    Returns {"choice": {"precision", "channels_last", "compile"}, "timings": {label: ...},
+    "cached": bool, "noisy": bool, "tries", "measure_seconds"} and, for compile auto, "compile":
+    {"chosen", "payback" or "why"} ("timings" is empty when there was nothing to choose). Under
+    torchrun rank 0 measures and every rank takes its choice, so that all ranks train alike.
     """
     device = x.device
     options = candidates(precision, channels_last, device)
@@ -461,23 +627,33 @@ def choose(model: nn.Module, make_optimizer: Callable, loss_fn: Callable, x: tor
         return {"choice": asdict(replace(options[0], compile=compile)), "timings": {}, "cached": False}
     result = None
     if not dist.is_initialized() or dist.get_rank() == 0:
+        begin = time.perf_counter()
         parameters = sum(p.numel() for p in model.parameters())
         key = cache_key(device, name, parameters, tuple(x.shape), options, compile)
         result = cached_choice(key, options)
         cached = result is not None
-        if not cached:
+        if not cached and not worth_measuring(len(options), steps):
+            result = {"choice": {"precision": options[0].precision, "channels_last": options[0].channels_last},
+                      "timings": {}, "not_measured": f"{steps} steps cannot win back timing {len(options)} "
+                                                     f"candidate{'s' * (len(options) > 1)}"}
+        elif not cached:
             result = measure(model, make_optimizer, loss_fn, x, y, options)
         best = Choice(**result["choice"])
         eager = _timing(result["timings"], best).get("seconds")
-        if compile == "auto" and not _timing(result["timings"], replace(best, compile="on")) \
-                and isinstance(eager, (int, float)) and could_pay_back(eager, steps, shapes):
-            result["timings"][replace(best, compile="on").label] = time_compiled(model, make_optimizer, loss_fn,
-                                                                                x, y, best)
+        timed = _timing(result["timings"], replace(best, compile="on"))
+        # Not on a noisy measurement: a compile takes minutes on busy cores, to be judged on noisy rounds.
+        if compile == "auto" and not timed and not result.get("noisy") and _number(eager) \
+                and could_pay_back(eager, steps, shapes):
+            timed = result["timings"][replace(best, compile="on").label] = \
+                measure_compiled(model, make_optimizer, loss_fn, x, y, best)
             cached = False
-        if not cached:
+        if not cached and "not_measured" not in result and not result.get("noisy") and not timed.get("noisy"):
+            # a noisy measurement serves this run only
             store_choice(key, result)
         result = decide_compile(result, compile, steps, shapes)
         result["cached"] = cached
+        result["input"] = list(x.shape)     # the batch timed: (B, C, H, W)
+        result["measure_seconds"] = round(time.perf_counter() - begin, 3)   # this run's: near 0 when cached
         if precision == "auto" and not bf16_native(device) and device.type in ("cpu", "cuda"):
             result["not_timed"] = "bf16: emulated on this device, so not a candidate"
     if dist.is_initialized() and dist.get_world_size() > 1:

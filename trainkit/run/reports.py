@@ -25,25 +25,46 @@ def test_line(loss: float, correct: int, total: int, after: str = "", split: str
             f"({100.0 * correct / max(total, 1):.2f}%)")
 
 
+def _how_measured(tuning: dict) -> str:
+    """How far the measurement can be trusted: the widest spread of its timings, and for a noisy
+    one the tries and how long our threads waited for a core (devices.summarize)."""
+    if not isinstance(tuning.get("spread"), (int, float)):
+        return ""
+    text = f"spread {tuning['spread']:.0%}"
+    tries = len(tuning.get("tries") or [])
+    if tuning.get("noisy"):
+        text += f" over {tries} tr{'y' if tries == 1 else 'ies'}"
+        if isinstance(tuning.get("waited"), (int, float)):
+            text += f", our threads waited for a core {tuning['waited']:.0%} of the time"
+    return f" ({text})"
+
+
 def tuning_line(tuning: dict | None) -> str | None:
-    """One line saying what `auto` measured and chose (devices.choose), with the compile's payback;
-    None when nothing was measured (every setting given)."""
-    if not tuning or not tuning.get("timings"):
+    """One line saying what `auto` measured and chose (devices.choose): the warm median step of
+    the choice, how far the timings can be trusted (noisy ones are not cached), and the compile's
+    payback; None when there was nothing to choose (every setting given)."""
+    if not tuning or not (tuning.get("timings") or tuning.get("not_measured")):
         return None
     choice = tuning["choice"]
     timings = tuning["timings"]
     label = f"{choice['precision']}, channels_last {choice['channels_last']}"
+    if tuning.get("not_measured"):
+        return f"Not measured ({tuning['not_measured']}): {label}, the default" + \
+            ("; compile off" if tuning.get("compile") else "")
     eager = (timings.get(label) or {}).get("seconds")
-    text = f"Measured{' (cached)' if tuning.get('cached') else ''}: {label}" + \
-           (f" at {eager:.3f} s/step" if isinstance(eager, (int, float)) else "")
+    how = ", ".join(["cached"] * bool(tuning.get("cached")) + ["noisy, so not cached"] * bool(tuning.get("noisy")))
+    text = f"Measured{f' ({how})' if how else ''}: {label}" + \
+           (f" at {eager:.3f} s/step" if isinstance(eager, (int, float)) else "") + _how_measured(tuning)
     decided = tuning.get("compile")
-    if decided and "payback" in decided:
-        p, step = decided["payback"], (timings.get(label + ", compiled") or {}).get("seconds")
+    compiled = timings.get(label + ", compiled") or {}
+    noisy = " (noisy, so not cached)" if compiled.get("noisy") else ""
+    if decided and "payback" in decided:      # only a compiled step faster than the uncompiled: no negative saving
+        p = decided["payback"]
         verdict = "saves" if p["pays"] else "would save only"
-        text += (f"; compiled {step:.3f} s/step, {verdict} {p['saved_seconds']:.0f} s over {p['steps']:,} steps "
-                 f"against {p['compile_seconds']:.0f} s to compile: compile {decided['chosen']}")
+        text += (f"; compiled {compiled['seconds']:.3f} s/step{noisy}, {verdict} {p['saved_seconds']:.0f} s over "
+                 f"{p['steps']:,} steps against {p['compile_seconds']:.0f} s to compile: compile {decided['chosen']}")
     elif decided:
-        text += f"; compile off ({decided['why']})"
+        text += f"; compile off ({decided['why']}){noisy}"
     return text
 
 
