@@ -28,11 +28,11 @@ cells = [
                       "prints the seed's lines. Any other callback (your own logger, `EMA`, `GradientClipping`, "
                       "`EarlyStopping`) goes in the same list."),
     new_code_cell("result = train(cfg, data=data, callbacks=[ConsoleLogger()], write=False)\n"
-                  "history, model = result.history, result.experiment.model\n"
+                  "history, model = result.history, result.run.model\n"
                   "print(f'Final test accuracy: {history[-1].test_acc:.2f}%')"),
     new_markdown_cell("## Results"),
     new_code_cell("reports.plot_history(history);\n"
-                  "out, labels, losses, images = reports.predictions(model, result.experiment.test_loader, exp.device)\n"
+                  "out, labels, losses, images = reports.predictions(model, result.run.test_loader, exp.device)\n"
                   "reports.plot_confusion(reports.confusion_matrix(out.argmax(1), labels, data.num_classes), data.classes);\n"
                   "reports.plot_mistakes(images, out, labels, losses, data.classes, data.mean, data.std);\n"
                   "print(reports.markdown_table(history))"),

@@ -14,8 +14,6 @@ import sys
 import traceback
 import warnings
 
-import torch
-
 READ_WHEN_USED = ("TRAINKIT_", "PYTEST_CURRENT_TEST")
 
 # The warning filters of a plain `python -m trainkit`: pytest records warnings inside each test,
@@ -39,6 +37,8 @@ def _as_a_process(env: dict, cwd):
     """This process's environment, folder, signal handlers, torch threads and warning filters as a
     new process would have them for the command, and as they were again after it."""
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    import torch     # here, not at the top: conftest sets torch's threads (OMP_NUM_THREADS) before torch loads
+
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     threads = torch.get_num_threads()
     os.environ.update(env)

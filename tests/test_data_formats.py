@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from conftest import assert_one_line_error, cli_ok, run_cli
-from trainkit import TrainConfig, datasets
+from trainkit import TrainConfig
+from trainkit.data import cifar, idx
 from trainkit.data.loaders import FlipCrop, SeedAugment, TensorLoader, torchvision_loader
 from trainkit.data.cifar import CifarFile
 from trainkit.data.idx import IdxFile
@@ -43,7 +44,7 @@ def _pickle(obj) -> bytes:
 def write_cifar(root: Path, name: str = "cifar10", n_train: int = 40, n_test: int = 20, seed: int = 0):
     """Small CIFAR files in torchvision's python format: images whose colour says their class.
     Returns the spec with these files' names, sizes and MD5s, and the (images, labels) written."""
-    spec = datasets.CIFAR_DATASETS[name] if name in datasets.CIFAR_DATASETS else datasets.CIFAR10
+    spec = cifar.CIFAR_DATASETS[name] if name in cifar.CIFAR_DATASETS else cifar.CIFAR10
     rng = np.random.default_rng(seed)
     classes = 10 if name == "cifar10" else 100
     folder = root / spec.folder
@@ -76,7 +77,7 @@ def write_cifar(root: Path, name: str = "cifar10", n_train: int = 40, n_test: in
 def small_cifar(tmp_path, monkeypatch):
     """A data folder holding a small CIFAR-10 in its real format; `cifar10` reads it."""
     spec, written = write_cifar(tmp_path / "data")
-    monkeypatch.setitem(datasets.CIFAR_DATASETS, "cifar10", spec)
+    monkeypatch.setitem(cifar.CIFAR_DATASETS, "cifar10", spec)
     return tmp_path / "data", spec, written
 
 
@@ -93,11 +94,11 @@ def write_kmnist(root: Path, n_train: int = 24, n_test: int = 12):
     arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28)), "train_labels": np.arange(n_train) % 10,
               "test_images": rng.integers(0, 256, (n_test, 28, 28)), "test_labels": np.arange(n_test) % 10}
     files = {}
-    for key, item in datasets.KMNIST.files.items():
+    for key, item in idx.KMNIST.files.items():
         gz = gzip.compress(_idx(arrays[key]), mtime=0)
         (raw / (item.stem + ".gz")).write_bytes(gz)
         files[key] = IdxFile(item.stem, md5(gz), None, arrays[key].shape)
-    return dataclasses.replace(datasets.KMNIST, files=files), arrays
+    return dataclasses.replace(idx.KMNIST, files=files), arrays
 
 
 def write_rgb_folder(root: Path, per_class: int = 8, size=(40, 40), odd: int = 0) -> Path:
@@ -132,14 +133,14 @@ def test_cifar10_is_read_from_its_real_format(small_cifar):
 
 def test_cifar100_reads_the_fine_labels(tmp_path, monkeypatch):
     spec, written = write_cifar(tmp_path, "cifar100")
-    monkeypatch.setitem(datasets.CIFAR_DATASETS, "cifar100", spec)
+    monkeypatch.setitem(cifar.CIFAR_DATASETS, "cifar100", spec)
     data = load_dataset("cifar100", tmp_path, progress=False)
     assert data.num_classes == 100 and data.train_labels.tolist() == written["train"][1].tolist()
 
 
 def test_cifar_folder_layout_is_torchvisions():
-    assert datasets.CIFAR10.folder == "cifar-10-batches-py" and datasets.CIFAR100.folder == "cifar-100-python"
-    assert [f.name for f in datasets.CIFAR10.train] == [f"data_batch_{i}" for i in range(1, 6)]
+    assert cifar.CIFAR10.folder == "cifar-10-batches-py" and cifar.CIFAR100.folder == "cifar-100-python"
+    assert [f.name for f in cifar.CIFAR10.train] == [f"data_batch_{i}" for i in range(1, 6)]
 
 
 def test_a_changed_cifar_file_is_refused_before_it_is_unpickled(small_cifar):
@@ -163,7 +164,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     raw = pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2)
     (tmp_path / spec.folder / "test_batch").write_bytes(raw)
     spec = dataclasses.replace(spec, test=(CifarFile("test_batch", md5(raw), 1),))
-    monkeypatch.setitem(datasets.CIFAR_DATASETS, "cifar10", spec)
+    monkeypatch.setitem(cifar.CIFAR_DATASETS, "cifar10", spec)
     with pytest.raises(TrainkitError, match="test_batch is not a cifar10 file"):
         load_dataset("cifar10", tmp_path, progress=False)
     assert not marker.exists()
@@ -199,7 +200,7 @@ def test_cifar_is_downloaded_checked_and_extracted(tmp_path, serve, monkeypatch)
     archive = buffer.getvalue()
     (folder / "cifar-10-python.tar.gz").write_bytes(archive)
     spec = dataclasses.replace(spec, archive=IdxFile("cifar-10-python.tar", md5(archive), None, ()))
-    monkeypatch.setitem(datasets.CIFAR_DATASETS, "cifar10", spec)
+    monkeypatch.setitem(cifar.CIFAR_DATASETS, "cifar10", spec)
     monkeypatch.setenv("TRAINKIT_MIRROR", url)
     data = load_dataset("cifar10", tmp_path / "data", progress=False)
     assert data.train_labels.tolist() == written["data_batch_1"][1].tolist()
@@ -207,7 +208,7 @@ def test_cifar_is_downloaded_checked_and_extracted(tmp_path, serve, monkeypatch)
         ["batches.meta", "data_batch_1", "test_batch"]
     assert not (tmp_path / "outside").exists()
     # A mirror whose archive has another MD5: one line, nothing left behind.
-    monkeypatch.setitem(datasets.CIFAR_DATASETS, "cifar10",
+    monkeypatch.setitem(cifar.CIFAR_DATASETS, "cifar10",
                         dataclasses.replace(spec, archive=IdxFile("cifar-10-python.tar", "0" * 32, None, ())))
     with pytest.raises(TrainkitError, match=r"could not be downloaded \(.*wrong MD5\)"):
         load_dataset("cifar10", tmp_path / "other", progress=False)
@@ -228,7 +229,7 @@ def test_cifar_absent_offline_is_one_line(tmp_path, monkeypatch):
 
 def test_kmnist_reads_gz_idx_files(tmp_path, monkeypatch):
     spec, arrays = write_kmnist(tmp_path)
-    monkeypatch.setitem(datasets.IDX_DATASETS, "kmnist", spec)
+    monkeypatch.setitem(idx.IDX_DATASETS, "kmnist", spec)
     data = load_dataset("kmnist", tmp_path, progress=False)
     assert data.image_shape == (1, 28, 28) and data.classes[:3] == ["o", "ki", "su"]
     assert torch.equal(data.test_images[:, 0], torch.from_numpy(arrays["test_images"].astype(np.uint8)))
@@ -237,7 +238,7 @@ def test_kmnist_reads_gz_idx_files(tmp_path, monkeypatch):
     (raw / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress((raw / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     (raw / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(TrainkitError, match="kmnist file t10k-labels-idx1-ubyte.gz not found"):
-        datasets.load_idx_dataset(spec, tmp_path, download=False)
+        idx.load_idx_dataset(spec, tmp_path, download=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +503,7 @@ def test_timm_resnet18_on_cifar10_end_to_end(tmp_path, monkeypatch, capsys):
     pytest.importorskip("timm")
     from trainkit.commands.cli import main
     spec, _ = write_cifar(tmp_path / "data", n_train=64, n_test=32)
-    monkeypatch.setitem(datasets.CIFAR_DATASETS, "cifar10", spec)
+    monkeypatch.setitem(cifar.CIFAR_DATASETS, "cifar10", spec)
     run = tmp_path / "runs" / "cifar"
     assert main(["train", "--model", "timm:resnet18", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
                  "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--limit-train", "64",

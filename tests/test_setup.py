@@ -142,3 +142,15 @@ def test_only_variables_read_when_used_can_change_for_a_command_in_process():
     # compared with a given environment instead of this process's
     started = {**os.environ, "MPLBACKEND": "svg"}
     assert needs_new_process(dict(os.environ), started) and not needs_new_process(dict(started), started)
+
+
+def test_torch_in_the_test_process_has_the_threads_its_commands_get():
+    """A command run in this process and one in a process of its own compute with the same number
+    of threads (OMP_NUM_THREADS, set by conftest before torch loads), so their numbers agree bit for bit."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
+    probe = "import torch; print(torch.get_num_threads())"
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert int(child.stdout) == torch.get_num_threads()
