@@ -1049,3 +1049,88 @@ def test_any_search_space_range_samples_or_is_one_short_line(tmp_path, name, spe
         values = suggest(optuna.create_study().ask(), space)
     kind, low, high = space[name][1], space[name][2], space[name][3]
     assert low <= values[name] <= high and isinstance(values[name], int if kind == "int" else float)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability IV: data.json, the image cache, own CIFAR/IDX files checked, never trusted
+
+def write_strokes(root: Path, per_class: int = 12) -> Path:
+    """A flat folder of two classes, horizontal and vertical strokes (28 x 28 PNGs)."""
+    from PIL import Image, ImageDraw
+    for label in ("horiz", "vert"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("L", (28, 28), 0)
+            at = 4 + i * 20 // per_class
+            ImageDraw.Draw(image).line((4, at, 24, at) if label == "horiz" else (at, 4, at, 24), fill=255, width=3)
+            image.save(root / label / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def strokes_run(tmp_path_factory):
+    """A run trained (1 epoch, in this process) on a flat folder that trainkit splits from --seed 7."""
+    from trainkit import train
+    base = tmp_path_factory.mktemp("strokes")
+    root = write_strokes(base / "pics")
+    out = base / "run"
+    train(TrainConfig(dataset=f"imagefolder:{root}", model="speednet", epochs=1, batch_size=8, seed=7,
+                      progress=False, precision="fp32", channels_last="off", device="cpu"), out=out)
+    return out
+
+
+@pytest.fixture
+def strokes_copy(strokes_run, tmp_path):
+    return Path(shutil.copytree(strokes_run, tmp_path / "run"))
+
+
+def fifo_in_place(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("loss", ["deleted", "folder", "fifo"])
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_lost_data_json_is_refused_never_split_again(strokes_copy, loss, command):
+    path = strokes_copy / "data.json"
+    if loss == "deleted":
+        path.unlink()
+    elif loss == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        fifo_in_place(path)
+    args = ("eval", strokes_copy) if command == "eval" else \
+        ("train", "--resume", strokes_copy, "--epochs", "2", "--no-progress")
+    fragment = "lost its data.json" if loss == "deleted" else "data record"
+    before = (strokes_copy / "last.pt").read_bytes()
+    assert_one_line_error(run_cli(*args, timeout=60), fragment)
+    assert (strokes_copy / "last.pt").read_bytes() == before        # nothing trained on other images
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                          max_size=3), max_leaves=8)
+manifest_parts = st.fixed_dictionaries({}, optional={"dataset": json_values, "files": json_values,
+                                                     "splits": json_values, "classes": json_values})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=manifest_parts | json_values)
+@example(content={"files": 5, "splits": {}})
+@example(content={"files": {}, "splits": []})
+@example(content={"files": {}, "splits": "test"})
+@example(content={"files": {"a": ["x", 1]}, "splits": {"test": {"count": "3"}}})
+def test_a_damaged_data_json_is_one_line(tmp_path, content):
+    from trainkit.data.manifest import check_same_data
+    (tmp_path / "data.json").write_text(json.dumps(content))
+    current = {"dataset": "x", "files": {}, "splits": {"test": {"count": 1, "fingerprint": "f"}}}
+    try:
+        check_same_data(tmp_path, current, ("train", "val", "test"), "eval")
+    except TrainkitError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_deeply_nested_data_json_is_one_line(strokes_copy):
+    (strokes_copy / "data.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert_one_line_error(run_cli("eval", strokes_copy), "not a trainkit data manifest")

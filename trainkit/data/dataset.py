@@ -188,7 +188,7 @@ class ImageData:
 
         splits = {split: (len(labels), names(split)) for split, labels in (("train", self.train_labels),
                   ("val", self.val_labels), ("test", self.test_labels)) if labels is not None}
-        return make_manifest(self.name, self.sources, splits)
+        return make_manifest(self.name, self.sources, splits, self.classes)
 
 
 def balanced_indices(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor | None:
