@@ -23,7 +23,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
+from conftest import assert_one_line_error, cli_ok, data_dir, mount_namespace, run_cli
 from trainkit import TrainConfig
 from trainkit import checkpoint as ckpt
 from trainkit.commands.cli import main
@@ -1134,3 +1134,131 @@ def test_a_damaged_data_json_is_one_line(tmp_path, content):
 def test_deeply_nested_data_json_is_one_line(strokes_copy):
     (strokes_copy / "data.json").write_text("[" * 200_000 + "]" * 200_000)
     assert_one_line_error(run_cli("eval", strokes_copy), "not a trainkit data manifest")
+
+
+@pytest.fixture(scope="module")
+def strokes_stream_run(tmp_path_factory):
+    """A run on the flat folder through --pipeline stream: its image cache built (in the tests' cache folder)."""
+    from trainkit import train
+    base = tmp_path_factory.mktemp("strokes-stream")
+    root = write_strokes(base / "pics")
+    out = base / "run"
+    train(TrainConfig(dataset=f"imagefolder:{root}", model="speednet", epochs=1, batch_size=8, seed=7,
+                      pipeline="stream", progress=False, precision="fp32", channels_last="off", device="cpu"), out=out)
+    return out
+
+
+def image_caches() -> list[Path]:
+    return sorted((Path(os.environ["TRAINKIT_CACHE_DIR"]) / "images").glob("pics-*.tkcache"))
+
+
+def damage_pixels(path: Path, how: str) -> None:
+    from trainkit.data.cache import read_header
+    header = read_header(path)
+    size = 1
+    for n in header["shape"]:
+        size *= n
+    with open(path, "r+b") as f:
+        if how == "zeroed":
+            f.seek(header["data_offset"])
+            f.write(bytes(size))
+        else:                                           # bits flipped all over the pixels
+            for i in range(0, size, max(1, size // 3000)):
+                f.seek(header["data_offset"] + i)
+                byte = f.read(1)
+                f.seek(header["data_offset"] + i)
+                f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("how", ["zeroed", "flipped"])
+def test_a_damaged_image_cache_is_built_again_not_scored(strokes_stream_run, how):
+    first = cli_ok("eval", strokes_stream_run).stdout.splitlines()[-1]
+    [path] = image_caches()
+    damage_pixels(path, how)
+    again = cli_ok("eval", strokes_stream_run)
+    assert "decoding" in again.stdout and "made from these files before" not in again.stdout
+    assert again.stdout.splitlines()[-1] == first                       # the same score as before the damage
+
+
+def test_the_caches_undecodable_files_are_the_files_not_the_headers(tmp_path):
+    from trainkit.data.cache import _header, build_cache, open_cache, read_header
+    from PIL import Image
+    pngs = []
+    for i in range(4):
+        pngs.append(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8), 60 * i).save(pngs[-1])
+    path = build_cache(pngs, 1, (8, 8), "fit", "fp", tmp_path / "c", workers=1, unreadable=[])
+    assert open_cache(path, "fp", (4, 1, 8, 8), paths=pngs).unreadable == []
+    meta = read_header(path)
+    forged = _header("fp", (4, 1, 8, 8), "fit", [(1, "is not a readable image"), (2, "is not a readable image")])
+    assert len(forged) == meta["data_offset"]
+    with open(path, "r+b") as f:
+        f.write(forged)
+    assert len(read_header(path)["unreadable"]) == 2
+    assert open_cache(path, "fp", (4, 1, 8, 8), paths=pngs) is None          # 1.png and 2.png decode: stale
+
+
+def header_with(**changes) -> dict:
+    from trainkit.data.cache import DECODER_VERSION, FORMAT
+    return {"format": FORMAT, "decoder": DECODER_VERSION, "fingerprint": "fp", "shape": [4, 1, 8, 8],
+            "dtype": "uint8", "resize": "fit", "data_offset": 4096, **changes}
+
+
+header_values = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=4) | \
+    st.lists(st.integers(-10, 2**31) | st.text(max_size=3), max_size=4) | \
+    st.lists(st.lists(st.integers(-10, 10**9) | st.text(max_size=3), max_size=3), max_size=3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(["format", "decoder", "fingerprint", "shape", "dtype", "resize",
+                                                "data_offset", "unreadable"]), header_values, max_size=3))
+@example(changes={"unreadable": 5})
+@example(changes={"unreadable": [["abc", "x"]]})
+@example(changes={"unreadable": [[1000000000, "x"]]})
+def test_a_damaged_cache_header_is_a_stale_cache(tmp_path, changes):
+    from trainkit.data.cache import MAGIC, build_cache, open_cache
+    from PIL import Image
+    pngs = []
+    for i in range(4):
+        pngs.append(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8), 60 * i).save(pngs[-1])
+    path = build_cache(pngs, 1, (8, 8), "fit", "fp", tmp_path / "c", workers=1, unreadable=[])
+    line = (json.dumps(header_with(**changes)) + "\n").encode()
+    with open(path, "r+b") as f:
+        f.write(MAGIC + line[:4096 - len(MAGIC)])
+    pixels = open_cache(path, "fp", (4, 1, 8, 8), paths=pngs)       # never a traceback
+    if pixels is not None:
+        assert pixels.read(range(4)).reshape(4, -1)[:, 0].tolist() == [0, 60, 120, 180]
+    path.unlink()
+
+
+def test_an_image_cache_replaced_by_a_fifo_is_no_hang(strokes_stream_run, tmp_path):
+    import threading
+    from trainkit.data.cache import open_cache, read_header
+    [path] = image_caches()
+    shape = read_header(path)["shape"]
+    fifo = tmp_path / "images.tkcache"
+    os.mkfifo(fifo)
+    got = []
+    opener = threading.Thread(target=lambda: got.append(open_cache(fifo, "fp", shape)), daemon=True)
+    opener.start()
+    opener.join(10)
+    if opener.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))        # lets the blocked open() go on
+    assert got == [None]
+
+
+def test_a_cache_changed_after_it_was_opened_is_one_line(tmp_path):
+    from trainkit.data.cache import build_cache, open_cache
+    from PIL import Image
+    pngs = []
+    for i in range(4):
+        pngs.append(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8), 60 * i).save(pngs[-1])
+    path = build_cache(pngs, 1, (8, 8), "fit", "fp", tmp_path / "c", workers=1)
+    pixels = open_cache(path, "fp", (4, 1, 8, 8))
+    damage_pixels(path, "zeroed")
+    assert pixels.read([0]).sum() == 0                      # row 0 was zeros: still its checksum
+    with pytest.raises(TrainkitError, match="changed while it was read") as caught:
+        pixels.read([2, 3])
+    assert "\n" not in str(caught.value)
