@@ -1262,3 +1262,20 @@ def test_a_cache_changed_after_it_was_opened_is_one_line(tmp_path):
     with pytest.raises(TrainkitError, match="changed while it was read") as caught:
         pixels.read([2, 3])
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "resume"])
+@pytest.mark.parametrize("recorded", ["classes", "folder names"])
+def test_class_names_edited_in_config_json_are_refused(strokes_copy, command, recorded):
+    saved = json.loads((strokes_copy / "config.json").read_text())
+    assert saved["data"]["classes"] == ["horiz", "vert"]
+    saved["data"]["classes"].reverse()
+    (strokes_copy / "config.json").write_text(json.dumps(saved))
+    if recorded == "folder names":                       # a data.json written before it recorded the classes
+        manifest = json.loads((strokes_copy / "data.json").read_text())
+        del manifest["classes"]
+        (strokes_copy / "data.json").write_text(json.dumps(manifest))
+    image = next(Path(saved["config"]["dataset"].split(":", 1)[1]).glob("horiz/*.png"))
+    args = {"predict": ("predict", strokes_copy, image), "eval": ("eval", strokes_copy),
+            "resume": ("train", "--resume", strokes_copy, "--epochs", "2", "--no-progress")}[command]
+    assert_one_line_error(run_cli(*args), "config.json was changed", "horiz, vert")

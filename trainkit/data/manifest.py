@@ -88,6 +88,9 @@ def changes(recorded: dict, current: dict, splits: Iterable[str]) -> str | None:
         parts = [f"{len(names)} {what}" + (f" ({first_names(names)})" if names else "")
                  for what, names in (("added", added), ("removed", removed), ("modified", modified))]
         return "files " + ", ".join(parts)
+    then, now = recorded_classes(recorded), current.get("classes")
+    if then is not None and now is not None and list(then) != list(now):
+        return f"its classes are {first_names(list(now))} now, {first_names(then)} then"
     for split in splits:
         a, b = recorded.get("splits", {}).get(split), current.get("splits", {}).get(split)
         if a is None or b is None:
@@ -118,6 +121,32 @@ def read_manifest(folder: Path) -> dict | None:
         where = ".".join(map(str, first["loc"])) or "the file"
         raise TrainkitError(f"{path} is not a trainkit data manifest ({where}: {first['msg']})".splitlines()[0]) \
             from None
+
+
+def recorded_classes(recorded: dict) -> list[str] | None:
+    """The class names a manifest records: its own list, else (a data.json written before it held
+    one) an image folder's class folders, the parent folder of each file named, sorted as
+    folders.split_folder orders them. None where it records neither."""
+    if recorded.get("classes") is not None:
+        return list(recorded["classes"])
+    if not str(recorded.get("dataset") or "").startswith("imagefolder:"):
+        return None
+    parents = {name.split("/")[-2] for split in recorded.get("splits", {}).values()
+               for name in split.get("files") or () if "/" in name}
+    return sorted(parents) or None
+
+
+def check_classes(folder: Path, classes: list[str], doing: str) -> None:
+    """Refuse, in one line, class names (config.json's, which predict and eval name classes by)
+    other than the ones the run's data.json records: an edited list would name every class wrongly."""
+    if not os.path.lexists(Path(folder) / FILE):
+        return                                  # nothing recorded (read_manifest says why where it matters)
+    recorded = read_manifest(folder)
+    expected = recorded_classes(recorded) if recorded is not None else None
+    if expected is not None and list(classes) != expected:
+        raise TrainkitError(f"{Path(folder) / 'config.json'} names the classes {first_names(list(classes))}, but the "
+                            f"run's {FILE} records {first_names(expected)}: config.json was changed; {doing} "
+                            f"refuses to name classes other than the ones the run learnt")
 
 
 def records_data(folder: Path) -> bool:
