@@ -18,6 +18,7 @@ import warnings
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -1279,3 +1280,120 @@ def test_class_names_edited_in_config_json_are_refused(strokes_copy, command, re
     args = {"predict": ("predict", strokes_copy, image), "eval": ("eval", strokes_copy),
             "resume": ("train", "--resume", strokes_copy, "--epochs", "2", "--no-progress")}[command]
     assert_one_line_error(run_cli(*args), "config.json was changed", "horiz, vert")
+
+
+def test_a_stray_idx_label_is_refused_not_256_classes(tmp_path):
+    import gzip as gz
+    from trainkit.data import load_dataset
+    from trainkit.data.formats import encode_idx, parse_idx
+    from trainkit.data.idx import write_own_idx
+    folder = write_own_idx(tmp_path / "idx", train=60, test=12)
+    labels = parse_idx(gz.decompress((folder / "train-labels-idx1-ubyte.gz").read_bytes())).copy()
+    labels[17] = 255
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gz.compress(encode_idx(labels)))
+    with pytest.raises(TrainkitError, match="labels run 0-255, but only 4 of those 256 classes") as caught:
+        load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert "1 image(s) of 255" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_kaggles_idx_names_are_read(tmp_path):
+    from trainkit.data import load_dataset
+    from trainkit.data.idx import write_own_idx
+    folder = write_own_idx(tmp_path / "idx", train=12, test=6)
+    for path in list(folder.iterdir()):               # train-images-idx3-ubyte -> train-images.idx3-ubyte
+        path.rename(folder / path.name.replace("-idx", ".idx"))
+    assert (folder / "t10k-images.idx3-ubyte").is_file()
+    data = load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert len(data.train_labels) == 12 and data.classes == ["0", "1", "2"]
+
+
+idx_headers = st.tuples(st.sampled_from([0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E, 0x07, 0xFF]), st.integers(0, 6),
+                        st.lists(st.sampled_from([0, 1, 2, 3, 2**16, 2**31, 2**32 - 1]), min_size=0, max_size=6),
+                        st.integers(0, 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(idx_headers)
+@example((0x08, 3, [2**31, 2**31, 4], 0))
+@example((0x0D, 1, [2], 8))
+def test_any_idx_header_is_an_array_or_one_line(header):
+    from trainkit.data.formats import parse_idx
+    kind, ndim, dims, extra = header
+    raw = bytes([0, 0, kind, ndim]) + b"".join(d.to_bytes(4, "big") for d in dims) + bytes(extra)
+    try:
+        array = parse_idx(raw, "f")
+    except TrainkitError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert array.dtype == np.uint8 and array.size == len(raw) - 4 - 4 * array.ndim
+
+
+def cifar_pickle(data, labels, protocol: int = 2) -> bytes:
+    import pickle
+    return pickle.dumps({b"data": data, b"labels": labels}, protocol=protocol)
+
+
+def read_cifar_bytes(raw: bytes):
+    from trainkit.data.formats import cifar_arrays, unpickle_cifar
+    return cifar_arrays(unpickle_cifar(raw, "f", "a file in CIFAR's format", "hint"), "labels", None, "f", "hint")
+
+
+cifar_labels = st.lists(st.integers(-2**80, 2**80) | st.sampled_from([0, 1, 9]), min_size=0, max_size=4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(2, 3072), (2, 3, 32, 32), (2, 3000), (2,), (1, 2, 3072)]),
+       st.sampled_from(["uint8", "int64", "float32"]), cifar_labels, st.sampled_from(["list", "array", "numpy ints"]),
+       st.sampled_from([2, 4, 5]))
+@example((2, 3072), "uint8", [2**70, 1], "list", 2)
+def test_any_cifar_pickle_is_arrays_or_one_line(shape, dtype, labels, labels_as, protocol):
+    if labels_as == "array":
+        labels = np.array([v for v in labels if -2**63 <= v < 2**63], dtype=np.int64)
+    elif labels_as == "numpy ints":
+        labels = [np.int64(v) for v in labels if -2**63 <= v < 2**63]
+    raw = cifar_pickle(np.zeros(shape, dtype), labels, protocol)
+    try:
+        images, got = read_cifar_bytes(raw)
+    except TrainkitError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert images.shape == (2, 3, 32, 32) and got.dtype == torch.int64 and got.tolist() == [int(v) for v in labels]
+
+
+class AsksForMemory:
+    """Pickled as a call that allocates `shape` bytes when unpickled (the pickle itself is tiny)."""
+
+    def __init__(self, call, args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def test_a_small_pickle_declaring_a_huge_array_is_refused_before_allocating():
+    import pickle
+    from trainkit.data.formats import _RECONSTRUCT
+    shape = (1_500_000, 3072)                               # 4.6 GB
+    for asks in (AsksForMemory(_RECONSTRUCT, (np.ndarray, shape, b"B")), AsksForMemory(np.ndarray, (shape, "u1"))):
+        raw = pickle.dumps({b"data": asks, b"labels": [0] * 3}, protocol=2)
+        assert len(raw) < 200
+        with pytest.raises(TrainkitError, match="UnpicklingError") as caught:
+            read_cifar_bytes(raw)
+        assert "\n" not in str(caught.value)
+
+
+def test_cifar_files_as_torchvision_reads_them(tmp_path):
+    import pickle
+    from trainkit.data import load_dataset
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n, labels_as in (("data_batch_1", 6, "array"), ("test_batch", 3, "numpy ints")):
+        labels = np.arange(n) % 3
+        labels = labels if labels_as == "array" else [np.int64(v) for v in labels]
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)               # (N, 3, 32, 32)
+        (folder / name).write_bytes(pickle.dumps({"data": images, "labels": labels}, protocol=4))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b", "c"]}))
+    data = load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert data.train_labels.tolist() == [0, 1, 2, 0, 1, 2] and data.test_labels.tolist() == [0, 1, 2]
+    assert data.image_shape == (3, 32, 32)
