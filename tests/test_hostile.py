@@ -1397,3 +1397,23 @@ def test_cifar_files_as_torchvision_reads_them(tmp_path):
     data = load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
     assert data.train_labels.tolist() == [0, 1, 2, 0, 1, 2] and data.test_labels.tolist() == [0, 1, 2]
     assert data.image_shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--final", "last"), "--final last chooses"),
+    (("--mlflow", "sqlite:///{tmp}/m.db", "--mlflow-register", ""), "--mlflow-register needs a model name"),
+    (("--val-split", "0.1"), "holds out 0 of the 2 training images; give a count of 1,"),
+])
+def test_settings_that_would_do_nothing_are_refused_before_training(tmp_path, args, fragment):
+    from PIL import Image
+    root = tmp_path / "two"
+    for label in ("a", "b"):                       # 2 training images (a train/ and a test/ folder)
+        for part in ("train", "test"):
+            (root / part / label).mkdir(parents=True)
+            Image.new("L", (8, 8), 200 if label == "a" else 20).save(root / part / label / "0.png")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--model", "speednet", "--epochs", "1",
+                   "--out", tmp_path / "run", "--no-progress", *args)
+    line = assert_one_line_error(proc, fragment)
+    assert "between 0 and 1 or a count below" not in line
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "m.db").exists()
