@@ -127,6 +127,7 @@ def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence
     if (meta is None or meta["fingerprint"] != fingerprint or tuple(meta["shape"]) != shape
             or meta["decoder"] != DECODER_VERSION or (resize is not None and meta["resize"] != resize)):
         return None
+    cache = None
     try:
         cache = ImageCache(path, meta["data_offset"], shape, [(row, message) for row, message in meta["unreadable"]])
         sound = cache.file_size == cache.checksums_offset + 4 * len(cache) and cache.damaged_row() is None \
@@ -134,7 +135,7 @@ def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence
     except (OSError, TrainkitError):
         sound = False
     if not sound:
-        if "cache" in locals():
+        if cache is not None:
             cache.close()
         return None
     return cache
