@@ -68,7 +68,7 @@ def test_a_built_cache_holds_decode_images_pixels(tmp_path, pngs):
     header = read_header(path)
     assert header["fingerprint"] == "files-v1" and header["shape"] == [50, 3, *SIZE]
     assert header["dtype"] == "uint8" and header["resize"] == "fit"
-    assert path.stat().st_size == header["data_offset"] + 50 * 3 * 16 * 16
+    assert path.stat().st_size == header["data_offset"] + 50 * 3 * 16 * 16 + 4 * 50      # and a CRC-32 a row
     expected = decoded(pngs)
     for where in (tmp_path / "cache", path):             # the folder or the file
         pixels = open_cache(where, "files-v1", (50, 3, *SIZE), resize="fit")

@@ -76,6 +76,8 @@ def test_eval_of_a_run_from_before_data_json_says_its_data_is_unchecked(tmp_path
     (run / "data.json").unlink()
     saved = json.loads((run / "config.json").read_text())
     del saved["config"]["resize"]                  # as a run from before --resize recorded it
+    for later in ("data_json", "final", "mlflow_register"):     # nor data.json, nor these
+        saved.pop(later, None), saved["config"].pop(later, None)
     (run / "config.json").write_text(json.dumps(saved))
     proc = cli_ok("eval", run)
     assert "predates data.json" in proc.stderr and "cannot be checked" in proc.stderr

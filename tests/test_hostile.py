@@ -18,12 +18,13 @@ import warnings
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import assert_one_line_error, data_dir, mount_namespace, run_cli
+from conftest import assert_one_line_error, cli_ok, data_dir, mount_namespace, run_cli
 from trainkit import TrainConfig
 from trainkit import checkpoint as ckpt
 from trainkit.commands.cli import main
@@ -1058,3 +1059,370 @@ def test_any_search_space_range_samples_or_is_one_short_line(tmp_path, name, spe
         values = suggest(optuna.create_study().ask(), space)
     kind, low, high = space[name][1], space[name][2], space[name][3]
     assert low <= values[name] <= high and isinstance(values[name], int if kind == "int" else float)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability IV: data.json, the image cache, own CIFAR/IDX files checked, never trusted
+
+def write_strokes(root: Path, per_class: int = 12) -> Path:
+    """A flat folder of two classes, horizontal and vertical strokes (28 x 28 PNGs)."""
+    from PIL import Image, ImageDraw
+    for label in ("horiz", "vert"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("L", (28, 28), 0)
+            at = 4 + i * 20 // per_class
+            ImageDraw.Draw(image).line((4, at, 24, at) if label == "horiz" else (at, 4, at, 24), fill=255, width=3)
+            image.save(root / label / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def strokes_run(tmp_path_factory):
+    """A run trained (1 epoch, in this process) on a flat folder that trainkit splits from --seed 7."""
+    from trainkit import train
+    base = tmp_path_factory.mktemp("strokes")
+    root = write_strokes(base / "pics")
+    out = base / "run"
+    train(TrainConfig(dataset=f"imagefolder:{root}", model="speednet", epochs=1, batch_size=8, seed=7,
+                      progress=False, precision="fp32", channels_last="off", device="cpu"), out=out)
+    return out
+
+
+@pytest.fixture
+def strokes_copy(strokes_run, tmp_path):
+    return Path(shutil.copytree(strokes_run, tmp_path / "run"))
+
+
+def fifo_in_place(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("loss", ["deleted", "folder", "fifo"])
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_lost_data_json_is_refused_never_split_again(strokes_copy, loss, command):
+    path = strokes_copy / "data.json"
+    if loss == "deleted":
+        path.unlink()
+    elif loss == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        fifo_in_place(path)
+    args = ("eval", strokes_copy) if command == "eval" else \
+        ("train", "--resume", strokes_copy, "--epochs", "2", "--no-progress")
+    fragment = "lost its data.json" if loss == "deleted" else "data record"
+    before = (strokes_copy / "last.pt").read_bytes()
+    assert_one_line_error(run_cli(*args, timeout=60), fragment)
+    assert (strokes_copy / "last.pt").read_bytes() == before        # nothing trained on other images
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                          max_size=3), max_leaves=8)
+manifest_parts = st.fixed_dictionaries({}, optional={"dataset": json_values, "files": json_values,
+                                                     "splits": json_values, "classes": json_values})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=manifest_parts | json_values)
+@example(content={"files": 5, "splits": {}})
+@example(content={"files": {}, "splits": []})
+@example(content={"files": {}, "splits": "test"})
+@example(content={"files": {"a": ["x", 1]}, "splits": {"test": {"count": "3"}}})
+def test_a_damaged_data_json_is_one_line(tmp_path, content):
+    from trainkit.data.manifest import check_same_data
+    (tmp_path / "data.json").write_text(json.dumps(content))
+    current = {"dataset": "x", "files": {}, "splits": {"test": {"count": 1, "fingerprint": "f"}}}
+    try:
+        check_same_data(tmp_path, current, ("train", "val", "test"), "eval")
+    except TrainkitError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_deeply_nested_data_json_is_one_line(strokes_copy):
+    (strokes_copy / "data.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert_one_line_error(run_cli("eval", strokes_copy), "not a trainkit data manifest")
+
+
+@pytest.fixture(scope="module")
+def strokes_stream_run(tmp_path_factory):
+    """A run on the flat folder through --pipeline stream: its image cache built (in the tests' cache folder)."""
+    from trainkit import train
+    base = tmp_path_factory.mktemp("strokes-stream")
+    root = write_strokes(base / "pics")
+    out = base / "run"
+    train(TrainConfig(dataset=f"imagefolder:{root}", model="speednet", epochs=1, batch_size=8, seed=7,
+                      pipeline="stream", progress=False, precision="fp32", channels_last="off", device="cpu"), out=out)
+    return out
+
+
+def image_caches() -> list[Path]:
+    return sorted((Path(os.environ["TRAINKIT_CACHE_DIR"]) / "images").glob("pics-*.tkcache"))
+
+
+def damage_pixels(path: Path, how: str) -> None:
+    from trainkit.data.cache import read_header
+    header = read_header(path)
+    size = 1
+    for n in header["shape"]:
+        size *= n
+    with open(path, "r+b") as f:
+        if how == "zeroed":
+            f.seek(header["data_offset"])
+            f.write(bytes(size))
+        else:                                           # bits flipped all over the pixels
+            for i in range(0, size, max(1, size // 3000)):
+                f.seek(header["data_offset"] + i)
+                byte = f.read(1)
+                f.seek(header["data_offset"] + i)
+                f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("how", ["zeroed", "flipped"])
+def test_a_damaged_image_cache_is_built_again_not_scored(strokes_stream_run, how):
+    first = cli_ok("eval", strokes_stream_run).stdout.splitlines()[-1]
+    [path] = image_caches()
+    damage_pixels(path, how)
+    again = cli_ok("eval", strokes_stream_run)
+    assert "decoding" in again.stdout and "made from these files before" not in again.stdout
+    assert again.stdout.splitlines()[-1] == first                       # the same score as before the damage
+
+
+def test_the_caches_undecodable_files_are_the_files_not_the_headers(tmp_path):
+    from trainkit.data.cache import _header, build_cache, open_cache, read_header
+    from PIL import Image
+    pngs = []
+    for i in range(4):
+        pngs.append(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8), 60 * i).save(pngs[-1])
+    path = build_cache(pngs, 1, (8, 8), "fit", "fp", tmp_path / "c", workers=1, unreadable=[])
+    assert open_cache(path, "fp", (4, 1, 8, 8), paths=pngs).unreadable == []
+    meta = read_header(path)
+    forged = _header("fp", (4, 1, 8, 8), "fit", [(1, "is not a readable image"), (2, "is not a readable image")])
+    assert len(forged) == meta["data_offset"]
+    with open(path, "r+b") as f:
+        f.write(forged)
+    assert len(read_header(path)["unreadable"]) == 2
+    assert open_cache(path, "fp", (4, 1, 8, 8), paths=pngs) is None          # 1.png and 2.png decode: stale
+
+
+def header_with(**changes) -> dict:
+    from trainkit.data.cache import DECODER_VERSION, FORMAT
+    return {"format": FORMAT, "decoder": DECODER_VERSION, "fingerprint": "fp", "shape": [4, 1, 8, 8],
+            "dtype": "uint8", "resize": "fit", "data_offset": 4096, **changes}
+
+
+header_values = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=4) | \
+    st.lists(st.integers(-10, 2**31) | st.text(max_size=3), max_size=4) | \
+    st.lists(st.lists(st.integers(-10, 10**9) | st.text(max_size=3), max_size=3), max_size=3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(["format", "decoder", "fingerprint", "shape", "dtype", "resize",
+                                                "data_offset", "unreadable"]), header_values, max_size=3))
+@example(changes={"unreadable": 5})
+@example(changes={"unreadable": [["abc", "x"]]})
+@example(changes={"unreadable": [[1000000000, "x"]]})
+def test_a_damaged_cache_header_is_a_stale_cache(tmp_path, changes):
+    from trainkit.data.cache import MAGIC, build_cache, open_cache
+    from PIL import Image
+    pngs = []
+    for i in range(4):
+        pngs.append(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8), 60 * i).save(pngs[-1])
+    path = build_cache(pngs, 1, (8, 8), "fit", "fp", tmp_path / "c", workers=1, unreadable=[])
+    line = (json.dumps(header_with(**changes)) + "\n").encode()
+    with open(path, "r+b") as f:
+        f.write(MAGIC + line[:4096 - len(MAGIC)])
+    pixels = open_cache(path, "fp", (4, 1, 8, 8), paths=pngs)       # never a traceback
+    if pixels is not None:
+        assert pixels.read(range(4)).reshape(4, -1)[:, 0].tolist() == [0, 60, 120, 180]
+    path.unlink()
+
+
+def test_an_image_cache_replaced_by_a_fifo_is_no_hang(strokes_stream_run, tmp_path):
+    import threading
+    from trainkit.data.cache import open_cache, read_header
+    [path] = image_caches()
+    shape = read_header(path)["shape"]
+    fifo = tmp_path / "images.tkcache"
+    os.mkfifo(fifo)
+    got = []
+    opener = threading.Thread(target=lambda: got.append(open_cache(fifo, "fp", shape)), daemon=True)
+    opener.start()
+    opener.join(10)
+    if opener.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))        # lets the blocked open() go on
+    assert got == [None]
+
+
+def test_a_cache_changed_after_it_was_opened_is_one_line(tmp_path):
+    from trainkit.data.cache import build_cache, open_cache
+    from PIL import Image
+    pngs = []
+    for i in range(4):
+        pngs.append(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8), 60 * i).save(pngs[-1])
+    path = build_cache(pngs, 1, (8, 8), "fit", "fp", tmp_path / "c", workers=1)
+    pixels = open_cache(path, "fp", (4, 1, 8, 8))
+    damage_pixels(path, "zeroed")
+    assert pixels.read([0]).sum() == 0                      # row 0 was zeros: still its checksum
+    with pytest.raises(TrainkitError, match="changed while it was read") as caught:
+        pixels.read([2, 3])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "resume"])
+@pytest.mark.parametrize("recorded", ["classes", "folder names"])
+def test_class_names_edited_in_config_json_are_refused(strokes_copy, command, recorded):
+    saved = json.loads((strokes_copy / "config.json").read_text())
+    assert saved["data"]["classes"] == ["horiz", "vert"]
+    saved["data"]["classes"].reverse()
+    (strokes_copy / "config.json").write_text(json.dumps(saved))
+    if recorded == "folder names":                       # a data.json written before it recorded the classes
+        manifest = json.loads((strokes_copy / "data.json").read_text())
+        del manifest["classes"]
+        (strokes_copy / "data.json").write_text(json.dumps(manifest))
+    image = next(Path(saved["config"]["dataset"].split(":", 1)[1]).glob("horiz/*.png"))
+    args = {"predict": ("predict", strokes_copy, image), "eval": ("eval", strokes_copy),
+            "resume": ("train", "--resume", strokes_copy, "--epochs", "2", "--no-progress")}[command]
+    assert_one_line_error(run_cli(*args), "config.json was changed", "horiz, vert")
+
+
+def test_a_stray_idx_label_is_refused_not_256_classes(tmp_path):
+    import gzip as gz
+    from trainkit.data import load_dataset
+    from trainkit.data.formats import encode_idx, parse_idx
+    from trainkit.data.idx import write_own_idx
+    folder = write_own_idx(tmp_path / "idx", train=60, test=12)
+    labels = parse_idx(gz.decompress((folder / "train-labels-idx1-ubyte.gz").read_bytes())).copy()
+    labels[17] = 255
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gz.compress(encode_idx(labels)))
+    with pytest.raises(TrainkitError, match="labels run 0-255, but only 4 of those 256 classes") as caught:
+        load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert "1 image(s) of 255" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_kaggles_idx_names_are_read(tmp_path):
+    from trainkit.data import load_dataset
+    from trainkit.data.idx import write_own_idx
+    folder = write_own_idx(tmp_path / "idx", train=12, test=6)
+    for path in list(folder.iterdir()):               # train-images-idx3-ubyte -> train-images.idx3-ubyte
+        path.rename(folder / path.name.replace("-idx", ".idx"))
+    assert (folder / "t10k-images.idx3-ubyte").is_file()
+    data = load_dataset(f"idx:{folder}", tmp_path, progress=False)
+    assert len(data.train_labels) == 12 and data.classes == ["0", "1", "2"]
+
+
+idx_headers = st.tuples(st.sampled_from([0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E, 0x07, 0xFF]), st.integers(0, 6),
+                        st.lists(st.sampled_from([0, 1, 2, 3, 2**16, 2**31, 2**32 - 1]), min_size=0, max_size=6),
+                        st.integers(0, 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(idx_headers)
+@example((0x08, 3, [2**31, 2**31, 4], 0))
+@example((0x0D, 1, [2], 8))
+def test_any_idx_header_is_an_array_or_one_line(header):
+    from trainkit.data.formats import parse_idx
+    kind, ndim, dims, extra = header
+    raw = bytes([0, 0, kind, ndim]) + b"".join(d.to_bytes(4, "big") for d in dims) + bytes(extra)
+    try:
+        array = parse_idx(raw, "f")
+    except TrainkitError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert array.dtype == np.uint8 and array.size == len(raw) - 4 - 4 * array.ndim
+
+
+def cifar_pickle(data, labels, protocol: int = 2) -> bytes:
+    import pickle
+    return pickle.dumps({b"data": data, b"labels": labels}, protocol=protocol)
+
+
+def read_cifar_bytes(raw: bytes):
+    from trainkit.data.formats import cifar_arrays, unpickle_cifar
+    return cifar_arrays(unpickle_cifar(raw, "f", "a file in CIFAR's format", "hint"), "labels", None, "f", "hint")
+
+
+cifar_labels = st.lists(st.integers(-2**80, 2**80) | st.sampled_from([0, 1, 9]), min_size=0, max_size=4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(2, 3072), (2, 3, 32, 32), (2, 3000), (2,), (1, 2, 3072)]),
+       st.sampled_from(["uint8", "int64", "float32"]), cifar_labels, st.sampled_from(["list", "array", "numpy ints"]),
+       st.sampled_from([2, 4, 5]))
+@example((2, 3072), "uint8", [2**70, 1], "list", 2)
+def test_any_cifar_pickle_is_arrays_or_one_line(shape, dtype, labels, labels_as, protocol):
+    if labels_as == "array":
+        labels = np.array([v for v in labels if -2**63 <= v < 2**63], dtype=np.int64)
+    elif labels_as == "numpy ints":
+        labels = [np.int64(v) for v in labels if -2**63 <= v < 2**63]
+    raw = cifar_pickle(np.zeros(shape, dtype), labels, protocol)
+    try:
+        images, got = read_cifar_bytes(raw)
+    except TrainkitError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert images.shape == (2, 3, 32, 32) and got.dtype == torch.int64 and got.tolist() == [int(v) for v in labels]
+
+
+class AsksForMemory:
+    """Pickled as a call that allocates `shape` bytes when unpickled (the pickle itself is tiny)."""
+
+    def __init__(self, call, args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def test_a_small_pickle_declaring_a_huge_array_is_refused_before_allocating():
+    import pickle
+    from trainkit.data.formats import _RECONSTRUCT
+    shape = (1_500_000, 3072)                               # 4.6 GB
+    for asks in (AsksForMemory(_RECONSTRUCT, (np.ndarray, shape, b"B")), AsksForMemory(np.ndarray, (shape, "u1"))):
+        raw = pickle.dumps({b"data": asks, b"labels": [0] * 3}, protocol=2)
+        assert len(raw) < 200
+        with pytest.raises(TrainkitError, match="UnpicklingError") as caught:
+            read_cifar_bytes(raw)
+        assert "\n" not in str(caught.value)
+
+
+def test_cifar_files_as_torchvision_reads_them(tmp_path):
+    import pickle
+    from trainkit.data import load_dataset
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n, labels_as in (("data_batch_1", 6, "array"), ("test_batch", 3, "numpy ints")):
+        labels = np.arange(n) % 3
+        labels = labels if labels_as == "array" else [np.int64(v) for v in labels]
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)               # (N, 3, 32, 32)
+        (folder / name).write_bytes(pickle.dumps({"data": images, "labels": labels}, protocol=4))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b", "c"]}))
+    data = load_dataset(f"cifar10:{folder}", tmp_path, progress=False)
+    assert data.train_labels.tolist() == [0, 1, 2, 0, 1, 2] and data.test_labels.tolist() == [0, 1, 2]
+    assert data.image_shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--final", "last"), "--final last chooses"),
+    (("--mlflow", "sqlite:///{tmp}/m.db", "--mlflow-register", ""), "--mlflow-register needs a model name"),
+    (("--val-split", "0.1"), "holds out 0 of the 2 training images; give a count of 1,"),
+])
+def test_settings_that_would_do_nothing_are_refused_before_training(tmp_path, args, fragment):
+    from PIL import Image
+    root = tmp_path / "two"
+    for label in ("a", "b"):                       # 2 training images (a train/ and a test/ folder)
+        for part in ("train", "test"):
+            (root / part / label).mkdir(parents=True)
+            Image.new("L", (8, 8), 200 if label == "a" else 20).save(root / part / label / "0.png")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = run_cli("train", "--dataset", f"imagefolder:{root}", "--model", "speednet", "--epochs", "1",
+                   "--out", tmp_path / "run", "--no-progress", *args)
+    line = assert_one_line_error(proc, fragment)
+    assert "between 0 and 1 or a count below" not in line
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "m.db").exists()

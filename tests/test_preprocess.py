@@ -78,3 +78,19 @@ def test_prepare_image_frames_only_for_a_run_on_digits(tmp_path):
     assert not any("grayscale" in n for n in notes)
     with pytest.raises(TrainkitError, match="not a readable image"):
         prepare_image(b"not an image" * 10, "mnist", (1, 28, 28))
+
+
+@pytest.mark.parametrize("stroke", [255, 0])
+def test_strokes_on_a_transparent_canvas_stay_visible(stroke):
+    """White strokes on a transparent canvas (a drawing app's export) are shown over black, dark ones over white."""
+    import io
+    from PIL import Image, ImageDraw
+    from trainkit.data.preprocess import NOTE_ON_BLACK
+    image = Image.new("RGBA", (60, 60), (0, 0, 0, 0))
+    ImageDraw.Draw(image).line((30, 8, 30, 52), fill=(stroke, stroke, stroke, 255), width=6)     # a "1"
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    pixels, notes = prepare_image(buffer.getvalue(), "mnist", (1, 28, 28))
+    assert pixels.max() == 255 and (pixels > 128).sum() > 20                 # the stroke is there, light on dark
+    assert pixels[0, :, :5].max() == 0 and pixels[0, :, -5:].max() == 0          # and the background dark
+    assert (NOTE_ON_BLACK in notes) == (stroke == 255) and (NOTE_INVERTED in notes) == (stroke == 0)

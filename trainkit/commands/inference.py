@@ -16,6 +16,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, load_config_file, run_settings, validate
 from ..data.loaders import normalize
+from ..data.manifest import check_classes
 from ..errors import TrainkitError
 from ..models import build_model, gated_model_name, output_kind
 from ..run.rundir import FILES as RUN_FILES
@@ -94,6 +95,7 @@ def load_run(run_dir: str | Path, *, model: nn.Module | None = None, model_spec:
     except TrainkitError as exc:
         raise TrainkitError(f"{run_dir / 'config.json'} holds a bad setting: {exc}") from None
     classes, shape, mean, std = _data_info(run_dir / "config.json")
+    check_classes(run_dir, classes, "loading the run")
     if model is None:
         model = rebuild_model(run_dir, cfg, shape[0], len(classes), model_spec, trust_code)
     if (run_dir / "model.pt").is_file():

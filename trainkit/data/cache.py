@@ -13,7 +13,10 @@ which the kernel gives back under pressure, and the process holds only the batch
 The file is `<cache_dir>/<name>.tkcache`: a header (a magic line and one JSON line saying the
 fingerprint of the files it was made from, the shape, dtype, resize mode and decoder version,
 and the files that could not be decoded when the caller leaves those out, padded to 4 KiB), then
-the pixels. It is written under a temporary name and renamed into place
+the pixels, then a CRC-32 of each row (little-endian uint32s). The header is checked against a
+schema, every row against its CRC when the cache is opened (a damaged cache is stale: built
+again) and again whenever it is read, and the files the header calls undecodable are decoded
+again when opened: the cache is checked, never trusted. It is written under a temporary name and renamed into place
 only when complete, so a build that is killed leaves no file that `open_cache` would take; a
 cache made from other files (another fingerprint) or with other settings is stale: `open_cache`
 says None and the caller builds again, over it.
@@ -26,17 +29,20 @@ import json
 import math
 import os
 import secrets
+import stat
+import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import TrainkitError
 from .images import decode_image
 
 MAGIC = b"TRAINKIT IMAGE CACHE\n"
-FORMAT = 1
+FORMAT = 2                    # 2: a CRC-32 per row after the pixels
 # Raised whenever decode_image's pixels change, so caches made by an older decoder are stale.
 DECODER_VERSION = 2           # 2: 32-bit integer TIFFs scaled by their values' range
 _ALIGN = 4096                   # the pixels start on a page boundary
@@ -75,7 +81,7 @@ def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[i
     _remove_dead_temporaries(target)
     shape = (len(paths), channels, *size)
     header = _header(fingerprint, shape, resize)
-    temporary, bad_rows = _temporary(target), []
+    temporary, bad_rows, checksums = _temporary(target), [], []
     try:
         blocks = _decoded_blocks([os.fspath(p) for p in paths], channels, size, resize, workers,
                                  skip=unreadable is not None)
@@ -85,9 +91,11 @@ def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[i
             for block, bad in blocks:
                 bad_rows += [(written + i, message) for i, message in bad]
                 f.write(block)
+                checksums += _row_checksums(block, math.prod(shape[1:]))
                 written += len(block) // math.prod(shape[1:])
                 if progress is not None:
                     progress(written)
+            f.write(np.asarray(checksums, "<u4").tobytes())
             f.flush()
             os.fsync(f.fileno())                # the rename below must not publish unwritten pages
         if bad_rows:
@@ -104,41 +112,69 @@ def build_cache(paths: Sequence[str | os.PathLike], channels: int, size: tuple[i
 
 
 def open_cache(path_or_dir: str | os.PathLike, fingerprint: str, shape: Sequence[int], resize: str | None = None,
-               name: str = "images") -> ImageCache | None:
-    """The cache's pixels, an (N, C, H, W) uint8 `ImageCache`, or None when there is no complete
-    cache there for these files: absent, made from files of another fingerprint, of another shape
-    (or resize mode, when given), by another decoder version, or cut short."""
+               name: str = "images", paths: Sequence[str | os.PathLike] | None = None) -> ImageCache | None:
+    """The cache's pixels, an (N, C, H, W) uint8 `ImageCache`, or None when there is no sound
+    cache there for these files: absent, not a regular file, made from files of another
+    fingerprint, of another shape (or resize mode, when given), by another decoder version, cut
+    short, a header that fails its schema, or a row that fails its checksum. Given the files'
+    `paths` (the cache's rows), the files its header calls undecodable are decoded again: one that
+    decodes now makes the cache stale too (the list is the files', not the header's)."""
     path = Path(path_or_dir)
     if path.is_dir():
         path = cache_file(path, name)
     meta = read_header(path)
     shape = tuple(int(s) for s in shape)
-    if (meta is None or meta.get("fingerprint") != fingerprint or tuple(meta.get("shape", ())) != shape
-            or meta.get("dtype") != "uint8" or meta.get("decoder") != DECODER_VERSION
-            or (resize is not None and meta.get("resize") != resize)):
+    if (meta is None or meta["fingerprint"] != fingerprint or tuple(meta["shape"]) != shape
+            or meta["decoder"] != DECODER_VERSION or (resize is not None and meta["resize"] != resize)):
         return None
+    cache = None
     try:
-        cache = ImageCache(path, meta["data_offset"], shape)
-    except OSError:
-        return None
-    if cache.file_size != meta["data_offset"] + math.prod(shape):
-        cache.close()
+        cache = ImageCache(path, meta["data_offset"], shape, [(row, message) for row, message in meta["unreadable"]])
+        sound = cache.file_size == cache.checksums_offset + 4 * len(cache) and cache.damaged_row() is None \
+            and (paths is None or not _decodable(paths, cache.unreadable, shape, meta["resize"]))
+    except (OSError, TrainkitError):
+        sound = False
+    if not sound:
+        if cache is not None:
+            cache.close()
         return None
     return cache
 
 
 class ImageCache:
-    """An open cache file: (N, C, H, W) uint8 images, `read` by row. It holds the file open, so a
-    cache built again over it (a rename) leaves this one reading the pixels it was opened with."""
+    """An open cache file: (N, C, H, W) uint8 images, `read` by row, each row checked against its
+    CRC-32. It holds the file open, so a cache built again over it (a rename) leaves this one
+    reading the pixels it was opened with. `unreadable`: (row, message) of the files that could
+    not be decoded when it was built (their rows are zeros)."""
 
-    def __init__(self, path: str | os.PathLike, offset: int, shape: Sequence[int]):
+    def __init__(self, path: str | os.PathLike, offset: int, shape: Sequence[int],
+                 unreadable: list[tuple[int, str]] = ()):
         self.path, self.offset, self.shape = Path(path), int(offset), tuple(int(s) for s in shape)
         self.row_bytes = math.prod(self.shape[1:])
+        self.checksums_offset = self.offset + len(self) * self.row_bytes
+        self.unreadable = list(unreadable)
         self._open()
 
     def _open(self) -> None:
-        self._file = open(self.path, "rb", buffering=0)
+        self._file = _open_regular(self.path)
         self.file_size = os.fstat(self._file.fileno()).st_size
+        raw = os.pread(self._file.fileno(), 4 * len(self), self.checksums_offset)
+        self.checksums = np.frombuffer(raw, "<u4") if len(raw) == 4 * len(self) else None
+
+    def damaged_row(self) -> int | None:
+        """The first row whose pixels do not match their checksum (None: all do), read in
+        blocks of about _READ_BYTES: one pass over the file."""
+        if self.checksums is None:
+            return 0
+        per_block = max(1, _READ_BYTES // max(self.row_bytes, 1))
+        block = np.empty((min(per_block, len(self)), *self.shape[1:]), np.uint8)
+        for start in range(0, len(self), per_block):
+            rows = np.arange(start, min(start + per_block, len(self)))
+            got = _row_checksums(self._read_rows(rows, block), self.row_bytes)
+            bad = np.flatnonzero(np.asarray(got, np.uint32) != self.checksums[rows])
+            if len(bad):
+                return int(rows[bad[0]])
+        return None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -171,7 +207,20 @@ class ImageCache:
         outside = rows[(rows < 0) | (rows >= len(self))]
         if len(outside):
             raise IndexError(f"row {int(outside[0])} of an image cache of {len(self)} images")
-        flat = out.reshape(n, self.row_bytes)
+        if self.checksums is None:
+            raise TrainkitError(f"the image cache {self.path} is cut short (no checksums); delete it and run again")
+        self._read_rows(rows, out)
+        # each row checked as it is read: a cache changed after it was opened is never used silently
+        bad = np.flatnonzero(np.asarray(_row_checksums(out, self.row_bytes), np.uint32) != self.checksums[rows])
+        if len(bad):
+            raise TrainkitError(f"the image cache {self.path} changed while it was read (row {int(rows[bad[0]])} "
+                                f"fails its checksum); run again: a damaged cache is built again when opened")
+        return out
+
+    def _read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows `rows` (in range) into `out[:len(rows)]`, unchecked."""
+        n = len(rows)
+        flat = out[:n].reshape(n, self.row_bytes)
         order = np.argsort(rows, kind="stable")                  # file order: sequential pages, read ahead
         ordered = rows[order]
         per_call = max(1, min(_IOV_MAX, _READ_BYTES // max(self.row_bytes, 1)))
@@ -185,7 +234,7 @@ class ImageCache:
             if got != wanted:
                 raise TrainkitError(f"the image cache {self.path} ended early (changed while it was read?); "
                                     f"delete it and run again")
-        return out
+        return out[:n]
 
 
 def images(cache: ImageCache, indices) -> torch.Tensor:
@@ -207,20 +256,68 @@ def _preadv(fd: int, buffers: list[np.ndarray], offset: int) -> int:
     return got
 
 
+_Count = Annotated[int, Field(ge=0)]
+
+
+class _Header(BaseModel):
+    """What a cache header must hold; a header that does not is stale (built again), never a traceback."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    format: Literal[FORMAT]
+    decoder: int
+    fingerprint: str
+    shape: list[_Count] = Field(min_length=4, max_length=4)
+    dtype: Literal["uint8"]
+    resize: str
+    data_offset: int = Field(ge=_ALIGN, multiple_of=_ALIGN)
+    unreadable: list[tuple[_Count, str]] = []
+
+    @model_validator(mode="after")
+    def _rows_in_range(self):
+        rows = [row for row, _ in self.unreadable]
+        if any(row >= self.shape[0] for row in rows) or len(set(rows)) != len(rows):
+            raise ValueError("unreadable rows outside the cache, or repeated")
+        return self
+
+
 def read_header(path: str | os.PathLike) -> dict | None:
-    """A cache file's header as a dict (fingerprint, shape, dtype, resize, decoder, data_offset),
-    or None when `path` is not a complete trainkit image cache header."""
+    """A cache file's header as a dict (fingerprint, shape, dtype, resize, decoder, data_offset,
+    unreadable), or None when `path` is not a regular file with a sound trainkit image cache header."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             if f.read(len(MAGIC)) != MAGIC:
                 return None
-            meta = json.loads(f.readline(1 << 20))
-    except (OSError, ValueError):
+            return _Header.model_validate_json(f.readline(1 << 20)).model_dump()
+    except (OSError, ValidationError):
         return None
-    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("data_offset"), int)
-            or not isinstance(meta.get("shape"), list) or len(meta["shape"]) != 4):
-        return None
-    return meta
+
+
+def _open_regular(path: str | os.PathLike):
+    """`path` opened for reading, unbuffered; OSError unless it is a regular file (a named pipe
+    would block an open() for ever: it is opened without waiting, then checked)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return open(fd, "rb", buffering=0)
+
+
+def _row_checksums(pixels, row_bytes: int) -> list[int]:
+    """The CRC-32 of each row of `row_bytes` bytes in `pixels` (bytes or a C-contiguous array)."""
+    view = memoryview(pixels).cast("B")
+    return [zlib.crc32(view[i:i + row_bytes]) for i in range(0, len(view), row_bytes)]
+
+
+def _decodable(paths: Sequence, unreadable: list[tuple[int, str]], shape: tuple[int, ...], resize: str) -> bool:
+    """Whether a file the header calls undecodable decodes now (or the rows are not these files)."""
+    if len(paths) != shape[0]:
+        return True
+    for row, _ in unreadable:
+        try:
+            decode_image(paths[row], shape[1], tuple(shape[2:]), resize)
+            return True
+        except TrainkitError:
+            pass
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

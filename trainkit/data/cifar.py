@@ -153,7 +153,7 @@ def load_own_cifar(spec: CifarDataset, folder: Path) -> ImageData:
     if not folder.is_dir():
         raise TrainkitError(f"--dataset {spec.name}:{folder}: no such folder")
     train_paths, test_path, meta_path = _own_files(spec, folder)
-    hint = (f"--dataset {spec.name}:DIR reads pickled dicts with 'data' ((N, 3072) uint8) and "
+    hint = (f"--dataset {spec.name}:DIR reads pickled dicts with 'data' ((N, 3072) or (N, 3, 32, 32) uint8) and "
             f"'{spec.label_key}' (N ints), and '{spec.names_key}' in {spec.meta.name}")
     sources = {}
 

@@ -193,7 +193,7 @@ class ImageData:
 
         splits = {split: (len(labels), names(split)) for split, labels in (("train", self.train_labels),
                   ("val", self.val_labels), ("test", self.test_labels)) if labels is not None}
-        made = make_manifest(self.name, self.sources, splits)
+        made = make_manifest(self.name, self.sources, splits, self.classes)
         if self.deep is not None:        # read back by predict and serve, to read images as training did
             made["deep_images"] = self.deep.to_dict()
         return made
@@ -308,9 +308,14 @@ def validation_indices(n: int, size: float, seed: int) -> tuple[torch.Tensor, to
     """(held-out, kept) indices of `n` training items, sorted: `size` is a fraction or a count.
     Shared by every dataset type, so a file list holds out the same items as its decoded images."""
     count = int(round(size * n)) if size < 1 else int(size)
+    if n < 2:
+        raise TrainkitError(f"--val-split needs at least 2 training images, to train on some and hold out the "
+                            f"others; there {'is' if n == 1 else 'are'} {n}: leave --val-split out")
     if not 0 < count < n:
-        raise TrainkitError(f"--val-split {size} leaves {n - count} of {n} training images; "
-                            f"give a fraction between 0 and 1 or a count below {n}")
+        # what works: 1 to n - 1 images, as a count, or as a fraction that rounds to one
+        counts = "of 1" if n == 2 else f"from 1 to {n - 1:,}"
+        raise TrainkitError(f"--val-split {size} holds out {count:,} of the {n:,} training images; give a count "
+                            f"{counts}, or a fraction that holds out that many (round(fraction x {n:,}))")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[:count].sort().values, order[count:].sort().values
 

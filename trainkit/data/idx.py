@@ -177,12 +177,13 @@ OWN_FILES = {"train_images": ("train", "images-idx3"), "train_labels": ("train",
 
 
 def _own_file(folder: Path, prefix: str, kind: str) -> Path:
-    names = [f"{prefix}-{kind}-ubyte", f"{prefix}.{kind}-ubyte"]        # torchvision's names, and Kaggle's
+    # torchvision's names (train-images-idx3-ubyte), Kaggle's (train-images.idx3-ubyte), and an older spelling
+    names = [f"{prefix}-{kind}-ubyte", f"{prefix}-{kind.replace('-', '.')}-ubyte", f"{prefix}.{kind}-ubyte"]
     found = fetch.find(folder / n for name in names for n in (name, name + ".gz"))
     if found is None:
         raise TrainkitError(f"{folder} holds no {names[0]} (or .gz): --dataset idx:DIR reads four IDX files, "
                             f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                            f"t10k-labels-idx1-ubyte, each extracted or .gz")
+                            f"t10k-labels-idx1-ubyte (or Kaggle's train-images.idx3-ubyte...), each extracted or .gz")
     return found
 
 
@@ -237,13 +238,27 @@ def load_own_idx(folder: Path) -> ImageData:
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise TrainkitError(f"{folder}: the training images are {arrays['train_images'].shape[1:]}, the test images "
                             f"{arrays['test_images'].shape[1:]}; both must have one size")
-    classes = [str(i) for i in range(int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1)]
+    classes = _inferred_classes(folder, arrays["train_labels"], arrays["test_labels"])
     to_images = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)
     to_labels = lambda a: torch.from_numpy(a.astype(np.int64))
     train = to_images(arrays["train_images"])
     mean, std = channel_stats(train)
     return ImageData(f"idx:{folder}", train, to_labels(arrays["train_labels"]), to_images(arrays["test_images"]),
                      to_labels(arrays["test_labels"]), classes, mean, std, sources=sources)
+
+
+def _inferred_classes(folder: Path, train: np.ndarray, test: np.ndarray) -> list[str]:
+    """The classes of idx:DIR, the labels 0 to the largest; refused when most of them would have no
+    image (a stray label 255 among digits would make 256 classes, 245 of them empty)."""
+    labels = np.concatenate([train, test])
+    largest, present = int(labels.max()), np.unique(labels)
+    if 2 * len(present) < largest + 1:
+        top = present[-3:][::-1].tolist()
+        raise TrainkitError(f"{folder}'s labels run 0-{largest}, but only {len(present)} of those {largest + 1} classes "
+                            f"have an image (the largest labels: {', '.join(map(str, top))}, "
+                            f"{int((labels == largest).sum())} image(s) of {largest}); idx:DIR takes the classes to be 0 "
+                            f"to the largest label: correct the stray labels, or number the classes from 0 without gaps")
+    return [str(i) for i in range(largest + 1)]
 
 
 def write_own_idx(folder: Path, train: int = 24, test: int = 12, size: tuple[int, int] = (28, 28)) -> Path:

@@ -55,7 +55,7 @@ _DAMAGED = (OSError, ValueError, SyntaxError, EOFError, zlib.error, struct.error
 
 def decode_image(source: bytes | str | os.PathLike, channels: int, size: tuple[int, int], resize: str = "fit",
                  name: str | None = None, max_pixels: int | None = MAX_PIXELS,
-                 deep: "DeepRange | None" = None) -> torch.Tensor:
+                 deep: "DeepRange | None" = None, background: int = 255) -> torch.Tensor:
     """One image (a path or a file's bytes) as a (channels, H, W) uint8 tensor, `size` = (H, W).
 
     channels 1 is Pillow's "L" (ITU-R 601-2 luma), 3 is RGB. `resize` "fit" scales the shorter side
@@ -63,7 +63,8 @@ def decode_image(source: bytes | str | os.PathLike, channels: int, size: tuple[i
     agree when the image already has the target's aspect ratio. `name` is what errors call the
     image (default: its path, or "the image" for bytes); an image of more than `max_pixels` pixels
     is refused from its header. `deep`: the dataset's rule for 32-bit and float images
-    (`DeepRange`); without it, such an image alone is scaled by its own range."""
+    (`DeepRange`); without it, such an image alone is scaled by its own range. Transparency is
+    composited over grey level `background` (white)."""
     size = _check_target(channels, size, resize)
     name = _name(source, name)
     with _opened(source, name, max_pixels) as img:
@@ -71,7 +72,7 @@ def decode_image(source: bytes | str | os.PathLike, channels: int, size: tuple[i
             img.load()
             bits = _bit_depth_tag(img)           # read before turning: a turned copy has no format or tags
             img = _upright(img)
-            img = _composited(_eight_bit(img, name, bits, deep))
+            img = _composited(_eight_bit(img, name, bits, deep), background)
         except _DAMAGED as exc:
             raise _damaged(name, exc) from None
     img = img.convert("L" if channels == 1 else "RGB")
@@ -382,15 +383,15 @@ def _bit_depth_tag(img) -> int | None:
     return bits if isinstance(bits, int) and 9 <= bits <= 31 else None
 
 
-def _composited(img):
-    """LA or RGBA composited over white, as a viewer shows it; L and RGB as they are."""
+def _composited(img, background: int = 255):
+    """LA or RGBA composited over grey level `background` (white: as a viewer shows it); L and RGB as they are."""
     from PIL import Image
 
     if img.mode not in ("LA", "RGBA"):
         return img
     pixels = np.asarray(img).astype(np.uint32)                           # (H, W, 2 or 4)
     colour, alpha = pixels[..., :-1], pixels[..., -1:]
-    out = (colour * alpha + 255 * (255 - alpha) + 127) // 255            # rounded
+    out = (colour * alpha + background * (255 - alpha) + 127) // 255     # rounded
     return Image.fromarray(out.astype(np.uint8).squeeze(-1) if img.mode == "LA" else out.astype(np.uint8),
                            "L" if img.mode == "LA" else "RGB")
 

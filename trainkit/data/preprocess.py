@@ -25,6 +25,7 @@ INK = 0.1                   # a pixel is ink above this fraction of the brightes
 
 NOTE_INVERTED = "inverted: a dark digit on a light background (MNIST's digits are light on dark)"
 NOTE_FRAMED = "framed like MNIST: the digit fitted into 20x20 and centred by its mass in 28x28"
+NOTE_ON_BLACK = "transparent background shown as black, under light strokes (as MNIST's digits are)"
 
 
 def reads_digits(dataset: str, image_shape) -> bool:
@@ -84,6 +85,21 @@ def _header(data, name: str | None, max_pixels: int | None) -> tuple[int, tuple[
 COLOUR = 24                 # a pixel whose channels differ by more than this is in colour
 
 
+def _digit_with_background(data, size: tuple[int, int], name: str | None,
+                           max_pixels: int | None, deep=None) -> tuple[np.ndarray, list[str]]:
+    """A digit's grey pixels (H, W), not resized, a transparent background shown in the colour
+    opposite its strokes: over white, white strokes on a transparent canvas would vanish. The image
+    is decoded over white and over black: pixels that agree are opaque (the strokes)."""
+    from .images import decode_image
+
+    on_white = decode_image(data, 1, size, name=name, max_pixels=max_pixels, deep=deep)[0].numpy()
+    on_black = decode_image(data, 1, size, name=name, max_pixels=max_pixels, deep=deep, background=0)[0].numpy()
+    opaque = on_white == on_black
+    if opaque.all() or not opaque.any() or on_white[opaque].mean() <= 127:
+        return on_white, []                        # no transparency, nothing opaque, or dark strokes
+    return on_black, [NOTE_ON_BLACK]
+
+
 def prepare_image(data, dataset: str, image_shape, name: str | None = None,
                   max_pixels: int | None = None, resize: str = "fit", deep=None) -> tuple[torch.Tensor, list[str]]:
     """An image file's bytes (or path) -> uint8 (C, H, W) as the run's model takes it, and notes on
@@ -102,9 +118,9 @@ def prepare_image(data, dataset: str, image_shape, name: str | None = None,
         if (rgb.amax(dim=0) - rgb.amin(dim=0)).max() > COLOUR:
             notes.append("made grayscale: the run's model reads 1-channel images")
     if reads_digits(dataset, image_shape):
-        native = decode_image(data, 1, (ih, iw), name=name, max_pixels=max_pixels, deep=deep)   # (1, H, W)
-        framed, framing = frame_digit(native[0].numpy())
-        return torch.from_numpy(framed).unsqueeze(0), notes + framing
+        native, shown = _digit_with_background(data, (ih, iw), name, max_pixels, deep)
+        framed, framing = frame_digit(native)
+        return torch.from_numpy(framed).unsqueeze(0), notes + shown + framing
     if abs(iw / ih - w / h) > 0.05 * (w / h):
         change = "squashed" if resize == "stretch" else "centre-cropped"
         notes.append(f"{change} from {iw}x{ih} to {w}x{h}: the run's model reads {w}x{h} images")

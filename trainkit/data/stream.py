@@ -42,7 +42,7 @@ import torch
 from ..cachedir import cache_dir
 from ..checkpoint import LOCK
 from ..errors import TrainkitError
-from .cache import build_cache, cache_file, open_cache, read_header
+from .cache import build_cache, cache_file, open_cache
 from .dataset import FileImages, ImageData, channel_stats
 from .folders import (announce, choose_format, deep_rule, file_sources, folder_format, relative_name, report_skipped,
                             report_warnings, split_folder, without_name)
@@ -444,7 +444,7 @@ def _open_or_build(root: Path, folder: Path, name: str, paths: list[str], key: s
     """(The opened cache (data/cache.py's ImageCache), built first if need be; None when the disk has
     no room (one line), and (row, message) of each file that could not be decoded into it.)"""
     channels, size = shape[1], tuple(shape[2:])
-    pixels = open_cache(folder, key, shape, resize, name=name)
+    pixels = open_cache(folder, key, shape, resize, name=name, paths=paths)
     where = cache_file(folder, name)
     bad_rows = []
     if pixels is None:
@@ -466,7 +466,7 @@ def _open_or_build(root: Path, folder: Path, name: str, paths: list[str], key: s
                                 f"run with TRAINKIT_IMAGE_CACHE=off to read the files instead")
     else:
         print(f"Image cache: {where} (made from these files before)", flush=True)
-        bad_rows = [(int(row), str(message)) for row, message in (read_header(where) or {}).get("unreadable", [])]
+        bad_rows = pixels.unreadable              # checked by open_cache: these files still cannot be decoded
     return pixels, bad_rows
 
 

@@ -212,6 +212,11 @@ def held_out(cfg: TrainConfig, data: ImageData) -> ImageData:
         raise TrainkitError(f"--val-split {cfg.val_split}: {data.name} has its own validation split (a val/ folder); "
                             f"leave --val-split out")
     if cfg.val_split is None:
+        if cfg.final == "last" and data.val_labels is None:
+            # no validation split, no best epoch to choose against: the flag would silently do nothing
+            raise TrainkitError("--final last chooses the last epoch's weights over the best validation epoch's, so "
+                                "it needs a validation split (--val-split, or a val/ folder); without one the run "
+                                "ends with the last epoch's weights anyway: leave --final out")
         return data
     return data.split_validation(cfg.val_split, seed=cfg.seed)
 

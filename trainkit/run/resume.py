@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, fact, flag_name, load_config_file, run_settings
-from ..data.manifest import check_same_data, read_manifest
+from ..data.manifest import check_classes, check_same_data, read_manifest
 from ..errors import TrainkitError
 from ..loop.optim import SCHEDULERS
 from ..models import gated_model_name
@@ -47,6 +47,15 @@ def load_resume_config(run_dir: Path, overrides: dict, trust_code: bool = False)
     return saved.replace(**{k: getattr(given, k) for k in overrides if fact(k, "on_resume") != "fixed"})
 
 
+def _recorded_class_names(run_dir: Path) -> list:
+    """config.json's class names (its data section), which a resume keeps; [] where it has none."""
+    try:
+        classes = json.loads((run_dir / "config.json").read_text()).get("data", {}).get("classes")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return []
+    return classes if isinstance(classes, list) else []
+
+
 def predates_manifests(run_dir: Path) -> bool:
     """A run made before data.json: it is resumed on its data as trainkit read it then
     (experiment.get_data's `before_manifests`)."""
@@ -67,6 +76,8 @@ def resume_run(run, before_manifests: bool = False) -> RunLock | None:
             ckpt.remove_stale_temporaries(run_dir, OWN_NAMES)
         saved = ckpt.load_checkpoint(saved_path)
         check_same_data(run_dir, run.data.manifest(), ("train", "val", "test"), "--resume")
+        if _recorded_class_names(run_dir):         # config.json's, which the resumed run keeps
+            check_classes(run_dir, _recorded_class_names(run_dir), "--resume")
         run.load_state_dict(saved, str(saved_path))
         if before_manifests and main:
             warn_unchecked_data(run.cfg)

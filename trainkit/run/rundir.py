@@ -208,8 +208,9 @@ class RunDirectory(Callback):
         saved = {"config": exp.cfg.to_dict(), "environment": reports.environment(exp.device, exp.amp_dtype),
                  "data": data_info(exp.data), "model": model_info(exp), "parameters": count_parameters(exp.model),
                  "tuning": exp.tuning}
-        self.guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
         files = exp.data.manifest()      # what eval and --resume check the data against
+        saved[manifest.RECORDED] = files is not None        # so that a lost data.json is noticed
+        self.guard("config.json", lambda: ckpt.atomic_write_text(self.dir / "config.json", json.dumps(saved, indent=2)))
         if files is not None:
             self.guard(manifest.FILE, lambda: ckpt.atomic_write_text(self.dir / manifest.FILE, json.dumps(files)))
         loader = exp.train_loader
@@ -267,6 +268,8 @@ class RunDirectory(Callback):
         if not isinstance(saved, dict) or saved.get("config") == self.run.cfg.to_dict():
             return
         saved["config"] = self.run.cfg.to_dict()
+        # the settings written now include ones added after data.json; say whether this run has one
+        saved.setdefault(manifest.RECORDED, (self.dir / manifest.FILE).is_file())
         self.guard("config.json", lambda: ckpt.atomic_write_text(path, json.dumps(saved, indent=2)))
 
     @staticmethod

@@ -42,6 +42,9 @@ def train(cfg: TrainConfig, *, model: nn.Module | None = None, data: ImageData |
     and writes files; it holds the run folder's lock (rundir.lock_run) until this returns, so no
     other process writes there.
     """
+    if cfg.mlflow_register is not None and not cfg.mlflow_register.strip():
+        raise TrainkitError("--mlflow-register needs a model name (MLflow's registry cannot hold a model "
+                            "without one); give one, or leave --mlflow-register out")
     if cfg.mlflow_register and not cfg.mlflow:
         raise TrainkitError("--mlflow-register needs --mlflow (the tracking store whose registry it goes to)")
     run_dir = Path(resume) if resume is not None else (Path(out) if out else default_run_dir()) if write else None
