@@ -139,7 +139,8 @@ def run_cli(*args, env=None, cwd=None, timeout=None, new_process=False):
     a kill is what the test looks for, or the environment has a variable read at import time."""
     argv = list(map(str, args))
     env = {"TRAINKIT_DATA_DIR": str(data_dir()), **(env or {})}
-    if new_process or NEW_PROCESSES or timeout is not None or needs_new_process({**os.environ, **env}):
+    killed = "TRAINKIT_FAULT_AFTER_WRITES" in env      # it would end this process: a process of its own
+    if new_process or NEW_PROCESSES or timeout is not None or killed or needs_new_process({**os.environ, **env}):
         return run_in_new_process(argv, env, cwd, timeout=timeout or 600)
     return run_in_process(argv, env, cwd)
 

@@ -20,16 +20,43 @@ from trainkit.run import rundir
 
 SMALL = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--no-progress"]
 
-def kill_at_writes(runs: list[tuple[list, dict]]) -> list[int]:
-    """Each (argv, env) of `runs` as a process of its own, which TRAINKIT_FAULT_AFTER_WRITES kills
-    (os._exit(137)) at the write boundary asked for; two at a time, each with this process's torch
-    threads, so that what they computed equals what a resume here computes. Returns the exit codes."""
-    from concurrent.futures import ThreadPoolExecutor
+def _killed_run(argv: list[str], env: dict) -> None:
+    """A forked child: the CLI with TRAINKIT_FAULT_AFTER_WRITES, which ends it with os._exit(137)."""
+    os.environ.update(env)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    from trainkit.commands.cli import main
+    os._exit(main(argv))
 
-    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = pool.map(lambda run: run_cli(*run[0], env={**run[1], **threads}, timeout=600), runs)
-        return [proc.returncode for proc in procs]
+
+def kill_at_writes(runs: list[tuple[list, dict]]) -> list[int]:
+    """Each (argv, env) of `runs` in a process of its own, killed (os._exit(137)) at the write
+    boundary asked for. Each is forked from this process, as DataLoader's workers are: it starts
+    with trainkit imported, and with torch at one thread (set by the test) a fork is safe. Two at a
+    time; returns their exit codes."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    codes, env = [], {"TRAINKIT_DATA_DIR": str(data_dir())}
+    for pair in range(0, len(runs), 2):
+        started = [fork.Process(target=_killed_run, args=([str(a) for a in argv], {**env, **extra}))
+                   for argv, extra in runs[pair:pair + 2]]
+        for child in started:
+            child.start()
+        for child in started:
+            child.join(600)
+            codes.append(child.exitcode)
+    return codes
+
+
+@pytest.fixture
+def one_thread():
+    """torch at one thread for a test that forks (and for the runs it compares with the forked ones)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def weights(path: Path) -> dict:
@@ -62,7 +89,7 @@ def assert_same_run(ref: Path, run: Path):
 
 
 @pytest.mark.slow
-def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(tmp_path):
+def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(tmp_path, one_thread):
     # The uninterrupted run, and the files it writes in order.
     ref, log = tmp_path / "ref", tmp_path / "writes.log"
     cli_ok("train", *SMALL, "--out", ref, env={"TRAINKIT_WRITE_LOG": str(log)})

@@ -82,6 +82,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         _count_write(path)
 
 
+def _reset_write_count() -> None:
+    global _writes_done
+    _writes_done = 0
+
+
+os.register_at_fork(after_in_child=_reset_write_count)    # a forked process counts its own writes
+
+
 def _fault_point() -> None:
     if _writes_done >= int(os.environ[_FAULT_ENV]):
         os._exit(137)
