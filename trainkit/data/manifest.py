@@ -42,6 +42,7 @@ class Manifest(BaseModel):
     files: dict[str, tuple[int, str]]             # name -> (size, digest)
     splits: dict[str, _Split]
     classes: list[str] | None = None              # absent in data.json written before it was recorded
+    deep_images: dict[str, float | int | None] | None = None   # images.DeepRange: the rule for 32-bit and float images
 
 
 def digest(raw: bytes) -> str:
