@@ -215,9 +215,10 @@ def metrics_without_time(run_dir: Path) -> list[dict]:
 # The files whose tests take longest, longest first (the durations pytest prints). The two test
 # processes (pytest-xdist, --dist loadfile) take files in collection order, so these go first: the
 # short files then fill the gaps instead of one long file running alone at the end.
-LONG_FILES = ("test_run_folder.py", "test_reliability.py", "test_distributed.py", "test_tracking.py",
-              "test_notebook.py", "test_bench.py", "test_hostile.py", "test_serve.py", "test_precision.py",
-              "test_real_models.py", "test_chosen_model.py", "test_settings.py", "test_reuse.py")
+LONG_FILES = ("test_hostile.py", "test_distributed.py", "test_training.py", "test_reuse.py", "test_run_folder.py",
+              "test_bench.py", "test_tracking.py", "test_notebook.py", "test_reliability.py", "test_serve.py",
+              "test_real_models.py", "test_setup.py", "test_engine.py", "test_chosen_model.py", "test_precision.py",
+              "test_compile.py", "test_outputs.py")
 
 
 def pytest_collection_modifyitems(config, items):
