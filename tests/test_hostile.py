@@ -1077,16 +1077,19 @@ def write_strokes(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def strokes_run(tmp_path_factory):
+def train_strokes(tmp_path_factory, name: str, **settings) -> Path:
     """A run trained (1 epoch, in this process) on a flat folder that trainkit splits from --seed 7."""
     from trainkit import train
-    base = tmp_path_factory.mktemp("strokes")
+    base = tmp_path_factory.mktemp(name)
     root = write_strokes(base / "pics")
-    out = base / "run"
     train(TrainConfig(dataset=f"imagefolder:{root}", model="speednet", epochs=1, batch_size=8, seed=7,
-                      progress=False, precision="fp32", channels_last="off", device="cpu"), out=out)
-    return out
+                      progress=False, precision="fp32", channels_last="off", device="cpu", **settings), out=base / "run")
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def strokes_run(tmp_path_factory):
+    return train_strokes(tmp_path_factory, "strokes")
 
 
 @pytest.fixture
@@ -1149,13 +1152,7 @@ def test_deeply_nested_data_json_is_one_line(strokes_copy):
 @pytest.fixture(scope="module")
 def strokes_stream_run(tmp_path_factory):
     """A run on the flat folder through --pipeline stream: its image cache built (in the tests' cache folder)."""
-    from trainkit import train
-    base = tmp_path_factory.mktemp("strokes-stream")
-    root = write_strokes(base / "pics")
-    out = base / "run"
-    train(TrainConfig(dataset=f"imagefolder:{root}", model="speednet", epochs=1, batch_size=8, seed=7,
-                      pipeline="stream", progress=False, precision="fp32", channels_last="off", device="cpu"), out=out)
-    return out
+    return train_strokes(tmp_path_factory, "strokes-stream", pipeline="stream")
 
 
 def image_caches() -> list[Path]:
